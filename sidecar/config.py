@@ -1,0 +1,243 @@
+"""Settings from the environment, validated once at start with errors that name the variable."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the variable, the value and what is accepted."""
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> str:
+    """A path an unprivileged user can bind: $XDG_RUNTIME_DIR, else a per-uid folder in /tmp."""
+    env = os.environ if env is None else env
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "sidecar" / "sidecar.sock")
+    return f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every tunable of the daemon; the environment variable of each is in ENV_NAMES."""
+
+    # Local queue limits. 1000 items / 100 MB fit a host's spare memory during an outage of
+    # tens of minutes at typical LLM request sizes (a few KB each).
+    queue_max_size: int = 1000
+    queue_max_memory_mb: float = 100.0
+    # The breaker opens at the high watermark and closes at the low one; the gap stops it
+    # flapping on every enqueue/dequeue pair near the limit.
+    queue_high_watermark: float = 0.8
+    queue_low_watermark: float = 0.6
+    queue_request_ttl_hours: float = 4.0
+    # A lease long enough for one slow LLM call; the worker helper extends it while it runs.
+    queue_lease_s: float = 60.0
+    # Three deliveries ride out a worker crash or a transient provider error without looping.
+    queue_max_attempts: int = 3
+    # Terminal statuses stay readable for a day: long enough for a service to poll an outcome.
+    queue_retention_hours: float = 24.0
+    # What a queue_full reply suggests as a wait before retrying.
+    queue_retry_after_s: float = 5.0
+    record_llm_responses: bool = False
+    environment: str = "development"
+    socket_path: str = ""
+    redis_url: str | None = None
+    redis_password_file: str | None = None
+    redis_key_prefix: str = "sidecar"
+    # About a second: a frozen Redis must fail over quickly, not hold a caller for a minute.
+    redis_connect_timeout_s: float = 1.0
+    redis_timeout_s: float = 1.0
+    # 8 MiB frames carry a batch of large prompts; 1 MiB per payload is far above a normal request.
+    max_frame_bytes: int = 8 * 1024 * 1024
+    max_payload_bytes: int = 1024 * 1024
+    max_batch: int = 1000
+    max_connections: int = 1024
+    # The longest a dequeue may wait for work before answering with nothing.
+    max_wait_s: float = 30.0
+    # How long shutdown waits for in-flight requests before closing connections.
+    drain_timeout_s: float = 5.0
+    log_level: str = "info"
+
+    @property
+    def queue_max_memory_bytes(self) -> int:
+        return int(self.queue_max_memory_mb * 1024 * 1024)
+
+    @property
+    def request_ttl_s(self) -> float:
+        return self.queue_request_ttl_hours * 3600.0
+
+    @property
+    def retention_s(self) -> float:
+        return self.queue_retention_hours * 3600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; ConfigError lists each bad one on its own line."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in fields(cls):
+            name = ENV_NAMES[f.name]
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            parse, accepted = _PARSERS[f.name]
+            try:
+                values[f.name] = parse(raw)
+            except ValueError:
+                problems.append(f"{name}={raw!r} is invalid: expected {accepted}")
+        if not values.get("socket_path"):
+            values["socket_path"] = default_socket_path(env)
+        if not problems:
+            low = values.get("queue_low_watermark", cls.queue_low_watermark)
+            high = values.get("queue_high_watermark", cls.queue_high_watermark)
+            if low >= high:
+                problems.append(
+                    f"QUEUE_LOW_WATERMARK={low!r} is invalid: expected a number below "
+                    f"QUEUE_HIGH_WATERMARK ({high!r})"
+                )
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return cls(**values)
+
+    def redacted_redis_url(self) -> str | None:
+        """The Redis URL with any password replaced, safe for logs and health output."""
+        if self.redis_url is None:
+            return None
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[
+    [str], float
+]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if math.isnan(value) or math.isinf(value):
+            raise ValueError(raw)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise ValueError(raw)
+        if hi is not None and value > hi:
+            raise ValueError(raw)
+        return value
+
+    return parse
+
+
+def _whole(lo: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < lo:
+            raise ValueError(raw)
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(raw)
+        return value
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError(raw)
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _prefix(raw: str) -> str:
+    # Braces would break the {prefix} hash tag that keeps every key in one cluster slot.
+    if not raw or any(c in raw for c in "{} \t\n"):
+        raise ValueError(raw)
+    return raw
+
+
+ENV_NAMES: dict[str, str] = {
+    "queue_max_size": "QUEUE_MAX_SIZE",
+    "queue_max_memory_mb": "QUEUE_MAX_MEMORY_MB",
+    "queue_high_watermark": "QUEUE_HIGH_WATERMARK",
+    "queue_low_watermark": "QUEUE_LOW_WATERMARK",
+    "queue_request_ttl_hours": "QUEUE_REQUEST_TTL_HOURS",
+    "queue_lease_s": "QUEUE_LEASE_SECONDS",
+    "queue_max_attempts": "QUEUE_MAX_ATTEMPTS",
+    "queue_retention_hours": "QUEUE_RETENTION_HOURS",
+    "queue_retry_after_s": "QUEUE_RETRY_AFTER_SECONDS",
+    "record_llm_responses": "RECORD_LLM_RESPONSES",
+    "environment": "ENVIRONMENT",
+    "socket_path": "SIDECAR_SOCKET",
+    "redis_url": "REDIS_URL",
+    "redis_password_file": "REDIS_PASSWORD_FILE",
+    "redis_key_prefix": "REDIS_KEY_PREFIX",
+    "redis_connect_timeout_s": "REDIS_CONNECT_TIMEOUT_SECONDS",
+    "redis_timeout_s": "REDIS_TIMEOUT_SECONDS",
+    "max_frame_bytes": "SIDECAR_MAX_FRAME_BYTES",
+    "max_payload_bytes": "SIDECAR_MAX_PAYLOAD_BYTES",
+    "max_batch": "SIDECAR_MAX_BATCH",
+    "max_connections": "SIDECAR_MAX_CONNECTIONS",
+    "max_wait_s": "SIDECAR_MAX_WAIT_SECONDS",
+    "drain_timeout_s": "SIDECAR_DRAIN_TIMEOUT_SECONDS",
+    "log_level": "SIDECAR_LOG_LEVEL",
+}
+
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "queue_max_size": (_whole(1), "a whole number >= 1"),
+    "queue_max_memory_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
+    "queue_high_watermark": (_number(0, 1, lo_open=True), "a fraction in (0, 1]"),
+    "queue_low_watermark": (_number(0, 1), "a fraction in [0, 1) below QUEUE_HIGH_WATERMARK"),
+    "queue_request_ttl_hours": (_number(0, lo_open=True), "a number of hours > 0"),
+    "queue_lease_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "queue_max_attempts": (_whole(1), "a whole number >= 1"),
+    "queue_retention_hours": (_number(0), "a number of hours >= 0"),
+    "queue_retry_after_s": (_number(0), "a number of seconds >= 0"),
+    "record_llm_responses": (_bool, "true or false"),
+    "environment": (_choice("development", "production"), "development or production"),
+    "socket_path": (_text, "a filesystem path"),
+    "redis_url": (_redis_url, "a redis://, rediss:// or unix:// URL"),
+    "redis_password_file": (_text, "a file path"),
+    "redis_key_prefix": (_prefix, "a non-empty name without braces or spaces"),
+    "redis_connect_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "redis_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "max_frame_bytes": (_whole(1024), "a whole number of bytes >= 1024"),
+    "max_payload_bytes": (_whole(1), "a whole number of bytes >= 1"),
+    "max_batch": (_whole(1), "a whole number >= 1"),
+    "max_connections": (_whole(1), "a whole number >= 1"),
+    "max_wait_s": (_number(0), "a number of seconds >= 0"),
+    "drain_timeout_s": (_number(0), "a number of seconds >= 0"),
+    "log_level": (_choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+}

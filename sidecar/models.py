@@ -1,0 +1,112 @@
+"""The records both stores keep and the statistics they report."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+# Priority: 0 is the most urgent, 9 the least; the default sits in the middle so a producer can
+# both raise and lower a request. The same range and direction hold in every store and on the wire.
+PRIORITY_MIN = 0
+PRIORITY_MAX = 9
+PRIORITY_DEFAULT = 5
+
+
+class QueueStatus(enum.StrEnum):
+    """The five states of a request's life cycle."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+TERMINAL_STATUSES = frozenset({QueueStatus.COMPLETED, QueueStatus.EXPIRED, QueueStatus.FAILED})
+
+# Reasons a request ends up failed or expired, recorded in QueuedRequest.reason.
+REASON_CANCELLED = "cancelled"
+REASON_ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+REASON_TTL = "ttl_elapsed"
+
+
+class QueuedRequest(msgspec.Struct, kw_only=True, gc=False):
+    """One request as a store holds it: metadata plus the opaque MessagePack payload.
+
+    gc=False: the fields are scalars and bytes, so no cycles are possible and the GC header
+    (16 bytes per record) is saved.
+    """
+
+    queue_id: str
+    priority: int
+    # Arrival order, assigned by the store that accepted the request; breaks priority ties.
+    seq: int
+    created_at: float
+    expires_at: float
+    status: QueueStatus
+    attempts: int
+    max_attempts: int
+    updated_at: float
+    # The payload exactly as it arrived on the wire (raw MessagePack); None once terminal,
+    # since only metadata is retained.
+    payload: bytes | None
+    size_bytes: int
+    lease_id: str | None = None
+    lease_expires_at: float | None = None
+    reason: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class EnqueueResult(msgspec.Struct, kw_only=True, gc=False):
+    """The outcome of one enqueued item: the stored request, and whether this call created it."""
+
+    request: QueuedRequest
+    created: bool
+
+
+class QueueStats(msgspec.Struct, kw_only=True):
+    """Counts, usage and breaker state of one store (or of the stores combined)."""
+
+    store: str
+    # Current counts.
+    queued: int
+    processing: int
+    # Cumulative counts since the store's books began (cancelled requests count as failed).
+    accepted: int
+    completed: int
+    failed: int
+    expired: int
+    # Requests held (queued + processing) and their payload bytes, against the limits.
+    items: int
+    bytes: int
+    max_items: int | None = None
+    max_bytes: int | None = None
+    usage: float = 0.0
+    breaker_open: bool = False
+    rejections: dict[str, int] = msgspec.field(default_factory=dict)
+    oldest_queued_age_s: float | None = None
+    # Age (now - created_at) of the oldest request at the moment it expired.
+    max_expired_age_s: float | None = None
+    # Terminal records still readable by queue_id, and the bytes their metadata costs.
+    retained: int = 0
+    retained_bytes: int = 0
+    # Store-specific notes an operator should see (for example a wrong Redis eviction policy).
+    warnings: list[str] = msgspec.field(default_factory=list)
+
+    @property
+    def balanced(self) -> bool:
+        """The books: accepted = queued + processing + completed + failed + expired."""
+        total = self.queued + self.processing + self.completed + self.failed + self.expired
+        return self.accepted == total
+
+
+class HealthReport(msgspec.Struct, kw_only=True):
+    """What a store or the daemon says about its own health."""
+
+    status: str  # "ok" | "degraded" | "unhealthy"
+    mode: str  # "local_only" | "redis" | "local_fallback"
+    reasons: list[str] = msgspec.field(default_factory=list)

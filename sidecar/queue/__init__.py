@@ -1,0 +1,1 @@
+"""Queue stores: the LocalQueue fallback, the RedisQueue primary, and the manager between them."""

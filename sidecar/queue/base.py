@@ -1,0 +1,136 @@
+"""The interface every store keeps, and the bookkeeping done once above the stores."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from sidecar.models import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    EnqueueResult,
+    HealthReport,
+    QueuedRequest,
+    QueueStats,
+    QueueStatus,
+)
+
+# A queue_id is printable, at most this long, so it fits a log line, a Redis key and a URL.
+MAX_QUEUE_ID_LEN = 128
+
+
+class QueueRepository(Protocol):
+    """A store of requests keeping the contract in DESIGN.md; one contract suite tests them all.
+
+    Every method that names a request raises NotFound when the store does not hold it,
+    InvalidState when its status does not allow the operation and LeaseMismatch when the
+    lease named is not its current one. A rejected call never changes state.
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect or prepare; called once before any other method."""
+
+    async def close(self) -> None:
+        """Release connections and timers."""
+
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+        """Store new requests (status queued), all or none; an existing queue_id is returned as is.
+
+        The store assigns `seq` (arrival order). Raises QueueFull, storing nothing, when the
+        new requests do not fit.
+        """
+        ...
+
+    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+        """Lease up to max_items of the most urgent queued requests, oldest first among equals."""
+        ...
+
+    async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
+        """Push a live lease's end to now + lease_s."""
+        ...
+
+    async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
+        """Mark a leased request completed (repeating it with the same lease is harmless)."""
+        ...
+
+    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
+        """End a lease with a failure: queued again if retry and attempts remain, else failed."""
+        ...
+
+    async def cancel(self, queue_id: str) -> QueuedRequest:
+        """Fail a queued request with the reason `cancelled`."""
+        ...
+
+    async def status(self, queue_id: str) -> QueuedRequest | None:
+        """The request as stored now, or None when unknown or past its retention."""
+        ...
+
+    async def stats(self) -> QueueStats:
+        """Counts, usage and breaker state."""
+        ...
+
+    async def health(self) -> HealthReport:
+        """Whether the store can serve, and why not."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Return when a request may have become available, or after timeout seconds."""
+
+
+# The manager the server talks to has the same shape as a store; ResilientQueue implements it
+# over two stores, and in local-only mode the LocalQueue serves directly.
+QueueManager = QueueRepository
+
+
+def new_queue_id() -> str:
+    """A fresh queue_id: a random UUID4 in its 32-hex-digit form."""
+    return uuid.uuid4().hex
+
+
+def new_lease_id() -> str:
+    """A lease token that a worker must present to settle the request it was handed."""
+    return secrets.token_hex(8)
+
+
+def new_request(
+    *,
+    payload: bytes,
+    priority: int,
+    ttl_s: float,
+    max_attempts: int,
+    now: float,
+    queue_id: str | None = None,
+) -> QueuedRequest:
+    """Build the record of a request about to be enqueued (seq is assigned by the store)."""
+    return QueuedRequest(
+        queue_id=queue_id or new_queue_id(),
+        priority=priority,
+        seq=0,
+        created_at=now,
+        expires_at=now + ttl_s,
+        status=QueueStatus.QUEUED,
+        attempts=0,
+        max_attempts=max_attempts,
+        updated_at=now,
+        payload=payload,
+        size_bytes=len(payload),
+    )
+
+
+def check_queue_id(queue_id: str) -> str | None:
+    """Why a producer-chosen queue_id is unusable, or None when it is fine."""
+    if not queue_id or len(queue_id) > MAX_QUEUE_ID_LEN:
+        return f"queue_id must be 1 to {MAX_QUEUE_ID_LEN} characters"
+    if not queue_id.isprintable() or any(c.isspace() for c in queue_id):
+        return "queue_id must be printable, without spaces"
+    return None
+
+
+def check_priority(priority: int) -> str | None:
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        return f"priority must be {PRIORITY_MIN} (most urgent) to {PRIORITY_MAX}"
+    return None

@@ -1,0 +1,54 @@
+"""Fixtures shared by the suites: the fake clock and the store under contract test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sidecar.queue.base import QueueRepository
+from sidecar.queue.local import LocalQueue
+from tests.helpers import FakeClock
+
+# Retention and lease used by the contract suite; short enough to step past with the fake clock.
+CONTRACT_RETENTION_S = 600.0
+CONTRACT_LEASE_S = 30.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_local(clock: FakeClock, **overrides: float) -> LocalQueue:
+    params: dict[str, float] = {
+        "max_items": 10_000,
+        "max_bytes": 100 * 1024 * 1024,
+        "high_watermark": 0.8,
+        "low_watermark": 0.6,
+        "retention_s": CONTRACT_RETENTION_S,
+    }
+    params.update(overrides)
+    return LocalQueue(
+        max_items=int(params["max_items"]),
+        max_bytes=int(params["max_bytes"]),
+        high_watermark=params["high_watermark"],
+        low_watermark=params["low_watermark"],
+        retention_s=params["retention_s"],
+        clock=clock,
+    )
+
+
+@pytest.fixture(params=["local"])
+async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[QueueRepository]:
+    """Every store that keeps the contract; the contract suite runs once per param."""
+    repo: QueueRepository
+    if request.param == "local":
+        repo = make_local(clock)
+    else:  # pragma: no cover - a param without a factory is a bug in this fixture
+        raise AssertionError(request.param)
+    await repo.start()
+    try:
+        yield repo
+    finally:
+        await repo.close()
