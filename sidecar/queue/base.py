@@ -77,7 +77,7 @@ class QueueRepository(Protocol):
         """Whether the store can serve, and why not."""
         ...
 
-    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for_work(self, timeout: float) -> None:
         """Return when a request may have become available, or after timeout seconds."""
 
 

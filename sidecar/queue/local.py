@@ -252,7 +252,7 @@ class LocalQueue:
             )
         return HealthReport(status="ok", mode="local_only")
 
-    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (bounded by design)
+    async def wait_for_work(self, timeout: float) -> None:
         """Wait for an enqueue or requeue here, or for the next lease to lapse."""
         now = self._tick()
         if self._ready:

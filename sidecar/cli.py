@@ -1,0 +1,200 @@
+"""`sidecar`: run the daemon, probe it, inspect it, and operate on single requests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from sidecar.client import Client, decode_payload
+from sidecar.config import ConfigError, Settings
+from sidecar.errors import SidecarError, SidecarUnavailable
+from sidecar.models import QueueStats
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # a command failed (or health: degraded)
+EXIT_UNAVAILABLE = 2  # bad configuration, or the daemon is unreachable / unhealthy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sidecar` command; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        with Client(args.socket, timeout_s=args.timeout) as client:
+            return int(args.run(client, args))
+    except SidecarUnavailable as err:
+        if args.command == "health" and args.json:
+            print(json.dumps({"status": "unreachable", "reasons": [err.message]}))
+        else:
+            print(f"unreachable: {err.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except SidecarError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    if args.socket:
+        os.environ["SIDECAR_SOCKET"] = args.socket
+    try:
+        settings = Settings.from_env()
+    except ConfigError as err:
+        print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    from sidecar.app import serve
+    from sidecar.logs import configure_logging
+    from sidecar.server import StartupError
+
+    configure_logging(settings.environment, settings.log_level)
+    try:
+        serve(settings)
+    except StartupError as err:
+        print(f"sidecar: cannot start: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except SidecarError as err:
+        print(f"sidecar: cannot start: {err.code}: {err.message}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    h = client.health()
+    if args.json:
+        print(msgspec.json.encode(h).decode())
+    else:
+        why = f" ({'; '.join(h.reasons)})" if h.reasons else ""
+        print(
+            f"{h.status}: mode={h.mode} version={h.version} uptime={h.uptime_s:.0f}s "
+            f"connections={h.connections}{why}"
+        )
+    return {"ok": EXIT_OK, "degraded": EXIT_ERROR}.get(h.status, EXIT_UNAVAILABLE)
+
+
+def _stats(client: Client, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    if args.json:
+        print(msgspec.json.encode(stats).decode())
+    else:
+        print(format_stats(stats))
+    return EXIT_OK
+
+
+def format_stats(stats: QueueStats) -> str:
+    """A readable two-column table of the stats."""
+    rows: list[tuple[str, Any]] = []
+    for name in stats.__struct_fields__:
+        value = getattr(stats, name)
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = "; ".join(str(v) for v in value) or "-"
+        elif value is None:
+            value = "-"
+        rows.append((name, value))
+    rows.append(("balanced", "yes" if stats.balanced else "NO"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _enqueue(client: Client, args: argparse.Namespace) -> int:
+    raw = args.payload if args.payload not in (None, "-") else sys.stdin.read()
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        print(f"error: the payload is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    res = client.enqueue(
+        payload,
+        priority=args.priority,
+        ttl_s=args.ttl_s,
+        queue_id=args.queue_id,
+        max_attempts=args.max_attempts,
+    )
+    print(res.queue_id)
+    return EXIT_OK
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    print(msgspec.json.encode(client.status(args.queue_id)).decode())
+    return EXIT_OK
+
+
+def _dequeue(client: Client, args: argparse.Namespace) -> int:
+    for job in client.dequeue(args.max, lease_s=args.lease_s, wait_s=args.wait_s):
+        view = msgspec.structs.asdict(job)
+        view["payload"] = decode_payload(job)
+        print(msgspec.json.encode(view).decode())
+    return EXIT_OK
+
+
+def _complete(client: Client, args: argparse.Namespace) -> int:
+    print(client.complete(args.queue_id, args.lease_id).status)
+    return EXIT_OK
+
+
+def _fail(client: Client, args: argparse.Namespace) -> int:
+    print(client.fail(args.queue_id, args.lease_id, args.reason, retry=not args.no_retry).status)
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    print(client.cancel(args.queue_id).status)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    parser.add_argument("--socket", help="the daemon's socket (default: $SIDECAR_SOCKET)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the daemon (configured by environment variables)")
+    for name, func, text in (
+        ("health", _health, "probe: exit 0 ok, 1 degraded, 2 unreachable or unhealthy"),
+        ("stats", _stats, "queue counts, usage and breaker state"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+        p.set_defaults(run=func)
+    p = sub.add_parser("enqueue", help="enqueue a JSON payload (argument or stdin); prints its id")
+    p.add_argument("payload", nargs="?", help="the payload as JSON; '-' or none reads stdin")
+    p.add_argument("--priority", type=int, help="0 (most urgent) to 9; default 5")
+    p.add_argument("--ttl-s", type=float, help="seconds until it expires")
+    p.add_argument("--queue-id", help="choose the id (enqueueing an existing id is a no-op)")
+    p.add_argument("--max-attempts", type=int, help="deliveries before it fails")
+    p.set_defaults(run=_enqueue)
+    p = sub.add_parser("dequeue", help="lease requests; prints one JSON line per request")
+    p.add_argument("--max", type=int, default=1, help="how many at most")
+    p.add_argument("--lease-s", type=float, help="lease length in seconds")
+    p.add_argument("--wait-s", type=float, default=0.0, help="wait this long for one to arrive")
+    p.set_defaults(run=_dequeue)
+    for name, func, text in (
+        ("status", _status, "a request's status as JSON"),
+        ("cancel", _cancel, "cancel a queued request"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("queue_id")
+        p.set_defaults(run=func)
+    p = sub.add_parser("complete", help="complete a leased request")
+    p.add_argument("queue_id")
+    p.add_argument("lease_id")
+    p.set_defaults(run=_complete)
+    p = sub.add_parser("fail", help="fail a leased request (retried while attempts remain)")
+    p.add_argument("queue_id")
+    p.add_argument("lease_id")
+    p.add_argument("--reason", default="failed by operator")
+    p.add_argument("--no-retry", action="store_true", help="fail it for good")
+    p.set_defaults(run=_fail)
+    return parser

@@ -1,0 +1,221 @@
+"""The ops: validate limits, apply defaults, call the queue manager and shape the results.
+
+Validation of types and ranges happens in the wire types (msgspec constraints); what depends on
+the settings (payload size, batch size, defaults) happens here, once, above every store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import msgspec
+import structlog
+
+from sidecar import PROTOCOL_VERSION, __version__
+from sidecar.config import Settings
+from sidecar.errors import InvalidMessage, NotFound, PayloadTooLarge
+from sidecar.models import QueuedRequest
+from sidecar.protocol import (
+    AnyRequest,
+    Cancel,
+    Complete,
+    Dequeue,
+    DequeueResult,
+    Enqueue,
+    EnqueuedItem,
+    EnqueueResult,
+    Extend,
+    Fail,
+    Health,
+    HealthResult,
+    Hello,
+    HelloResult,
+    Job,
+    Limits,
+    RequestInfo,
+    Stats,
+    Status,
+)
+from sidecar.queue.base import QueueManager, new_request
+
+log = structlog.get_logger("sidecar.ops")
+
+
+class Ops:
+    """Answers every request the server decodes; raises SidecarError for an error reply."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: QueueManager,
+        *,
+        connections: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self._connections = connections
+        self._clock = clock
+        self._started = time.monotonic()
+        # Set when the daemon begins to drain: long-polling dequeues answer at once.
+        self.stopping = asyncio.Event()
+        self._limits = Limits(
+            max_frame_bytes=settings.max_frame_bytes,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_s,
+            default_ttl_s=settings.request_ttl_s,
+            default_lease_s=settings.queue_lease_s,
+            default_max_attempts=settings.queue_max_attempts,
+        )
+
+    async def handle(self, req: AnyRequest) -> object:
+        """The result of one request; SidecarError becomes the error reply."""
+        match req:
+            case Enqueue():
+                return await self._enqueue(req)
+            case Dequeue():
+                return await self._dequeue(req)
+            case Complete():
+                return info(await self.queue.complete(req.queue_id, req.lease_id))
+            case Fail():
+                failed = await self.queue.fail(req.queue_id, req.lease_id, req.reason, req.retry)
+                return info(failed)
+            case Extend():
+                lease_s = req.lease_s or self.settings.queue_lease_s
+                return info(await self.queue.extend(req.queue_id, req.lease_id, lease_s))
+            case Cancel():
+                return info(await self.queue.cancel(req.queue_id))
+            case Status():
+                rec = await self.queue.status(req.queue_id)
+                if rec is None:
+                    raise NotFound(
+                        f"no request {req.queue_id} (never enqueued, or its retention ended)",
+                        {"queue_id": req.queue_id},
+                    )
+                return info(rec)
+            case Stats():
+                return await self.queue.stats()
+            case Health():
+                return await self.health()
+            case Hello():
+                report = await self.queue.health()
+                return HelloResult(
+                    server="sidecar",
+                    version=__version__,
+                    protocol=PROTOCOL_VERSION,
+                    mode=report.mode,
+                    limits=self._limits,
+                )
+        raise InvalidMessage(f"op {type(req).__name__} has no handler")  # pragma: no cover
+
+    async def health(self) -> HealthResult:
+        report = await self.queue.health()
+        return HealthResult(
+            status=report.status,
+            mode=report.mode,
+            reasons=report.reasons,
+            version=__version__,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            connections=self._connections(),
+        )
+
+    async def _enqueue(self, req: Enqueue) -> EnqueueResult:
+        s = self.settings
+        if len(req.items) > s.max_batch:
+            raise InvalidMessage(
+                f"batch of {len(req.items)} items is over the limit of {s.max_batch}",
+                {"items": len(req.items), "max_batch": s.max_batch},
+            )
+        now = self._clock()
+        records: list[QueuedRequest] = []
+        for index, item in enumerate(req.items):
+            size = len(item.payload)
+            if size > s.max_payload_bytes:
+                raise PayloadTooLarge(
+                    f"payload of item {index} is {size} bytes, over the limit of "
+                    f"{s.max_payload_bytes}",
+                    {"index": index, "size": size, "max_payload_bytes": s.max_payload_bytes},
+                )
+            records.append(
+                new_request(
+                    # A copy: the Raw is a view into the whole frame, which must not stay alive.
+                    payload=bytes(item.payload),
+                    priority=item.priority,
+                    ttl_s=item.ttl_s or s.request_ttl_s,
+                    max_attempts=item.max_attempts or s.queue_max_attempts,
+                    now=now,
+                    queue_id=item.queue_id,
+                )
+            )
+        results = await self.queue.enqueue(records)
+        return EnqueueResult(
+            items=[
+                EnqueuedItem(
+                    queue_id=r.request.queue_id,
+                    status=r.request.status.value,
+                    created=r.created,
+                    priority=r.request.priority,
+                    expires_at=r.request.expires_at,
+                )
+                for r in results
+            ]
+        )
+
+    async def _dequeue(self, req: Dequeue) -> DequeueResult:
+        s = self.settings
+        max_items = min(req.max_items, s.max_batch)
+        lease_s = req.lease_s or s.queue_lease_s
+        deadline = time.monotonic() + min(req.wait_s, s.max_wait_s)
+        while True:
+            got = await self.queue.dequeue(max_items, lease_s)
+            remaining = deadline - time.monotonic()
+            if got or remaining <= 0 or self.stopping.is_set():
+                return DequeueResult(items=[job(r) for r in got])
+            await self._wait_for_work(remaining)
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        """Wait for work or for the daemon to stop, whichever comes first."""
+        work = asyncio.ensure_future(self.queue.wait_for_work(timeout))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work.cancel()
+            stop.cancel()
+
+
+def info(rec: QueuedRequest) -> RequestInfo:
+    """The metadata view of a stored request."""
+    return RequestInfo(
+        queue_id=rec.queue_id,
+        status=rec.status.value,
+        priority=rec.priority,
+        attempts=rec.attempts,
+        max_attempts=rec.max_attempts,
+        created_at=rec.created_at,
+        expires_at=rec.expires_at,
+        updated_at=rec.updated_at,
+        size_bytes=rec.size_bytes,
+        lease_expires_at=rec.lease_expires_at,
+        reason=rec.reason,
+    )
+
+
+def job(rec: QueuedRequest) -> Job:
+    """The worker's view of a leased request, with its payload bytes as they arrived."""
+    assert rec.lease_id is not None and rec.lease_expires_at is not None
+    assert rec.payload is not None
+    return Job(
+        queue_id=rec.queue_id,
+        lease_id=rec.lease_id,
+        lease_expires_at=rec.lease_expires_at,
+        payload=msgspec.Raw(rec.payload),
+        priority=rec.priority,
+        attempts=rec.attempts,
+        max_attempts=rec.max_attempts,
+        created_at=rec.created_at,
+        expires_at=rec.expires_at,
+    )

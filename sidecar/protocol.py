@@ -1,0 +1,342 @@
+"""Wire types and the frame codec: 4-byte big-endian length, then one MessagePack map.
+
+Every request is a Struct under one tagged base (`op`); one Decoder over their union is built
+once. New fields go last with defaults, so older clients keep working. protocol.md is the
+normative description of everything here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, cast
+
+import msgspec
+
+from sidecar.errors import FrameTooLarge, InvalidMessage, SidecarError, UnknownOp
+from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, QueueStats
+
+HEADER_BYTES = 4
+MAX_FRAME_LIMIT = 0xFFFFFFFF
+
+QueueId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")
+]  # printable ASCII, no spaces: fits a log line, a Redis key and a URL
+Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Attempts = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="op", kw_only=True):
+    """Base of every request; `id` is chosen by the client and echoed in the reply."""
+
+    id: int
+
+
+class Hello(Request, tag="hello"):
+    client: str = ""
+    protocol: int = 1
+
+
+class EnqueueItem(msgspec.Struct, kw_only=True):
+    # Any MessagePack value; kept as the exact bytes it arrived as.
+    payload: msgspec.Raw
+    priority: Priority = PRIORITY_DEFAULT
+    ttl_s: PositiveSeconds | None = None
+    queue_id: QueueId | None = None
+    max_attempts: Attempts | None = None
+
+
+class Enqueue(Request, tag="enqueue"):
+    items: Annotated[list[EnqueueItem], msgspec.Meta(min_length=1)]
+
+
+class Dequeue(Request, tag="dequeue"):
+    max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
+    lease_s: PositiveSeconds | None = None
+    wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class Extend(Request, tag="extend"):
+    queue_id: QueueId
+    lease_id: str
+    lease_s: PositiveSeconds | None = None
+
+
+class Complete(Request, tag="complete"):
+    queue_id: QueueId
+    lease_id: str
+
+
+class Fail(Request, tag="fail"):
+    queue_id: QueueId
+    lease_id: str
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    retry: bool = True
+
+
+class Cancel(Request, tag="cancel"):
+    queue_id: QueueId
+
+
+class Status(Request, tag="status"):
+    queue_id: QueueId
+
+
+class Stats(Request, tag="stats"):
+    pass
+
+
+class Health(Request, tag="health"):
+    pass
+
+
+AnyRequest = Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
+OPS: frozenset[str] = frozenset(
+    str(cls.__struct_config__.tag)
+    for cls in (Hello, Enqueue, Dequeue, Extend, Complete, Fail, Cancel, Status, Stats, Health)
+)
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+class Limits(msgspec.Struct, kw_only=True):
+    max_frame_bytes: int
+    max_payload_bytes: int
+    max_batch: int
+    max_wait_s: float
+    priority_min: int = PRIORITY_MIN
+    priority_max: int = PRIORITY_MAX
+    priority_default: int = PRIORITY_DEFAULT
+    default_ttl_s: float
+    default_lease_s: float
+    default_max_attempts: int
+
+
+class HelloResult(msgspec.Struct, kw_only=True):
+    server: str
+    version: str
+    protocol: int
+    mode: str
+    limits: Limits
+
+
+class EnqueuedItem(msgspec.Struct, kw_only=True):
+    queue_id: str
+    status: str
+    created: bool
+    priority: int
+    expires_at: float
+
+
+class EnqueueResult(msgspec.Struct, kw_only=True):
+    items: list[EnqueuedItem]
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """A leased request as a worker receives it."""
+
+    queue_id: str
+    lease_id: str
+    lease_expires_at: float
+    payload: msgspec.Raw
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: float
+    expires_at: float
+
+
+class DequeueResult(msgspec.Struct, kw_only=True):
+    items: list[Job]
+
+
+class RequestInfo(msgspec.Struct, kw_only=True):
+    """What status, extend, complete, fail and cancel answer: a request's metadata."""
+
+    queue_id: str
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: float
+    expires_at: float
+    updated_at: float
+    size_bytes: int
+    lease_expires_at: float | None = None
+    reason: str | None = None
+
+
+class HealthResult(msgspec.Struct, kw_only=True):
+    status: str
+    mode: str
+    reasons: list[str]
+    version: str
+    uptime_s: float
+    connections: int
+
+
+StatsResult = QueueStats
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class OkReply(msgspec.Struct, kw_only=True):
+    id: int | None
+    ok: bool = True
+    result: Any = None
+
+
+class ErrorReply(msgspec.Struct, kw_only=True):
+    id: int | None
+    ok: bool = False
+    error: ErrorBody
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """A reply as a client decodes it; `result` stays raw until the client knows its type."""
+
+    id: int | None
+    ok: bool
+    # Raw cannot share a union with None; an absent result decodes as an empty Raw.
+    result: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    error: ErrorBody | None = None
+
+
+def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
+    return ErrorReply(
+        id=request_id,
+        error=ErrorBody(code=err.code, message=err.message, details=err.details or None),
+    )
+
+
+# -- codec ---------------------------------------------------------------------------------------
+
+
+class _Envelope(msgspec.Struct):
+    """Read leniently on the error path only, to echo the id and tell an unknown op apart."""
+
+    id: msgspec.Raw | None = None
+    op: msgspec.Raw | None = None
+
+
+_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_int_decoder = msgspec.msgpack.Decoder(int)
+_str_decoder = msgspec.msgpack.Decoder(str)
+_encoder = msgspec.msgpack.Encoder()
+
+# Everything msgspec can raise on hostile input: invalid UTF-8 surfaces as UnicodeDecodeError
+# and deep nesting as RecursionError, not as DecodeError.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
+def decode_request(body: bytes | memoryview) -> AnyRequest:
+    """Decode one frame body; raise a SidecarError carrying the request id when it can be read."""
+    try:
+        return cast(AnyRequest, _request_decoder.decode(body))
+    except DECODE_ERRORS as exc:
+        request_id, op = _salvage(body)
+        if op is not None and op not in OPS:
+            err: SidecarError = UnknownOp(
+                f"unknown op {op!r}; known ops: {', '.join(sorted(OPS))}", {"op": op}
+            )
+        else:
+            err = InvalidMessage(_describe(exc))
+        err.request_id = request_id  # type: ignore[attr-defined]
+        raise err from None
+
+
+def _salvage(body: bytes | memoryview) -> tuple[int | None, str | None]:
+    try:
+        env = _envelope_decoder.decode(body)
+    except DECODE_ERRORS:
+        return None, None
+    request_id = op = None
+    try:
+        if env.id is not None:
+            request_id = _int_decoder.decode(env.id)
+    except DECODE_ERRORS:
+        pass
+    try:
+        if env.op is not None:
+            op = _str_decoder.decode(env.op)
+    except DECODE_ERRORS:
+        pass
+    return request_id, op
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid message: a string is not valid UTF-8"
+    if isinstance(exc, RecursionError):
+        return "invalid message: nested too deeply"
+    return f"invalid message: {exc}"
+
+
+def request_id_of(err: SidecarError) -> int | None:
+    """The id of the request that caused err, when decode_request could recover it."""
+    return getattr(err, "request_id", None)
+
+
+def append_frame(buf: bytearray, message: object) -> None:
+    """Encode message as one frame at the end of buf, without an intermediate copy."""
+    start = len(buf)
+    buf.extend(b"\0\0\0\0")
+    _encoder.encode_into(message, buf, start + HEADER_BYTES)
+    buf[start : start + HEADER_BYTES] = (len(buf) - start - HEADER_BYTES).to_bytes(4, "big")
+
+
+def encode_frame(message: object) -> bytes:
+    buf = bytearray()
+    append_frame(buf, message)
+    return bytes(buf)
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies, refusing a frame over the limit from its header."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.error: FrameTooLarge | None = None
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add data; return every complete body before any oversize header (then see .error)."""
+        if self.error is not None:
+            return []
+        buf = self._buf
+        buf += data
+        bodies: list[bytes] = []
+        pos = 0
+        while len(buf) - pos >= HEADER_BYTES:
+            size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+            if size > self.max_frame_bytes:
+                self.error = FrameTooLarge(
+                    f"frame of {size} bytes is over the limit of {self.max_frame_bytes}",
+                    {"size": size, "max_frame_bytes": self.max_frame_bytes},
+                )
+                buf.clear()
+                return bodies
+            end = pos + HEADER_BYTES + size
+            if len(buf) < end:
+                break
+            bodies.append(bytes(buf[pos + HEADER_BYTES : end]))
+            pos = end
+        # One compaction per read, not one per frame: many small frames stay linear.
+        del buf[:pos]
+        return bodies
+
+    @property
+    def partial(self) -> int:
+        """Bytes held of a frame not yet complete (0 at a frame boundary)."""
+        return len(self._buf)
