@@ -225,8 +225,8 @@ def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
 class _Envelope(msgspec.Struct):
     """Read leniently on the error path only, to echo the id and tell an unknown op apart."""
 
-    id: msgspec.Raw | None = None
-    op: msgspec.Raw | None = None
+    id: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    op: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)
@@ -263,12 +263,12 @@ def _salvage(body: bytes | memoryview) -> tuple[int | None, str | None]:
         return None, None
     request_id = op = None
     try:
-        if env.id is not None:
+        if env.id:
             request_id = _int_decoder.decode(env.id)
     except DECODE_ERRORS:
         pass
     try:
-        if env.op is not None:
+        if env.op:
             op = _str_decoder.decode(env.op)
     except DECODE_ERRORS:
         pass

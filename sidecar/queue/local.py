@@ -45,7 +45,7 @@ def _calibrate_overhead() -> int:
     rec = QueuedRequest(
         queue_id="",
         priority=5,
-        seq=1 << 40,
+        seq=1 << 20,
         created_at=now,
         expires_at=now + 1.5,
         status=QueueStatus.QUEUED,
@@ -56,9 +56,9 @@ def _calibrate_overhead() -> int:
         size_bytes=1 << 20,
     )
     floats = 3 * sys.getsizeof(now)  # created_at, expires_at, updated_at are separate objects
-    seq_int = sys.getsizeof(1 << 40) * 2  # seq, plus size_bytes beyond the small-int cache
+    seq_int = sys.getsizeof(1 << 20) * 2  # seq, plus size_bytes beyond the small-int cache
     heap_entries = 2 * (sys.getsizeof((0, 0, "")) + 8)  # ready + expiry tuples and list slots
-    dict_slot = 48  # key hash, key and value pointers plus index, amortised over growth
+    dict_slot = 32  # hash, key and value pointers (24) plus index bytes, amortised over growth
     return sys.getsizeof(rec) + floats + seq_int + heap_entries + dict_slot
 
 

@@ -1,0 +1,117 @@
+"""Run the real daemon as a subprocess on a real socket, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 15.0
+
+
+class Daemon:
+    """A `python -m sidecar serve` process; `logs` collects its JSON log events."""
+
+    def __init__(self, socket_path: str, env: dict[str, str]) -> None:
+        self.socket_path = socket_path
+        self.env = env
+        self.logs: list[dict[str, Any]] = []
+        self.stderr_lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> Daemon:
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve"],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
+        self._reader.start()
+        # The daemon logs `serving` once its socket accepts; waiting on that line, not polling.
+        if not self._ready.wait(READY_TIMEOUT_S) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("daemon did not start:\n" + "\n".join(self.stderr_lines))
+        return self
+
+    def _read_stderr(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.logs.append(event)
+            if event.get("event") == "serving":
+                self._ready.set()
+        self._ready.set()  # exited: wake the starter, which then sees poll() is not None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the daemon and wait for it; returns its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def daemon_env(socket_path: str, **overrides: str) -> dict[str, str]:
+    """A clean environment for a daemon: JSON logs, the socket, no inherited Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "REDIS_"))}
+    env.update(
+        {
+            "SIDECAR_SOCKET": socket_path,
+            "ENVIRONMENT": "production",
+            "SIDECAR_LOG_LEVEL": "info",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A temporary folder with a short path, so socket paths fit sun_path (~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def running_daemon(**env: str) -> Iterator[Daemon]:
+    """Start the real daemon on a fresh socket; stop it (SIGTERM) when the block ends."""
+    with short_tmpdir() as tmp:
+        sock = str(tmp / "s.sock")
+        daemon = Daemon(sock, daemon_env(sock, **env)).start()
+        try:
+            yield daemon
+        finally:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.stop()

@@ -1,0 +1,107 @@
+"""Settings from the environment: defaults, parsing, and one clear line per bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.config import ConfigError, Settings, default_socket_path
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    s = Settings.from_env({})
+    assert s.queue_max_size == 1000
+    assert s.queue_max_memory_mb == 100
+    assert (s.queue_high_watermark, s.queue_low_watermark) == (0.8, 0.6)
+    assert s.queue_request_ttl_hours == 4
+    assert s.record_llm_responses is False
+    assert s.redis_url is None
+    assert s.socket_path == default_socket_path({})
+
+
+def test_default_socket_needs_no_root() -> None:
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}) == (
+        "/run/user/1000/sidecar/sidecar.sock"
+    )
+    assert default_socket_path({}) == f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
+
+
+def test_values_are_parsed() -> None:
+    s = Settings.from_env(
+        {
+            "QUEUE_MAX_SIZE": "50",
+            "QUEUE_MAX_MEMORY_MB": "1.5",
+            "QUEUE_HIGH_WATERMARK": "0.9",
+            "QUEUE_LOW_WATERMARK": "0.5",
+            "RECORD_LLM_RESPONSES": "yes",
+            "ENVIRONMENT": "Production",
+            "REDIS_URL": "redis://:secret@localhost:6379/0",
+            "SIDECAR_SOCKET": "/tmp/x.sock",
+        }
+    )
+    assert s.queue_max_size == 50
+    assert s.queue_max_memory_bytes == int(1.5 * 1024 * 1024)
+    assert s.record_llm_responses is True
+    assert s.environment == "production"
+    assert s.socket_path == "/tmp/x.sock"
+    assert s.redacted_redis_url() == "redis://:***@localhost:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUEUE_MAX_SIZE": "abc"}, "QUEUE_MAX_SIZE='abc' is invalid: expected a whole number"),
+        ({"QUEUE_MAX_SIZE": "-5"}, "QUEUE_MAX_SIZE='-5' is invalid: expected a whole number >= 1"),
+        ({"QUEUE_MAX_MEMORY_MB": "0"}, "QUEUE_MAX_MEMORY_MB='0' is invalid"),
+        ({"QUEUE_MAX_MEMORY_MB": "nan"}, "QUEUE_MAX_MEMORY_MB='nan' is invalid"),
+        ({"QUEUE_HIGH_WATERMARK": "1.5"}, "QUEUE_HIGH_WATERMARK='1.5' is invalid"),
+        (
+            {"QUEUE_HIGH_WATERMARK": "0.5", "QUEUE_LOW_WATERMARK": "0.7"},
+            "QUEUE_LOW_WATERMARK=0.7 is invalid: expected a number below QUEUE_HIGH_WATERMARK",
+        ),
+        (
+            {"QUEUE_HIGH_WATERMARK": "0.6", "QUEUE_LOW_WATERMARK": "0.6"},
+            "QUEUE_LOW_WATERMARK=0.6 is invalid",
+        ),
+        ({"QUEUE_REQUEST_TTL_HOURS": "-1"}, "QUEUE_REQUEST_TTL_HOURS='-1' is invalid"),
+        ({"RECORD_LLM_RESPONSES": "maybe"}, "expected true or false"),
+        ({"ENVIRONMENT": "staging"}, "ENVIRONMENT='staging' is invalid"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' is invalid"),
+        ({"REDIS_KEY_PREFIX": "a{b}"}, "REDIS_KEY_PREFIX='a{b}' is invalid"),
+        ({"SIDECAR_MAX_FRAME_BYTES": "10"}, "SIDECAR_MAX_FRAME_BYTES='10' is invalid"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert message in str(info.value)
+
+
+def test_every_bad_variable_is_reported() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"QUEUE_MAX_SIZE": "x", "QUEUE_LEASE_SECONDS": "-1"})
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("QUEUE_MAX_SIZE=")
+    assert lines[1].startswith("QUEUE_LEASE_SECONDS=")
+
+
+def test_daemon_refuses_to_start_with_a_bad_value() -> None:
+    env = dict(os.environ, QUEUE_LOW_WATERMARK="0.9", SIDECAR_SOCKET="/tmp/never-bound.sock")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sidecar: configuration error: QUEUE_LOW_WATERMARK=0.9 is invalid: expected a number "
+        "below QUEUE_HIGH_WATERMARK (0.8)"
+    ]
+    assert not os.path.exists("/tmp/never-bound.sock")
