@@ -1,0 +1,28 @@
+-- stats.lua: one bounded sweep step, then a consistent snapshot of the books.
+-- KEYS: the seven of common.lua.
+-- ARGV: 1-3 as in common.lua; 4 sweep limit.
+-- Returns: {0, {expired, requeued, failed, purged}, queued, processing, retained,
+--   {accepted, completed, failed, expired, bytes, max_expired_age_s}, oldest_created_at | nil}.
+local swept = sweep(tonumber(ARGV[4]))
+-- The oldest queued request has the lowest seq; the first entry of each priority band holds
+-- that band's lowest seq, so ten O(log n) lookups find it.
+local oldest_seq, oldest_id = nil, nil
+for p = 0, 9 do
+  local lo = p * SHIFT
+  local first = redis.call('ZRANGEBYSCORE', K_PENDING, string.format('%d', lo),
+    '(' .. string.format('%d', lo + SHIFT), 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first > 0 then
+    local seq = tonumber(first[2]) - lo
+    if not oldest_seq or seq < oldest_seq then
+      oldest_seq, oldest_id = seq, first[1]
+    end
+  end
+end
+local oldest_created = false
+if oldest_id then
+  oldest_created = redis.call('HGET', REQ .. oldest_id, 'created_at')
+end
+local counters = redis.call('HMGET', K_STATS, 'accepted', 'completed', 'failed', 'expired',
+  'bytes', 'max_expired_age_s')
+return {OK, swept, redis.call('ZCARD', K_PENDING), redis.call('ZCARD', K_LEASES),
+  redis.call('ZCARD', K_RETAINED), counters, oldest_created}

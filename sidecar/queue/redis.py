@@ -1,0 +1,509 @@
+"""RedisQueue: the durable store shared by every host, with the contract of LocalQueue.
+
+Every change of state is one Lua script (sidecar/queue/lua/, one file per operation, with
+common.lua prepended), so a request moves exactly once even when several daemons share one
+Redis. Scripts take `now` from this process's clock: every expiry, lease and retention decision
+uses it, so hosts sharing a Redis need synchronised clocks (NTP). Redis's own TTL on each
+request hash only collects garbage. The key layout is documented in redis_keys.py.
+
+Concurrent calls share round trips: each call adds its EVALSHA to a batch, and one task per
+event-loop iteration sends the whole batch in one pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sidecar.config import ConfigError, Settings
+from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
+from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats, QueueStatus
+from sidecar.queue.base import new_lease_id
+from sidecar.queue.redis_keys import (
+    SCRIPT_SHAS,
+    SCRIPTS,
+    RedisKeys,
+    ScriptCode,
+    decode_number,
+    decode_record,
+)
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+Arg = str | bytes | int | float
+
+
+# The one table from script return codes to errors; messages are formatted with the call's
+# queue_id, lease_id, op, the status the script reported and the status the op needs.
+SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
+    ScriptCode.NOT_FOUND: (NotFound, "no request {queue_id}"),
+    ScriptCode.INVALID_STATE: (InvalidState, "request {queue_id} is {status}; {op} needs {needs}"),
+    ScriptCode.LEASE_MISMATCH: (
+        LeaseMismatch,
+        "lease {lease_id} is not the current lease of {queue_id}",
+    ),
+}
+
+# Error replies that mean "this Redis cannot take the call now" without a redis-py class.
+_UNAVAILABLE_REPLIES = {"MASTERDOWN": "master_down", "BUSY": "busy", "TRYAGAIN": "try_again"}
+_UNAVAILABLE_REPLIES["CLUSTERDOWN"] = "cluster_down"
+
+
+def unavailable_kind(exc: BaseException) -> str | None:
+    """A short name for a Redis error that means "cannot take this now", else None."""
+    if isinstance(exc, RedisTimeoutError):
+        return "timeout"
+    if isinstance(exc, BusyLoadingError):
+        return "loading"
+    if isinstance(exc, AuthenticationError):
+        return "authentication"
+    if isinstance(exc, RedisConnectionError):
+        return "connection"
+    if isinstance(exc, ReadOnlyError):
+        return "read_only"
+    if isinstance(exc, OutOfMemoryError):
+        return "out_of_memory"
+    if isinstance(exc, ResponseError):
+        return _UNAVAILABLE_REPLIES.get(str(exc).split(" ", 1)[0])
+    return None
+
+
+def translate_error(exc: BaseException) -> BaseException:
+    """BackendUnavailable (cause chained) for an unavailability error; other errors unchanged."""
+    kind = unavailable_kind(exc)
+    if kind is None:
+        return exc
+    # The message names the kind only: redis-py's text may carry a host name, never needed here.
+    err = BackendUnavailable(f"redis unavailable ({kind})", {"kind": kind})
+    err.__cause__ = exc
+    return err
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Raise BackendUnavailable for Redis errors that mean "cannot take this now"."""
+    try:
+        yield
+    except RedisError as exc:
+        raise translate_error(exc) from exc
+
+
+class SweepCounts(NamedTuple):
+    """What one sweep step moved."""
+
+    expired: int
+    requeued: int
+    failed: int
+    purged: int
+
+
+@dataclass(slots=True)
+class _Call:
+    script: str
+    args: tuple[Arg, ...]
+    future: asyncio.Future[Any]
+
+
+class RedisQueue:
+    """The Redis store: requests in hashes, order and timers in sorted sets, changes in Lua."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        retention_s: float,
+        prefix: str = "sidecar",
+        clock: Clock = time.time,
+        sweep_interval_s: float | None = 1.0,
+        sweep_limit: int = 500,
+        poll_interval_s: float = 0.2,
+        check_eviction_policy: bool = True,
+        url_for_logs: str | None = None,
+    ) -> None:
+        self.keys = RedisKeys.for_prefix(prefix)
+        self.retention_s = retention_s
+        self.warnings: list[str] = []
+        self.generation: str | None = None
+        # Counters for tests and metrics: pipelines sent, and SCRIPT LOAD rounds.
+        self.flushes = 0
+        self.script_loads = 0
+        self._redis = client
+        self._clock = clock
+        self._sweep_interval_s = sweep_interval_s
+        self._sweep_limit = sweep_limit
+        self._poll_interval_s = poll_interval_s
+        self._check_policy = check_eviction_policy
+        self._script_keys = self.keys.script_keys()
+        self._batch: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._work = asyncio.Event()
+        self._started = False
+        self._log = log.bind(redis=url_for_logs, prefix=prefix)
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the scripts, check the eviction policy, mark the generation, start the sweeper.
+
+        Raises BackendUnavailable when Redis cannot be reached; a second call does nothing.
+        """
+        if self._started:
+            return
+        with redis_errors():
+            await self._load_scripts()
+            if self._check_policy:
+                await self._check_eviction_policy()
+            self.generation = await self._mark_generation()
+        self._started = True
+        if self._sweep_interval_s is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self._log.info("redis_queue_started", generation=self.generation)
+
+    async def close(self) -> None:
+        """Stop the sweeper, let in-flight pipelines finish, close the connections."""
+        self._closing.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def _load_scripts(self) -> None:
+        for name, source in SCRIPTS.items():
+            sha = await self._redis.script_load(source)
+            if sha != SCRIPT_SHAS[name]:  # pragma: no cover - would mean Redis hashes differently
+                raise RuntimeError(f"script {name}: Redis named it {sha}")
+        self.script_loads += 1
+
+    async def _check_eviction_policy(self) -> None:
+        # A queue must never lose what it acknowledged; any policy but noeviction lets Redis
+        # drop request hashes under memory pressure.
+        info = await self._redis.info("memory")
+        policy = info.get("maxmemory_policy")
+        if policy == "noeviction":
+            return
+        self.warnings.append(
+            f"redis maxmemory-policy is {policy or 'unknown'}, not noeviction: "
+            "Redis may evict queued requests under memory pressure"
+        )
+        self._log.warning("redis_eviction_policy_unsafe", maxmemory_policy=policy)
+
+    async def _mark_generation(self) -> str:
+        # Written once per data set; if it ever reads back different or missing, this Redis
+        # lost its data (restarted empty), which the failover manager needs to know.
+        token = uuid.uuid4().hex
+        await self._redis.set(self.keys.generation, token, nx=True)
+        value = await self._redis.get(self.keys.generation)
+        return token if value is None else value.decode() if isinstance(value, bytes) else value
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+        """Store new requests all-or-none; existing queue_ids come back unchanged."""
+        if not requests:
+            return []
+        now = self._clock()
+        args: list[Arg] = [len(requests)]
+        for req in requests:
+            payload = req.payload if req.payload is not None else b""
+            args += [req.queue_id, req.priority, req.created_at, req.expires_at]
+            args += [req.max_attempts, payload]
+        reply = await self._call("enqueue", now, *args)
+        results: list[EnqueueResult] = []
+        for req, (created, data) in zip(requests, reply[1], strict=True):
+            if created:
+                payload = req.payload if req.payload is not None else b""
+                rec = msgspec.structs.replace(
+                    req, seq=int(data), status=QueueStatus.QUEUED, attempts=0, updated_at=now,
+                    payload=payload, size_bytes=len(payload), lease_id=None,
+                    lease_expires_at=None, reason=None,
+                )  # fmt: skip
+            else:
+                rec = decode_record(data)
+            results.append(EnqueueResult(request=rec, created=bool(created)))
+        if any(r.created for r in results):
+            self._notify_work()
+        return results
+
+    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+        """Lease up to max_items of the most urgent queued requests, in one script call."""
+        if max_items <= 0:
+            return []
+        now = self._clock()
+        lease_ids = [new_lease_id() for _ in range(max_items)]
+        reply = await self._call("dequeue", now, now + lease_s, self._sweep_limit, *lease_ids)
+        return [decode_record(pairs) for pairs in reply[1]]
+
+    async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
+        """Push a live lease's end to now + lease_s."""
+        now = self._clock()
+        reply = await self._call("extend", now, queue_id, lease_id, now + lease_s)
+        return self._settled(reply, "extend", queue_id, lease_id)
+
+    async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
+        """Complete a leased request; a repeat with the same lease returns the completed record."""
+        reply = await self._call("complete", self._clock(), queue_id, lease_id)
+        return self._settled(reply, "complete", queue_id, lease_id)
+
+    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
+        """End a lease with a failure; requeue while attempts remain and retry is asked."""
+        args = (queue_id, lease_id, reason, "1" if retry else "0")
+        rec = self._settled(await self._call("fail", self._clock(), *args), "fail", *args[:2])
+        if rec.status is QueueStatus.QUEUED:
+            self._notify_work()
+        return rec
+
+    async def cancel(self, queue_id: str) -> QueuedRequest:
+        """Fail a queued request with the reason `cancelled`."""
+        reply = await self._call("cancel", self._clock(), queue_id)
+        return self._settled(reply, "cancel", queue_id, None)
+
+    async def status(self, queue_id: str) -> QueuedRequest | None:
+        """The request as stored now (what is due applied first), or None."""
+        reply = await self._call("status", self._clock(), queue_id)
+        return None if reply[0] == ScriptCode.NOT_FOUND else decode_record(reply[1])
+
+    async def stats(self) -> QueueStats:
+        """The shared books of this Redis queue, after one sweep step."""
+        now = self._clock()
+        reply = await self._call("stats", now, self._sweep_limit)
+        _, _, queued, processing, retained, counters, oldest = reply
+        accepted, completed, failed, expired, held, worst = counters
+        return QueueStats(
+            store=self.name,
+            queued=queued,
+            processing=processing,
+            accepted=int(accepted or 0),
+            completed=int(completed or 0),
+            failed=int(failed or 0),
+            expired=int(expired or 0),
+            items=queued + processing,
+            bytes=int(held or 0),
+            oldest_queued_age_s=None if oldest is None else max(0.0, now - float(oldest)),
+            max_expired_age_s=decode_number(worst),
+            retained=retained,
+            warnings=list(self.warnings),
+        )
+
+    async def health(self) -> HealthReport:
+        """Unhealthy when Redis does not answer, degraded when its setup is unsafe, else ok."""
+        try:
+            with redis_errors():
+                await self._redis.ping()
+        except BackendUnavailable as exc:
+            return HealthReport(status="unhealthy", mode="redis", reasons=[exc.message])
+        if self.warnings:
+            return HealthReport(status="degraded", mode="redis", reasons=list(self.warnings))
+        return HealthReport(status="ok", mode="redis")
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Wake on an enqueue through this instance, else after a short poll interval.
+
+        Other hosts' enqueues reach this Redis without telling us, so never wait longer than
+        the poll interval.
+        """
+        event = self._work
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, min(timeout, self._poll_interval_s)))
+
+    async def sweep(self) -> SweepCounts:
+        """One bounded sweep step: expire, reclaim lapsed leases, forget past retention."""
+        reply = await self._call("sweep", self._clock(), self._sweep_limit)
+        counts = SweepCounts(*(int(n) for n in reply[1]))
+        if counts.requeued:
+            self._notify_work()
+        return counts
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _settled(
+        self, reply: list[Any], op: str, queue_id: str, lease_id: str | None
+    ) -> QueuedRequest:
+        """The record of an OK reply, or the error its code maps to in SCRIPT_ERRORS."""
+        code = reply[0]
+        if code == ScriptCode.OK:
+            return decode_record(reply[1])
+        cls, template = SCRIPT_ERRORS[code]
+        status = reply[1].decode() if len(reply) > 1 else None
+        needs = "a queued request" if op == "cancel" else "a processing request"
+        message = template.format(
+            queue_id=queue_id, lease_id=lease_id, op=op, status=status, needs=needs
+        )
+        details: dict[str, Any] = {"queue_id": queue_id}
+        if status is not None:
+            details["status"] = status
+        raise cls(message, details)
+
+    def _notify_work(self) -> None:
+        # Waking every waiter and starting a fresh event means no waiter can miss a notice.
+        self._work.set()
+        self._work = asyncio.Event()
+
+    async def _sweep_forever(self) -> None:
+        """Sweep every interval until closed; an outage is logged once, not per tick."""
+        assert self._sweep_interval_s is not None
+        failing = False
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._sweep_interval_s)
+                return
+            try:
+                counts = await self.sweep()
+                while max(counts) >= self._sweep_limit:  # a backlog: keep going
+                    counts = await self.sweep()
+            except BackendUnavailable as exc:
+                if not failing:
+                    self._log.warning("redis_sweep_failed", error=exc.message)
+                failing = True
+            except Exception:  # a bug must not stop the sweeper for good
+                self._log.exception("redis_sweep_crashed")
+            else:
+                if failing:
+                    self._log.info("redis_sweep_recovered")
+                failing = False
+
+    # -- the coalescer ---------------------------------------------------------------------------
+
+    async def _call(self, script: str, now: float, *args: Arg) -> list[Any]:
+        """Run one script in the next shared pipeline and return its reply."""
+        if self._closing.is_set():
+            raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
+        loop = asyncio.get_running_loop()
+        call = _Call(script, (self.keys.request_prefix, now, self.retention_s, *args),
+                     loop.create_future())  # fmt: skip
+        self._batch.append(call)
+        if len(self._batch) == 1:
+            # The first call of this loop iteration schedules the flush; every call made
+            # before the flush task runs joins the same pipeline.
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        result: list[Any] = await call.future
+        return result
+
+    async def _flush(self) -> None:
+        """Send every pending call in one pipeline and resolve each future in order."""
+        batch, self._batch = self._batch, []
+        self.flushes += 1
+        try:
+            replies = await self._pipeline(batch)
+        except asyncio.CancelledError:
+            for call in batch:
+                call.future.cancel()
+            raise
+        except Exception as exc:  # every waiter must hear of the failure
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(translate_error(exc))
+            return
+        for call, reply in zip(batch, replies, strict=True):
+            if call.future.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, Exception):
+                call.future.set_exception(translate_error(reply))
+            else:
+                call.future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        replies = await self._send(batch)
+        # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            self._log.info("redis_scripts_reloaded")
+            await self._load_scripts()
+            again = await self._send([batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send(self, batch: list[_Call]) -> list[Any]:
+        nkeys = len(self._script_keys)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in batch:
+                pipe.evalsha(SCRIPT_SHAS[call.script], nkeys, *self._script_keys, *call.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+
+# -- building one from Settings -----------------------------------------------------------------
+
+
+def redis_client(settings: Settings) -> Redis:
+    """A redis.asyncio client for settings.redis_url with timeouts that suit a queue."""
+    if settings.redis_url is None:
+        raise ConfigError("REDIS_URL is not set")
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_timeout": settings.redis_timeout_s,
+        # No silent retries: a retried timed-out write may run twice, and the failover
+        # manager, not the client library, decides what happens when Redis is away.
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": f"sidecar-{socket.gethostname()}-{os.getpid()}",
+        "decode_responses": False,
+    }
+    if settings.redis_password_file:
+        options["password"] = _read_password(settings.redis_password_file)
+    return Redis.from_url(settings.redis_url, **options)
+
+
+def _read_password(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        # The path is safe to show; the content never is.
+        raise ConfigError(f"REDIS_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from exc
+
+
+def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQueue:
+    """A RedisQueue for the settings, not yet started (nothing is sent to Redis)."""
+    return RedisQueue(
+        redis_client(settings),
+        retention_s=settings.retention_s,
+        prefix=settings.redis_key_prefix,
+        clock=clock,
+        url_for_logs=settings.redacted_redis_url(),
+    )
+
+
+async def open_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQueue:
+    """Build and start a RedisQueue; raises BackendUnavailable when Redis cannot be reached."""
+    queue = build_redis_queue(settings, clock=clock)
+    try:
+        await queue.start()
+    except BaseException:
+        await queue.close()
+        raise
+    return queue

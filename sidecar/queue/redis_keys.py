@@ -1,0 +1,154 @@
+"""Every name a queue has in Redis, built in one place: keys, hash fields, scripts, codes.
+
+With the default prefix `sidecar` the keys are (the braces are a Redis Cluster hash tag, so every
+key of one queue lands in one slot and each Lua script stays legal on a cluster):
+
+| key | type | holds |
+| --- | --- | --- |
+| `{sidecar}:req:<queue_id>` | hash | one request: metadata, `payload` (raw bytes) while pending |
+| `{sidecar}:pending` | zset | queued queue_ids by `priority * 2**48 + seq` (exact in a double) |
+| `{sidecar}:leases` | zset | processing queue_ids by lease end (epoch seconds) |
+| `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch seconds) |
+| `{sidecar}:retained` | zset | terminal queue_ids by the end of their retention |
+| `{sidecar}:seq` | string | the arrival counter that assigns `seq` |
+| `{sidecar}:stats` | hash | counters shared by every daemon (accepted, completed, failed, |
+| | | expired, bytes, max_expired_age_s) |
+| `{sidecar}:generation` | string | a token written once; if it vanishes, this Redis lost its data |
+
+A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
+max_attempts, updated_at, size_bytes, payload (until terminal), lease_id, lease_expires_at,
+reason and purge_at (once terminal); times are epoch seconds as decimal text.
+
+An operator finds a request with `redis-cli HGETALL '{sidecar}:req:<queue_id>'`, the next
+requests to be handed out with `redis-cli ZRANGE '{sidecar}:pending' 0 9`, and the books with
+`redis-cli HGETALL '{sidecar}:stats'`. A request's hash carries a native TTL: while pending, its
+expiry plus the retention window plus a grace period; once terminal, the end of its retention.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from sidecar.models import QueuedRequest, QueueStatus
+
+# seq gets the low 48 bits of the pending score and priority (0-9) the bits above: the largest
+# score, 10 * 2**48, stays below 2**53, so a double holds it exactly and ties never blur.
+PRIORITY_SHIFT = 1 << 48
+MAX_SEQ = PRIORITY_SHIFT - 1
+
+
+def pending_score(priority: int, seq: int) -> int:
+    """The exact pending score that orders by priority, then arrival."""
+    return priority * PRIORITY_SHIFT + seq
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """The key names of one queue under one prefix."""
+
+    prefix: str
+    pending: str
+    leases: str
+    expiry: str
+    retained: str
+    seq: str
+    stats: str
+    generation: str
+    request_prefix: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> RedisKeys:
+        """Build every key under `{prefix}` (the prefix must not contain braces)."""
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"invalid Redis key prefix {prefix!r}")
+        tag = "{" + prefix + "}:"
+        return cls(
+            prefix=prefix,
+            pending=tag + "pending",
+            leases=tag + "leases",
+            expiry=tag + "expiry",
+            retained=tag + "retained",
+            seq=tag + "seq",
+            stats=tag + "stats",
+            generation=tag + "generation",
+            request_prefix=tag + "req:",
+        )
+
+    def request(self, queue_id: str) -> str:
+        """The hash of one request."""
+        return self.request_prefix + queue_id
+
+    def script_keys(self) -> tuple[str, ...]:
+        """KEYS[1..7] of every script, in the order lua/common.lua names them."""
+        return (
+            self.pending,
+            self.leases,
+            self.expiry,
+            self.retained,
+            self.seq,
+            self.stats,
+            self.generation,
+        )
+
+
+# -- scripts: lua/<name>.lua, each run with lua/common.lua prepended ---------------------------
+
+SCRIPT_NAMES = (
+    "enqueue", "dequeue", "extend", "complete", "fail", "cancel", "status", "sweep", "stats",
+)  # fmt: skip
+
+
+class ScriptCode(enum.IntEnum):
+    """The first element of every script reply (mirrors lua/common.lua)."""
+
+    OK = 0
+    NOT_FOUND = -1
+    INVALID_STATE = -2
+    LEASE_MISMATCH = -3
+
+
+def _script_sources() -> dict[str, str]:
+    lua = resources.files("sidecar.queue") / "lua"
+    common = (lua / "common.lua").read_text(encoding="utf-8")
+    return {n: common + "\n" + (lua / f"{n}.lua").read_text(encoding="utf-8") for n in SCRIPT_NAMES}
+
+
+SCRIPTS = _script_sources()
+# Redis names a script by the SHA1 of its text, so the SHAs are known before any SCRIPT LOAD.
+SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+
+
+# -- request hashes -------------------------------------------------------------------------
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def decode_number(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def decode_record(pairs: Sequence[bytes]) -> QueuedRequest:
+    """A request from the HGETALL field/value pairs of its hash."""
+    f = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    return QueuedRequest(
+        queue_id=f[b"queue_id"].decode(),
+        priority=int(f[b"priority"]),
+        seq=int(f[b"seq"]),
+        created_at=float(f[b"created_at"]),
+        expires_at=float(f[b"expires_at"]),
+        status=QueueStatus(f[b"status"].decode()),
+        attempts=int(f[b"attempts"]),
+        max_attempts=int(f[b"max_attempts"]),
+        updated_at=float(f[b"updated_at"]),
+        payload=f.get(b"payload"),
+        size_bytes=int(f[b"size_bytes"]),
+        lease_id=_text(f.get(b"lease_id")),
+        lease_expires_at=decode_number(f.get(b"lease_expires_at")),
+        reason=_text(f.get(b"reason")),
+    )
