@@ -9,6 +9,7 @@ import pytest
 from sidecar.queue.base import QueueRepository
 from sidecar.queue.local import LocalQueue
 from tests.helpers import FakeClock
+from tests.redis_server import make_fakeredis_contract_store, make_redis_contract_store
 
 # Retention and lease used by the contract suite; short enough to step past with the fake clock.
 CONTRACT_RETENTION_S = 600.0
@@ -39,12 +40,16 @@ def make_local(clock: FakeClock, **overrides: float) -> LocalQueue:
     )
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "redis", "fakeredis"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[QueueRepository]:
     """Every store that keeps the contract; the contract suite runs once per param."""
     repo: QueueRepository
     if request.param == "local":
         repo = make_local(clock)
+    elif request.param == "redis":
+        repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
+    elif request.param == "fakeredis":
+        repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
     else:  # pragma: no cover - a param without a factory is a bug in this fixture
         raise AssertionError(request.param)
     await repo.start()
