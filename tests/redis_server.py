@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.queue.redis import RedisQueue
+from sidecar.config import Settings
+from sidecar.queue.redis import RedisQueue, redis_client
 
 # How long a start or restart may take before the test fails (an AOF replay included).
 READY_TIMEOUT_S = 10.0
@@ -203,16 +204,16 @@ def redis_server_fixture() -> Iterator[RedisServer]:
 
 
 def redis_queue_for(
-    url: str, clock: Callable[[], float], *, retention_s: float, **options: Any
+    url: str,
+    clock: Callable[[], float],
+    *,
+    retention_s: float,
+    timeout_s: float = 1.0,
+    **options: Any,
 ) -> RedisQueue:
-    """A RedisQueue on `url` with short test timeouts (not started)."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    client = Redis.from_url(
-        url, socket_connect_timeout=1.0, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
-    )
+    """A RedisQueue on `url` with the production client settings and `timeout_s` (not started)."""
+    settings = Settings(redis_url=url, redis_connect_timeout_s=timeout_s, redis_timeout_s=timeout_s)
+    client = redis_client(settings)
     return RedisQueue(client, retention_s=retention_s, clock=clock, **options)
 
 

@@ -31,11 +31,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -70,25 +73,27 @@ SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
     ),
 }
 
-# Error replies that mean "this Redis cannot take the call now" without a redis-py class.
-_UNAVAILABLE_REPLIES = {"MASTERDOWN": "master_down", "BUSY": "busy", "TRYAGAIN": "try_again"}
-_UNAVAILABLE_REPLIES["CLUSTERDOWN"] = "cluster_down"
+# Error replies that mean "this Redis cannot take the call now", by redis-py class, in the order
+# they are tested (subclasses first); BUSY (a script running too long) has no class of its own.
+_UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
+    (RedisTimeoutError, "timeout"),
+    (BusyLoadingError, "loading"),
+    (AuthenticationError, "authentication"),
+    (RedisConnectionError, "connection"),
+    (ReadOnlyError, "read_only"),
+    (OutOfMemoryError, "out_of_memory"),
+    (MasterDownError, "master_down"),
+    (ClusterDownError, "cluster_down"),
+    (TryAgainError, "try_again"),
+)
+_UNAVAILABLE_REPLIES = {"MASTERDOWN": "master_down", "BUSY": "busy"}
 
 
 def unavailable_kind(exc: BaseException) -> str | None:
     """A short name for a Redis error that means "cannot take this now", else None."""
-    if isinstance(exc, RedisTimeoutError):
-        return "timeout"
-    if isinstance(exc, BusyLoadingError):
-        return "loading"
-    if isinstance(exc, AuthenticationError):
-        return "authentication"
-    if isinstance(exc, RedisConnectionError):
-        return "connection"
-    if isinstance(exc, ReadOnlyError):
-        return "read_only"
-    if isinstance(exc, OutOfMemoryError):
-        return "out_of_memory"
+    for cls, kind in _UNAVAILABLE:
+        if isinstance(exc, cls):
+            return kind
     if isinstance(exc, ResponseError):
         return _UNAVAILABLE_REPLIES.get(str(exc).split(" ", 1)[0])
     return None
