@@ -1,0 +1,323 @@
+"""RedisQueue on a real redis-server: sharing, leases across instances, TTL, durability, scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.errors import InvalidState, LeaseMismatch, NotFound
+from sidecar.models import QueueStatus
+from sidecar.queue.redis import SCRIPT_ERRORS, RedisQueue, SweepCounts
+from sidecar.queue.redis_keys import SCRIPT_SHAS, ScriptCode
+from tests.helpers import FakeClock, make_request
+from tests.redis_server import (
+    RedisServer,
+    redis_queue_for,
+    redis_server_fixture,  # noqa: F401 (imported for its fixture, `redis_server`)
+)
+
+RETENTION_S = 600.0
+LEASE_S = 30.0
+
+QueueFactory = Callable[..., Awaitable[RedisQueue]]
+
+
+@pytest.fixture
+async def make_queue(redis_server: RedisServer, clock: FakeClock) -> AsyncIterator[QueueFactory]:
+    """Started RedisQueues on the test's server (no background sweeper unless asked)."""
+    made: list[RedisQueue] = []
+
+    async def make(**options: Any) -> RedisQueue:
+        options.setdefault("sweep_interval_s", None)
+        queue = redis_queue_for(redis_server.url, clock, retention_s=RETENTION_S, **options)
+        await queue.start()
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        await queue.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client on the same server, to look at keys as an operator would."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def test_two_instances_complete_every_request_exactly_once(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    a, b = await make_queue(), await make_queue()
+    ids = [f"r{i:03d}" for i in range(300)]
+    await a.enqueue(
+        [make_request(clock, i, queue_id=q, priority=i % 10) for i, q in enumerate(ids)]
+    )
+    handled: dict[str, list[str]] = {}
+
+    async def worker(queue: RedisQueue, name: str) -> None:
+        while jobs := await queue.dequeue(7, LEASE_S):
+            for job in jobs:
+                assert job.lease_id is not None
+                handled.setdefault(job.queue_id, []).append(name)
+                await queue.complete(job.queue_id, job.lease_id)
+
+    workers = [worker(q, f"{n}{k}") for k in range(4) for n, q in (("a", a), ("b", b))]
+    await asyncio.gather(*workers)
+    assert sorted(handled) == ids
+    assert all(len(names) == 1 for names in handled.values())
+    served_by = {names[0][0] for names in handled.values()}
+    assert served_by == {"a", "b"}
+    stats = await b.stats()
+    assert (stats.completed, stats.queued, stats.processing) == (300, 0, 0)
+    assert stats.balanced
+
+
+async def test_lapsed_lease_is_reclaimed_once_when_two_instances_sweep(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    a, b = await make_queue(), await make_queue()
+    await a.enqueue([make_request(clock, i) for i in range(20)])
+    jobs = await a.dequeue(20, LEASE_S)
+    assert len(jobs) == 20
+    clock.advance(LEASE_S + 1)
+    first, second = await asyncio.gather(a.sweep(), b.sweep())
+    assert first.requeued + second.requeued == 20
+    stats = await a.stats()
+    assert (stats.queued, stats.processing, stats.accepted) == (20, 0, 20)
+    assert stats.balanced
+    again = await b.dequeue(50, LEASE_S)
+    assert sorted(j.queue_id for j in again) == sorted(j.queue_id for j in jobs)
+    assert {j.attempts for j in again} == {2}
+
+
+async def test_two_instances_never_lease_one_request_twice(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    a, b = await make_queue(), await make_queue()
+    await a.enqueue([make_request(clock, i) for i in range(50)])
+    got_a, got_b = await asyncio.gather(a.dequeue(40, LEASE_S), b.dequeue(40, LEASE_S))
+    ids_a, ids_b = {j.queue_id for j in got_a}, {j.queue_id for j in got_b}
+    assert not ids_a & ids_b
+    assert len(ids_a | ids_b) == 50
+
+
+async def test_ttl_and_retention_through_status_and_native_ttl(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    req = make_request(clock, ttl_s=10)
+    await queue.enqueue([req])
+    key = queue.keys.request(req.queue_id)
+    # While pending, Redis's own TTL sits past expiry + retention (+ a grace period).
+    pending_ttl_s = await raw.pttl(key) / 1000
+    assert pending_ttl_s >= req.expires_at + RETENTION_S - time.time() - 1
+    clock.advance(11)
+    st = await queue.status(req.queue_id)
+    assert st is not None
+    assert (st.status, st.reason, st.payload) == (QueueStatus.EXPIRED, "ttl_elapsed", None)
+    # Once terminal, the native TTL is the end of retention, measured from the expiry.
+    terminal_ttl_s = await raw.pttl(key) / 1000
+    expected = clock() + RETENTION_S - time.time()
+    assert expected - 2 <= terminal_ttl_s <= expected + 1
+    assert await raw.hexists(key, "payload") == 0
+    clock.advance(RETENTION_S - 1)
+    assert (await queue.status(req.queue_id)) is not None
+    clock.advance(2)
+    assert await queue.status(req.queue_id) is None
+    assert await raw.exists(key) == 0
+    assert await raw.zcard(queue.keys.retained) == 0
+
+
+async def test_redis_removes_a_terminal_hash_itself_when_retention_ends(
+    redis_server: RedisServer, raw: Redis, clock: FakeClock
+) -> None:
+    # The real clock here, so Redis's own TTL is what removes the hash, not a script.
+    await raw.config_set("notify-keyspace-events", "Ex")
+    pubsub = raw.pubsub()
+    expired_events: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_expired(message: dict[str, Any]) -> None:
+        await expired_events.put(message["data"])
+
+    await pubsub.subscribe(**{"__keyevent@0__:expired": on_expired})
+    listener = asyncio.create_task(pubsub.run())
+    queue = redis_queue_for(redis_server.url, time.time, retention_s=0.2, sweep_interval_s=None)
+    await queue.start()
+    try:
+        await queue.enqueue([make_request(clock, queue_id="gc-me")])
+        [job] = await queue.dequeue(1, LEASE_S)
+        assert job.lease_id is not None
+        await queue.complete(job.queue_id, job.lease_id)
+        key = queue.keys.request("gc-me")
+        assert 0 < await raw.pttl(key) <= 200
+        # Redis announces the removal itself: wait for that event, not for a guessed time.
+        removed = await asyncio.wait_for(expired_events.get(), 5)
+        assert removed == key.encode()
+        assert await raw.exists(key) == 0
+    finally:
+        await queue.close()
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+
+
+async def test_requests_survive_closing_and_reopening_the_store(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    first = await make_queue()
+    specs = [("low", 9), ("urgent", 0), ("mid-1", 5), ("mid-2", 5)]
+    for name, prio in specs:
+        await first.enqueue([make_request(clock, name, queue_id=name, priority=prio)])
+    await first.close()
+    second = await make_queue()
+    assert second.generation == first.generation
+    got = await second.dequeue(10, LEASE_S)
+    assert [j.queue_id for j in got] == ["urgent", "mid-1", "mid-2", "low"]
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_requests_survive_a_redis_restart_with_aof(how: str, clock: FakeClock) -> None:
+    # appendfsync always: each write reaches the kernel before the reply, so even SIGKILL keeps
+    # it (this proves the AOF is replayed, not that it was fsync'd: see DESIGN.md's traps).
+    with RedisServer(appendonly=True) as server:
+        queue = redis_queue_for(server.url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
+        await queue.start()
+        reqs = [make_request(clock, i, queue_id=f"d{i}", priority=9 - i) for i in range(5)]
+        await queue.enqueue(reqs)
+        await queue.close()
+        server.kill() if how == "kill" else server.stop()
+        server.start()
+        again = redis_queue_for(server.url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
+        await again.start()
+        try:
+            assert again.generation == queue.generation
+            got = await again.dequeue(10, LEASE_S)
+            assert [j.queue_id for j in got] == ["d4", "d3", "d2", "d1", "d0"]
+            assert [j.payload for j in got] == [r.payload for r in reversed(reqs)]
+        finally:
+            await again.close()
+
+
+async def test_concurrent_calls_share_pipelines(make_queue: QueueFactory, clock: FakeClock) -> None:
+    queue = await make_queue()
+    n = 50
+    reqs = [make_request(clock, i, queue_id=f"c{i}") for i in range(n)]
+    before = queue.flushes
+    results = await asyncio.gather(*(queue.enqueue([r]) for r in reqs))
+    assert queue.flushes - before < n
+    # Each caller got the answer to its own call.
+    assert [res.request.queue_id for [res] in results] == [r.queue_id for r in reqs]
+    assert all(res.created for [res] in results)
+    before = queue.flushes
+    statuses = await asyncio.gather(*(queue.status(r.queue_id) for r in reqs))
+    assert queue.flushes - before < n
+    assert [s.queue_id for s in statuses if s is not None] == [r.queue_id for r in reqs]
+    assert len({res.request.seq for [res] in results}) == n
+
+
+async def test_pending_score_orders_exactly_at_large_seq(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    # Far into the sequence, where a float of priority + seq / 1e9 would blur neighbours.
+    await raw.set(queue.keys.seq, (1 << 48) - 10)
+    reqs = [make_request(clock, i, queue_id=f"s{i}", priority=9) for i in range(5)]
+    await queue.enqueue(reqs)
+    await queue.enqueue([make_request(clock, queue_id="urgent", priority=8)])
+    got = await queue.dequeue(10, LEASE_S)
+    assert [j.queue_id for j in got] == ["urgent", "s0", "s1", "s2", "s3", "s4"]
+
+
+# -- each script's error returns, on real Redis -------------------------------------------------
+
+
+async def _raw_eval(raw: Redis, queue: RedisQueue, script: str, now: float, *args: str) -> Any:
+    keys = queue.keys.script_keys()
+    common = (queue.keys.request_prefix, now, queue.retention_s)
+    return await raw.evalsha(SCRIPT_SHAS[script], len(keys), *keys, *common, *args)
+
+
+async def test_script_error_codes(make_queue: QueueFactory, clock: FakeClock, raw: Redis) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="queued"), make_request(clock, queue_id="x")])
+    [job] = await queue.dequeue(1, LEASE_S)
+    assert job.queue_id == "queued" and job.lease_id is not None
+    now = clock()
+    later = str(now + LEASE_S)
+    cases: list[tuple[str, tuple[str, ...], list[Any]]] = [
+        ("extend", ("nope", "l", later), [-1]),
+        ("extend", ("x", "l", later), [-2, b"queued"]),
+        ("extend", ("queued", "not-it", later), [-3]),
+        ("complete", ("nope", "l"), [-1]),
+        ("complete", ("x", "l"), [-2, b"queued"]),
+        ("complete", ("queued", "not-it"), [-3]),
+        ("fail", ("nope", "l", "r", "1"), [-1]),
+        ("fail", ("x", "l", "r", "0"), [-2, b"queued"]),
+        ("fail", ("queued", "not-it", "r", "1"), [-3]),
+        ("cancel", ("nope",), [-1]),
+        ("cancel", ("queued",), [-2, b"processing"]),
+        ("status", ("nope",), [-1]),
+    ]
+    for script, args, expected in cases:
+        assert await _raw_eval(raw, queue, script, now, *args) == expected, (script, args)
+    # Rejected calls changed nothing.
+    stats = await queue.stats()
+    assert (stats.queued, stats.processing, stats.accepted) == (1, 1, 2)
+    st = await queue.status("queued")
+    assert st is not None and st.lease_id == job.lease_id
+
+
+async def test_script_error_codes_map_to_the_contract_errors(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    assert {code: cls for code, (cls, _) in SCRIPT_ERRORS.items()} == {
+        ScriptCode.NOT_FOUND: NotFound,
+        ScriptCode.INVALID_STATE: InvalidState,
+        ScriptCode.LEASE_MISMATCH: LeaseMismatch,
+    }
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="q")])
+    with pytest.raises(InvalidState) as info:
+        await queue.extend("q", "lease", LEASE_S)
+    assert info.value.details == {"queue_id": "q", "status": "queued"}
+    assert "queued" in info.value.message
+    with pytest.raises(NotFound):
+        await queue.fail("nope", "lease", "r", retry=True)
+    [job] = await queue.dequeue(1, LEASE_S)
+    with pytest.raises(InvalidState) as info:
+        await queue.cancel(job.queue_id)
+    assert info.value.details["status"] == "processing"
+    with pytest.raises(LeaseMismatch):
+        await queue.fail(job.queue_id, "other", "r", retry=False)
+
+
+async def test_background_sweeper_expires_without_any_call(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await make_queue(sweep_interval_s=0.05)
+    swept = asyncio.Event()
+    real_sweep = queue.sweep
+
+    async def spy() -> SweepCounts:
+        counts = await real_sweep()
+        if counts.expired:
+            swept.set()
+        return counts
+
+    monkeypatch.setattr(queue, "sweep", spy)
+    await queue.enqueue([make_request(clock, ttl_s=5, queue_id="short")])
+    clock.advance(6)
+    await asyncio.wait_for(swept.wait(), 5)
+    assert await raw.zcard(queue.keys.pending) == 0
+    assert await raw.hget(queue.keys.request("short"), "status") == b"expired"
+    assert await raw.hget(queue.keys.stats, "expired") == b"1"
