@@ -20,14 +20,19 @@ import msgspec
 from sidecar.config import default_socket_path
 from sidecar.errors import (
     BackendUnavailable,
+    BadFrame,
+    FrameTooLarge,
     InternalError,
+    ShuttingDown,
     SidecarError,
     SidecarUnavailable,
+    TooManyConnections,
     error_from_code,
 )
 from sidecar.models import QueueStats
 from sidecar.protocol import (
     DECODE_ERRORS,
+    MAX_FRAME_LIMIT,
     Cancel,
     Complete,
     Dequeue,
@@ -56,8 +61,13 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
-# Replies can be as large as the daemon's frames; the client accepts up to the wire maximum.
-_CLIENT_MAX_FRAME = 64 * 1024 * 1024
+# A dequeue reply can exceed the daemon's request-frame limit (max_batch x max_payload_bytes);
+# the daemon is trusted, so the client accepts up to the wire maximum.
+_CLIENT_MAX_FRAME = MAX_FRAME_LIMIT
+# Errors that end the connection; any other reply without an id is about one request.
+_CONNECTION_ERRORS = frozenset(
+    cls.code for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown)
+)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -99,6 +109,10 @@ def _decode_result(reply: Reply, result_type: type[T]) -> T:
         return msgspec.msgpack.decode(reply.result or b"\xc0", type=result_type)
     except DECODE_ERRORS as exc:
         raise InternalError(f"malformed result from the sidecar: {exc}") from exc
+
+
+def _ends_connection(reply: Reply) -> bool:
+    return reply.error is not None and reply.error.code in _CONNECTION_ERRORS
 
 
 def _raise_for(reply: Reply) -> None:
@@ -233,9 +247,9 @@ class AsyncClient:
             while data := await reader.read(65536):
                 for body in frames.feed(data):
                     reply = _decode_reply(body)
-                    if reply.id is None:
-                        # An error about the connection itself (e.g. a framing error, or too
-                        # many connections): it ends the connection for every pending call.
+                    if reply.id is None and _ends_connection(reply):
+                        # An error about the connection itself (a framing error, or too many
+                        # connections): it ends the connection for every pending call.
                         _raise_for(reply)
                     fut = self._pending.get(reply.id) if reply.id is not None else None
                     if fut is not None and not fut.done():
@@ -371,10 +385,11 @@ class Client:
                 raise SidecarUnavailable("the sidecar closed the connection")
             for body in self._frames.feed(data):
                 reply = _decode_reply(body)
-                if reply.id is None:
+                if reply.id is None and _ends_connection(reply):
                     self.close()
                     _raise_for(reply)
-                if reply.id == request_id:
+                if reply.id in (request_id, None):  # one request at a time: nil is ours too
+
                     return reply
 
 

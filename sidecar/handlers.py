@@ -81,7 +81,8 @@ class Ops:
             case Complete():
                 return info(await self.queue.complete(req.queue_id, req.lease_id))
             case Fail():
-                failed = await self.queue.fail(req.queue_id, req.lease_id, req.reason, req.retry)
+                reason = req.reason or "unspecified"  # a failed status always says why
+                failed = await self.queue.fail(req.queue_id, req.lease_id, reason, req.retry)
                 return info(failed)
             case Extend():
                 lease_s = req.lease_s or self.settings.queue_lease_s

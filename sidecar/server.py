@@ -20,7 +20,13 @@ from typing import cast
 
 import structlog
 
-from sidecar.errors import BadFrame, InternalError, SidecarError, TooManyConnections
+from sidecar.errors import (
+    BadFrame,
+    InternalError,
+    ShuttingDown,
+    SidecarError,
+    TooManyConnections,
+)
 from sidecar.handlers import Ops
 from sidecar.protocol import (
     AnyRequest,
@@ -84,12 +90,13 @@ class Connection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         server = self.server
-        if len(server.connections) >= server.ops.settings.max_connections or server.draining:
-            err = TooManyConnections(
-                f"the daemon is at its limit of {server.ops.settings.max_connections} connections"
+        limit = server.ops.settings.max_connections
+        if len(server.connections) >= limit or server.draining:
+            err: SidecarError = (
+                ShuttingDown("the daemon is shutting down")
+                if server.draining
+                else TooManyConnections(f"the daemon is at its limit of {limit} connections")
             )
-            if server.draining:
-                err = TooManyConnections("the daemon is shutting down")
             transport.write(encode_frame(error_reply(None, err)))
             transport.close()
             self.log.warning("connection_refused", reason=err.message)
