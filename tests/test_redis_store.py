@@ -321,3 +321,40 @@ async def test_background_sweeper_expires_without_any_call(
     assert await raw.zcard(queue.keys.pending) == 0
     assert await raw.hget(queue.keys.request("short"), "status") == b"expired"
     assert await raw.hget(queue.keys.stats, "expired") == b"1"
+
+
+# -- what the failover manager uses -------------------------------------------------------------
+
+
+async def test_check_generation_notices_a_redis_that_came_back_empty(
+    redis_server: RedisServer, make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="lost")])
+    assert await queue.check_generation() is None
+    first = queue.generation
+    redis_server.kill()  # no persistence: the server restarts empty
+    redis_server.start()
+    assert await queue.check_generation() == "generation marker missing"
+    assert queue.generation is not None and queue.generation != first
+    assert await queue.check_generation() is None  # the new data set is now the reference
+    assert await queue.status("lost") is None
+
+
+async def test_discard_queued_removes_only_a_queued_request_and_its_books(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id=q) for q in ("leased", "dup", "keep")])
+    [job] = await queue.dequeue(1, LEASE_S)
+    assert job.queue_id == "leased"
+    assert await queue.discard_queued("dup") is True
+    assert await queue.discard_queued("dup") is False
+    assert await queue.discard_queued("leased") is False
+    assert await queue.discard_queued("never-seen") is False
+    assert await queue.status("dup") is None
+    stats = await queue.stats()
+    assert (stats.accepted, stats.queued, stats.processing) == (2, 1, 1)
+    assert stats.balanced
+    keep = await queue.status("keep")
+    assert keep is not None and stats.bytes == job.size_bytes + keep.size_bytes

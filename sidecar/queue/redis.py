@@ -110,6 +110,10 @@ def translate_error(exc: BaseException) -> BaseException:
     return err
 
 
+def _as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Raise BackendUnavailable for Redis errors that mean "cannot take this now"."""
@@ -232,7 +236,7 @@ class RedisQueue:
         token = uuid.uuid4().hex
         await self._redis.set(self.keys.generation, token, nx=True)
         value = await self._redis.get(self.keys.generation)
-        return token if value is None else value.decode() if isinstance(value, bytes) else value
+        return token if value is None else _as_text(value)
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -351,6 +355,29 @@ class RedisQueue:
         if counts.requeued:
             self._notify_work()
         return counts
+
+    async def discard_queued(self, queue_id: str) -> bool:
+        """Remove a queued request as if never accepted here (another store keeps it)."""
+        reply = await self._call("discard", self._clock(), queue_id)
+        return bool(reply[1])
+
+    async def check_generation(self) -> str | None:
+        """Why this Redis lost its data since we last looked (its marker changed), or None.
+
+        A Redis that restarted empty (or was flushed) has no marker: a new one is written, so
+        the next check compares against the new data set.
+        """
+        with redis_errors():
+            value = await self._redis.get(self.keys.generation)
+            seen = self.generation
+            if value is not None and _as_text(value) == seen:
+                return None
+            self.generation = await self._mark_generation()
+        if seen is None:
+            return None  # never connected before: nothing to compare with
+        why = "generation marker missing" if value is None else "generation marker changed"
+        self._log.error("redis_data_lost", reason=why, generation=self.generation)
+        return why
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -473,9 +500,11 @@ def redis_client(settings: Settings) -> Redis:
     options: dict[str, Any] = {
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "socket_timeout": settings.redis_timeout_s,
-        # No silent retries: a retried timed-out write may run twice, and the failover
-        # manager, not the client library, decides what happens when Redis is away.
-        "retry": Retry(NoBackoff(), 0),
+        # One immediate retry, on a fresh connection, for a connection error only: a pooled
+        # connection that died with a restarted Redis fails on first use. Never on a timeout:
+        # the timed-out write may still run, and the failover manager, not the client
+        # library, decides what happens when Redis is slow or away.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "client_name": f"sidecar-{socket.gethostname()}-{os.getpid()}",
         "decode_responses": False,
     }

@@ -99,6 +99,7 @@ class RedisKeys:
 
 SCRIPT_NAMES = (
     "enqueue", "dequeue", "extend", "complete", "fail", "cancel", "status", "sweep", "stats",
+    "discard",
 )  # fmt: skip
 
 
