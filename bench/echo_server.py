@@ -1,0 +1,137 @@
+"""The ceiling for the local mode: a server with the daemon's framing and no queue work.
+
+It reads frames exactly as the daemon does (sidecar.protocol.FrameReader, the 4-byte prefix),
+reads only `id` and `op` from each request, and answers with an OkReply carrying a canned
+result of the right shape (and size: a dequeue reply carries a job with a payload as large as
+the bench's), so the same client code runs against it and against the daemon. What it costs is
+framing, syscalls and the event loop: the most any server of this protocol could do here.
+
+Run: `python -m bench.echo_server SOCKET_PATH`; prints `ready` on stdout once it listens and
+stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from typing import cast
+
+import msgspec
+import uvloop
+
+from bench.payload import llm_request
+from sidecar.protocol import (
+    DECODE_ERRORS,
+    DequeueResult,
+    EnqueuedItem,
+    EnqueueResult,
+    FrameReader,
+    Job,
+    OkReply,
+    RequestInfo,
+    append_frame,
+)
+
+READY_LINE = "ready"
+# The daemon's default frame limit; the echo never sees a frame near it.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class _Envelope(msgspec.Struct):
+    """The two fields the echo reads; msgspec skips the rest without building it."""
+
+    id: int | None = None
+    op: str = ""
+
+
+_envelope = msgspec.msgpack.Decoder(_Envelope)
+_encode = msgspec.msgpack.encode
+
+
+def canned_results() -> dict[str, msgspec.Raw]:
+    """A pre-encoded result per op, shaped like the daemon's, so the client decodes it alike."""
+    now = time.time()
+    info = RequestInfo(
+        queue_id="q-echo",
+        status="completed",
+        priority=5,
+        attempts=1,
+        max_attempts=3,
+        created_at=now,
+        expires_at=now + 3600,
+        updated_at=now,
+        size_bytes=1024,
+    )
+    enqueued = EnqueuedItem(
+        queue_id="q-echo", status="queued", created=True, priority=5, expires_at=now + 3600
+    )
+    job = Job(
+        queue_id="q-echo",
+        lease_id="lease-echo",
+        lease_expires_at=now + 60,
+        payload=msgspec.Raw(_encode(llm_request())),
+        priority=5,
+        attempts=1,
+        max_attempts=3,
+        created_at=now,
+        expires_at=now + 3600,
+    )
+    return {
+        "enqueue": msgspec.Raw(_encode(EnqueueResult(items=[enqueued]))),
+        "dequeue": msgspec.Raw(_encode(DequeueResult(items=[job]))),
+        "complete": msgspec.Raw(_encode(info)),
+        "fail": msgspec.Raw(_encode(info)),
+        "extend": msgspec.Raw(_encode(info)),
+    }
+
+
+class EchoConnection(asyncio.Protocol):
+    """Answers every frame of one read with one write, as the daemon does."""
+
+    def __init__(self, results: dict[str, msgspec.Raw]) -> None:
+        self.results = results
+        self.reader = FrameReader(MAX_FRAME_BYTES)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        out = bytearray()
+        for body in self.reader.feed(data):
+            try:
+                env = _envelope.decode(body)
+            except DECODE_ERRORS:
+                env = _Envelope()
+            append_frame(out, OkReply(id=env.id, result=self.results.get(env.op)))
+        if self.reader.error is not None:
+            self.transport.close()
+        if out:
+            self.transport.write(out)
+
+
+async def serve(path: str) -> None:
+    """Listen on path until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    results = canned_results()
+    server = await loop.create_unix_server(lambda: EchoConnection(results), path, backlog=1024)
+    print(READY_LINE, flush=True)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bench.echo_server SOCKET_PATH")
+    uvloop.run(serve(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
