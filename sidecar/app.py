@@ -42,9 +42,12 @@ async def build_queue(settings: Settings) -> QueueManager:
             "if it stops",
         )
         return build_local_queue(settings)
-    from sidecar.queue.redis import open_redis_queue
+    from sidecar.queue.redis import build_redis_queue
+    from sidecar.queue.resilient import ResilientQueue
 
-    return await open_redis_queue(settings)
+    # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
+    # still starts, on the local queue, and moves to Redis when it answers.
+    return ResilientQueue(build_redis_queue(settings), build_local_queue(settings))
 
 
 async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> None:

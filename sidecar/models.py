@@ -96,12 +96,21 @@ class QueueStats(msgspec.Struct, kw_only=True):
     retained_bytes: int = 0
     # Store-specific notes an operator should see (for example a wrong Redis eviction policy).
     warnings: list[str] = msgspec.field(default_factory=list)
+    # Requests this store handed to another store (the local backlog moved to Redis).
+    moved_out: int = 0
+    # The failover manager's view; empty or zero for a single store.
+    mode: str = ""
+    stores: dict[str, QueueStats] = msgspec.field(default_factory=dict)
+    failovers: int = 0
+    recoveries: int = 0
+    degraded_s: float = 0.0
+    redis_data_lost: int = 0
 
     @property
     def balanced(self) -> bool:
-        """The books: accepted = queued + processing + completed + failed + expired."""
+        """The books: accepted = queued + processing + completed + failed + expired (+ moved)."""
         total = self.queued + self.processing + self.completed + self.failed + self.expired
-        return self.accepted == total
+        return self.accepted == total + self.moved_out
 
 
 class HealthReport(msgspec.Struct, kw_only=True):

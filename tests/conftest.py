@@ -8,6 +8,7 @@ import pytest
 
 from sidecar.queue.base import QueueRepository
 from sidecar.queue.local import LocalQueue
+from sidecar.queue.resilient import ResilientQueue
 from tests.helpers import FakeClock
 from tests.redis_server import make_fakeredis_contract_store, make_redis_contract_store
 
@@ -40,7 +41,7 @@ def make_local(clock: FakeClock, **overrides: float) -> LocalQueue:
     )
 
 
-@pytest.fixture(params=["local", "redis", "fakeredis"])
+@pytest.fixture(params=["local", "redis", "fakeredis", "resilient"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[QueueRepository]:
     """Every store that keeps the contract; the contract suite runs once per param."""
     repo: QueueRepository
@@ -50,6 +51,9 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
         repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
     elif request.param == "fakeredis":
         repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
+    elif request.param == "resilient":
+        redis = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
+        repo = ResilientQueue(redis, make_local(clock))
     else:  # pragma: no cover - a param without a factory is a bug in this fixture
         raise AssertionError(request.param)
     await repo.start()

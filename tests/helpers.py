@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -24,7 +25,7 @@ class FakeClock:
 
 
 def make_request(
-    clock: FakeClock,
+    clock: Callable[[], float],
     body: object = None,
     *,
     priority: int = PRIORITY_DEFAULT,

@@ -111,7 +111,7 @@ class LocalQueue:
         self._bytes = 0
         self._retained_bytes = 0
         self._breaker_open = False
-        self._counts = {"accepted": 0, "completed": 0, "failed": 0, "expired": 0}
+        self._counts = {"accepted": 0, "completed": 0, "failed": 0, "expired": 0, "moved_out": 0}
         self._queued = 0
         self._processing = 0
         self._rejections: dict[str, int] = {}
@@ -241,6 +241,7 @@ class LocalQueue:
             max_expired_age_s=self._max_expired_age_s,
             retained=len(self._purge),
             retained_bytes=self._retained_bytes,
+            moved_out=self._counts["moved_out"],
         )
 
     async def health(self) -> HealthReport:
@@ -262,6 +263,45 @@ class LocalQueue:
         event = self._work
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
+
+    # -- hand-over to another store (the failover manager's migration) -----------------------
+
+    def holds(self, queue_id: str) -> bool:
+        """Whether this queue has a record of queue_id (pending or retained)."""
+        return queue_id in self._records
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def take_queued(self, max_items: int) -> list[QueuedRequest]:
+        """Remove up to max_items queued requests, most urgent first, to move them elsewhere.
+
+        They leave this queue entirely (no retained record): the receiving store answers for
+        them from now on. Expired ones are expired here instead of being moved.
+        """
+        now = self._tick()
+        out: list[QueuedRequest] = []
+        while self._ready and len(out) < max_items:
+            _, seq, qid = heapq.heappop(self._ready)
+            rec = self._records.get(qid)
+            if rec is None or rec.status is not QueueStatus.QUEUED or rec.seq != seq:
+                continue
+            if rec.expires_at <= now:
+                self._to_expired(rec, now)
+                continue
+            self._to_moved_out(rec)
+            out.append(rec)
+        return out
+
+    def drop_queued(self, queue_id: str) -> bool:
+        """Remove one queued request that another store already holds; False if not queued."""
+        self._tick()
+        rec = self._records.get(queue_id)
+        if rec is None or rec.status is not QueueStatus.QUEUED:
+            return False
+        self._to_moved_out(rec)
+        return True
 
     # -- capacity ----------------------------------------------------------------------------
 
@@ -338,6 +378,14 @@ class LocalQueue:
         self._queued += 1
         self._push_ready(rec)
         self._notify_work()
+
+    def _to_moved_out(self, rec: QueuedRequest) -> None:
+        del self._records[rec.queue_id]
+        self._queued -= 1
+        self._items -= 1
+        self._bytes -= held_cost(rec)
+        self._counts["moved_out"] += 1
+        self._update_breaker()
 
     def _to_expired(self, rec: QueuedRequest, now: float) -> None:
         age = now - rec.created_at

@@ -249,14 +249,14 @@ class RedisQueue:
         for req in requests:
             payload = req.payload if req.payload is not None else b""
             args += [req.queue_id, req.priority, req.created_at, req.expires_at]
-            args += [req.max_attempts, payload]
+            args += [req.max_attempts, payload, req.attempts]
         reply = await self._call("enqueue", now, *args)
         results: list[EnqueueResult] = []
         for req, (created, data) in zip(requests, reply[1], strict=True):
             if created:
                 payload = req.payload if req.payload is not None else b""
                 rec = msgspec.structs.replace(
-                    req, seq=int(data), status=QueueStatus.QUEUED, attempts=0, updated_at=now,
+                    req, seq=int(data), status=QueueStatus.QUEUED, updated_at=now,
                     payload=payload, size_bytes=len(payload), lease_id=None,
                     lease_expires_at=None, reason=None,
                 )  # fmt: skip
@@ -360,6 +360,15 @@ class RedisQueue:
         """Remove a queued request as if never accepted here (another store keeps it)."""
         reply = await self._call("discard", self._clock(), queue_id)
         return bool(reply[1])
+
+    async def probe(self) -> None:
+        """One write round trip; raises BackendUnavailable unless Redis takes writes now.
+
+        A write, not PING: a Redis out of memory or turned read-only answers PING but would
+        refuse every enqueue.
+        """
+        with redis_errors():
+            await self._redis.set(self.keys.probe, b"1", px=10_000)
 
     async def check_generation(self) -> str | None:
         """Why this Redis lost its data since we last looked (its marker changed), or None.

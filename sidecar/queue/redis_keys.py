@@ -14,6 +14,7 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:stats` | hash | counters shared by every daemon (accepted, completed, failed, |
 | | | expired, bytes, max_expired_age_s) |
 | `{sidecar}:generation` | string | a token written once; if it vanishes, this Redis lost its data |
+| `{sidecar}:probe` | string | a daemon checks that Redis takes writes again (10 s TTL) |
 
 A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
 max_attempts, updated_at, size_bytes, payload (until terminal), lease_id, lease_expires_at,
@@ -58,6 +59,7 @@ class RedisKeys:
     seq: str
     stats: str
     generation: str
+    probe: str
     request_prefix: str
 
     @classmethod
@@ -75,6 +77,7 @@ class RedisKeys:
             seq=tag + "seq",
             stats=tag + "stats",
             generation=tag + "generation",
+            probe=tag + "probe",
             request_prefix=tag + "req:",
         )
 

@@ -1,15 +1,16 @@
 -- enqueue.lua: store a batch of new requests (status queued); an existing queue_id is returned
 -- as it is, never stored twice, so a retried write or a repeated migration is harmless.
 -- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 n (requests in the batch); then six per request, starting at
---   5 + (i - 1) * 6: queue_id, priority, created_at, expires_at, max_attempts, payload
---   (opaque bytes, never decoded here).
+-- ARGV: 1-3 as in common.lua; 4 n (requests in the batch); then seven per request, starting at
+--   5 + (i - 1) * 7: queue_id, priority, created_at, expires_at, max_attempts, payload
+--   (opaque bytes, never decoded here), attempts (0 for a new request; the deliveries a
+--   request moved from the local queue already had).
 -- Returns: {0, items}; items[i] = {1, seq} when this call created request i, or {0, record}
 --   (HGETALL field/value pairs) when it already existed (a repeat inside the batch included).
 local n = tonumber(ARGV[4])
 local items = {}
 for i = 1, n do
-  local base = 5 + (i - 1) * 6
+  local base = 5 + (i - 1) * 7
   local id = ARGV[base]
   local r = load_live(id)
   if r then
@@ -22,7 +23,7 @@ for i = 1, n do
     local expires_at = tonumber(ARGV[base + 3])
     redis.call('HSET', key, 'queue_id', id, 'priority', ARGV[base + 1], 'seq', seq,
       'created_at', ARGV[base + 2], 'expires_at', ARGV[base + 3], 'status', 'queued',
-      'attempts', 0, 'max_attempts', ARGV[base + 4], 'updated_at', NOW_S,
+      'attempts', ARGV[base + 6], 'max_attempts', ARGV[base + 4], 'updated_at', NOW_S,
       'payload', payload, 'size_bytes', #payload)
     redis.call('ZADD', K_PENDING, string.format('%d', priority * SHIFT + seq), id)
     redis.call('ZADD', K_EXPIRY, ARGV[base + 3], id)

@@ -1,0 +1,371 @@
+"""ResilientQueue: Redis first; the local queue, inside the same call, when Redis cannot serve.
+
+Routing: with Redis up, new requests go to Redis. A BackendUnavailable from Redis marks it down
+at once (later calls do not wait for another timeout) and the same call is answered by the
+local queue. A probe with backoff notices recovery; the local backlog then moves to Redis in
+priority order, idempotently (Redis's enqueue ignores a queue_id it holds).
+
+Invariants kept here:
+- a request is pending in at most one store: the migration takes requests out of the local
+  queue before handing them to Redis; a batch whose hand-over failed stays in `_moving`
+  (findable, never dequeued) until Redis answers again, so it can never run twice;
+- an enqueue that timed out may still land in Redis later (a frozen server runs what it had
+  already received). Such queue_ids are remembered; on recovery the copy that nobody has
+  touched is dropped, so one request does not run once from each store;
+- settle ops find a request wherever it is: the moving batch, then the local queue, then Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import structlog
+
+from sidecar.errors import BackendUnavailable, InvalidState
+from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats
+from sidecar.queue.local import LocalQueue
+from sidecar.queue.redis import RedisQueue
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class ResilientQueue:
+    """Owns both stores; the server talks to it exactly as to a single store."""
+
+    name = "resilient"
+
+    def __init__(
+        self,
+        redis: RedisQueue,
+        local: LocalQueue,
+        *,
+        probe_initial_s: float = 0.1,
+        probe_max_s: float = 2.0,
+        migrate_batch: int = 100,
+    ) -> None:
+        self.redis = redis
+        self.local = local
+        self.probe_initial_s = probe_initial_s
+        self.probe_max_s = probe_max_s
+        self.migrate_batch = migrate_batch
+        self.redis_up = False
+        self.failovers = 0
+        self.recoveries = 0
+        self.moved = 0
+        self.data_lost: list[str] = []
+        self.down_reason: str | None = None
+        self._degraded_since: float | None = None
+        self._degraded_total = 0.0
+        # A batch taken out of the local queue whose hand-over to Redis has not succeeded yet.
+        self._moving: dict[str, QueuedRequest] = {}
+        # queue_ids answered locally after a Redis write timed out: the write may still land.
+        self._uncertain: set[str] = set()
+        self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._probe: asyncio.Task[None] | None = None
+        self._mover: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start both stores; with Redis unreachable, start on the local queue and probe."""
+        await self.local.start()
+        try:
+            await self.redis.start()
+        except BackendUnavailable as exc:
+            self._mark_down(exc, "start")
+        else:
+            self.redis_up = True
+            self._kick_mover()
+
+    async def close(self) -> None:
+        self._closing.set()
+        for task in (self._probe, self._mover):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.redis.close()
+        await self.local.close()
+
+    # -- routing ----------------------------------------------------------------------------------
+
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+        """Redis when it is up, else (or when it fails inside this call) the local queue."""
+        held = [self._held_here(r.queue_id) for r in requests]
+        if any(held):
+            # An id this daemon already holds locally is answered from there, never copied.
+            return await self.local.enqueue(requests)
+        if self.redis_up:
+            try:
+                return await self.redis.enqueue(requests)
+            except BackendUnavailable as exc:
+                self._mark_down(exc, "enqueue")
+                if exc.details.get("kind") == "timeout":
+                    self._uncertain.update(r.queue_id for r in requests)
+        return await self.local.enqueue(requests)
+
+    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+        """The local backlog first (it only exists because of an outage), then Redis."""
+        out = await self.local.dequeue(max_items, lease_s)
+        self._maybe_move()
+        if len(out) < max_items and self.redis_up:
+            try:
+                out += await self.redis.dequeue(max_items - len(out), lease_s)
+            except BackendUnavailable as exc:
+                self._mark_down(exc, "dequeue")
+        return out
+
+    async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
+        if self.local.holds(queue_id):
+            return await self.local.extend(queue_id, lease_id, lease_s)
+        return await self._on_redis(
+            lambda: self.redis.extend(queue_id, lease_id, lease_s), queue_id
+        )
+
+    async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
+        if self.local.holds(queue_id):
+            return await self.local.complete(queue_id, lease_id)
+        return await self._on_redis(lambda: self.redis.complete(queue_id, lease_id), queue_id)
+
+    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
+        if self.local.holds(queue_id):
+            return await self.local.fail(queue_id, lease_id, reason, retry)
+        return await self._on_redis(
+            lambda: self.redis.fail(queue_id, lease_id, reason, retry), queue_id
+        )
+
+    async def cancel(self, queue_id: str) -> QueuedRequest:
+        if queue_id in self._moving:
+            raise InvalidState(
+                f"request {queue_id} is being moved to Redis; cancel it again once Redis answers",
+                {"queue_id": queue_id, "status": "queued"},
+            )
+        if self.local.holds(queue_id):
+            return await self.local.cancel(queue_id)
+        return await self._on_redis(lambda: self.redis.cancel(queue_id), queue_id)
+
+    async def status(self, queue_id: str) -> QueuedRequest | None:
+        moving = self._moving.get(queue_id)
+        if moving is not None:
+            return moving
+        if self.local.holds(queue_id):
+            return await self.local.status(queue_id)
+        return await self._on_redis(lambda: self.redis.status(queue_id), queue_id)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        waits = [asyncio.ensure_future(self.local.wait_for_work(timeout))]
+        if self.redis_up:
+            waits.append(asyncio.ensure_future(self.redis.wait_for_work(timeout)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _on_redis(self, call: Callable[[], Awaitable[T]], queue_id: str) -> T:
+        """Run a call that only Redis can answer; BackendUnavailable while it is away."""
+        if not self.redis_up:
+            raise BackendUnavailable(
+                f"redis is unavailable and request {queue_id} is not in the local queue",
+                {"queue_id": queue_id, "kind": "down"},
+            )
+        try:
+            return await call()
+        except BackendUnavailable as exc:
+            self._mark_down(exc, "settle")
+            raise
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _held_here(self, queue_id: str) -> bool:
+        return queue_id in self._moving or self.local.holds(queue_id)
+
+    def _mark_down(self, exc: BackendUnavailable, op: str) -> None:
+        if not self.redis_up and self._probe is not None:
+            return
+        if self.redis_up:
+            self.failovers += 1
+        self.redis_up = False
+        self.down_reason = exc.message
+        self._degraded_since = time.monotonic()
+        log.warning("redis_down", op=op, error=exc.message, failovers=self.failovers)
+        self._notify_change()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate() holds, re-checking at each change of state (tests, bench)."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def backlog_moved(self) -> bool:
+        """Redis serves and nothing waits locally to move: the outage is fully over."""
+        return self.redis_up and not self._moving and not self.local.queued
+
+    def _mark_up(self) -> None:
+        self.redis_up = True
+        self.recoveries += 1
+        if self._degraded_since is not None:
+            self._degraded_total += time.monotonic() - self._degraded_since
+            self._degraded_since = None
+        self.down_reason = None
+        log.info("redis_recovered", recoveries=self.recoveries, local_backlog=self.local.queued)
+        self._kick_mover()
+        self._notify_change()
+
+    async def _probe_until_up(self) -> None:
+        """Probe Redis with backoff until it answers; then reconcile and hand back to Redis."""
+        delay = self.probe_initial_s
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+                return
+            try:
+                await self.redis.start()  # loads scripts when Redis was never reached
+                await self.redis.probe()
+                lost = await self.redis.check_generation()
+                if lost is not None:
+                    self._report_data_loss(lost)
+                await self._reconcile()
+            except BackendUnavailable:
+                delay = min(delay * 2, self.probe_max_s)
+                continue
+            self._mark_up()
+            return
+
+    def _report_data_loss(self, why: str) -> None:
+        message = f"redis came back without its data ({why}): requests it held are gone"
+        self.data_lost.append(message)
+        log.error("redis_data_lost", reason=why)
+
+    async def _reconcile(self) -> None:
+        """Settle which copy of each uncertain enqueue is the real one, before serving again."""
+        for queue_id in sorted(self._uncertain):
+            remote = await self.redis.status(queue_id)
+            if remote is not None:
+                if self.local.drop_queued(queue_id):
+                    log.info("duplicate_dropped", queue_id=queue_id, kept="redis")
+                elif await self.redis.discard_queued(queue_id):
+                    log.info("duplicate_dropped", queue_id=queue_id, kept="local")
+                else:
+                    # Both copies were handed out: at-least-once delivery covers this case.
+                    log.warning("duplicate_delivery_possible", queue_id=queue_id)
+            self._uncertain.discard(queue_id)
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def _kick_mover(self) -> None:
+        if self._mover is None or self._mover.done():
+            self._mover = asyncio.get_running_loop().create_task(self._move_backlog())
+
+    async def _move_backlog(self) -> None:
+        """Move the local backlog to Redis, a batch at a time, most urgent first."""
+        while self.redis_up and (self._moving or self.local.queued):
+            if not self._moving:
+                for rec in self.local.take_queued(self.migrate_batch):
+                    self._moving[rec.queue_id] = rec
+            batch = list(self._moving.values())
+            try:
+                results = await self.redis.enqueue(batch)
+            except BackendUnavailable as exc:
+                # The batch stays in _moving (findable, never dequeued) until Redis answers.
+                self._mark_down(exc, "migrate")
+                return
+            for res in results:
+                self._moving.pop(res.request.queue_id, None)
+            self.moved += sum(1 for r in results if r.created)
+            log.info("backlog_moved", count=len(batch), left=self.local.queued)
+            self._notify_change()
+
+    def _maybe_move(self) -> None:
+        """Restart the mover when requests became queued locally again with Redis up.
+
+        A local lease that lapses after recovery puts its request back in the local queue.
+        """
+        if self.redis_up and self.local.queued and (self._mover is None or self._mover.done()):
+            self._kick_mover()
+
+    # -- views ----------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return "redis" if self.redis_up else "local_fallback"
+
+    def degraded_s(self) -> float:
+        ongoing = 0.0 if self._degraded_since is None else time.monotonic() - self._degraded_since
+        return round(self._degraded_total + ongoing, 3)
+
+    async def stats(self) -> QueueStats:
+        """Both stores and their sum; the sum counts a moved request once (in Redis)."""
+        local = await self.local.stats()
+        stores = {"local": local}
+        warnings = list(self.data_lost)
+        remote: QueueStats | None = None
+        if self.redis_up:
+            try:
+                remote = await self.redis.stats()
+            except BackendUnavailable as exc:
+                self._mark_down(exc, "stats")
+        if remote is None:
+            warnings.append(f"redis unavailable ({self.down_reason}): its counts are missing")
+        else:
+            stores["redis"] = remote
+            warnings += remote.warnings
+        parts = [local, *([remote] if remote else [])]
+        moving = len(self._moving)
+        return QueueStats(
+            store=self.name,
+            mode=self.mode,
+            queued=sum(p.queued for p in parts) + moving,
+            processing=sum(p.processing for p in parts),
+            accepted=sum(p.accepted for p in parts) - local.moved_out + moving,
+            completed=sum(p.completed for p in parts),
+            failed=sum(p.failed for p in parts),
+            expired=sum(p.expired for p in parts),
+            items=sum(p.items for p in parts) + moving,
+            bytes=sum(p.bytes for p in parts),
+            max_items=local.max_items,
+            max_bytes=local.max_bytes,
+            usage=local.usage,
+            breaker_open=local.breaker_open,
+            rejections=local.rejections,
+            oldest_queued_age_s=max(
+                (p.oldest_queued_age_s for p in parts if p.oldest_queued_age_s is not None),
+                default=None,
+            ),
+            max_expired_age_s=max(
+                (p.max_expired_age_s for p in parts if p.max_expired_age_s is not None),
+                default=None,
+            ),
+            retained=sum(p.retained for p in parts),
+            retained_bytes=local.retained_bytes,
+            warnings=warnings,
+            stores=stores,
+            failovers=self.failovers,
+            recoveries=self.recoveries,
+            degraded_s=self.degraded_s(),
+            redis_data_lost=len(self.data_lost),
+        )
+
+    async def health(self) -> HealthReport:
+        """ok on Redis; degraded on the local fallback, after data loss, or when unsafe."""
+        reasons = list(self.data_lost)
+        if not self.redis_up:
+            reasons.insert(0, f"redis unavailable ({self.down_reason}); serving from local queue")
+        else:
+            reasons += self.redis.warnings
+        local = await self.local.health()
+        reasons += local.reasons
+        return HealthReport(status="degraded" if reasons else "ok", mode=self.mode, reasons=reasons)

@@ -1,0 +1,265 @@
+"""ResilientQueue against real redis-server processes that the tests kill, freeze and restart.
+
+In-process, so each fault is placed exactly; tests/test_failover.py does the same through the
+real daemon with concurrent producers and workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.errors import BackendUnavailable
+from sidecar.models import QueueStatus
+from sidecar.queue.local import LocalQueue
+from sidecar.queue.resilient import ResilientQueue
+from tests.helpers import make_request
+from tests.redis_server import RedisServer, redis_queue_for
+
+RECOVERY_TIMEOUT_S = 20.0
+REDIS_TIMEOUT_S = 0.3
+
+
+class Clock:
+    """The wall clock: Redis's own TTLs and the daemon's must agree in these tests."""
+
+    def __call__(self) -> float:
+        return time.time()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    # AOF on: a killed server comes back with what it had, like a production Redis.
+    with RedisServer(appendonly=True) as s:
+        yield s
+
+
+def build(server: RedisServer, **local_limits: int) -> ResilientQueue:
+    clock = Clock()
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    local = LocalQueue(
+        max_items=local_limits.get("max_items", 10_000),
+        max_bytes=10**9,
+        high_watermark=0.8,
+        low_watermark=0.6,
+        retention_s=600,
+        clock=clock,
+    )
+    return ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+
+
+@pytest.fixture
+async def queue(server: RedisServer) -> AsyncIterator[ResilientQueue]:
+    q = build(server)
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+async def test_killed_redis_fails_over_inside_the_call_and_moves_back(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    clock = Clock()
+    before = [make_request(clock, i, priority=5, queue_id=f"r{i}") for i in range(5)]
+    await queue.enqueue(before)
+    server.kill()
+    during = [make_request(clock, i, priority=i % 3, queue_id=f"l{i}") for i in range(10)]
+    results = await queue.enqueue(during)  # the same call: Redis refuses, the local queue takes it
+    assert all(r.created for r in results)
+    assert queue.mode == "local_fallback" and queue.failovers == 1
+    health = await queue.health()
+    assert health.status == "degraded" and "redis unavailable" in health.reasons[0]
+    st = await queue.status("l3")
+    assert st is not None and st.status is QueueStatus.QUEUED
+    with pytest.raises(BackendUnavailable):
+        await queue.status("r0")  # held by Redis, which is away
+
+    server.restart()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    assert queue.recoveries == 1 and queue.moved == 10
+    assert (await queue.health()).status == "ok"
+    jobs = await queue.dequeue(100, 30)
+    # One order over both sets: priority first, then arrival (the moved ones arrived later).
+    assert [j.queue_id for j in jobs] == [
+        *(f"l{i}" for i in (0, 3, 6, 9)),
+        *(f"l{i}" for i in (1, 4, 7)),
+        *(f"l{i}" for i in (2, 5, 8)),
+        *(f"r{i}" for i in range(5)),
+    ]
+    stats = await queue.stats()
+    assert stats.accepted == 15 and stats.processing == 15 and stats.balanced, stats
+
+
+async def test_moved_requests_keep_their_metadata(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    clock = Clock()
+    server.kill()
+    req = make_request(clock, {"keep": "me"}, priority=2, ttl_s=900, max_attempts=4)
+    await queue.enqueue([req])
+    [job] = await queue.dequeue(1, 30)
+    assert job.lease_id is not None
+    await queue.fail(job.queue_id, job.lease_id, "provider down", retry=True)  # attempts = 1
+    server.restart()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    moved = await queue.redis.status(req.queue_id)
+    assert moved is not None
+    assert (moved.priority, moved.attempts, moved.max_attempts) == (2, 1, 4)
+    assert moved.created_at == pytest.approx(req.created_at)
+    assert moved.expires_at == pytest.approx(req.expires_at)
+    assert moved.payload == req.payload
+
+
+async def test_redis_down_at_start_serves_locally_then_recovers(server: RedisServer) -> None:
+    server.stop()
+    q = build(server)
+    await q.start()
+    try:
+        assert q.mode == "local_fallback"
+        [res] = await q.enqueue([make_request(Clock(), "early", queue_id="early")])
+        assert res.created
+        server.start()
+        await q.wait_until(q.backlog_moved, RECOVERY_TIMEOUT_S)
+        remote = await q.redis.status("early")
+        assert remote is not None and remote.status is QueueStatus.QUEUED
+    finally:
+        await q.close()
+
+
+async def test_leased_locally_stays_settleable_after_recovery(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    server.kill()
+    await queue.enqueue([make_request(Clock(), queue_id="leased")])
+    [job] = await queue.dequeue(1, 30)
+    server.restart()
+    await queue.wait_until(lambda: queue.redis_up, RECOVERY_TIMEOUT_S)
+    assert job.lease_id is not None
+    ext = await queue.extend(job.queue_id, job.lease_id, 60)
+    assert ext.status is QueueStatus.PROCESSING
+    done = await queue.complete(job.queue_id, job.lease_id)
+    assert done.status is QueueStatus.COMPLETED
+    assert (await queue.stats()).balanced
+
+
+async def test_frozen_redis_times_out_into_local_and_keeps_one_copy(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    """A frozen server runs the write it already received once it thaws: one copy must win."""
+    server.pause()
+    started = time.monotonic()
+    [res] = await queue.enqueue([make_request(Clock(), "frozen", queue_id="frozen-1")])
+    assert res.created and queue.mode == "local_fallback"
+    assert time.monotonic() - started < 5 * REDIS_TIMEOUT_S + 2
+    # Once Redis is marked down, the next call does not wait for another timeout.
+    started = time.monotonic()
+    await queue.enqueue([make_request(Clock(), queue_id="frozen-2")])
+    assert time.monotonic() - started < REDIS_TIMEOUT_S
+    server.resume()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    jobs = await queue.dequeue(10, 30)
+    assert sorted(j.queue_id for j in jobs) == ["frozen-1", "frozen-2"]
+    assert await queue.dequeue(10, 30) == []
+    stats = await queue.stats()
+    assert stats.accepted == 2 and stats.balanced, stats
+
+
+async def test_frozen_copy_handed_out_locally_is_the_one_kept(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    server.pause()
+    await queue.enqueue([make_request(Clock(), queue_id="taken")])
+    [job] = await queue.dequeue(1, 30)  # served from the local queue during the outage
+    server.resume()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    assert await queue.dequeue(10, 30) == []  # a thawed Redis copy was discarded
+    assert job.lease_id is not None
+    await queue.complete(job.queue_id, job.lease_id)
+    stats = await queue.stats()
+    assert stats.completed == 1 and stats.balanced, stats
+
+
+async def test_redis_restarted_empty_is_reported(queue: ResilientQueue) -> None:
+    with RedisServer(appendonly=False) as volatile:
+        q = build(volatile)
+        await q.start()
+        try:
+            await q.enqueue([make_request(Clock(), queue_id=f"gone-{i}") for i in range(3)])
+            volatile.kill()
+            await q.enqueue([make_request(Clock(), queue_id="kept")])
+            volatile.restart()  # no persistence: it comes back empty
+            await q.wait_until(q.backlog_moved, RECOVERY_TIMEOUT_S)
+            assert q.data_lost and "generation marker missing" in q.data_lost[0]
+            health = await q.health()
+            assert health.status == "degraded"
+            assert any("without its data" in r for r in health.reasons)
+            stats = await q.stats()
+            assert stats.redis_data_lost == 1
+            assert await q.status("kept") is not None
+        finally:
+            await q.close()
+
+
+@pytest.mark.parametrize("fault", ["oom", "readonly"])
+async def test_redis_refusing_writes_routes_to_local(
+    server: RedisServer, queue: ResilientQueue, fault: str
+) -> None:
+    admin = await _admin(server)
+    try:
+        if fault == "oom":
+            await admin.config_set("maxmemory", "1")
+        else:
+            await admin.replicaof("127.0.0.1", 1)  # nobody listens there
+        [res] = await queue.enqueue([make_request(Clock(), queue_id=f"refused-{fault}")])
+        assert res.created and queue.mode == "local_fallback"
+        if fault == "oom":
+            await admin.config_set("maxmemory", "0")
+        else:
+            await admin.replicaof("NO", "ONE")
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+        remote = await queue.redis.status(f"refused-{fault}")
+        assert remote is not None and remote.status is QueueStatus.QUEUED
+    finally:
+        await admin.aclose()
+
+
+async def test_move_back_interrupted_by_a_second_failure(server: RedisServer) -> None:
+    q = build(server)
+    q.migrate_batch = 7
+    await q.start()
+    try:
+        server.kill()
+        ids = [f"m{i}" for i in range(200)]
+        await q.enqueue([make_request(Clock(), i, queue_id=i) for i in ids])
+        server.restart()
+        await q.wait_until(lambda: q.moved > 0, RECOVERY_TIMEOUT_S)
+        server.kill()  # mid-move: some batches moved, maybe one in flight, the rest local
+        statuses = [await _status_or_none(q, i) for i in ids]
+        assert q.mode == "local_fallback"
+        server.restart()
+        await q.wait_until(q.backlog_moved, RECOVERY_TIMEOUT_S)
+        got = []
+        while batch := await q.dequeue(50, 30):
+            got += [j.queue_id for j in batch]
+        assert sorted(got) == sorted(ids), "lost or duplicated in the move"
+        assert all(s in (None, QueueStatus.QUEUED) for s in statuses)
+        assert (await q.stats()).balanced
+    finally:
+        await q.close()
+
+
+async def _status_or_none(q: ResilientQueue, queue_id: str) -> QueueStatus | None:
+    try:
+        rec = await q.status(queue_id)
+    except BackendUnavailable:
+        return None  # moved to Redis before it went away again
+    return None if rec is None else rec.status
+
+
+async def _admin(server: RedisServer) -> Redis:
+    return Redis.from_url(server.url)
