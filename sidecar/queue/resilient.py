@@ -47,6 +47,7 @@ class ResilientQueue:
         *,
         probe_initial_s: float = 0.1,
         probe_max_s: float = 2.0,
+        watch_interval_s: float = 1.0,
         migrate_batch: int = 100,
     ) -> None:
         self.redis = redis
@@ -54,6 +55,7 @@ class ResilientQueue:
         self.probe_initial_s = probe_initial_s
         self.probe_max_s = probe_max_s
         self.migrate_batch = migrate_batch
+        self.watch_interval_s = watch_interval_s
         self.redis_up = False
         self.failovers = 0
         self.recoveries = 0
@@ -70,6 +72,7 @@ class ResilientQueue:
         self._closing = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -83,10 +86,11 @@ class ResilientQueue:
         else:
             self.redis_up = True
             self._kick_mover()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
         self._closing.set()
-        for task in (self._probe, self._mover):
+        for task in (self._probe, self._mover, self._watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -245,10 +249,31 @@ class ResilientQueue:
             self._mark_up()
             return
 
+    async def _watch(self) -> None:
+        """While Redis serves, check its generation marker every interval.
+
+        A Redis that restarts quickly never fails a call (the client reconnects), so only the
+        marker shows that it came back without its data; the check also notices an idle outage.
+        """
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.watch_interval_s)
+                return
+            if not self.redis_up:
+                continue  # the probe is in charge until Redis answers again
+            try:
+                lost = await self.redis.check_generation()
+            except BackendUnavailable as exc:
+                self._mark_down(exc, "watch")
+                continue
+            if lost is not None:
+                self._report_data_loss(lost)
+
     def _report_data_loss(self, why: str) -> None:
         message = f"redis came back without its data ({why}): requests it held are gone"
         self.data_lost.append(message)
         log.error("redis_data_lost", reason=why)
+        self._notify_change()
 
     async def _reconcile(self) -> None:
         """Settle which copy of each uncertain enqueue is the real one, before serving again."""
