@@ -54,6 +54,7 @@ from sidecar.protocol import (
     RequestInfo,
     Stats,
     Status,
+    append_frame,
     encode_frame,
 )
 
@@ -68,6 +69,8 @@ _CLIENT_MAX_FRAME = MAX_FRAME_LIMIT
 _CONNECTION_ERRORS = frozenset(
     cls.code for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown)
 )
+# Past this many unsent bytes in the transport, a call waits for the daemon to read.
+_WRITE_HIGH_BYTES = 1 << 20
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -134,6 +137,8 @@ class AsyncClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_error: SidecarError | None = None
+        self._outbox = bytearray()
+        self._flush_scheduled = False
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
@@ -225,12 +230,19 @@ class AsyncClient:
             raise self._closed_error
         assert self._writer is not None
         req.id = next(self._ids)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._pending[req.id] = fut
-        self._writer.write(encode_frame(req))
+        # Frames from every task that calls in this loop iteration leave in one write.
+        append_frame(self._outbox, req)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_outbox)
         try:
-            await self._writer.drain()
-            reply = await asyncio.wait_for(fut, self.timeout_s + extra_timeout_s)
+            if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
+                await self._writer.drain()  # the daemon reads slower than we write: wait
+            async with asyncio.timeout(self.timeout_s + extra_timeout_s):
+                reply = await fut
         except TimeoutError as exc:
             raise SidecarUnavailable(f"no reply from the sidecar within {self.timeout_s}s") from exc
         except OSError as exc:
@@ -239,6 +251,12 @@ class AsyncClient:
             self._pending.pop(req.id, None)
         _raise_for(reply)
         return _decode_result(reply, result_type)
+
+    def _flush_outbox(self) -> None:
+        self._flush_scheduled = False
+        if self._outbox and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(self._outbox)
+            self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         frames = FrameReader(_CLIENT_MAX_FRAME)

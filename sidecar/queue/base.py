@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
-import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -86,9 +87,16 @@ class QueueRepository(Protocol):
 QueueManager = QueueRepository
 
 
+# 80 random bits per process, then a 48-bit counter: unique across hosts and restarts like a
+# UUID4, without a getrandom syscall and a UUID object on every enqueue (9% of the daemon's
+# time in the enqueue bench). Guessable within a process, which is fine: the socket is 0660.
+_ID_PREFIX = os.urandom(10).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def new_queue_id() -> str:
-    """A fresh queue_id: a random UUID4 in its 32-hex-digit form."""
-    return uuid.uuid4().hex
+    """A fresh queue_id: 32 hex digits, unique without coordination."""
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def new_lease_id() -> str:
