@@ -56,6 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.environment, settings.log_level)
     try:
         serve(settings)
+    except ConfigError as err:  # found while building the daemon (an unreadable password file)
+        print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except StartupError as err:
         print(f"sidecar: cannot start: {err}", file=sys.stderr)
         return EXIT_ERROR

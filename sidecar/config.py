@@ -109,19 +109,25 @@ class Settings:
         return cls(**values)
 
     def redacted_redis_url(self) -> str | None:
-        """The Redis URL with any password replaced, safe for logs and health output."""
+        """The Redis URL with any password (user part or query) replaced, safe for logs."""
         if self.redis_url is None:
             return None
-        from urllib.parse import urlsplit, urlunsplit
+        from urllib.parse import parse_qsl, urlencode, urlsplit
 
         parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            netloc = f"{parts.username or ''}:***@{host}"
+        query = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
+        url = f"{parts.scheme}://{netloc}{parts.path}"
+        return f"{url}?{urlencode(query, safe='*')}" if query else url
 
 
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[

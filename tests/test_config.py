@@ -50,6 +50,15 @@ def test_values_are_parsed() -> None:
     assert s.redacted_redis_url() == "redis://:***@localhost:6379/0"
 
 
+def test_redis_passwords_are_redacted_in_every_url_form() -> None:
+    for url, shown in [
+        ("redis://user:pw@host:6379/0", "redis://user:***@host:6379/0"),
+        ("unix:///run/r.sock?password=pw&db=1", "unix:///run/r.sock?password=***&db=1"),
+        ("rediss://host:6380", "rediss://host:6380"),
+    ]:
+        assert Settings(redis_url=url).redacted_redis_url() == shown
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

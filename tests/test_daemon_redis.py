@@ -324,15 +324,7 @@ SECRET = "s3cret-pw"
     [
         "url_userinfo",
         "password_file",
-        pytest.param(
-            "url_query",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Settings.redacted_redis_url only redacts the userinfo password; "
-                "redis-py also takes ?password= (unix:///path?password=...), which is logged "
-                "verbatim in the `serving` and `redis_queue_started` events",
-            ),
-        ),
+        "url_query",
     ],
 )
 def test_redis_credentials_never_reach_the_logs(how: str) -> None:
@@ -364,11 +356,6 @@ def test_redis_credentials_never_reach_the_logs(how: str) -> None:
         assert [line for line in d.stderr_lines if SECRET in line] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an unreadable REDIS_PASSWORD_FILE raises ConfigError inside build_queue, which "
-    "`sidecar serve` does not catch: a traceback and exit 1, not exit 2 with one line",
-)
 def test_unreadable_password_file_is_a_configuration_error() -> None:
     with short_tmpdir() as tmp:
         sock = str(tmp / "s.sock")

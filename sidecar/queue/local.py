@@ -14,7 +14,7 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -151,14 +151,7 @@ class LocalQueue:
         """Lease the most urgent queued requests, skipping any that expired."""
         now = self._tick()
         out: list[QueuedRequest] = []
-        while self._ready and len(out) < max_items:
-            _, seq, qid = heapq.heappop(self._ready)
-            rec = self._records.get(qid)
-            if rec is None or rec.status is not QueueStatus.QUEUED or rec.seq != seq:
-                continue
-            if rec.expires_at <= now:
-                self._to_expired(rec, now)
-                continue
+        for rec in self._pop_ready(max_items, now):
             self._to_processing(rec, now, lease_s)
             out.append(msgspec.structs.replace(rec))
         return out
@@ -280,18 +273,9 @@ class LocalQueue:
         They leave this queue entirely (no retained record): the receiving store answers for
         them from now on. Expired ones are expired here instead of being moved.
         """
-        now = self._tick()
-        out: list[QueuedRequest] = []
-        while self._ready and len(out) < max_items:
-            _, seq, qid = heapq.heappop(self._ready)
-            rec = self._records.get(qid)
-            if rec is None or rec.status is not QueueStatus.QUEUED or rec.seq != seq:
-                continue
-            if rec.expires_at <= now:
-                self._to_expired(rec, now)
-                continue
+        out = list(self._pop_ready(max_items, self._tick()))
+        for rec in out:
             self._to_moved_out(rec)
-            out.append(rec)
         return out
 
     def drop_queued(self, queue_id: str) -> bool:
@@ -457,6 +441,23 @@ class LocalQueue:
         heapq.heapify(self._expiry)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _pop_ready(self, max_items: int, now: float) -> Iterator[QueuedRequest]:
+        """Pop up to max_items live queued requests, most urgent first; expire the stale ones.
+
+        The caller moves each one out of the queued state before asking for the next.
+        """
+        taken = 0
+        while self._ready and taken < max_items:
+            _, seq, qid = heapq.heappop(self._ready)
+            rec = self._records.get(qid)
+            if rec is None or rec.status is not QueueStatus.QUEUED or rec.seq != seq:
+                continue
+            if rec.expires_at <= now:
+                self._to_expired(rec, now)
+                continue
+            taken += 1
+            yield rec
 
     def _push_ready(self, rec: QueuedRequest) -> None:
         heapq.heappush(self._ready, (rec.priority, rec.seq, rec.queue_id))
