@@ -104,8 +104,11 @@ class ResilientQueue:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
         held = [self._held_here(r.queue_id) for r in requests]
         if any(held):
-            # An id this daemon already holds locally is answered from there, never copied.
-            return await self.local.enqueue(requests)
+            # An id this daemon already holds locally is answered from there, never copied;
+            # new ones in the same batch go with it (all or none), and move to Redis later.
+            results = await self.local.enqueue(requests)
+            self._maybe_move()
+            return results
         if self.redis_up:
             try:
                 return await self.redis.enqueue(requests)
