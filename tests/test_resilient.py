@@ -263,3 +263,23 @@ async def _status_or_none(q: ResilientQueue, queue_id: str) -> QueueStatus | Non
 
 async def _admin(server: RedisServer) -> Redis:
     return Redis.from_url(server.url)
+
+
+async def test_batch_with_a_locally_held_id_is_answered_once_and_moves_on(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    server.kill()
+    [held] = await queue.enqueue([make_request(Clock(), "old", queue_id="held")])
+    [job] = await queue.dequeue(1, 30)  # leased locally: it stays local until settled
+    server.restart()
+    await queue.wait_until(lambda: queue.redis_up, RECOVERY_TIMEOUT_S)
+    again, new = await queue.enqueue(
+        [make_request(Clock(), "copy", queue_id="held"), make_request(Clock(), queue_id="new")]
+    )
+    assert not again.created and again.request.status is QueueStatus.PROCESSING
+    assert new.created
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    remote = await queue.redis.status("new")
+    assert remote is not None and remote.status is QueueStatus.QUEUED
+    assert await queue.redis.status("held") is None
+    assert held.created and job.queue_id == "held"
