@@ -1,6 +1,8 @@
 """Run the benchmarks and print the daemon's numbers beside its ceilings', as ratios.
 
-Usage (from the repository root): `.venv/bin/python -m bench.run [--quick] [--ops N]`.
+Usage (from the repository root): `.venv/bin/python -m bench.run [--quick] [--mode a,b]`.
+Sections, in order: local, redis (ratio tables, here), growth (growth.py), failover
+(failover.py); see README.md.
 
 Each mode starts the daemon and its ceiling as processes of their own (the load generator is a
 third), then runs every workload against both, alternating slices of it between them. Absolute
@@ -21,10 +23,15 @@ from pathlib import Path
 
 import uvloop
 
+from bench.failover import add_failover_args, quick_failover, run_failover
+from bench.growth import add_growth_args, quick_growth, run_growth
 from bench.lean import LeanSession
 from bench.measure import Measurement, Workload, combine, compare, dequeue_complete, enqueue
+from bench.redis_ceiling import RedisCeiling
+from bench.redis_server import redis_running, redis_socket
 from bench.servers import ServerSpec, daemon_spec, echo_spec, running
 from bench.sessions import SessionFactory, SidecarSession
+from bench.tables import markdown_table, note, print_section
 
 DEFAULT_OPS = 20_000
 QUICK_OPS = 300
@@ -46,6 +53,8 @@ class Mode:
     ceiling_name: str
     ceiling: TargetStarter
     workloads: Sequence[Workload] = field(default_factory=tuple)
+    # Started before both targets and stopped after them (the Redis mode's redis-server).
+    backend: Callable[[Path], contextlib.AbstractContextManager[object]] | None = None
 
 
 # The clients of the sidecar protocol the load generator can drive a server with.
@@ -81,6 +90,27 @@ def echo_target(client: str) -> TargetStarter:
     return start
 
 
+def redis_backend(folder: Path) -> contextlib.AbstractContextManager[object]:
+    """The redis-server both targets of the Redis mode use (the same data, the same size)."""
+    return redis_running(redis_socket(folder))
+
+
+def redis_daemon_target(client: str) -> TargetStarter:
+    """The daemon on the mode's redis-server (REDIS_URL set: ResilientQueue over Redis)."""
+
+    def start(folder: Path) -> contextlib.AbstractContextManager[SessionFactory]:
+        env = {**QUEUE_ROOM, "REDIS_URL": f"unix://{redis_socket(folder)}"}
+        return sidecar_target(env, client)(folder)
+
+    return start
+
+
+@contextlib.contextmanager
+def redis_ceiling_target(folder: Path) -> Iterator[SessionFactory]:
+    """Raw redis-py running the daemon's scripts on the mode's redis-server."""
+    yield RedisCeiling(f"unix://{redis_socket(folder)}").factory()
+
+
 def standard_workloads(in_flight: int, connections: int) -> list[Workload]:
     """Enqueue, and dequeue+complete, with one request in flight and with many."""
     return [
@@ -95,17 +125,17 @@ def modes(args: argparse.Namespace) -> list[Mode]:
     """Every mode the bench knows; a new one is a daemon environment and a ceiling."""
     workloads = standard_workloads(args.in_flight, args.connections)
     local_env = {**QUEUE_ROOM, "REDIS_URL": None}
-    return [
-        Mode(
-            "local",
-            client,
-            sidecar_target(local_env, client),
-            "echo",
-            echo_target(client),
-            workloads,
-        )
+    local = [
+        Mode("local", client, sidecar_target(local_env, client), "echo", echo_target(client),
+             workloads)
         for client in args.client
-    ]
+    ]  # fmt: skip
+    redis = [
+        Mode("redis", client, redis_daemon_target(client), "redis-py", redis_ceiling_target,
+             workloads, backend=redis_backend)
+        for client in args.client
+    ]  # fmt: skip
+    return local + redis
 
 
 # -- running and reporting -------------------------------------------------------------------
@@ -138,7 +168,7 @@ async def run_mode(
             [ceiling, daemon], workload, args.ops, args.warmup, args.slices
         )
         rows.append(row)
-        print(f"  {workload.label}: ratio {row.ratio:.2f}", file=sys.stderr)
+        note(f"  {workload.label}: ratio {row.ratio:.2f}")
     return rows
 
 
@@ -146,10 +176,9 @@ def run_all(selected: Sequence[Mode], args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for mode in selected:
         with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp, contextlib.ExitStack() as st:
-            print(
-                f"{mode.name}/{mode.client}: starting the daemon and {mode.ceiling_name}",
-                file=sys.stderr,
-            )
+            note(f"{mode.name}/{mode.client}: starting the daemon and {mode.ceiling_name}")
+            if mode.backend is not None:
+                st.enter_context(mode.backend(Path(tmp)))
             daemon = st.enter_context(mode.daemon(Path(tmp)))
             ceiling = st.enter_context(mode.ceiling(Path(tmp)))
             rows += uvloop.run(run_mode(mode, daemon, ceiling, args))
@@ -194,13 +223,21 @@ def format_table(rows: Sequence[Row]) -> str:
                 ceiling_lat,
             )
         )
-    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    return markdown_table(head, body)
 
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), rule, *(line(b) for b in body)])
+SECTIONS = ("local", "redis", "growth", "failover")
+
+
+def _sections(values: Sequence[str] | None) -> list[str]:
+    """--mode values (repeatable, each a comma list) in the run's fixed order."""
+    picked = {v.strip() for value in values or [] for v in value.split(",") if v.strip()}
+    unknown = picked - set(SECTIONS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}"
+        )
+    return [s for s in SECTIONS if not picked or s in picked]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -213,12 +250,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-flight", type=int, default=64, help="concurrency of the 'many' rows")
     p.add_argument("--connections", type=int, default=8, help="connections the 'many' share")
     p.add_argument("--client", action="append", choices=sorted(CLIENTS), help="default: all")
-    p.add_argument("--mode", action="append", help="run only this mode (repeatable)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a second or two")
+    p.add_argument(
+        "--mode", action="append", help=f"sections to run, comma-separated: {','.join(SECTIONS)}"
+    )
+    add_growth_args(p)
+    add_failover_args(p)
+    p.add_argument("--quick", action="store_true", help="a smoke run of every section")
     args = p.parse_args(argv)
+    try:
+        args.sections = _sections(args.mode)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
     args.client = args.client or list(CLIENTS)
     if args.quick:
         args.ops, args.slices = QUICK_OPS, 2
+        quick_growth(args)
+        quick_failover(args)
     if args.warmup is None:
         args.warmup = args.ops // 10
     if min(args.ops, args.slices, args.in_flight, args.connections) < 1:
@@ -232,13 +279,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    known = modes(args)
-    selected = [m for m in known if not args.mode or m.name in args.mode]
-    if not selected:
-        print(f"no such mode; known: {', '.join(m.name for m in known)}", file=sys.stderr)
-        return 2
-    rows = run_all(selected, args)
-    print(format_table(rows))
+    for section in args.sections:
+        if section in ("local", "redis"):
+            selected = [m for m in modes(args) if m.name == section]
+            print_section(
+                f"{section}: the daemon beside its ceiling", format_table(run_all(selected, args))
+            )
+        elif section == "growth":
+            print_section("growth: throughput with a backlog queued in Redis", run_growth(args))
+        else:
+            for title, table in run_failover(args):
+                print_section(title, table)
     return 0
 
 

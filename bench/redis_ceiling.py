@@ -1,0 +1,192 @@
+"""The ceiling for the Redis mode: raw redis-py doing the daemon's Redis work, nothing else.
+
+Each operation is the EVALSHA the daemon's RedisQueue sends for it, of the same script
+(sidecar.queue.redis_keys SCRIPTS / SCRIPT_SHAS) with the same KEYS and ARGV shape: `enqueue`
+of one request; `dequeue` of one, then `complete` of it. The client is built by the daemon's
+own `redis_client` (hiredis parser, the same timeouts, retry and options), and concurrent
+calls of one loop pass go out in one pipeline, as the daemon's coalescer sends them: many
+tasks sharing one connection's round trips is the fastest way redis-py does this work (see
+README.md for the alternative measured: one command per task over the connection pool).
+
+The sessions of one target share one client and one batch, as every connection to the daemon
+shares its one RedisQueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from bench.payload import llm_request
+from bench.sessions import EmptyQueue, Session, SessionFactory
+from sidecar.config import Settings
+from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX
+from sidecar.queue.redis import redis_client
+from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
+
+Arg = str | bytes | int | float
+# The daemon's defaults: request TTL 4 h, retention 24 h, 3 attempts, lease 60 s, sweep 500.
+_SETTINGS = Settings()
+TTL_S = _SETTINGS.request_ttl_s
+RETENTION_S = _SETTINGS.retention_s
+MAX_ATTEMPTS = _SETTINGS.queue_max_attempts
+LEASE_S = _SETTINGS.queue_lease_s
+SWEEP_LIMIT = 500
+KEYS = RedisKeys.for_prefix(_SETTINGS.redis_key_prefix)
+SCRIPT_KEYS = KEYS.script_keys()
+# Items per enqueue-script call when filling a backlog, and calls per pipeline.
+BACKLOG_BATCH = 1000
+BACKLOG_CALLS_PER_PIPELINE = 4
+
+
+def client_for(url: str, timeout_s: float = 1.0) -> Redis:
+    """A redis.asyncio client built exactly as the daemon builds its own."""
+    settings = Settings(redis_url=url, redis_connect_timeout_s=timeout_s, redis_timeout_s=timeout_s)
+    return redis_client(settings)
+
+
+def enqueue_args(payloads: Sequence[bytes], priority: int = PRIORITY_DEFAULT) -> list[Arg]:
+    """ARGV of the enqueue script for new requests, as RedisQueue.enqueue builds it."""
+    now = time.time()
+    args: list[Arg] = [KEYS.request_prefix, now, RETENTION_S, len(payloads)]
+    for payload in payloads:
+        args += [uuid.uuid4().hex, priority, now, now + TTL_S, MAX_ATTEMPTS, payload, 0]
+    return args
+
+
+async def load_scripts(client: Redis) -> None:
+    for source in SCRIPTS.values():
+        await client.script_load(source)
+
+
+class Coalescer:
+    """Script calls made in one loop pass share one pipeline (RedisQueue._call, in small)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.batch: list[tuple[str, Sequence[Arg], asyncio.Future[Any]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: str, args: Sequence[Arg]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self.batch.append((SCRIPT_SHAS[script], args, fut))
+        if len(self.batch) == 1:
+            task = loop.create_task(self._flush())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return await fut
+
+    async def _flush(self) -> None:
+        batch, self.batch = self.batch, []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sha, args, _ in batch:
+                    pipe.evalsha(sha, len(SCRIPT_KEYS), *SCRIPT_KEYS, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, _, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+
+class RedisCeiling:
+    """One target: a client and a coalescer, opened by the first session, closed by the last."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.coalescer: Coalescer | None = None
+        self.open_sessions = 0
+
+    def factory(self) -> SessionFactory:
+        async def connect() -> Session:
+            if self.coalescer is None:
+                client = client_for(self.url)
+                await load_scripts(client)
+                self.coalescer = Coalescer(client)
+            self.open_sessions += 1
+            return RedisSession(self, self.coalescer)
+
+        return connect
+
+    async def release(self) -> None:
+        self.open_sessions -= 1
+        if self.open_sessions == 0 and self.coalescer is not None:
+            coalescer, self.coalescer = self.coalescer, None
+            if coalescer.tasks:
+                await asyncio.gather(*coalescer.tasks, return_exceptions=True)
+            await coalescer.client.aclose()
+
+
+class RedisSession:
+    """The bench's unit operations as the daemon's Redis calls."""
+
+    def __init__(self, owner: RedisCeiling, coalescer: Coalescer) -> None:
+        self.owner = owner
+        self.coalescer = coalescer
+        self.payload = msgspec.msgpack.encode(llm_request())
+        self.closed = False
+
+    async def enqueue(self) -> None:
+        await self.coalescer.call("enqueue", enqueue_args([self.payload]))
+
+    async def dequeue_complete(self) -> None:
+        now = time.time()
+        lease_id = uuid.uuid4().hex
+        args: list[Arg] = [KEYS.request_prefix, now, RETENTION_S, now + LEASE_S, SWEEP_LIMIT]
+        args.append(lease_id)
+        reply = await self.coalescer.call("dequeue", args)
+        if not reply[1]:
+            raise EmptyQueue("dequeue found no request")
+        pairs = reply[1][0]
+        fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        queue_id = fields[b"queue_id"]
+        done: list[Arg] = [KEYS.request_prefix, time.time(), RETENTION_S, queue_id, lease_id]
+        await self.coalescer.call("complete", done)
+
+    async def prefill(self, count: int) -> None:
+        await fill_backlog(self.coalescer.client, count, self.payload, PRIORITY_DEFAULT)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.owner.release()
+
+
+async def fill_backlog(
+    client: Redis, count: int, payload: bytes, priority: int = PRIORITY_MAX
+) -> None:
+    """Queue count requests with the enqueue script, BACKLOG_BATCH per call, untimed.
+
+    The default priority sorts after everything the timed rows queue, so a dequeue row takes
+    its own requests and the backlog only makes the sorted sets deep.
+    """
+    while count > 0:
+        async with client.pipeline(transaction=False) as pipe:
+            for _ in range(BACKLOG_CALLS_PER_PIPELINE):
+                n = min(count, BACKLOG_BATCH)
+                if n == 0:
+                    break
+                args = enqueue_args([payload] * n, priority)
+                pipe.evalsha(SCRIPT_SHAS["enqueue"], len(SCRIPT_KEYS), *SCRIPT_KEYS, *args)
+                count -= n
+            await pipe.execute()
+
+
+async def queued_in_redis(client: Redis) -> int:
+    """Requests waiting in Redis (the pending sorted set's size)."""
+    return int(await client.zcard(KEYS.pending))
