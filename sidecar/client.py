@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 
 from sidecar.config import default_socket_path
 from sidecar.errors import (
@@ -59,6 +60,7 @@ from sidecar.protocol import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("sidecar.client")
 
 CONNECT_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
@@ -155,6 +157,14 @@ class AsyncClient:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
         return self
 
+    async def _drop_connection(self) -> None:
+        writer, self._writer, self._closed_error = self._writer, None, None
+        self._outbox = bytearray()
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -224,10 +234,12 @@ class AsyncClient:
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _call(self, req: Request, result_type: type[T], extra_timeout_s: float = 0) -> T:
+        if self._closed_error is not None:
+            # The connection ended (the daemon restarted, say): the next call reconnects,
+            # and fails fast with SidecarUnavailable if the daemon is still away.
+            await self._drop_connection()
         if self._writer is None:
             await self.connect()
-        if self._closed_error is not None:
-            raise self._closed_error
         assert self._writer is not None
         req.id = next(self._ids)
         loop = asyncio.get_running_loop()
@@ -433,26 +445,38 @@ async def run_worker(
     """Take requests and run handler on each, extending the lease while it runs.
 
     A handler that returns completes the request; one that raises fails it with a retry
-    (PermanentFailure: without). Runs until `stop` is set; its own connection per worker.
+    (PermanentFailure: without). Runs until `stop` is set. Long-polling dequeues use their own
+    connection: on a shared one, replies come in order, so every extend and complete would
+    wait behind the poll and leases could lapse under a running handler.
     """
     stop = stop or asyncio.Event()
-    async with AsyncClient(path) as client:
-        hello = await client.hello()
+    async with AsyncClient(path) as poller, AsyncClient(path) as settler:
+        hello = await poller.hello()
         lease = lease_s or hello.limits.default_lease_s
         slots = asyncio.Semaphore(concurrency)
         running: set[asyncio.Task[None]] = set()
+        backoff = 0.05
         while not stop.is_set():
-            await slots.acquire()
+            await slots.acquire()  # a free slot first: a job taken is always run at once
             try:
-                jobs = await client.dequeue(1, lease_s=lease, wait_s=wait_s)
+                jobs = await poller.dequeue(1, lease_s=lease, wait_s=wait_s)
+            except SidecarError as exc:
+                # The daemon or its store is briefly away: back off, and keep the jobs that
+                # are running.
+                slots.release()
+                log.warning("dequeue_failed", code=exc.code, error=exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             except BaseException:
                 slots.release()
                 raise
+            backoff = 0.05
             if not jobs:
                 slots.release()
                 continue
             task = asyncio.get_running_loop().create_task(
-                _run_job(client, handler, jobs[0], lease, slots)
+                _run_job(settler, handler, jobs[0], lease, slots)
             )
             running.add(task)
             task.add_done_callback(running.discard)

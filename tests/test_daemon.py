@@ -280,3 +280,44 @@ def test_sigterm_drains_and_removes_the_socket() -> None:
         assert d.stop(signal.SIGTERM) == 0
         assert not os.path.exists(d.socket_path)
         assert d.events("stopped")
+
+
+async def test_async_client_reconnects_after_a_daemon_restart() -> None:
+    with short_tmpdir() as tmp:
+        sock = str(tmp / "s.sock")
+        first = Daemon(sock, daemon_env(sock)).start()
+        client = await AsyncClient(sock).connect()
+        try:
+            assert (await client.health()).status == "ok"
+            first.stop()
+            with pytest.raises(SidecarUnavailable):
+                await client.health()  # the daemon is gone: fail fast, no hang
+            second = Daemon(sock, daemon_env(sock)).start()
+            try:
+                assert (await client.health()).status == "ok"  # same client, new connection
+            finally:
+                second.stop()
+        finally:
+            await client.close()
+
+
+async def test_worker_keeps_its_lease_while_a_long_poll_is_open() -> None:
+    """Extends must not queue behind the worker's own long-polling dequeue."""
+    with running_daemon() as d:
+        stop = asyncio.Event()
+        runs: list[str] = []
+
+        async def slow(job: Job) -> None:
+            runs.append(job.queue_id)
+            await asyncio.sleep(2.5)  # the work: longer than the 1 s lease
+            stop.set()
+
+        async with AsyncClient(d.socket_path) as c:
+            q = await c.enqueue("slow job")
+            await asyncio.wait_for(
+                run_worker(slow, path=d.socket_path, concurrency=2, lease_s=1, wait_s=5, stop=stop),
+                30,
+            )
+            st = await c.status(q.queue_id)
+        assert runs == [q.queue_id]  # handed out once: the lease never lapsed
+        assert (st.status, st.attempts) == ("completed", 1)

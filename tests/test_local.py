@@ -128,3 +128,14 @@ async def test_reported_bytes_match_the_real_heap_cost(clock: FakeClock) -> None
     reported = (await queue.stats()).bytes
     print(f"tracemalloc={used} reported={reported} ratio={reported / used:.3f}")
     assert 0.9 * used <= reported <= 1.1 * used
+
+
+async def test_index_heaps_stay_bounded_when_drained_as_filled(clock: FakeClock) -> None:
+    q = make_local(clock, retention_s=0)
+    for i in range(2000):
+        await q.enqueue([make_request(clock, i, ttl_s=4 * 3600)])
+        [job] = await q.dequeue(1, 30)
+        assert job.lease_id is not None
+        await q.complete(job.queue_id, job.lease_id)
+    assert len(q._expiry) <= 64 + 1 and len(q._ready) <= 64 + 1
+    assert (await q.stats()).items == 0

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.errors import BackendUnavailable
-from sidecar.models import QueueStatus
+from sidecar.models import EnqueueResult, QueuedRequest, QueueStatus
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.resilient import ResilientQueue
 from tests.helpers import make_request
@@ -283,3 +283,74 @@ async def test_batch_with_a_locally_held_id_is_answered_once_and_moves_on(
     assert remote is not None and remote.status is QueueStatus.QUEUED
     assert await queue.redis.status("held") is None
     assert held.created and job.queue_id == "held"
+
+
+async def test_retried_enqueue_of_a_request_being_moved_is_not_stored_twice(
+    server: RedisServer, queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.kill()
+    await queue.enqueue([make_request(Clock(), queue_id="X")])
+    server.restart()
+    real_enqueue = queue.redis.enqueue
+
+    async def refuse_once(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+        monkeypatch.setattr(queue.redis, "enqueue", real_enqueue)
+        raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
+
+    monkeypatch.setattr(queue.redis, "enqueue", refuse_once)  # the hand-over fails once
+    await queue.wait_until(lambda: not queue.redis_up and "X" in queue._moving, 20)
+    [again] = await queue.enqueue([make_request(Clock(), "retry", queue_id="X")])
+    assert not again.created  # answered from the batch being moved, not stored again
+    assert await queue.local.status("X") is None
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    jobs = await queue.dequeue(10, 30)
+    assert [j.queue_id for j in jobs] == ["X"]
+    assert (await queue.stats()).accepted == 1
+
+
+async def test_an_unexpected_probe_error_does_not_end_the_probing(
+    server: RedisServer, queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_probe = queue.redis.probe
+    calls = 0
+
+    async def flaky_probe() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("an error nobody planned for")
+        await real_probe()
+
+    monkeypatch.setattr(queue.redis, "probe", flaky_probe)
+    server.kill()
+    await queue.enqueue([make_request(Clock(), queue_id="during")])
+    server.restart()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    assert calls >= 2 and queue.recoveries == 1
+
+
+def test_misconf_and_noreplicas_mean_unavailable() -> None:
+    from redis.exceptions import ResponseError
+
+    from sidecar.queue.redis import unavailable_kind
+
+    assert unavailable_kind(ResponseError("MISCONF Redis is configured to save")) == "misconf"
+    assert unavailable_kind(ResponseError("NOREPLICAS Not enough good replicas")) == "no_replicas"
+    assert unavailable_kind(ResponseError("ERR wrong number of arguments")) is None
+
+
+async def test_close_hands_the_local_backlog_to_redis(server: RedisServer) -> None:
+    q = build(server)
+    await q.start()
+    server.kill()
+    await q.enqueue([make_request(Clock(), queue_id=f"b{i}") for i in range(20)])
+    server.restart()
+    await q.wait_until(lambda: q.redis_up, RECOVERY_TIMEOUT_S)
+    await q.close()
+    check = redis_queue_for(server.url, Clock(), retention_s=600, sweep_interval_s=None)
+    await check.start()
+    try:
+        found = [await check.status(f"b{i}") for i in range(20)]
+        assert all(f is not None and f.status is QueueStatus.QUEUED for f in found)
+    finally:
+        await check.close()

@@ -267,6 +267,10 @@ class LocalQueue:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def processing(self) -> int:
+        return self._processing
+
     def take_queued(self, max_items: int) -> list[QueuedRequest]:
         """Remove up to max_items queued requests, most urgent first, to move them elsewhere.
 
@@ -419,7 +423,10 @@ class LocalQueue:
             rec = self._records.pop(qid, None)
             if rec is not None:
                 self._retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
-        if len(self._ready) > 64 and len(self._ready) > 2 * self._queued:
+        # Both heaps keep entries of requests that left the queued state; rebuild them once
+        # the stale entries outnumber the live ones, so they stay within twice the backlog.
+        stale_bound = 64 + 2 * self._queued
+        if len(self._ready) > stale_bound or len(self._expiry) > stale_bound:
             self._compact()
         return now
 

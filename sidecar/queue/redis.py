@@ -86,7 +86,13 @@ _UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
     (ClusterDownError, "cluster_down"),
     (TryAgainError, "try_again"),
 )
-_UNAVAILABLE_REPLIES = {"MASTERDOWN": "master_down", "BUSY": "busy"}
+# MISCONF: a failed RDB save stops writes; NOREPLICAS: min-replicas-to-write is not met.
+_UNAVAILABLE_REPLIES = {
+    "MASTERDOWN": "master_down",
+    "BUSY": "busy",
+    "MISCONF": "misconf",
+    "NOREPLICAS": "no_replicas",
+}
 
 
 def unavailable_kind(exc: BaseException) -> str | None:

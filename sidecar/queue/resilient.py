@@ -88,13 +88,22 @@ class ResilientQueue:
             self._kick_mover()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Hand the local backlog to Redis if it answers (bounded), then stop both stores."""
+        if self.redis_up and (self._moving or self.local.queued):
+            self._kick_mover()
+            with contextlib.suppress(TimeoutError):
+                await self.wait_until(self.backlog_moved, timeout_s)
         self._closing.set()
         for task in (self._probe, self._mover, self._watcher):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        left = len(self._moving) + self.local.queued + self.local.processing
+        if left:
+            # Until the local queue has its journal, what it holds dies with the process.
+            log.error("local_requests_dropped_at_exit", count=left, redis_up=self.redis_up)
         await self.redis.close()
         await self.local.close()
 
@@ -102,8 +111,19 @@ class ResilientQueue:
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
-        held = [self._held_here(r.queue_id) for r in requests]
-        if any(held):
+        # An id in the batch being moved is answered from that batch: the local queue no
+        # longer has it, and storing it again there would run it twice.
+        fresh = [r for r in requests if r.queue_id not in self._moving]
+        stored = iter(await self._store(fresh) if fresh else [])
+        return [
+            EnqueueResult(request=self._moving[r.queue_id], created=False)
+            if r.queue_id in self._moving
+            else next(stored)
+            for r in requests
+        ]
+
+    async def _store(self, requests: list[QueuedRequest]) -> list[EnqueueResult]:
+        if any(self.local.holds(r.queue_id) for r in requests):
             # An id this daemon already holds locally is answered from there, never copied;
             # new ones in the same batch go with it (all or none), and move to Redis later.
             results = await self.local.enqueue(requests)
@@ -114,8 +134,9 @@ class ResilientQueue:
                 return await self.redis.enqueue(requests)
             except BackendUnavailable as exc:
                 self._mark_down(exc, "enqueue")
-                if exc.details.get("kind") == "timeout":
-                    self._uncertain.update(r.queue_id for r in requests)
+                # The write may still land (a frozen server runs what it received once it
+                # thaws): remember the ids, so recovery keeps exactly one copy.
+                self._uncertain.update(r.queue_id for r in requests)
         return await self.local.enqueue(requests)
 
     async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
@@ -127,6 +148,11 @@ class ResilientQueue:
                 out += await self.redis.dequeue(max_items - len(out), lease_s)
             except BackendUnavailable as exc:
                 self._mark_down(exc, "dequeue")
+            except Exception:
+                if not out:
+                    raise
+                # The local leases are already taken: hand them out rather than strand them.
+                log.exception("redis_dequeue_failed", local_items=len(out))
         return out
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
@@ -178,6 +204,11 @@ class ResilientQueue:
 
     async def _on_redis(self, call: Callable[[], Awaitable[T]], queue_id: str) -> T:
         """Run a call that only Redis can answer; BackendUnavailable while it is away."""
+        if queue_id in self._moving:
+            raise InvalidState(
+                f"request {queue_id} is queued and being moved to Redis; it has no lease",
+                {"queue_id": queue_id, "status": "queued"},
+            )
         if not self.redis_up:
             raise BackendUnavailable(
                 f"redis is unavailable and request {queue_id} is not in the local queue",
@@ -195,7 +226,7 @@ class ResilientQueue:
         return queue_id in self._moving or self.local.holds(queue_id)
 
     def _mark_down(self, exc: BackendUnavailable, op: str) -> None:
-        if not self.redis_up and self._probe is not None:
+        if not self.redis_up and self._probe is not None and not self._probe.done():
             return
         if self.redis_up:
             self.failovers += 1
@@ -247,6 +278,12 @@ class ResilientQueue:
                     self._report_data_loss(lost)
                 await self._reconcile()
             except BackendUnavailable:
+                delay = min(delay * 2, self.probe_max_s)
+                continue
+            except Exception:
+                # Not an outage we know (a bug, or an error reply we did not expect): keep
+                # probing rather than stay on the local queue for good.
+                log.exception("redis_probe_failed")
                 delay = min(delay * 2, self.probe_max_s)
                 continue
             self._mark_up()
