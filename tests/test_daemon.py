@@ -42,11 +42,17 @@ def cli(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.Comp
     )
 
 
-async def test_hello_reports_version_and_limits(client: AsyncClient) -> None:
+@pytest.fixture(scope="module")
+def expected_mode() -> str:
+    """The mode hello reports; the Redis-mode suite overrides it."""
+    return "local_only"
+
+
+async def test_hello_reports_version_and_limits(client: AsyncClient, expected_mode: str) -> None:
     hello = await client.hello()
     assert hello.server == "sidecar"
     assert hello.protocol == 1
-    assert hello.mode == "local_only"
+    assert hello.mode == expected_mode
     assert hello.limits.priority_min == 0 and hello.limits.priority_max == 9
     assert hello.limits.default_lease_s == 30
 

@@ -100,13 +100,12 @@ test_socket_file_mode_is_0660 = local_suite.test_socket_file_mode_is_0660
 # eviction-policy test below; restarts and stale sockets are covered by the durability tests.
 
 
-async def test_hello_reports_version_and_limits(client: AsyncClient) -> None:
-    hello = await client.hello()
-    assert hello.server == "sidecar"
-    assert hello.protocol == 1
-    assert hello.mode == "redis"
-    assert hello.limits.priority_min == 0 and hello.limits.priority_max == 9
-    assert hello.limits.default_lease_s == 30
+@pytest.fixture(scope="module")
+def expected_mode() -> str:
+    return "redis"
+
+
+test_hello_reports_version_and_limits = local_suite.test_hello_reports_version_and_limits
 
 
 def test_cli_health_and_stats(daemon: Daemon) -> None:
