@@ -358,3 +358,20 @@ async def test_discard_queued_removes_only_a_queued_request_and_its_books(
     assert stats.balanced
     keep = await queue.status("keep")
     assert keep is not None and stats.bytes == job.size_bytes + keep.size_bytes
+
+
+async def test_idle_waiters_share_one_watch_and_wake_on_another_hosts_enqueue(
+    make_queue: QueueFactory, raw: Redis, clock: FakeClock
+) -> None:
+    waiting, producer = await make_queue(poll_interval_s=0.05), await make_queue()
+    await raw.config_resetstat()
+    waiters = [asyncio.create_task(waiting.wait_for_work(10)) for _ in range(50)]
+    await asyncio.sleep(0.5)  # ten poll intervals with nothing queued
+    assert not any(w.done() for w in waiters)
+    calls = await raw.info("commandstats")
+    zcards = calls.get("cmdstat_zcard", {}).get("calls", 0)
+    assert 1 <= zcards <= 20, calls  # one watch for all 50 waiters, not 50 polls
+    assert "cmdstat_evalsha" not in calls  # no dequeue scripts while idle
+    await producer.enqueue([make_request(clock, "from another host")])
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert len(await waiting.dequeue(5, LEASE_S)) == 1

@@ -182,6 +182,8 @@ class RedisQueue:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._work = asyncio.Event()
+        self._waiters = 0
+        self._watcher: asyncio.Task[None] | None = None
         self._started = False
         self._log = log.bind(redis=url_for_logs, prefix=prefix)
 
@@ -212,6 +214,9 @@ class RedisQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._redis.aclose()
@@ -345,14 +350,35 @@ class RedisQueue:
         return HealthReport(status="ok", mode="redis")
 
     async def wait_for_work(self, timeout: float) -> None:
-        """Wake on an enqueue through this instance, else after a short poll interval.
+        """Wake on an enqueue through this instance, or when Redis shows queued requests.
 
-        Other hosts' enqueues reach this Redis without telling us, so never wait longer than
-        the poll interval.
+        Other hosts' enqueues reach this Redis without telling us, so one shared watcher per
+        instance looks (ZCARD, O(1)) every poll interval while anyone waits: a thousand idle
+        long polls cost one command per interval, not a thousand dequeue scripts.
         """
         event = self._work
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, min(timeout, self._poll_interval_s)))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_pending())
+        self._waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        finally:
+            self._waiters -= 1
+
+    async def _watch_pending(self) -> None:
+        """Notify waiters when requests are queued in Redis; stop once nobody waits."""
+        while self._waiters > 0 and not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._poll_interval_s)
+                return
+            try:
+                with redis_errors():
+                    queued = await self._redis.zcard(self.keys.pending)
+            except BackendUnavailable:
+                queued = 1  # let the waiters try, and meet the outage in their own call
+            if queued:
+                self._notify_work()
 
     async def sweep(self) -> SweepCounts:
         """One bounded sweep step: expire, reclaim lapsed leases, forget past retention."""
