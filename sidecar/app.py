@@ -29,6 +29,7 @@ def build_local_queue(settings: Settings, clock: Callable[[], float] = time.time
         low_watermark=settings.queue_low_watermark,
         retention_s=settings.retention_s,
         retry_after_s=settings.queue_retry_after_s,
+        max_retained=settings.queue_max_retained,
         clock=clock,
     )
 

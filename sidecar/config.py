@@ -44,6 +44,9 @@ class Settings:
     queue_max_attempts: int = 3
     # Terminal statuses stay readable for a day: long enough for a service to poll an outcome.
     queue_retention_hours: float = 24.0
+    # The local queue's cap on finished records kept for status reads (~330 B each): 100k is
+    # about 33 MB, a day of retention at about one request a second.
+    queue_max_retained: int = 100_000
     # What a queue_full reply suggests as a wait before retrying.
     queue_retry_after_s: float = 5.0
     record_llm_responses: bool = False
@@ -203,6 +206,7 @@ ENV_NAMES: dict[str, str] = {
     "queue_lease_s": "QUEUE_LEASE_SECONDS",
     "queue_max_attempts": "QUEUE_MAX_ATTEMPTS",
     "queue_retention_hours": "QUEUE_RETENTION_HOURS",
+    "queue_max_retained": "QUEUE_MAX_RETAINED",
     "queue_retry_after_s": "QUEUE_RETRY_AFTER_SECONDS",
     "record_llm_responses": "RECORD_LLM_RESPONSES",
     "environment": "ENVIRONMENT",
@@ -230,6 +234,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "queue_lease_s": (_number(0, lo_open=True), "a number of seconds > 0"),
     "queue_max_attempts": (_whole(1), "a whole number >= 1"),
     "queue_retention_hours": (_number(0), "a number of hours >= 0"),
+    "queue_max_retained": (_whole(0), "a whole number >= 0"),
     "queue_retry_after_s": (_number(0), "a number of seconds >= 0"),
     "record_llm_responses": (_bool, "true or false"),
     "environment": (_choice("development", "production"), "development or production"),

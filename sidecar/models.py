@@ -94,6 +94,8 @@ class QueueStats(msgspec.Struct, kw_only=True):
     # Terminal records still readable by queue_id, and the bytes their metadata costs.
     retained: int = 0
     retained_bytes: int = 0
+    # Terminal records dropped before their retention ended because the cap was reached.
+    retention_cut: int = 0
     # Store-specific notes an operator should see (for example a wrong Redis eviction policy).
     warnings: list[str] = msgspec.field(default_factory=list)
     # Requests this store handed to another store (the local backlog moved to Redis).

@@ -139,3 +139,26 @@ async def test_index_heaps_stay_bounded_when_drained_as_filled(clock: FakeClock)
         await q.complete(job.queue_id, job.lease_id)
     assert len(q._expiry) <= 64 + 1 and len(q._ready) <= 64 + 1
     assert (await q.stats()).items == 0
+
+
+async def test_retained_records_are_capped_and_the_cut_is_reported(clock: FakeClock) -> None:
+    q = LocalQueue(
+        max_items=100,
+        max_bytes=10**8,
+        high_watermark=0.8,
+        low_watermark=0.6,
+        retention_s=3600,
+        max_retained=10,
+        clock=clock,
+    )
+    ids = []
+    for i in range(15):
+        [res] = await q.enqueue([make_request(clock, i)])
+        await q.cancel(res.request.queue_id)
+        ids.append(res.request.queue_id)
+    stats = await q.stats()
+    assert stats.retained == 10 and stats.retention_cut == 5
+    assert stats.warnings and "forgotten before their retention ended" in stats.warnings[0]
+    assert [await q.status(i) for i in ids[:5]] == [None] * 5  # the oldest went first
+    assert None not in [await q.status(i) for i in ids[5:]]
+    assert stats.balanced

@@ -87,9 +87,11 @@ class LocalQueue:
         low_watermark: float,
         retention_s: float,
         retry_after_s: float = 5.0,
+        max_retained: int = 100_000,
         clock: Clock = time.time,
     ) -> None:
         self.max_items = max_items
+        self.max_retained = max_retained
         self.max_bytes = max_bytes
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -110,6 +112,7 @@ class LocalQueue:
         self._items = 0
         self._bytes = 0
         self._retained_bytes = 0
+        self._retention_cut = 0
         self._breaker_open = False
         self._counts = {"accepted": 0, "completed": 0, "failed": 0, "expired": 0, "moved_out": 0}
         self._queued = 0
@@ -234,6 +237,13 @@ class LocalQueue:
             max_expired_age_s=self._max_expired_age_s,
             retained=len(self._purge),
             retained_bytes=self._retained_bytes,
+            retention_cut=self._retention_cut,
+            warnings=[
+                f"{self._retention_cut} finished requests were forgotten before their "
+                f"retention ended: more than {self.max_retained} were retained"
+            ]
+            if self._retention_cut
+            else [],
             moved_out=self._counts["moved_out"],
         )
 
@@ -419,16 +429,23 @@ class LocalQueue:
                 continue  # extended; a newer heap entry stands for it
             self._lapse(rec, now)
         while self._purge and self._purge[0][0] <= now:
-            _, qid = self._purge.popleft()
-            rec = self._records.pop(qid, None)
-            if rec is not None:
-                self._retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
+            self._forget_oldest_terminal()
+        # Terminal records are metadata only, but a busy local-only daemon makes millions a
+        # day: past the cap the oldest go early, counted, so memory stays bounded.
+        while len(self._purge) > self.max_retained:
+            self._forget_oldest_terminal()
+            self._retention_cut += 1
         # Both heaps keep entries of requests that left the queued state; rebuild them once
         # the stale entries outnumber the live ones, so they stay within twice the backlog.
         stale_bound = 64 + 2 * self._queued
         if len(self._ready) > stale_bound or len(self._expiry) > stale_bound:
             self._compact()
         return now
+
+    def _forget_oldest_terminal(self) -> None:
+        _, qid = self._purge.popleft()
+        if self._records.pop(qid, None) is not None:
+            self._retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
 
     def _lapse(self, rec: QueuedRequest, now: float) -> None:
         """A lease ran out: the request goes back while attempts remain, else it fails."""
