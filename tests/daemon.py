@@ -80,6 +80,18 @@ class Daemon:
         self.stop(signal.SIGKILL)
 
 
+def serve_expecting_refusal(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `sidecar serve` that must refuse to start; its exit code and stderr, no hanging."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def daemon_env(socket_path: str, **overrides: str) -> dict[str, str]:
     """A clean environment for a daemon: JSON logs, the socket, no inherited Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "REDIS_"))}

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from sidecar.config import ConfigError, Settings, default_socket_path
+from tests.daemon import serve_expecting_refusal
 
 
 def test_defaults_match_the_documented_ones() -> None:
@@ -100,14 +99,7 @@ def test_every_bad_variable_is_reported() -> None:
 
 def test_daemon_refuses_to_start_with_a_bad_value() -> None:
     env = dict(os.environ, QUEUE_LOW_WATERMARK="0.9", SIDECAR_SOCKET="/tmp/never-bound.sock")
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = serve_expecting_refusal(env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "sidecar: configuration error: QUEUE_LOW_WATERMARK=0.9 is invalid: expected a number "

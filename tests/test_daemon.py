@@ -16,7 +16,7 @@ import pytest
 from sidecar.client import AsyncClient, Client, PermanentFailure, decode_payload, item, run_worker
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound, SidecarUnavailable
 from sidecar.protocol import Job
-from tests.daemon import Daemon, daemon_env, running_daemon, short_tmpdir
+from tests.daemon import Daemon, daemon_env, running_daemon, serve_expecting_refusal, short_tmpdir
 
 
 @pytest.fixture(scope="module")
@@ -251,14 +251,7 @@ def test_socket_file_mode_is_0660(daemon: Daemon) -> None:
 
 
 def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "serve"],
-        env=daemon_env(daemon.socket_path),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = serve_expecting_refusal(daemon_env(daemon.socket_path))
     assert proc.returncode == 1
     assert "another sidecar is already serving" in proc.stderr
     with Client(daemon.socket_path) as c:

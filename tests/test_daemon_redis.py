@@ -13,8 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,7 +25,7 @@ from sidecar.client import AsyncClient, Client, decode_payload
 from sidecar.models import QueueStats
 from sidecar.protocol import Job
 from tests import test_daemon as local_suite
-from tests.daemon import Daemon, daemon_env, running_daemon, short_tmpdir
+from tests.daemon import Daemon, daemon_env, running_daemon, serve_expecting_refusal, short_tmpdir
 from tests.redis_server import RedisServer
 
 T = TypeVar("T")
@@ -127,14 +125,7 @@ def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon) -> None:
     with Client(daemon.socket_path) as c:
         q = c.enqueue("must survive a refused second daemon")
         # The same environment, so the refused daemon also connects to the shared Redis.
-        proc = subprocess.run(
-            [sys.executable, "-m", "sidecar", "serve"],
-            env=daemon.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        proc = serve_expecting_refusal(daemon.env)
         assert proc.returncode == 1
         assert "another sidecar is already serving" in proc.stderr
         assert c.health().status == "ok"
@@ -360,14 +351,7 @@ def test_unreadable_password_file_is_a_configuration_error() -> None:
         sock = str(tmp / "s.sock")
         missing = str(tmp / "no-such-password")
         env = daemon_env(sock, REDIS_URL=f"unix://{tmp}/r.sock", REDIS_PASSWORD_FILE=missing)
-        proc = subprocess.run(
-            [sys.executable, "-m", "sidecar", "serve"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        proc = serve_expecting_refusal(env)
         assert not Path(sock).exists()
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
