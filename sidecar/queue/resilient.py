@@ -113,11 +113,15 @@ class ResilientQueue:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
         # An id in the batch being moved is answered from that batch: the local queue no
         # longer has it, and storing it again there would run it twice.
-        fresh = [r for r in requests if r.queue_id not in self._moving]
+        # Decided before any await: the mover may empty _moving while this call waits.
+        moving = {
+            r.queue_id: self._moving[r.queue_id] for r in requests if r.queue_id in self._moving
+        }
+        fresh = [r for r in requests if r.queue_id not in moving]
         stored = iter(await self._store(fresh) if fresh else [])
         return [
-            EnqueueResult(request=self._moving[r.queue_id], created=False)
-            if r.queue_id in self._moving
+            EnqueueResult(request=moving[r.queue_id], created=False)
+            if r.queue_id in moving
             else next(stored)
             for r in requests
         ]
