@@ -23,8 +23,6 @@ class QueueStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-TERMINAL_STATUSES = frozenset({QueueStatus.COMPLETED, QueueStatus.EXPIRED, QueueStatus.FAILED})
-
 # Reasons a request ends up failed or expired, recorded in QueuedRequest.reason.
 REASON_CANCELLED = "cancelled"
 REASON_ATTEMPTS_EXHAUSTED = "attempts_exhausted"
@@ -55,10 +53,6 @@ class QueuedRequest(msgspec.Struct, kw_only=True, gc=False):
     lease_id: str | None = None
     lease_expires_at: float | None = None
     reason: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
 
 class EnqueueResult(msgspec.Struct, kw_only=True, gc=False):

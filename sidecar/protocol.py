@@ -12,7 +12,7 @@ from typing import Annotated, Any, cast
 import msgspec
 
 from sidecar.errors import FrameTooLarge, InvalidMessage, SidecarError, UnknownOp
-from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, QueueStats
+from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 
 HEADER_BYTES = 4
 MAX_FRAME_LIMIT = 0xFFFFFFFF
@@ -176,9 +176,6 @@ class HealthResult(msgspec.Struct, kw_only=True):
     version: str
     uptime_s: float
     connections: int
-
-
-StatsResult = QueueStats
 
 
 # -- replies -------------------------------------------------------------------------------------

@@ -9,17 +9,12 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sidecar.models import (
-    PRIORITY_MAX,
-    PRIORITY_MIN,
     EnqueueResult,
     HealthReport,
     QueuedRequest,
     QueueStats,
     QueueStatus,
 )
-
-# A queue_id is printable, at most this long, so it fits a log line, a Redis key and a URL.
-MAX_QUEUE_ID_LEN = 128
 
 
 class QueueRepository(Protocol):
@@ -127,18 +122,3 @@ def new_request(
         payload=payload,
         size_bytes=len(payload),
     )
-
-
-def check_queue_id(queue_id: str) -> str | None:
-    """Why a producer-chosen queue_id is unusable, or None when it is fine."""
-    if not queue_id or len(queue_id) > MAX_QUEUE_ID_LEN:
-        return f"queue_id must be 1 to {MAX_QUEUE_ID_LEN} characters"
-    if not queue_id.isprintable() or any(c.isspace() for c in queue_id):
-        return "queue_id must be printable, without spaces"
-    return None
-
-
-def check_priority(priority: int) -> str | None:
-    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        return f"priority must be {PRIORITY_MIN} (most urgent) to {PRIORITY_MAX}"
-    return None
