@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -35,7 +36,13 @@ from sidecar.queue.redis_io import (
     translate_error,
     unavailable_kind,
 )
-from sidecar.queue.redis_keys import RedisKeys, ScriptCode, decode_number, decode_record
+from sidecar.queue.redis_keys import (
+    MAX_TIME_S,
+    RedisKeys,
+    ScriptCode,
+    decode_number,
+    decode_record,
+)
 
 __all__ = [
     "RedisQueue",
@@ -61,6 +68,24 @@ SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
         "lease {lease_id} is not the current lease of {queue_id}",
     ),
 }
+
+
+def bounded_time(t: float, what: str) -> float:
+    """An epoch time the scripts can store: at most MAX_TIME_S; NaN raises ValueError."""
+    if math.isnan(t):
+        raise ValueError(f"{what} is not a number")
+    return min(t, MAX_TIME_S)
+
+
+def lease_end(now: float, lease_s: float) -> float:
+    """now + lease_s, bounded like every time the scripts store."""
+    if math.isnan(lease_s):
+        raise ValueError("lease_s is not a number")
+    return bounded_time(now + lease_s, "lease end")
+
+
+# Every eviction-policy warning starts with this, so a re-check can replace the last one.
+_POLICY_WARNING = "redis maxmemory-policy"
 
 
 class SweepCounts(NamedTuple):
@@ -101,6 +126,8 @@ class RedisQueue:
         self._sweep_limit = sweep_limit
         self._poll_interval_s = poll_interval_s
         self._check_policy = check_eviction_policy
+        self._policy: str | None = None
+        self._policy_seen = False
         self._script_keys = self.keys.script_keys()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -153,17 +180,33 @@ class RedisQueue:
         return self._runner.script_loads
 
     async def _check_eviction_policy(self) -> None:
+        """Read maxmemory-policy; warn (health, stats, log) while it is not noeviction.
+
+        Run at start and again at every generation check: an operator (or a managed Redis)
+        can change the policy while the daemon runs.
+        """
         # A queue must never lose what it acknowledged; any policy but noeviction lets Redis
         # drop request hashes under memory pressure.
         info = await self._redis.info("memory")
         policy = info.get("maxmemory_policy")
+        policy = None if policy is None else str(policy)
+        if self._policy_seen and policy == self._policy:
+            return
+        previous, self._policy, self._policy_seen = self._policy, policy, True
+        self.warnings[:] = [w for w in self.warnings if not w.startswith(_POLICY_WARNING)]
         if policy == "noeviction":
+            if previous is not None:
+                self._log.info(
+                    "redis_eviction_policy_safe", maxmemory_policy=policy, previous=previous
+                )
             return
         self.warnings.append(
-            f"redis maxmemory-policy is {policy or 'unknown'}, not noeviction: "
+            f"{_POLICY_WARNING} is {policy or 'unknown'}, not noeviction: "
             "Redis may evict queued requests under memory pressure"
         )
-        self._log.warning("redis_eviction_policy_unsafe", maxmemory_policy=policy)
+        self._log.warning(
+            "redis_eviction_policy_unsafe", maxmemory_policy=policy, previous=previous
+        )
 
     async def _mark_generation(self) -> str:
         # Written once per data set; if it ever reads back different or missing, this Redis
@@ -176,16 +219,22 @@ class RedisQueue:
     # -- the contract ---------------------------------------------------------------------------
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
-        """Store new requests all-or-none; existing queue_ids come back unchanged."""
+        """Store new requests all-or-none; existing queue_ids come back unchanged.
+
+        Times past MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
+        """
         if not requests:
             return []
         now = self._clock()
         args: list[Arg] = [len(requests)]
         for req in requests:
             payload = req.payload if req.payload is not None else b""
-            args += [req.queue_id, req.priority, req.created_at, req.expires_at]
+            created = bounded_time(req.created_at, "created_at")
+            expires = bounded_time(req.expires_at, "expires_at")
+            args += [req.queue_id, req.priority, created, expires]
             args += [req.max_attempts, payload, req.attempts]
-        reply = await self._call("enqueue", now, *args)
+        keys = tuple(self.keys.request(r.queue_id) for r in requests)
+        reply = await self._call("enqueue", now, *args, keys=keys)
         results: list[EnqueueResult] = []
         for req, (created, data) in zip(requests, reply[1], strict=True):
             if created:
@@ -194,6 +243,7 @@ class RedisQueue:
                     req, seq=int(data), status=QueueStatus.QUEUED, updated_at=now,
                     payload=payload, size_bytes=len(payload), lease_id=None,
                     lease_expires_at=None, reason=None,
+                    expires_at=bounded_time(req.expires_at, "expires_at"),
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
@@ -203,41 +253,55 @@ class RedisQueue:
         return results
 
     async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
-        """Lease up to max_items of the most urgent queued requests, in one script call."""
+        """Lease up to max_items of the most urgent queued requests, in one script call.
+
+        The lease ids are chosen here and passed in, so a resent pipeline gets the same
+        requests back instead of a second set of leases (lua/dequeue.lua).
+        """
         if max_items <= 0:
             return []
         now = self._clock()
+        until = lease_end(now, lease_s)
         lease_ids = [new_lease_id() for _ in range(max_items)]
-        reply = await self._call("dequeue", now, now + lease_s, self._sweep_limit, *lease_ids)
+        reply = await self._call("dequeue", now, until, self._sweep_limit, *lease_ids)
         return [decode_record(pairs) for pairs in reply[1]]
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
-        """Push a live lease's end to now + lease_s."""
+        """Push a live lease's end to now + lease_s (at most MAX_TIME_S)."""
         now = self._clock()
-        reply = await self._call("extend", now, queue_id, lease_id, now + lease_s)
+        until = lease_end(now, lease_s)
+        reply = await self._call("extend", now, queue_id, lease_id, until, keys=self._req(queue_id))
         return self._settled(reply, "extend", queue_id, lease_id)
 
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
-        reply = await self._call("complete", self._clock(), queue_id, lease_id)
+        reply = await self._call(
+            "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
+        )
         return self._settled(reply, "complete", queue_id, lease_id)
 
     async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
-        """End a lease with a failure; requeue while attempts remain and retry is asked."""
+        """End a lease with a failure; requeue while attempts remain and retry is asked.
+
+        A repeat with the same lease returns the record as it is now, like complete.
+        """
         args = (queue_id, lease_id, reason, "1" if retry else "0")
-        rec = self._settled(await self._call("fail", self._clock(), *args), "fail", *args[:2])
+        reply = await self._call("fail", self._clock(), *args, keys=self._req(queue_id))
+        rec = self._settled(reply, "fail", queue_id, lease_id)
         if rec.status is QueueStatus.QUEUED:
             self._notify_work()
         return rec
 
     async def cancel(self, queue_id: str) -> QueuedRequest:
         """Fail a queued request with the reason `cancelled`."""
-        reply = await self._call("cancel", self._clock(), queue_id)
+        # A fresh token per call: the same call resent answers its result, a new one does not.
+        token = uuid.uuid4().hex
+        reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
         return self._settled(reply, "cancel", queue_id, None)
 
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now (what is due applied first), or None."""
-        reply = await self._call("status", self._clock(), queue_id)
+        reply = await self._call("status", self._clock(), queue_id, keys=self._req(queue_id))
         return None if reply[0] == ScriptCode.NOT_FOUND else decode_record(reply[1])
 
     async def stats(self) -> QueueStats:
@@ -314,7 +378,7 @@ class RedisQueue:
 
     async def discard_queued(self, queue_id: str) -> bool:
         """Remove a queued request as if never accepted here (another store keeps it)."""
-        reply = await self._call("discard", self._clock(), queue_id)
+        reply = await self._call("discard", self._clock(), queue_id, keys=self._req(queue_id))
         return bool(reply[1])
 
     async def probe(self) -> None:
@@ -330,9 +394,13 @@ class RedisQueue:
         """Why this Redis lost its data since we last looked (its marker changed), or None.
 
         A Redis that restarted empty (or was flushed) has no marker: a new one is written, so
-        the next check compares against the new data set.
+        the next check compares against the new data set. The failover manager calls this
+        every watch interval, so it also re-reads the eviction policy: a change shows in
+        `warnings` (health, stats) and in the log.
         """
         with redis_errors():
+            if self._check_policy:
+                await self._check_eviction_policy()
             value = await self._redis.get(self.keys.generation)
             seen = self.generation
             if value is not None and as_text(value) == seen:
@@ -394,12 +462,20 @@ class RedisQueue:
 
     # -- the coalescer ---------------------------------------------------------------------------
 
-    async def _call(self, script: str, now: float, *args: Arg) -> list[Any]:
-        """Run one script in the next shared pipeline and return its reply."""
+    def _req(self, queue_id: str) -> tuple[str]:
+        return (self.keys.request(queue_id),)
+
+    async def _call(
+        self, script: str, now: float, *args: Arg, keys: tuple[str, ...] = ()
+    ) -> list[Any]:
+        """Run one script in the next shared pipeline and return its reply.
+
+        KEYS are the eight of every script, then the request hashes the call names.
+        """
         if self._closing.is_set():
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
-        common: tuple[Arg, ...] = (self.keys.request_prefix, now, self.retention_s)
-        return await self._runner.call(script, self._script_keys, common + args)
+        common: tuple[Arg, ...] = (bounded_time(now, "now"), self.retention_s)
+        return await self._runner.call(script, self._script_keys + keys, common + args)
 
 
 # -- building one from Settings -----------------------------------------------------------------
