@@ -7,6 +7,9 @@
 --   request moved from the local queue already had).
 -- Returns: {0, items}; items[i] = {1, seq} when this call created request i, or {0, record}
 --   (HGETALL field/value pairs) when it already existed (a repeat inside the batch included).
+--   Run twice (a resent pipeline), the second run stores nothing and answers {0, record}: the
+--   caller then reads created = false for a request its own call created. Telling the two
+--   apart would need a per-call marker; one copy is what matters, so it is left so.
 -- Raises (before any write) when an argument is not what the contract allows.
 local n = arg_int(3, 'n', 0, 1000000)
 if #KEYS ~= 8 + n then
