@@ -177,6 +177,17 @@ async def test_a_bad_argument_is_refused_before_anything_changes(
             queue.keys.request("new-b"), now, RETENTION_S, 2, *good, *bad,
         )  # fmt: skip
     assert await queue.status("new-a") is None  # all or none
+    # A settle missing an argument fails before its lease is touched.
+    [job] = await queue.dequeue(1, LEASE_S)
+    key = queue.keys.request(job.queue_id)
+    with pytest.raises(ResponseError, match=r"reason"):
+        await raw.evalsha(
+            SCRIPT_SHAS["fail"], len(keys) + 1, *keys, key, now, RETENTION_S, job.queue_id,
+            job.lease_id or "",
+        )  # fmt: skip
+    st = await queue.status(job.queue_id)
+    assert st is not None and (st.status, st.lease_id) == (QueueStatus.PROCESSING, job.lease_id)
+    assert await queue.fail(job.queue_id, job.lease_id or "", "ok now", retry=True)
     assert await _books(queue, raw) == (3, 0)
     # Through RedisQueue, NaN is a ValueError naming the value; nothing changes either.
     with pytest.raises(ValueError, match="lease_s"):

@@ -21,6 +21,8 @@ for i = 1, n do
   local max_attempts = arg_int(base + 4, 'max_attempts', 1, 2147483647)
   local created_at = arg_time(base + 2, 'created_at')
   local expires_at, expires_s = arg_time(base + 3, 'expires_at')
+  arg_text(base, 'queue_id')
+  arg_text(base + 5, 'payload')
   checked[i] = {
     priority = arg_int(base + 1, 'priority', 0, 9), created_s = fmt(created_at),
     expires_at = expires_at, expires_s = expires_s, max_attempts = max_attempts,

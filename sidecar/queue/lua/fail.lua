@@ -6,6 +6,8 @@
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0").
 -- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
 local token = 'fail:' .. arg_text(4, 'lease_id')
+local reason = arg_text(5, 'reason')
+local retry = arg_text(6, 'retry') == '1'
 local r = load_live(ARGV[3], KEYS[9])
 if repeated(r, token) then
   return {OK, record(r)}
@@ -14,8 +16,7 @@ local err = check_leased(r, ARGV[4])
 if err then
   return err
 end
-local reason = ARGV[5]
-if ARGV[6] == '1' then
+if retry then
   if r.attempts < r.max_attempts then
     to_requeued(r, reason, token)
   else
