@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -37,11 +36,12 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
-    MAX_TIME_S,
     RedisKeys,
     ScriptCode,
+    bounded_time,
     decode_number,
     decode_record,
+    lease_end,
 )
 
 __all__ = [
@@ -68,20 +68,6 @@ SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
         "lease {lease_id} is not the current lease of {queue_id}",
     ),
 }
-
-
-def bounded_time(t: float, what: str) -> float:
-    """An epoch time the scripts can store: at most MAX_TIME_S; NaN raises ValueError."""
-    if math.isnan(t):
-        raise ValueError(f"{what} is not a number")
-    return min(t, MAX_TIME_S)
-
-
-def lease_end(now: float, lease_s: float) -> float:
-    """now + lease_s, bounded like every time the scripts store."""
-    if math.isnan(lease_s):
-        raise ValueError("lease_s is not a number")
-    return bounded_time(now + lease_s, "lease end")
 
 
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -48,6 +49,20 @@ MAX_SEQ = PRIORITY_SHIFT - 1
 # in milliseconds is an exact integer in Lua's doubles and PEXPIREAT never sees an overflowed,
 # negative value. Later times (an infinite TTL or lease) are clamped to it (lua/common.lua).
 MAX_TIME_S = float(2**53 // 1000)
+
+
+def bounded_time(t: float, what: str) -> float:
+    """An epoch time the scripts can store: at most MAX_TIME_S; NaN raises ValueError."""
+    if math.isnan(t):
+        raise ValueError(f"{what} is not a number")
+    return min(t, MAX_TIME_S)
+
+
+def lease_end(now: float, lease_s: float) -> float:
+    """now + lease_s, bounded like every time the scripts store."""
+    if math.isnan(lease_s):
+        raise ValueError("lease_s is not a number")
+    return bounded_time(now + lease_s, "lease end")
 
 
 def pending_score(priority: int, seq: int) -> int:
