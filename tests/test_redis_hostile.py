@@ -355,6 +355,20 @@ async def test_a_resent_enqueue_stores_one_copy(
     assert (await queue.stats()).accepted == 1
 
 
+async def test_a_resent_discard_answers_that_it_discarded(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis, drop_first_reply: list[int]
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id=q) for q in ("dup", "keep")])
+    drop_first_reply.clear()
+    assert await queue.discard_queued("dup") is True
+    assert drop_first_reply
+    assert await queue.status("dup") is None
+    assert await _books(queue, raw) == (1, 0)
+    assert (await queue.stats()).accepted == 1
+    assert await queue.discard_queued("dup") is False  # a new call: nothing left to discard
+
+
 # -- item 15: the eviction policy is re-checked while the daemon runs ----------------------------
 
 

@@ -364,7 +364,10 @@ class RedisQueue:
 
     async def discard_queued(self, queue_id: str) -> bool:
         """Remove a queued request as if never accepted here (another store keeps it)."""
-        reply = await self._call("discard", self._clock(), queue_id, keys=self._req(queue_id))
+        # A fresh marker per call: the same call resent answers what it did (lua/discard.lua).
+        marker = self.keys.discarded(uuid.uuid4().hex)
+        keys = (self.keys.request(queue_id), marker)
+        reply = await self._call("discard", self._clock(), queue_id, keys=keys)
         return bool(reply[1])
 
     async def probe(self) -> None:

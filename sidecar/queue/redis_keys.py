@@ -15,6 +15,7 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | | | expired, bytes, max_expired_age_s) |
 | `{sidecar}:generation` | string | a token written once; if it vanishes, this Redis lost its data |
 | `{sidecar}:probe` | string | a daemon checks that Redis takes writes again (10 s TTL) |
+| `{sidecar}:discarded:<token>` | string | one discard call did its work (60 s TTL) |
 | `{sidecar}:req:` | (prefix) | declared to every script as KEYS[8]: ids read from an index |
 | | | become keys under it; the hashes a call names are declared one by one after it |
 
@@ -107,6 +108,10 @@ class RedisKeys:
     def request(self, queue_id: str) -> str:
         """The hash of one request."""
         return self.request_prefix + queue_id
+
+    def discarded(self, token: str) -> str:
+        """The marker a discard call leaves for 60 s, so the same call run twice is recognised."""
+        return f"{{{self.prefix}}}:discarded:{token}"
 
     def script_keys(self) -> tuple[str, ...]:
         """KEYS[1..8] of every script, in the order lua/common.lua names them."""
