@@ -317,15 +317,18 @@ class ResilientQueue:
         hand back to Redis. The backoff carries over from a recent flap (see _mark_down)."""
         successes = 0
         while not self._closing.is_set():
+            # The confirming write follows shortly: after a long outage the backoff is at its
+            # maximum, and waiting that long again would only delay the recovery.
+            delay = self.probe_delay_s if successes == 0 else self.probe_initial_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.probe_delay_s)
+                await asyncio.wait_for(self._closing.wait(), delay)
                 return
             try:
                 await self.redis.start()  # loads scripts when Redis was never reached
                 await self.redis.probe()
                 successes += 1
                 if successes < PROBE_SUCCESSES:
-                    continue  # once more, one delay later
+                    continue
                 lost = await self.redis.check_generation()
                 if lost is not None:
                     self._report_data_loss(lost)
