@@ -51,13 +51,17 @@ def client_for(url: str, timeout_s: float = 1.0) -> Redis:
     return redis_client(settings)
 
 
-def enqueue_args(payloads: Sequence[bytes], priority: int = PRIORITY_DEFAULT) -> list[Arg]:
-    """ARGV of the enqueue script for new requests, as RedisQueue.enqueue builds it."""
+Call = tuple[tuple[str, ...], list[Arg]]
+
+
+def enqueue_call(payloads: Sequence[bytes], priority: int = PRIORITY_DEFAULT) -> Call:
+    """KEYS and ARGV of the enqueue script for new requests, as RedisQueue.enqueue builds them."""
     now = time.time()
-    args: list[Arg] = [KEYS.request_prefix, now, RETENTION_S, len(payloads)]
-    for payload in payloads:
-        args += [uuid.uuid4().hex, priority, now, now + TTL_S, MAX_ATTEMPTS, payload, 0]
-    return args
+    ids = [uuid.uuid4().hex for _ in payloads]
+    args: list[Arg] = [now, RETENTION_S, len(payloads)]
+    for queue_id, payload in zip(ids, payloads, strict=True):
+        args += [queue_id, priority, now, now + TTL_S, MAX_ATTEMPTS, payload, 0]
+    return SCRIPT_KEYS + tuple(KEYS.request(q) for q in ids), args
 
 
 async def load_scripts(client: Redis) -> None:
@@ -70,13 +74,13 @@ class Coalescer:
 
     def __init__(self, client: Redis) -> None:
         self.client = client
-        self.batch: list[tuple[str, Sequence[Arg], asyncio.Future[Any]]] = []
+        self.batch: list[tuple[str, Call, asyncio.Future[Any]]] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: str, args: Sequence[Arg]) -> Any:
+    async def call(self, script: str, call: Call) -> Any:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self.batch.append((SCRIPT_SHAS[script], args, fut))
+        self.batch.append((SCRIPT_SHAS[script], call, fut))
         if len(self.batch) == 1:
             task = loop.create_task(self._flush())
             self.tasks.add(task)
@@ -87,8 +91,8 @@ class Coalescer:
         batch, self.batch = self.batch, []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for sha, args, _ in batch:
-                    pipe.evalsha(sha, len(SCRIPT_KEYS), *SCRIPT_KEYS, *args)
+                for sha, (keys, args), _ in batch:
+                    pipe.evalsha(sha, len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             for _, _, fut in batch:
@@ -142,21 +146,20 @@ class RedisSession:
         self.closed = False
 
     async def enqueue(self) -> None:
-        await self.coalescer.call("enqueue", enqueue_args([self.payload]))
+        await self.coalescer.call("enqueue", enqueue_call([self.payload]))
 
     async def dequeue_complete(self) -> None:
         now = time.time()
         lease_id = uuid.uuid4().hex
-        args: list[Arg] = [KEYS.request_prefix, now, RETENTION_S, now + LEASE_S, SWEEP_LIMIT]
-        args.append(lease_id)
-        reply = await self.coalescer.call("dequeue", args)
+        args: list[Arg] = [now, RETENTION_S, now + LEASE_S, SWEEP_LIMIT, lease_id]
+        reply = await self.coalescer.call("dequeue", (SCRIPT_KEYS, args))
         if not reply[1]:
             raise EmptyQueue("dequeue found no request")
         pairs = reply[1][0]
         fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
-        queue_id = fields[b"queue_id"]
-        done: list[Arg] = [KEYS.request_prefix, time.time(), RETENTION_S, queue_id, lease_id]
-        await self.coalescer.call("complete", done)
+        queue_id = fields[b"queue_id"].decode()
+        done: list[Arg] = [time.time(), RETENTION_S, queue_id, lease_id]
+        await self.coalescer.call("complete", ((*SCRIPT_KEYS, KEYS.request(queue_id)), done))
 
     async def prefill(self, count: int) -> None:
         await fill_backlog(self.coalescer.client, count, self.payload, PRIORITY_DEFAULT)
@@ -181,8 +184,8 @@ async def fill_backlog(
                 n = min(count, BACKLOG_BATCH)
                 if n == 0:
                     break
-                args = enqueue_args([payload] * n, priority)
-                pipe.evalsha(SCRIPT_SHAS["enqueue"], len(SCRIPT_KEYS), *SCRIPT_KEYS, *args)
+                keys, args = enqueue_call([payload] * n, priority)
+                pipe.evalsha(SCRIPT_SHAS["enqueue"], len(keys), *keys, *args)
                 count -= n
             await pipe.execute()
 

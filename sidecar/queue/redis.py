@@ -4,62 +4,58 @@ Every change of state is one Lua script (sidecar/queue/lua/, one file per operat
 common.lua prepended), so a request moves exactly once even when several daemons share one
 Redis. Scripts take `now` from this process's clock: every expiry, lease and retention decision
 uses it, so hosts sharing a Redis need synchronised clocks (NTP). Redis's own TTL on each
-request hash only collects garbage. The key layout is documented in redis_keys.py.
-
-Concurrent calls share round trips: each call adds its EVALSHA to a batch, and one task per
-event-loop iteration sends the whole batch in one pipeline.
+request hash only collects garbage. The key layout is documented in redis_keys.py; client
+construction, error classification and the folding of concurrent calls into shared pipelines
+live in redis_io.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.config import ConfigError, Settings
+from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
 from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats, QueueStatus
 from sidecar.queue.base import new_lease_id
+from sidecar.queue.redis_io import (
+    Arg,
+    ScriptRunner,
+    as_text,
+    redis_client,
+    redis_errors,
+    translate_error,
+    unavailable_kind,
+)
 from sidecar.queue.redis_keys import (
-    SCRIPT_SHAS,
-    SCRIPTS,
     RedisKeys,
     ScriptCode,
+    bounded_time,
     decode_number,
     decode_record,
+    lease_end,
 )
+
+__all__ = [
+    "RedisQueue",
+    "build_redis_queue",
+    "open_redis_queue",
+    "redis_client",
+    "translate_error",
+    "unavailable_kind",
+]
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
-Arg = str | bytes | int | float
 
 
 # The one table from script return codes to errors; messages are formatted with the call's
@@ -73,60 +69,9 @@ SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
     ),
 }
 
-# Error replies that mean "this Redis cannot take the call now", by redis-py class, in the order
-# they are tested (subclasses first); BUSY (a script running too long) has no class of its own.
-_UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
-    (RedisTimeoutError, "timeout"),
-    (BusyLoadingError, "loading"),
-    (AuthenticationError, "authentication"),
-    (RedisConnectionError, "connection"),
-    (ReadOnlyError, "read_only"),
-    (OutOfMemoryError, "out_of_memory"),
-    (MasterDownError, "master_down"),
-    (ClusterDownError, "cluster_down"),
-    (TryAgainError, "try_again"),
-)
-# MISCONF: a failed RDB save stops writes; NOREPLICAS: min-replicas-to-write is not met.
-_UNAVAILABLE_REPLIES = {
-    "MASTERDOWN": "master_down",
-    "BUSY": "busy",
-    "MISCONF": "misconf",
-    "NOREPLICAS": "no_replicas",
-}
 
-
-def unavailable_kind(exc: BaseException) -> str | None:
-    """A short name for a Redis error that means "cannot take this now", else None."""
-    for cls, kind in _UNAVAILABLE:
-        if isinstance(exc, cls):
-            return kind
-    if isinstance(exc, ResponseError):
-        return _UNAVAILABLE_REPLIES.get(str(exc).split(" ", 1)[0])
-    return None
-
-
-def translate_error(exc: BaseException) -> BaseException:
-    """BackendUnavailable (cause chained) for an unavailability error; other errors unchanged."""
-    kind = unavailable_kind(exc)
-    if kind is None:
-        return exc
-    # The message names the kind only: redis-py's text may carry a host name, never needed here.
-    err = BackendUnavailable(f"redis unavailable ({kind})", {"kind": kind})
-    err.__cause__ = exc
-    return err
-
-
-def _as_text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Raise BackendUnavailable for Redis errors that mean "cannot take this now"."""
-    try:
-        yield
-    except RedisError as exc:
-        raise translate_error(exc) from exc
+# Every eviction-policy warning starts with this, so a re-check can replace the last one.
+_POLICY_WARNING = "redis maxmemory-policy"
 
 
 class SweepCounts(NamedTuple):
@@ -136,13 +81,6 @@ class SweepCounts(NamedTuple):
     requeued: int
     failed: int
     purged: int
-
-
-@dataclass(slots=True)
-class _Call:
-    script: str
-    args: tuple[Arg, ...]
-    future: asyncio.Future[Any]
 
 
 class RedisQueue:
@@ -167,18 +105,16 @@ class RedisQueue:
         self.retention_s = retention_s
         self.warnings: list[str] = []
         self.generation: str | None = None
-        # Counters for tests and metrics: pipelines sent, and SCRIPT LOAD rounds.
-        self.flushes = 0
-        self.script_loads = 0
         self._redis = client
+        self._runner = ScriptRunner(client, log.bind(redis=url_for_logs, prefix=prefix))
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
         self._poll_interval_s = poll_interval_s
         self._check_policy = check_eviction_policy
+        self._policy: str | None = None
+        self._policy_seen = False
         self._script_keys = self.keys.script_keys()
-        self._batch: list[_Call] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._work = asyncio.Event()
@@ -197,7 +133,7 @@ class RedisQueue:
         if self._started:
             return
         with redis_errors():
-            await self._load_scripts()
+            await self._runner.load_scripts()
             if self._check_policy:
                 await self._check_eviction_policy()
             self.generation = await self._mark_generation()
@@ -217,29 +153,46 @@ class RedisQueue:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._redis.aclose()
+        await self._runner.close()
 
-    async def _load_scripts(self) -> None:
-        for name, source in SCRIPTS.items():
-            sha = await self._redis.script_load(source)
-            if sha != SCRIPT_SHAS[name]:  # pragma: no cover - would mean Redis hashes differently
-                raise RuntimeError(f"script {name}: Redis named it {sha}")
-        self.script_loads += 1
+    @property
+    def flushes(self) -> int:
+        """Pipelines sent so far (concurrent calls share one)."""
+        return self._runner.flushes
+
+    @property
+    def script_loads(self) -> int:
+        """SCRIPT LOAD rounds so far (one at start, one per NOSCRIPT recovery)."""
+        return self._runner.script_loads
 
     async def _check_eviction_policy(self) -> None:
+        """Read maxmemory-policy; warn (health, stats, log) while it is not noeviction.
+
+        Run at start and again at every generation check: an operator (or a managed Redis)
+        can change the policy while the daemon runs.
+        """
         # A queue must never lose what it acknowledged; any policy but noeviction lets Redis
         # drop request hashes under memory pressure.
         info = await self._redis.info("memory")
         policy = info.get("maxmemory_policy")
+        policy = None if policy is None else str(policy)
+        if self._policy_seen and policy == self._policy:
+            return
+        previous, self._policy, self._policy_seen = self._policy, policy, True
+        self.warnings[:] = [w for w in self.warnings if not w.startswith(_POLICY_WARNING)]
         if policy == "noeviction":
+            if previous is not None:
+                self._log.info(
+                    "redis_eviction_policy_safe", maxmemory_policy=policy, previous=previous
+                )
             return
         self.warnings.append(
-            f"redis maxmemory-policy is {policy or 'unknown'}, not noeviction: "
+            f"{_POLICY_WARNING} is {policy or 'unknown'}, not noeviction: "
             "Redis may evict queued requests under memory pressure"
         )
-        self._log.warning("redis_eviction_policy_unsafe", maxmemory_policy=policy)
+        self._log.warning(
+            "redis_eviction_policy_unsafe", maxmemory_policy=policy, previous=previous
+        )
 
     async def _mark_generation(self) -> str:
         # Written once per data set; if it ever reads back different or missing, this Redis
@@ -247,21 +200,27 @@ class RedisQueue:
         token = uuid.uuid4().hex
         await self._redis.set(self.keys.generation, token, nx=True)
         value = await self._redis.get(self.keys.generation)
-        return token if value is None else _as_text(value)
+        return token if value is None else as_text(value)
 
     # -- the contract ---------------------------------------------------------------------------
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
-        """Store new requests all-or-none; existing queue_ids come back unchanged."""
+        """Store new requests all-or-none; existing queue_ids come back unchanged.
+
+        Times past MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
+        """
         if not requests:
             return []
         now = self._clock()
         args: list[Arg] = [len(requests)]
         for req in requests:
             payload = req.payload if req.payload is not None else b""
-            args += [req.queue_id, req.priority, req.created_at, req.expires_at]
+            created = bounded_time(req.created_at, "created_at")
+            expires = bounded_time(req.expires_at, "expires_at")
+            args += [req.queue_id, req.priority, created, expires]
             args += [req.max_attempts, payload, req.attempts]
-        reply = await self._call("enqueue", now, *args)
+        keys = tuple(self.keys.request(r.queue_id) for r in requests)
+        reply = await self._call("enqueue", now, *args, keys=keys)
         results: list[EnqueueResult] = []
         for req, (created, data) in zip(requests, reply[1], strict=True):
             if created:
@@ -270,6 +229,7 @@ class RedisQueue:
                     req, seq=int(data), status=QueueStatus.QUEUED, updated_at=now,
                     payload=payload, size_bytes=len(payload), lease_id=None,
                     lease_expires_at=None, reason=None,
+                    expires_at=bounded_time(req.expires_at, "expires_at"),
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
@@ -279,41 +239,55 @@ class RedisQueue:
         return results
 
     async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
-        """Lease up to max_items of the most urgent queued requests, in one script call."""
+        """Lease up to max_items of the most urgent queued requests, in one script call.
+
+        The lease ids are chosen here and passed in, so a resent pipeline gets the same
+        requests back instead of a second set of leases (lua/dequeue.lua).
+        """
         if max_items <= 0:
             return []
         now = self._clock()
+        until = lease_end(now, lease_s)
         lease_ids = [new_lease_id() for _ in range(max_items)]
-        reply = await self._call("dequeue", now, now + lease_s, self._sweep_limit, *lease_ids)
+        reply = await self._call("dequeue", now, until, self._sweep_limit, *lease_ids)
         return [decode_record(pairs) for pairs in reply[1]]
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
-        """Push a live lease's end to now + lease_s."""
+        """Push a live lease's end to now + lease_s (at most MAX_TIME_S)."""
         now = self._clock()
-        reply = await self._call("extend", now, queue_id, lease_id, now + lease_s)
+        until = lease_end(now, lease_s)
+        reply = await self._call("extend", now, queue_id, lease_id, until, keys=self._req(queue_id))
         return self._settled(reply, "extend", queue_id, lease_id)
 
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
-        reply = await self._call("complete", self._clock(), queue_id, lease_id)
+        reply = await self._call(
+            "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
+        )
         return self._settled(reply, "complete", queue_id, lease_id)
 
     async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
-        """End a lease with a failure; requeue while attempts remain and retry is asked."""
+        """End a lease with a failure; requeue while attempts remain and retry is asked.
+
+        A repeat with the same lease returns the record as it is now, like complete.
+        """
         args = (queue_id, lease_id, reason, "1" if retry else "0")
-        rec = self._settled(await self._call("fail", self._clock(), *args), "fail", *args[:2])
+        reply = await self._call("fail", self._clock(), *args, keys=self._req(queue_id))
+        rec = self._settled(reply, "fail", queue_id, lease_id)
         if rec.status is QueueStatus.QUEUED:
             self._notify_work()
         return rec
 
     async def cancel(self, queue_id: str) -> QueuedRequest:
         """Fail a queued request with the reason `cancelled`."""
-        reply = await self._call("cancel", self._clock(), queue_id)
+        # A fresh token per call: the same call resent answers its result, a new one does not.
+        token = uuid.uuid4().hex
+        reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
         return self._settled(reply, "cancel", queue_id, None)
 
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now (what is due applied first), or None."""
-        reply = await self._call("status", self._clock(), queue_id)
+        reply = await self._call("status", self._clock(), queue_id, keys=self._req(queue_id))
         return None if reply[0] == ScriptCode.NOT_FOUND else decode_record(reply[1])
 
     async def stats(self) -> QueueStats:
@@ -390,7 +364,10 @@ class RedisQueue:
 
     async def discard_queued(self, queue_id: str) -> bool:
         """Remove a queued request as if never accepted here (another store keeps it)."""
-        reply = await self._call("discard", self._clock(), queue_id)
+        # A fresh marker per call: the same call resent answers what it did (lua/discard.lua).
+        marker = self.keys.discarded(uuid.uuid4().hex)
+        keys = (self.keys.request(queue_id), marker)
+        reply = await self._call("discard", self._clock(), queue_id, keys=keys)
         return bool(reply[1])
 
     async def probe(self) -> None:
@@ -406,12 +383,16 @@ class RedisQueue:
         """Why this Redis lost its data since we last looked (its marker changed), or None.
 
         A Redis that restarted empty (or was flushed) has no marker: a new one is written, so
-        the next check compares against the new data set.
+        the next check compares against the new data set. The failover manager calls this
+        every watch interval, so it also re-reads the eviction policy: a change shows in
+        `warnings` (health, stats) and in the log.
         """
         with redis_errors():
+            if self._check_policy:
+                await self._check_eviction_policy()
             value = await self._redis.get(self.keys.generation)
             seen = self.generation
-            if value is not None and _as_text(value) == seen:
+            if value is not None and as_text(value) == seen:
                 return None
             self.generation = await self._mark_generation()
         if seen is None:
@@ -470,96 +451,23 @@ class RedisQueue:
 
     # -- the coalescer ---------------------------------------------------------------------------
 
-    async def _call(self, script: str, now: float, *args: Arg) -> list[Any]:
-        """Run one script in the next shared pipeline and return its reply."""
+    def _req(self, queue_id: str) -> tuple[str]:
+        return (self.keys.request(queue_id),)
+
+    async def _call(
+        self, script: str, now: float, *args: Arg, keys: tuple[str, ...] = ()
+    ) -> list[Any]:
+        """Run one script in the next shared pipeline and return its reply.
+
+        KEYS are the eight of every script, then the request hashes the call names.
+        """
         if self._closing.is_set():
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
-        loop = asyncio.get_running_loop()
-        call = _Call(script, (self.keys.request_prefix, now, self.retention_s, *args),
-                     loop.create_future())  # fmt: skip
-        self._batch.append(call)
-        if len(self._batch) == 1:
-            # The first call of this loop iteration schedules the flush; every call made
-            # before the flush task runs joins the same pipeline.
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        result: list[Any] = await call.future
-        return result
-
-    async def _flush(self) -> None:
-        """Send every pending call in one pipeline and resolve each future in order."""
-        batch, self._batch = self._batch, []
-        self.flushes += 1
-        try:
-            replies = await self._pipeline(batch)
-        except asyncio.CancelledError:
-            for call in batch:
-                call.future.cancel()
-            raise
-        except Exception as exc:  # every waiter must hear of the failure
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(translate_error(exc))
-            return
-        for call, reply in zip(batch, replies, strict=True):
-            if call.future.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, Exception):
-                call.future.set_exception(translate_error(reply))
-            else:
-                call.future.set_result(reply)
-
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        replies = await self._send(batch)
-        # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            self._log.info("redis_scripts_reloaded")
-            await self._load_scripts()
-            again = await self._send([batch[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        return replies
-
-    async def _send(self, batch: list[_Call]) -> list[Any]:
-        nkeys = len(self._script_keys)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in batch:
-                pipe.evalsha(SCRIPT_SHAS[call.script], nkeys, *self._script_keys, *call.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        common: tuple[Arg, ...] = (bounded_time(now, "now"), self.retention_s)
+        return await self._runner.call(script, self._script_keys + keys, common + args)
 
 
 # -- building one from Settings -----------------------------------------------------------------
-
-
-def redis_client(settings: Settings) -> Redis:
-    """A redis.asyncio client for settings.redis_url with timeouts that suit a queue."""
-    if settings.redis_url is None:
-        raise ConfigError("REDIS_URL is not set")
-    options: dict[str, Any] = {
-        "socket_connect_timeout": settings.redis_connect_timeout_s,
-        "socket_timeout": settings.redis_timeout_s,
-        # One immediate retry, on a fresh connection, for a connection error only: a pooled
-        # connection that died with a restarted Redis fails on first use. Never on a timeout:
-        # the timed-out write may still run, and the failover manager, not the client
-        # library, decides what happens when Redis is slow or away.
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        "client_name": f"sidecar-{socket.gethostname()}-{os.getpid()}",
-        "decode_responses": False,
-    }
-    if settings.redis_password_file:
-        options["password"] = _read_password(settings.redis_password_file)
-    return Redis.from_url(settings.redis_url, **options)
-
-
-def _read_password(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        # The path is safe to show; the content never is.
-        raise ConfigError(f"REDIS_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from exc
 
 
 def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQueue:

@@ -15,21 +15,27 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | | | expired, bytes, max_expired_age_s) |
 | `{sidecar}:generation` | string | a token written once; if it vanishes, this Redis lost its data |
 | `{sidecar}:probe` | string | a daemon checks that Redis takes writes again (10 s TTL) |
+| `{sidecar}:discarded:<token>` | string | one discard call did its work (60 s TTL) |
+| `{sidecar}:req:` | (prefix) | declared to every script as KEYS[8]: ids read from an index |
+| | | become keys under it; the hashes a call names are declared one by one after it |
 
 A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
 max_attempts, updated_at, size_bytes, payload (until terminal), lease_id, lease_expires_at,
-reason and purge_at (once terminal); times are epoch seconds as decimal text.
+reason, purge_at (once terminal) and settled_by (which op and lease ended it, so the same
+settle run twice is recognised); times are epoch seconds as decimal text, at most MAX_TIME_S.
 
 An operator finds a request with `redis-cli HGETALL '{sidecar}:req:<queue_id>'`, the next
 requests to be handed out with `redis-cli ZRANGE '{sidecar}:pending' 0 9`, and the books with
-`redis-cli HGETALL '{sidecar}:stats'`. A request's hash carries a native TTL: while pending, its
-expiry plus the retention window plus a grace period; once terminal, the end of its retention.
+`redis-cli HGETALL '{sidecar}:stats'`. Only a terminal request's hash carries a native TTL (the
+end of its retention): a queued or leased one stays until a script settles it, so Redis never
+drops what the queue must keep, and the `bytes` counter stays exact.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -40,6 +46,24 @@ from sidecar.models import QueuedRequest, QueueStatus
 # score, 10 * 2**48, stays below 2**53, so a double holds it exactly and ties never blur.
 PRIORITY_SHIFT = 1 << 48
 MAX_SEQ = PRIORITY_SHIFT - 1
+# The latest time the scripts store, in epoch seconds (about year 287,000): 2**53 ms, so a time
+# in milliseconds is an exact integer in Lua's doubles and PEXPIREAT never sees an overflowed,
+# negative value. Later times (an infinite TTL or lease) are clamped to it (lua/common.lua).
+MAX_TIME_S = float(2**53 // 1000)
+
+
+def bounded_time(t: float, what: str) -> float:
+    """An epoch time the scripts can store: at most MAX_TIME_S; NaN raises ValueError."""
+    if math.isnan(t):
+        raise ValueError(f"{what} is not a number")
+    return min(t, MAX_TIME_S)
+
+
+def lease_end(now: float, lease_s: float) -> float:
+    """now + lease_s, bounded like every time the scripts store."""
+    if math.isnan(lease_s):
+        raise ValueError("lease_s is not a number")
+    return bounded_time(now + lease_s, "lease end")
 
 
 def pending_score(priority: int, seq: int) -> int:
@@ -85,8 +109,12 @@ class RedisKeys:
         """The hash of one request."""
         return self.request_prefix + queue_id
 
+    def discarded(self, token: str) -> str:
+        """The marker a discard call leaves for 60 s, so the same call run twice is recognised."""
+        return f"{{{self.prefix}}}:discarded:{token}"
+
     def script_keys(self) -> tuple[str, ...]:
-        """KEYS[1..7] of every script, in the order lua/common.lua names them."""
+        """KEYS[1..8] of every script, in the order lua/common.lua names them."""
         return (
             self.pending,
             self.leases,
@@ -95,6 +123,7 @@ class RedisKeys:
             self.seq,
             self.stats,
             self.generation,
+            self.request_prefix,
         )
 
 

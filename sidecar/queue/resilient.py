@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,6 +33,38 @@ from sidecar.queue.redis import RedisQueue
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# Successful write probes in a row before Redis serves again: one small write can pass while a
+# Redis at its memory limit refuses the next batch (the store then flapped many times a second).
+PROBE_SUCCESSES = 2
+# Failing again within this long after a recovery is a flap: the probe keeps its backoff
+# instead of starting again from probe_initial_s.
+FLAP_WINDOW_S = 30.0
+
+
+class _Repeats:
+    """At most one log line per event per interval; the next one says how many were skipped.
+
+    Skipped lines still go out at debug level, so nothing is lost to whoever asks for it.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(event)
+        if last is not None and now - last < self.interval_s:
+            self._skipped[event] = self._skipped.get(event, 0) + 1
+            log.debug(event, **fields)
+            return
+        self._last[event] = now
+        skipped = self._skipped.pop(event, 0)
+        if skipped:
+            fields["repeats_skipped"] = skipped
+        getattr(log, level)(event, **fields)
 
 
 class ResilientQueue:
@@ -49,6 +81,7 @@ class ResilientQueue:
         probe_max_s: float = 2.0,
         watch_interval_s: float = 1.0,
         migrate_batch: int = 100,
+        log_repeat_s: float = 60.0,
     ) -> None:
         self.redis = redis
         self.local = local
@@ -73,6 +106,10 @@ class ResilientQueue:
         self._probe: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # The probe's backoff, kept across a recovery so a flapping Redis is probed ever slower.
+        self.probe_delay_s = probe_initial_s
+        self._up_since: float | None = None
+        self._repeats = _Repeats(log_repeat_s)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -232,12 +269,18 @@ class ResilientQueue:
     def _mark_down(self, exc: BackendUnavailable, op: str) -> None:
         if not self.redis_up and self._probe is not None and not self._probe.done():
             return
+        now = time.monotonic()
         if self.redis_up:
             self.failovers += 1
+            flapped = self._up_since is not None and now - self._up_since < FLAP_WINDOW_S
+            self.probe_delay_s = (
+                min(self.probe_delay_s * 2, self.probe_max_s) if flapped else self.probe_initial_s
+            )
         self.redis_up = False
         self.down_reason = exc.message
-        self._degraded_since = time.monotonic()
-        log.warning("redis_down", op=op, error=exc.message, failovers=self.failovers)
+        self._degraded_since = now
+        self._repeats.log("warning", "redis_down", op=op, error=exc.message,
+                          failovers=self.failovers)  # fmt: skip
         self._notify_change()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
@@ -259,36 +302,47 @@ class ResilientQueue:
     def _mark_up(self) -> None:
         self.redis_up = True
         self.recoveries += 1
+        self._up_since = time.monotonic()
         if self._degraded_since is not None:
-            self._degraded_total += time.monotonic() - self._degraded_since
+            self._degraded_total += self._up_since - self._degraded_since
             self._degraded_since = None
         self.down_reason = None
-        log.info("redis_recovered", recoveries=self.recoveries, local_backlog=self.local.queued)
+        self._repeats.log("info", "redis_recovered", recoveries=self.recoveries,
+                          local_backlog=self.local.queued)  # fmt: skip
         self._kick_mover()
         self._notify_change()
 
     async def _probe_until_up(self) -> None:
-        """Probe Redis with backoff until it answers; then reconcile and hand back to Redis."""
-        delay = self.probe_initial_s
+        """Probe Redis with backoff until it takes writes twice in a row; then reconcile and
+        hand back to Redis. The backoff carries over from a recent flap (see _mark_down)."""
+        successes = 0
         while not self._closing.is_set():
+            # The confirming write follows shortly: after a long outage the backoff is at its
+            # maximum, and waiting that long again would only delay the recovery.
+            delay = self.probe_delay_s if successes == 0 else self.probe_initial_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
                 return
             try:
                 await self.redis.start()  # loads scripts when Redis was never reached
                 await self.redis.probe()
+                successes += 1
+                if successes < PROBE_SUCCESSES:
+                    continue
                 lost = await self.redis.check_generation()
                 if lost is not None:
                     self._report_data_loss(lost)
                 await self._reconcile()
             except BackendUnavailable:
-                delay = min(delay * 2, self.probe_max_s)
+                successes = 0
+                self.probe_delay_s = min(self.probe_delay_s * 2, self.probe_max_s)
                 continue
             except Exception:
                 # Not an outage we know (a bug, or an error reply we did not expect): keep
                 # probing rather than stay on the local queue for good.
-                log.exception("redis_probe_failed")
-                delay = min(delay * 2, self.probe_max_s)
+                self._repeats.log("error", "redis_probe_failed", exc_info=True)
+                successes = 0
+                self.probe_delay_s = min(self.probe_delay_s * 2, self.probe_max_s)
                 continue
             self._mark_up()
             return
@@ -405,9 +459,11 @@ class ResilientQueue:
             expired=sum(p.expired for p in parts),
             items=sum(p.items for p in parts) + moving,
             bytes=sum(p.bytes for p in parts),
-            max_items=local.max_items,
-            max_bytes=local.max_bytes,
-            usage=local.usage,
+            # The limits are the local store's: beside totals that include Redis they would
+            # read as limits on Redis, which has none of them. Each store's own are in `stores`.
+            max_items=local.max_items if remote is None else None,
+            max_bytes=local.max_bytes if remote is None else None,
+            usage=local.usage if remote is None else 0.0,
             breaker_open=local.breaker_open,
             rejections=local.rejections,
             oldest_queued_age_s=max(

@@ -1,13 +1,19 @@
 -- cancel.lua: fail a queued request with the reason "cancelled".
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 queue_id.
+-- KEYS: the eight of common.lua; 9 the request's hash.
+-- ARGV: 1-2 as in common.lua; 3 queue_id; 4 a token fresh for each cancel call, so the same
+--   call run twice (a resent pipeline) answers the cancelled record, while a second cancel
+--   call answers invalid_state.
 -- Returns: {0, record}; {-1} not found; {-2, status} not queued.
-local r = load_live(ARGV[4])
+local token = 'cancel:' .. arg_text(4, 'token')
+local r = load_live(ARGV[3], KEYS[9])
+if repeated(r, token) then
+  return {OK, record(r)}
+end
 if not r then
   return {ERR_NOT_FOUND}
 end
 if r.status ~= 'queued' then
   return {ERR_INVALID_STATE, r.status}
 end
-to_terminal(r, 'failed', 'cancelled')
+to_terminal(r, 'failed', 'cancelled', token)
 return {OK, record(r)}

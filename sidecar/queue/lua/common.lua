@@ -1,43 +1,104 @@
 -- common.lua: shared helpers, prepended to every other script when it is loaded.
 --
--- KEYS (the same for every script; see sidecar/queue/redis_keys.py):
+-- KEYS (see sidecar/queue/redis_keys.py; every key shares one hash tag, so one cluster slot):
 --   1 pending (zset: queue_id by priority * 2^48 + seq)   2 leases (zset: queue_id by lease end)
 --   3 expiry (zset: queued queue_id by expires_at)         4 retained (zset: terminal queue_id by purge time)
 --   5 seq (string counter)   6 stats (hash of counters)   7 generation (string marker)
--- ARGV (the same first three for every script):
---   1 the request hash key prefix, e.g. "{sidecar}:req:" (request keys share the hash tag, so
---     building them here keeps every key of a call in one cluster slot)
---   2 now, epoch seconds from the caller's clock: every expiry, lease and retention decision
+--   8 the request key prefix, e.g. "{sidecar}:req:" (declared, so the only keys a script builds
+--     itself are those of ids it reads from an index, in the same slot)
+--   9.. the request hashes the call names (one per queue_id in ARGV, in the same order)
+-- ARGV (the same first two for every script):
+--   1 now, epoch seconds from the caller's clock: every expiry, lease and retention decision
 --     uses it, so hosts sharing one Redis need synchronised clocks
---   3 retention_s, how long a terminal record stays readable
+--   2 retention_s, how long a terminal record stays readable
 -- Return codes (first element of every reply): 0 ok, -1 not found, -2 invalid state (the
 -- second element is the current status), -3 lease mismatch.
+--
+-- Safety rules every script keeps:
+-- - Arguments are checked before the first write: a script that raises half-way keeps what it
+--   already wrote (Redis has no rollback), so a bad argument must fail before any change.
+-- - Lua numbers are doubles and '%d' of one past 2^63 turns negative: every time is clamped to
+--   MAX_TIME (2^53 ms, exact as a double) before it is formatted, so no expiry lands in the past.
+-- - Only a terminal hash carries a native TTL (its retention, counted by Redis's clock). A queued or leased
+--   hash never expires by itself: it must stay until a script settles it, and the `bytes`
+--   counter stays exact because every hash it counts leaves through a script.
+-- - A script may run twice for one call (redis-py resends a whole pipeline after a dropped
+--   connection): dequeue recognises its own leases, settles record who settled them
+--   (settled_by) and answer a repeat with the record as it is.
 
 local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_SEQ, K_STATS = KEYS[5], KEYS[6]
-local REQ = ARGV[1]
-local NOW_S = ARGV[2]
-local NOW = tonumber(NOW_S)
-local RETENTION = tonumber(ARGV[3])
+local K_SEQ, K_STATS, K_REQ = KEYS[5], KEYS[6], KEYS[8]
 
 local OK, ERR_NOT_FOUND, ERR_INVALID_STATE, ERR_LEASE_MISMATCH = 0, -1, -2, -3
 local SHIFT = 281474976710656 -- 2^48: priority sits above the 48 bits of seq
--- A pending hash outlives its logical expiry by this much, so the sweep (not Redis's own
--- TTL) always moves it to "expired" first and the books stay balanced.
-local GRACE_S = 3600
+-- The latest time a script handles, in epoch seconds: 2^53 ms, so a time in milliseconds is
+-- an exact integer (mirrored by redis_keys.MAX_TIME_S).
+local MAX_TIME = 9007199254740
+
+local function fail_arg(i, what)
+  error({err = 'ERR sidecar: ARGV[' .. i .. '] (' .. what .. ') is ' .. tostring(ARGV[i])})
+end
+
+-- A number argument (not NaN); nil raises before anything was written.
+local function arg_number(i, what)
+  local x = tonumber(ARGV[i])
+  if not x or x ~= x then
+    fail_arg(i, what)
+  end
+  return x
+end
+
+-- A string argument that must be present.
+local function arg_text(i, what)
+  if not ARGV[i] then
+    fail_arg(i, what)
+  end
+  return ARGV[i]
+end
+
+-- A whole-number argument within [lo, hi].
+local function arg_int(i, what, lo, hi)
+  local x = arg_number(i, what)
+  if x ~= math.floor(x) or x < lo or x > hi then
+    fail_arg(i, what)
+  end
+  return x
+end
+
+local function clamp_time(t)
+  if t > MAX_TIME then
+    return MAX_TIME
+  end
+  return t
+end
 
 local function fmt(x)
   return string.format('%.17g', x)
 end
 
-local function expire_at(key, t)
-  redis.call('PEXPIREAT', key, string.format('%d', math.ceil(t * 1000)))
+-- A time argument, clamped: returns the number and the text stored for it.
+local function arg_time(i, what)
+  local t = clamp_time(arg_number(i, what))
+  return t, fmt(t)
 end
 
-local function load(id)
-  local key = REQ .. id
+local NOW, NOW_S = arg_time(1, 'now')
+local RETENTION = arg_number(2, 'retention_s')
+if RETENTION < 0 then
+  fail_arg(2, 'retention_s')
+end
+
+-- Relative to Redis's own clock, so a daemon whose clock differs from Redis's never sets an
+-- expiry that Redis already sees as past; `seconds` is positive and clamped, so '%d' is exact.
+local function expire_in(key, seconds)
+  redis.call('PEXPIRE', key, string.format('%d', math.ceil(clamp_time(seconds) * 1000)))
+end
+
+local function load(id, key)
+  key = key or (K_REQ .. id)
   local v = redis.call('HMGET', key, 'status', 'priority', 'seq', 'expires_at', 'created_at',
-    'attempts', 'max_attempts', 'lease_id', 'lease_expires_at', 'purge_at', 'size_bytes')
+    'attempts', 'max_attempts', 'lease_id', 'lease_expires_at', 'purge_at', 'size_bytes',
+    'settled_by')
   if not v[1] then
     return nil
   end
@@ -46,14 +107,18 @@ local function load(id)
     expires_s = v[4], expires_at = tonumber(v[4]), created_at = tonumber(v[5]),
     attempts = tonumber(v[6]), max_attempts = tonumber(v[7]), lease_id = v[8],
     lease_expires_at = tonumber(v[9]), purge_at = tonumber(v[10]), size = tonumber(v[11]),
+    settled_by = v[12],
   }
 end
 
+-- The HGETALL pairs of a request; once it became terminal, the snapshot taken then (its hash
+-- may be gone already when the retention is 0).
 local function record(r)
-  return redis.call('HGETALL', r.key)
+  return r.snapshot or redis.call('HGETALL', r.key)
 end
 
--- An index entry whose hash is gone (Redis's own TTL won the race): count it as expired once.
+-- An index entry whose hash is gone (deleted by hand, or a native TTL set by an older
+-- version): count it as expired once. Its size is unknown, so `bytes` cannot be reduced.
 local function drop_orphan(id, was_pending)
   local removed = redis.call('ZREM', K_PENDING, id) + redis.call('ZREM', K_LEASES, id)
   redis.call('ZREM', K_EXPIRY, id)
@@ -67,14 +132,16 @@ local function purge(r)
   redis.call('ZREM', K_RETAINED, r.id)
 end
 
-local function to_terminal(r, status, reason)
+-- settled_by: which op and token ended the request's last lease ('complete:<lease_id>',
+-- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
+local function to_terminal(r, status, reason, settled_by)
   if r.status == 'queued' then
     redis.call('ZREM', K_PENDING, r.id)
     redis.call('ZREM', K_EXPIRY, r.id)
   else
     redis.call('ZREM', K_LEASES, r.id)
   end
-  local purge_at = NOW + RETENTION
+  local purge_at = clamp_time(NOW + RETENTION)
   -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
   redis.call('HDEL', r.key, 'payload', 'lease_expires_at')
   if reason then
@@ -82,13 +149,21 @@ local function to_terminal(r, status, reason)
   else
     redis.call('HDEL', r.key, 'reason')
   end
+  if settled_by then
+    redis.call('HSET', r.key, 'settled_by', settled_by)
+  end
   redis.call('HSET', r.key, 'status', status, 'updated_at', NOW_S, 'purge_at', fmt(purge_at))
   redis.call('HINCRBY', K_STATS, status, 1)
   redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
-  redis.call('ZADD', K_RETAINED, fmt(purge_at), r.id)
-  expire_at(r.key, purge_at)
+  r.snapshot = redis.call('HGETALL', r.key)
   r.status = status
   r.purge_at = purge_at
+  if purge_at <= NOW then
+    purge(r) -- a retention of 0: the reply (the snapshot) is the last time it is seen
+  else
+    redis.call('ZADD', K_RETAINED, fmt(purge_at), r.id)
+    expire_in(r.key, purge_at - NOW)
+  end
 end
 
 local function to_expired(r)
@@ -97,14 +172,17 @@ local function to_expired(r)
   if not worst or age > worst then
     redis.call('HSET', K_STATS, 'max_expired_age_s', fmt(age))
   end
-  to_terminal(r, 'expired', 'ttl_elapsed')
+  to_terminal(r, 'expired', 'ttl_elapsed', false)
 end
 
 -- Back in line with its original seq, ahead of younger requests of the same priority.
-local function to_requeued(r, reason)
+local function to_requeued(r, reason, settled_by)
   redis.call('ZREM', K_LEASES, r.id)
   redis.call('HDEL', r.key, 'lease_id', 'lease_expires_at')
   redis.call('HSET', r.key, 'status', 'queued', 'updated_at', NOW_S, 'reason', reason)
+  if settled_by then
+    redis.call('HSET', r.key, 'settled_by', settled_by)
+  end
   redis.call('ZADD', K_PENDING, string.format('%d', r.priority * SHIFT + r.seq), r.id)
   redis.call('ZADD', K_EXPIRY, r.expires_s, r.id)
   r.status = 'queued'
@@ -117,10 +195,10 @@ local function lapse(r)
     to_expired(r)
     return 'expired'
   elseif r.attempts < r.max_attempts then
-    to_requeued(r, 'lease_expired')
+    to_requeued(r, 'lease_expired', false)
     return 'requeued'
   end
-  to_terminal(r, 'failed', 'attempts_exhausted: lease_expired')
+  to_terminal(r, 'failed', 'attempts_exhausted: lease_expired', false)
   return 'failed'
 end
 
@@ -133,14 +211,17 @@ local function settle_due(r)
     lapse(r)
   end
   if r.purge_at and r.purge_at <= NOW then
-    purge(r)
-    return nil
+    if not r.snapshot then
+      purge(r)
+      return nil
+    end
+    -- It became terminal in this very call (a retention of 0): answer with its snapshot.
   end
   return r
 end
 
-local function load_live(id)
-  local r = load(id)
+local function load_live(id, key)
+  local r = load(id, key)
   if r then
     r = settle_due(r)
   end
@@ -159,6 +240,12 @@ local function check_leased(r, lease_id)
     return {ERR_LEASE_MISMATCH}
   end
   return nil
+end
+
+-- The same settle run again (a resent pipeline, or a client repeating it): the request left
+-- the lease this token ended, so answer with the record as it is now.
+local function repeated(r, settled_by)
+  return r and r.settled_by == settled_by and r.status ~= 'processing'
 end
 
 -- Reclaim up to `limit` lapsed leases; returns {expired, requeued, failed}.

@@ -1,14 +1,44 @@
 -- dequeue.lua: lease up to N of the most urgent queued requests (lowest score first), after
 -- reclaiming lapsed leases; expired requests met on the way are expired, never handed out,
 -- and an index entry whose hash is gone is dropped.
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 lease_until (epoch seconds); 5 sweep_limit (lapsed leases
---   reclaimed first, at most); 6.. one fresh lease_id per request wanted (their count is N).
+-- KEYS: the eight of common.lua.
+-- ARGV: 1-2 as in common.lua; 3 lease_until (epoch seconds); 4 sweep_limit (lapsed leases
+--   reclaimed first, at most); 5.. one fresh lease_id per request wanted (their count is N).
 -- Returns: {0, records}, each record the HGETALL field/value pairs of a leased request.
-local lease_until_s = ARGV[4]
-local lease_until = tonumber(lease_until_s)
-reclaim_leases(tonumber(ARGV[5]))
-local want = #ARGV - 5
+-- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
+-- run leased, and leases nothing more: every request a run leases carries one of the call's
+-- lease ids and sits in the leases zset at exactly lease_until.
+local lease_until, lease_until_s = arg_time(3, 'lease_until')
+local limit = arg_int(4, 'sweep_limit', 0, 1000000)
+local want = #ARGV - 4
+local mine = {}
+for i = 1, want do
+  mine[ARGV[4 + i]] = i
+end
+
+local function leased_before()
+  local found = {}
+  local same = redis.call('ZRANGEBYSCORE', K_LEASES, lease_until_s, lease_until_s)
+  for _, id in ipairs(same) do
+    local key = K_REQ .. id
+    local pos = mine[redis.call('HGET', key, 'lease_id')]
+    if pos then
+      found[#found + 1] = {pos, redis.call('HGETALL', key)}
+    end
+  end
+  table.sort(found, function(a, b) return a[1] < b[1] end)
+  local out = {}
+  for i, item in ipairs(found) do
+    out[i] = item[2]
+  end
+  return out
+end
+
+local again = leased_before()
+if #again > 0 then
+  return {OK, again}
+end
+reclaim_leases(limit)
 local out = {}
 while #out < want do
   local top = redis.call('ZPOPMIN', K_PENDING)
@@ -26,11 +56,11 @@ while #out < want do
   else
     redis.call('ZREM', K_EXPIRY, id)
     redis.call('HINCRBY', r.key, 'attempts', 1)
-    redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[6 + #out],
+    redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[5 + #out],
       'lease_expires_at', lease_until_s, 'updated_at', NOW_S)
     redis.call('ZADD', K_LEASES, lease_until_s, id)
-    -- A lease may outlive the TTL; the hash must outlive both.
-    expire_at(r.key, math.max(r.expires_at, lease_until) + RETENTION + GRACE_S)
+    -- Leased means it must stay: drop a native TTL that an older version may have set.
+    redis.call('PERSIST', r.key)
     out[#out + 1] = record(r)
   end
 end

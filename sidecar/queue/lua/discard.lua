@@ -1,10 +1,15 @@
 -- discard.lua: remove a queued request as if this Redis had never accepted it, because the
 -- failover manager keeps another copy of it (an enqueue whose reply was lost during failover).
 -- A request in any other state is left alone: it was handed out or settled here.
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 queue_id.
+-- KEYS: the eight of common.lua; 9 the request's hash; 10 a marker named by a token fresh for
+--   each call, left for 60 s once it discarded, so the same call run twice (a resent pipeline)
+--   answers 1 again instead of "nothing discarded".
+-- ARGV: 1-2 as in common.lua; 3 queue_id.
 -- Returns: {0, 1} discarded; {0, 0} nothing discarded (unknown, processing or terminal).
-local r = load_live(ARGV[4])
+if redis.call('EXISTS', KEYS[10]) == 1 then
+  return {OK, 1}
+end
+local r = load_live(ARGV[3], KEYS[9])
 if not r or r.status ~= 'queued' then
   return {OK, 0}
 end
@@ -13,4 +18,5 @@ redis.call('ZREM', K_EXPIRY, r.id)
 redis.call('DEL', r.key)
 redis.call('HINCRBY', K_STATS, 'accepted', -1)
 redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
+redis.call('SET', KEYS[10], r.id, 'PX', 60000)
 return {OK, 1}

@@ -1,35 +1,53 @@
 -- enqueue.lua: store a batch of new requests (status queued); an existing queue_id is returned
 -- as it is, never stored twice, so a retried write or a repeated migration is harmless.
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 n (requests in the batch); then seven per request, starting at
---   5 + (i - 1) * 7: queue_id, priority, created_at, expires_at, max_attempts, payload
+-- KEYS: the eight of common.lua, then 9.. the hash of each request in the batch, in order.
+-- ARGV: 1-2 as in common.lua; 3 n (requests in the batch); then seven per request, starting at
+--   4 + (i - 1) * 7: queue_id, priority, created_at, expires_at, max_attempts, payload
 --   (opaque bytes, never decoded here), attempts (0 for a new request; the deliveries a
 --   request moved from the local queue already had).
 -- Returns: {0, items}; items[i] = {1, seq} when this call created request i, or {0, record}
 --   (HGETALL field/value pairs) when it already existed (a repeat inside the batch included).
-local n = tonumber(ARGV[4])
+--   Run twice (a resent pipeline), the second run stores nothing and answers {0, record}: the
+--   caller then reads created = false for a request its own call created. Telling the two
+--   apart would need a per-call marker; one copy is what matters, so it is left so.
+-- Raises (before any write) when an argument is not what the contract allows.
+local n = arg_int(3, 'n', 0, 1000000)
+if #KEYS ~= 8 + n then
+  error({err = 'ERR sidecar: enqueue of ' .. n .. ' requests needs ' .. (8 + n) .. ' keys'})
+end
+local checked = {}
+for i = 1, n do
+  local base = 4 + (i - 1) * 7
+  local max_attempts = arg_int(base + 4, 'max_attempts', 1, 2147483647)
+  local created_at = arg_time(base + 2, 'created_at')
+  local expires_at, expires_s = arg_time(base + 3, 'expires_at')
+  arg_text(base, 'queue_id')
+  arg_text(base + 5, 'payload')
+  checked[i] = {
+    priority = arg_int(base + 1, 'priority', 0, 9), created_s = fmt(created_at),
+    expires_at = expires_at, expires_s = expires_s, max_attempts = max_attempts,
+    attempts = arg_int(base + 6, 'attempts', 0, max_attempts),
+  }
+end
 local items = {}
 for i = 1, n do
-  local base = 5 + (i - 1) * 7
-  local id = ARGV[base]
-  local r = load_live(id)
+  local base = 4 + (i - 1) * 7
+  local id, key, c = ARGV[base], KEYS[8 + i], checked[i]
+  local r = load_live(id, key)
   if r then
     items[i] = {0, record(r)}
   else
-    local key = REQ .. id
     local payload = ARGV[base + 5]
     local seq = redis.call('INCR', K_SEQ)
-    local priority = tonumber(ARGV[base + 1])
-    local expires_at = tonumber(ARGV[base + 3])
-    redis.call('HSET', key, 'queue_id', id, 'priority', ARGV[base + 1], 'seq', seq,
-      'created_at', ARGV[base + 2], 'expires_at', ARGV[base + 3], 'status', 'queued',
-      'attempts', ARGV[base + 6], 'max_attempts', ARGV[base + 4], 'updated_at', NOW_S,
+    -- No native TTL while pending: the sweep, not Redis, moves it to expired (common.lua).
+    redis.call('HSET', key, 'queue_id', id, 'priority', c.priority, 'seq', seq,
+      'created_at', c.created_s, 'expires_at', c.expires_s, 'status', 'queued',
+      'attempts', c.attempts, 'max_attempts', c.max_attempts, 'updated_at', NOW_S,
       'payload', payload, 'size_bytes', #payload)
-    redis.call('ZADD', K_PENDING, string.format('%d', priority * SHIFT + seq), id)
-    redis.call('ZADD', K_EXPIRY, ARGV[base + 3], id)
+    redis.call('ZADD', K_PENDING, string.format('%d', c.priority * SHIFT + seq), id)
+    redis.call('ZADD', K_EXPIRY, c.expires_s, id)
     redis.call('HINCRBY', K_STATS, 'accepted', 1)
     redis.call('HINCRBY', K_STATS, 'bytes', #payload)
-    expire_at(key, math.max(expires_at, NOW) + RETENTION + GRACE_S)
     items[i] = {1, seq}
   end
 end

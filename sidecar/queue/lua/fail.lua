@@ -1,21 +1,28 @@
 -- fail.lua: end a lease with a failure: queued again (keeping its seq) when retry is asked and
 -- attempts remain, else failed ("attempts_exhausted: <reason>" when retry was asked).
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 queue_id; 5 lease_id; 6 reason; 7 retry ("1" or "0").
+-- Repeating it with the same lease (a client's retry, or a resent pipeline) returns the record
+-- as it is now, like complete.
+-- KEYS: the eight of common.lua; 9 the request's hash.
+-- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0").
 -- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
-local r = load_live(ARGV[4])
-local err = check_leased(r, ARGV[5])
+local token = 'fail:' .. arg_text(4, 'lease_id')
+local reason = arg_text(5, 'reason')
+local retry = arg_text(6, 'retry') == '1'
+local r = load_live(ARGV[3], KEYS[9])
+if repeated(r, token) then
+  return {OK, record(r)}
+end
+local err = check_leased(r, ARGV[4])
 if err then
   return err
 end
-local reason = ARGV[6]
-if ARGV[7] == '1' then
+if retry then
   if r.attempts < r.max_attempts then
-    to_requeued(r, reason)
+    to_requeued(r, reason, token)
   else
-    to_terminal(r, 'failed', 'attempts_exhausted: ' .. reason)
+    to_terminal(r, 'failed', 'attempts_exhausted: ' .. reason, token)
   end
 else
-  to_terminal(r, 'failed', reason)
+  to_terminal(r, 'failed', reason, token)
 end
 return {OK, record(r)}

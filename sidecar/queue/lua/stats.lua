@@ -1,9 +1,9 @@
 -- stats.lua: one bounded sweep step, then a consistent snapshot of the books.
--- KEYS: the seven of common.lua.
--- ARGV: 1-3 as in common.lua; 4 sweep limit.
+-- KEYS: the eight of common.lua.
+-- ARGV: 1-2 as in common.lua; 3 sweep limit.
 -- Returns: {0, {expired, requeued, failed, purged}, queued, processing, retained,
 --   {accepted, completed, failed, expired, bytes, max_expired_age_s}, oldest_created_at | nil}.
-local swept = sweep(tonumber(ARGV[4]))
+local swept = sweep(arg_int(3, 'limit', 0, 1000000))
 -- The oldest queued request has the lowest seq; the first entry of each priority band holds
 -- that band's lowest seq, so ten O(log n) lookups find it.
 local oldest_seq, oldest_id = nil, nil
@@ -20,7 +20,7 @@ for p = 0, 9 do
 end
 local oldest_created = false
 if oldest_id then
-  oldest_created = redis.call('HGET', REQ .. oldest_id, 'created_at')
+  oldest_created = redis.call('HGET', K_REQ .. oldest_id, 'created_at')
 end
 local counters = redis.call('HMGET', K_STATS, 'accepted', 'completed', 'failed', 'expired',
   'bytes', 'max_expired_age_s')
