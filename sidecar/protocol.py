@@ -12,7 +12,14 @@ from typing import Annotated, Any, cast
 import msgspec
 
 from sidecar.errors import FrameTooLarge, InvalidMessage, SidecarError, UnknownOp
-from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
+from sidecar.models import (
+    MAX_LEASE_S,
+    MAX_TTL_S,
+    MAX_WAIT_S,
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+)
 
 HEADER_BYTES = 4
 MAX_FRAME_LIMIT = 0xFFFFFFFF
@@ -21,7 +28,11 @@ QueueId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")
 ]  # printable ASCII, no spaces: fits a log line, a Redis key and a URL
 Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+# Every duration is bounded above as well as below: the bound also refuses inf, and NaN fails
+# every comparison, so only finite values in range reach a store (see MAX_TTL_S for why).
+TtlSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_TTL_S)]
+LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
+WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 
 
@@ -43,7 +54,7 @@ class EnqueueItem(msgspec.Struct, kw_only=True):
     # Any MessagePack value; kept as the exact bytes it arrived as.
     payload: msgspec.Raw
     priority: Priority = PRIORITY_DEFAULT
-    ttl_s: PositiveSeconds | None = None
+    ttl_s: TtlSeconds | None = None
     queue_id: QueueId | None = None
     max_attempts: Attempts | None = None
 
@@ -54,14 +65,14 @@ class Enqueue(Request, tag="enqueue"):
 
 class Dequeue(Request, tag="dequeue"):
     max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
-    lease_s: PositiveSeconds | None = None
-    wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    lease_s: LeaseSeconds | None = None
+    wait_s: WaitSeconds = 0.0
 
 
 class Extend(Request, tag="extend"):
     queue_id: QueueId
     lease_id: str
-    lease_s: PositiveSeconds | None = None
+    lease_s: LeaseSeconds | None = None
 
 
 class Complete(Request, tag="complete"):
@@ -113,6 +124,8 @@ class Limits(msgspec.Struct, kw_only=True):
     default_ttl_s: float
     default_lease_s: float
     default_max_attempts: int
+    max_ttl_s: float = MAX_TTL_S
+    max_lease_s: float = MAX_LEASE_S
 
 
 class HelloResult(msgspec.Struct, kw_only=True):
@@ -219,15 +232,11 @@ def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
 # -- codec ---------------------------------------------------------------------------------------
 
 
-class _Envelope(msgspec.Struct):
-    """Read leniently on the error path only, to echo the id and tell an unknown op apart."""
-
-    id: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    op: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-
-
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)
-_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+# Read on the error path only, to echo the id and tell an unknown op apart: keys of any
+# hashable type (a request's keys are str, but a bad one must not hide a good `id`), values
+# left raw so nothing but `id` and `op` is decoded.
+_envelope_decoder = msgspec.msgpack.Decoder(dict[Any, msgspec.Raw])
 _int_decoder = msgspec.msgpack.Decoder(int)
 _str_decoder = msgspec.msgpack.Decoder(str)
 _encoder = msgspec.msgpack.Encoder()
@@ -254,19 +263,20 @@ def decode_request(body: bytes | memoryview) -> AnyRequest:
 
 
 def _salvage(body: bytes | memoryview) -> tuple[int | None, str | None]:
+    """The int `id` and str `op` of a map that is not a valid request, when it has them."""
     try:
         env = _envelope_decoder.decode(body)
     except DECODE_ERRORS:
         return None, None
     request_id = op = None
     try:
-        if env.id:
-            request_id = _int_decoder.decode(env.id)
+        if "id" in env:
+            request_id = _int_decoder.decode(env["id"])
     except DECODE_ERRORS:
         pass
     try:
-        if env.op:
-            op = _str_decoder.decode(env.op)
+        if "op" in env:
+            op = _str_decoder.decode(env["op"])
     except DECODE_ERRORS:
         pass
     return request_id, op
@@ -277,7 +287,69 @@ def _describe(exc: BaseException) -> str:
         return "invalid message: a string is not valid UTF-8"
     if isinstance(exc, RecursionError):
         return "invalid message: nested too deeply"
-    return f"invalid message: {exc}"
+    text = str(exc)
+    if text.endswith(_DURATION_PATHS):
+        return f"invalid message: {text} (a finite number of seconds; hello reports the limits)"
+    return f"invalid message: {text}"
+
+
+_DURATION_PATHS = (".ttl_s`", ".lease_s`", ".wait_s`")
+
+
+# How deeply a payload may nest arrays and maps. JSON bodies of LLM calls nest tens of levels;
+# the decoder itself gives up near 985 (the Python recursion limit, minus the daemon's stack),
+# a number that moves with the build. Refusing past 256 ourselves makes the limit exact.
+MAX_PAYLOAD_DEPTH = 256
+# Bytes that can start a map or an array. Counting them (in C) bounds the depth from above, so
+# the exact walk below runs only for payloads that hold more than MAX_PAYLOAD_DEPTH of them.
+_CONTAINER_BYTES = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+# Bytes taken by the header of each scalar type byte 0xc0-0xdf (maps/arrays handled apart),
+# and the width of the length field that follows it, if any.
+_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+_FIXED |= {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: length width
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length width, then a type byte
+
+
+def payload_depth_exceeds(data: bytes, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
+    """Whether the MessagePack value in data nests arrays and maps more than limit deep."""
+    if len(data) - len(data.translate(None, _CONTAINER_BYTES)) <= limit:
+        return False
+    open_counts: list[int] = []  # values still to read in each enclosing container
+    left, pos = 1, 0
+    while True:
+        while left == 0:
+            if not open_counts:
+                return False
+            left = open_counts.pop()
+        b = data[pos]
+        left -= 1
+        count = -1
+        if b <= 0x7F or b >= 0xE0:
+            pos += 1
+        elif b <= 0x8F:
+            count, pos = 2 * (b & 0x0F), pos + 1
+        elif b <= 0x9F:
+            count, pos = b & 0x0F, pos + 1
+        elif b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        elif b in _FIXED:
+            pos += _FIXED[b]
+        elif b in _SIZED:
+            width = _SIZED[b]
+            pos += 1 + width + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+        elif b in _EXT:
+            width = _EXT[b]
+            pos += 2 + width + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+        else:  # 0xdc-0xdf: array16/32, map16/32 (0xc1 never reaches here: msgspec refused it)
+            width = 2 if b in (0xDC, 0xDE) else 4
+            count = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+            count, pos = count * (2 if b >= 0xDE else 1), pos + 1 + width
+        if count >= 0:
+            open_counts.append(left)
+            if len(open_counts) > limit:
+                return True
+            left = count
 
 
 def request_id_of(err: SidecarError) -> int | None:

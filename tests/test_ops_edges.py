@@ -1,0 +1,131 @@
+"""The ops layer above every store: the dequeue reply fits a frame, and fail says what happened.
+
+Run against every store of the contract suite (the `store` fixture of conftest.py: local, a real
+redis-server, fakeredis, and the failover manager), with the fake clock.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from sidecar.config import Settings
+from sidecar.handlers import Ops
+from sidecar.protocol import (
+    Dequeue,
+    DequeueResult,
+    Enqueue,
+    EnqueueItem,
+    Fail,
+    OkReply,
+    RequestInfo,
+    Status,
+    encode_frame,
+)
+from sidecar.queue.base import QueueRepository
+from tests.helpers import FakeClock
+
+FRAME = 64 * 1024
+PAYLOAD = 16 * 1024
+
+
+def ops_for(store: QueueRepository, clock: FakeClock, **settings: object) -> Ops:
+    values: dict[str, object] = {"max_frame_bytes": FRAME, "max_payload_bytes": PAYLOAD}
+    values.update(settings)
+    return Ops(Settings(**values), store, clock=clock)  # type: ignore[arg-type]
+
+
+def payload_of(size: int) -> msgspec.Raw:
+    """A bin payload whose encoding is exactly `size` bytes."""
+    return msgspec.Raw(msgspec.msgpack.encode(b"x" * (size - 3)))
+
+
+async def enqueue(ops: Ops, count: int, size: int, ttl_s: float | None = None) -> list[str]:
+    items = [EnqueueItem(payload=payload_of(size), ttl_s=ttl_s) for _ in range(count)]
+    result = await ops.handle(Enqueue(id=1, items=items))
+    return [i.queue_id for i in result.items]  # type: ignore[attr-defined]
+
+
+def reply_size(result: object) -> int:
+    """The frame body length of the reply carrying result, with the widest possible id."""
+    return len(encode_frame(OkReply(id=-(2**63), result=result))) - 4
+
+
+async def test_a_dequeue_reply_never_passes_the_frame_limit(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    """Item 15: 20 payloads of 15 KiB asked at once: as many as fit, the rest stay queued."""
+    ops = ops_for(store, clock)
+    await enqueue(ops, 20, 15 * 1024)
+    result = await ops.handle(Dequeue(id=2, max_items=20))
+    assert isinstance(result, DequeueResult)
+    taken = len(result.items)
+    assert 1 <= taken < 20
+    assert reply_size(result) <= FRAME
+    stats = await store.stats()
+    assert (stats.processing, stats.queued) == (taken, 20 - taken)
+    assert stats.balanced
+    # Nothing left out was touched: the rest come out whole, over later dequeues.
+    seen = {j.queue_id for j in result.items}
+    while True:
+        more = await ops.handle(Dequeue(id=3, max_items=20))
+        assert isinstance(more, DequeueResult)
+        if not more.items:
+            break
+        assert reply_size(more) <= FRAME
+        assert all(j.attempts == 1 for j in more.items)
+        seen |= {j.queue_id for j in more.items}
+    assert len(seen) == 20
+
+
+async def test_small_payloads_still_come_out_in_one_batch(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    ops = ops_for(store, clock)
+    await enqueue(ops, 150, 40)
+    result = await ops.handle(Dequeue(id=2, max_items=150))
+    assert isinstance(result, DequeueResult)
+    assert len(result.items) == 150
+    assert reply_size(result) <= FRAME
+
+
+async def test_one_job_is_always_handed_out(store: QueueRepository, clock: FakeClock) -> None:
+    """A payload that nearly fills a frame still comes out, within the documented slack."""
+    ops = ops_for(store, clock, max_frame_bytes=4096, max_payload_bytes=8192)
+    await enqueue(ops, 2, 4000)
+    result = await ops.handle(Dequeue(id=2, max_items=5))
+    assert isinstance(result, DequeueResult)
+    assert len(result.items) == 1
+    assert reply_size(result) <= 4096 + 1024  # the slack protocol.md section 3 promises
+
+
+async def test_fail_with_retry_after_the_ttl_answers_expired(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    """Item 13: the reply to the fail and the next status agree (no 'queued' then 'expired')."""
+    ops = ops_for(store, clock)
+    [queue_id] = await enqueue(ops, 1, 10, ttl_s=10.0)
+    leased = await ops.handle(Dequeue(id=2, lease_s=60.0))
+    assert isinstance(leased, DequeueResult)
+    [job] = leased.items
+    clock.advance(20)
+    failed = await ops.handle(Fail(id=3, queue_id=queue_id, lease_id=job.lease_id, reason="x"))
+    assert isinstance(failed, RequestInfo)
+    after = await ops.handle(Status(id=4, queue_id=queue_id))
+    assert isinstance(after, RequestInfo)
+    assert (
+        (failed.status, failed.reason) == (after.status, after.reason) == ("expired", "ttl_elapsed")
+    )
+    assert (await store.stats()).balanced
+
+
+async def test_fail_with_retry_before_the_ttl_still_answers_queued(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    ops = ops_for(store, clock)
+    [queue_id] = await enqueue(ops, 1, 10, ttl_s=100.0)
+    leased = await ops.handle(Dequeue(id=2, lease_s=60.0))
+    assert isinstance(leased, DequeueResult)
+    clock.advance(20)
+    failed = await ops.handle(Fail(id=3, queue_id=queue_id, lease_id=leased.items[0].lease_id))
+    assert isinstance(failed, RequestInfo)
+    assert (failed.status, failed.reason) == ("queued", "unspecified")
