@@ -7,6 +7,7 @@ redis-server, fakeredis, and the failover manager), with the fake clock.
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from sidecar.config import Settings
 from sidecar.handlers import Ops
@@ -129,3 +130,38 @@ async def test_fail_with_retry_before_the_ttl_still_answers_queued(
     failed = await ops.handle(Fail(id=3, queue_id=queue_id, lease_id=leased.items[0].lease_id))
     assert isinstance(failed, RequestInfo)
     assert (failed.status, failed.reason) == ("queued", "unspecified")
+
+
+async def test_status_of_an_unknown_id_while_redis_is_down_is_backend_unavailable(
+    clock: FakeClock,
+) -> None:
+    """Item 13, as documented in protocol.md 7.8: never not_found while Redis cannot answer."""
+    import fakeredis
+
+    from sidecar.errors import BackendUnavailable, NotFound
+    from sidecar.queue.local import LocalQueue
+    from sidecar.queue.redis import RedisQueue
+    from sidecar.queue.resilient import ResilientQueue
+
+    server = fakeredis.FakeServer()
+    redis = RedisQueue(
+        fakeredis.FakeAsyncRedis(server=server), retention_s=600, clock=clock,
+        check_eviction_policy=False, sweep_interval_s=None,
+    )  # fmt: skip
+    local = LocalQueue(
+        max_items=100, max_bytes=10**6, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock,
+    )  # fmt: skip
+    queue = ResilientQueue(redis, local, probe_initial_s=60, probe_max_s=60)
+    await queue.start()
+    try:
+        ops = ops_for(queue, clock)
+        with pytest.raises(NotFound):
+            await ops.handle(Status(id=1, queue_id="never-enqueued"))
+        server.connected = False
+        await enqueue(ops, 1, 10)  # fails over: Redis is now known to be down
+        with pytest.raises(BackendUnavailable) as info:
+            await ops.handle(Status(id=2, queue_id="never-enqueued"))
+        assert info.value.details == {"queue_id": "never-enqueued", "kind": "down"}
+    finally:
+        await queue.close()

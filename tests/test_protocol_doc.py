@@ -264,3 +264,16 @@ def test_an_empty_fail_reason_is_documented_as_recorded() -> None:
     section = doc[doc.index("### 8.6 fail") : doc.index("### 8.7 cancel")]
     row = next(line for line in section.splitlines() if line.startswith("| `reason` |"))
     assert f'an empty one is recorded as `"{REASON_UNSPECIFIED}"`' in row
+
+
+def test_every_backend_unavailable_kind_is_documented() -> None:
+    """Item 13: the values of details.kind that the code can send are listed in section 9."""
+    from sidecar.queue import redis as redis_store
+
+    kinds = {kind for _, kind in redis_store._UNAVAILABLE}
+    kinds |= set(redis_store._UNAVAILABLE_REPLIES.values())
+    kinds |= {"down", "closed"}  # ResilientQueue (Redis known away) and RedisQueue.close
+    doc = DOC.read_text(encoding="utf-8")
+    listed = doc[doc.index("- `details.kind` of `backend_unavailable`") :]
+    listed = listed[: listed.index("\n- ")]
+    assert {k for k in kinds if f"`{k}`" not in listed} == set()
