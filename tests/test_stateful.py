@@ -70,6 +70,9 @@ T = TypeVar("T")
 
 EXAMPLES = int(os.environ.get("STATEFUL_EXAMPLES", "25"))
 STEPS = int(os.environ.get("STATEFUL_STEPS", "40"))
+# Retention > 0 only, until the Redis fix of issue 7 item 2 lands: with 0, a RedisQueue's
+# complete (and fail, cancel) raises KeyError b'queue_id' in decode_record once the hash is gone
+# (found by this test: enqueue, dequeue 1, complete). Then add 0.0 here and draw from both.
 RETENTION_S = 600.0
 DEFAULT_LEASE_S = 30.0
 # A time within this of a deadline (TTL, lease, retention) may fall either side of it.
