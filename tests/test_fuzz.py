@@ -249,8 +249,13 @@ def framing_abuse(daemon: Daemon, rng: random.Random) -> str:
     return expected
 
 
-def run_fuzz(daemon: Daemon, seed: int, frames: int) -> dict[str, int]:
-    """Send `frames` frames; return a count of reply codes. Asserts as it goes."""
+def run_fuzz(
+    daemon: Daemon, seed: int, frames: int, at_batch: Callable[[int], None] | None = None
+) -> dict[str, int]:
+    """Send `frames` frames; return a count of reply codes. Asserts as it goes.
+
+    at_batch(sent) runs before each batch: the failover run kills and restarts Redis there.
+    """
     fuzz = Fuzzer(seed)
     codes: dict[str, int] = {}
     conn = Raw(daemon.socket_path)
@@ -258,6 +263,8 @@ def run_fuzz(daemon: Daemon, seed: int, frames: int) -> dict[str, int]:
     sent = 0
     try:
         while sent < frames:
+            if at_batch is not None:
+                at_batch(sent)
             if fuzz.rng.random() < 0.15:  # per batch: about 3 in 1,000 frames
                 code = framing_abuse(daemon, fuzz.rng)
                 codes[code] = codes.get(code, 0) + 1
@@ -280,6 +287,25 @@ def run_fuzz(daemon: Daemon, seed: int, frames: int) -> dict[str, int]:
     return codes
 
 
+def check_after_fuzz(daemon: Daemon, codes: dict[str, int], frames: int) -> None:
+    """The run reached deep into the ops; the daemon lives, logged nothing bad, still serves."""
+    assert sum(codes.values()) == frames
+    assert codes["ok"] > frames // 10, codes
+    expected = ("invalid_message", "unknown_op", "not_found", "unsupported_protocol", "bad_frame")
+    for code in (*expected, "frame_too_large", "payload_too_large", "lease_mismatch"):
+        assert codes.get(code, 0) > 0, codes
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon died"
+    with Client(daemon.socket_path) as c:
+        queued = c.enqueue({"after": "fuzz"}, queue_id="after-fuzz", priority=0)
+        assert c.status(queued.queue_id).status == "queued"
+        stats = c.stats()
+        assert stats.balanced, stats
+        assert c.health().status in ("ok", "degraded")
+    # Everything the daemon wrote so far: no traceback, no op that failed inside.
+    assert not [line for line in daemon.stderr_lines if "Traceback" in line]
+    assert daemon.events("op_failed") == []
+
+
 @pytest.fixture(params=["local", "redis"])
 def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     if request.param == "local":
@@ -294,20 +320,26 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
 @pytest.mark.timeout(300 if FRAMES <= 20_000 else 0)
 def test_fuzz_through_the_socket(daemon: Daemon) -> None:
     codes = run_fuzz(daemon, SEED, FRAMES)
-    assert sum(codes.values()) == FRAMES
-    # The run reached deep into the ops, not only the decoder.
-    assert codes["ok"] > FRAMES // 10, codes
-    expected = ("invalid_message", "unknown_op", "not_found", "unsupported_protocol", "bad_frame")
-    for code in (*expected, "frame_too_large", "payload_too_large", "lease_mismatch"):
-        assert codes.get(code, 0) > 0, codes
-    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon died"
-    with Client(daemon.socket_path) as c:
-        queued = c.enqueue({"after": "fuzz"}, queue_id="after-fuzz", priority=0)
-        assert c.status(queued.queue_id).status == "queued"
-        stats = c.stats()
-        assert stats.balanced, stats
-        assert c.health().status in ("ok", "degraded")
-    # Everything the daemon wrote so far: no traceback, no op that failed inside.
-    assert not [line for line in daemon.stderr_lines if "Traceback" in line]
-    assert daemon.events("op_failed") == []
+    check_after_fuzz(daemon, codes, FRAMES)
     print(f"fuzz seed={SEED} frames={FRAMES} replies={codes}")
+
+
+@pytest.mark.timeout(300 if FRAMES <= 20_000 else 0)
+def test_fuzz_while_redis_dies_and_comes_back() -> None:
+    """Hostile input across a failover: Redis is killed a third in, restarted two thirds in."""
+    frames = FRAMES // 2
+    with (
+        RedisServer(appendonly=True) as server,
+        running_daemon(REDIS_URL=server.url, REDIS_TIMEOUT_SECONDS="0.3", **LIMITS) as daemon,
+    ):
+
+        def fault(sent: int) -> None:
+            if sent >= frames // 3 and server.running and sent < 2 * frames // 3:
+                server.kill()
+            elif sent >= 2 * frames // 3 and not server.running:
+                server.start()
+
+        codes = run_fuzz(daemon, SEED + 1, frames, at_batch=fault)
+        check_after_fuzz(daemon, codes, frames)
+        assert daemon.events("redis_down") and daemon.events("redis_recovered"), "no failover"
+        print(f"fuzz (failover) seed={SEED + 1} frames={frames} replies={codes}")
