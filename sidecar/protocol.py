@@ -7,6 +7,8 @@ normative description of everything here.
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Annotated, Any, cast
 
 import msgspec
@@ -298,58 +300,53 @@ _DURATION_PATHS = (".ttl_s`", ".lease_s`", ".wait_s`")
 
 # How deeply a payload may nest arrays and maps. JSON bodies of LLM calls nest tens of levels;
 # the decoder itself gives up near 985 (the Python recursion limit, minus the daemon's stack),
-# a number that moves with the build. Refusing past 256 ourselves makes the limit exact.
+# a number that moves with the build and the call stack. Refusing past 256 makes it exact.
 MAX_PAYLOAD_DEPTH = 256
-# Bytes that can start a map or an array. Counting them (in C) bounds the depth from above, so
-# the exact walk below runs only for payloads that hold more than MAX_PAYLOAD_DEPTH of them.
-_CONTAINER_BYTES = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
-# Bytes taken by the header of each scalar type byte 0xc0-0xdf (maps/arrays handled apart),
-# and the width of the length field that follows it, if any.
-_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
-_FIXED |= {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
-_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: length width
-_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length width, then a type byte
+
+_skip_decoder = msgspec.msgpack.Decoder(msgspec.Raw)  # reads a value's extent, builds nothing
+# The deepest nesting the decoder reads, by recursion limit and call stack (a handful of keys).
+_reach: dict[tuple[object, ...], int] = {}
+
+
+def _skips(data: bytes) -> bool:
+    """Whether the decoder reads data without hitting its recursion limit."""
+    try:
+        _skip_decoder.decode(data)
+    except RecursionError:
+        return False
+    return True
 
 
 def payload_depth_exceeds(data: bytes, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
-    """Whether the MessagePack value in data nests arrays and maps more than limit deep."""
-    if len(data) - len(data.translate(None, _CONTAINER_BYTES)) <= limit:
-        return False
-    open_counts: list[int] = []  # values still to read in each enclosing container
-    left, pos = 1, 0
-    while True:
-        while left == 0:
-            if not open_counts:
-                return False
-            left = open_counts.pop()
-        b = data[pos]
-        left -= 1
-        count = -1
-        if b <= 0x7F or b >= 0xE0:
-            pos += 1
-        elif b <= 0x8F:
-            count, pos = 2 * (b & 0x0F), pos + 1
-        elif b <= 0x9F:
-            count, pos = b & 0x0F, pos + 1
-        elif b <= 0xBF:
-            pos += 1 + (b & 0x1F)
-        elif b in _FIXED:
-            pos += _FIXED[b]
-        elif b in _SIZED:
-            width = _SIZED[b]
-            pos += 1 + width + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
-        elif b in _EXT:
-            width = _EXT[b]
-            pos += 2 + width + int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
-        else:  # 0xdc-0xdf: array16/32, map16/32 (0xc1 never reaches here: msgspec refused it)
-            width = 2 if b in (0xDC, 0xDE) else 4
-            count = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
-            count, pos = count * (2 if b >= 0xDE else 1), pos + 1 + width
-        if count >= 0:
-            open_counts.append(left)
-            if len(open_counts) > limit:
-                return True
-            left = count
+    """Whether the MessagePack value in data nests arrays and maps more than limit deep.
+
+    Exact and at the decoder's speed: the recursion limit is lowered for one read so that the
+    decoder's own reach from here is exactly `limit` levels, then restored. That reach is the
+    interpreter's recursion limit minus the current depth, which the frames alone do not give
+    exactly (C entries count too), so it is measured once per call stack, from this frame.
+    """
+    if len(data) <= limit:
+        return False  # every level takes at least one byte
+    recursion_limit = sys.getrecursionlimit()
+    key: list[object] = [recursion_limit]
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        key.append(frame.f_code)
+        frame = frame.f_back
+    reach = _reach.get(tuple(key))
+    if reach is None:
+        lo, hi = 0, recursion_limit
+        while lo < hi:  # the deepest array nesting _skips reads when called from here
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _skips(b"\x91" * mid + b"\xc0") else (lo, mid - 1)
+        reach = _reach[tuple(key)] = lo
+    if reach <= limit:
+        return not _skips(data)  # a stack this deep cannot read `limit` levels anyway
+    sys.setrecursionlimit(recursion_limit - (reach - limit))
+    try:
+        return not _skips(data)
+    finally:
+        sys.setrecursionlimit(recursion_limit)
 
 
 def request_id_of(err: SidecarError) -> int | None:

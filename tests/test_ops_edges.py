@@ -6,6 +6,8 @@ redis-server, fakeredis, and the failover manager), with the fake clock.
 
 from __future__ import annotations
 
+import sys
+
 import msgspec
 import pytest
 
@@ -165,3 +167,34 @@ async def test_status_of_an_unknown_id_while_redis_is_down_is_backend_unavailabl
         assert info.value.details == {"queue_id": "never-enqueued", "kind": "down"}
     finally:
         await queue.close()
+
+
+def _at_depth(frames: int, data: bytes) -> bool:
+    """payload_depth_exceeds called from `frames` extra Python frames down the stack."""
+    from sidecar.protocol import payload_depth_exceeds
+
+    return _at_depth(frames - 1, data) if frames else payload_depth_exceeds(data)
+
+
+@pytest.mark.parametrize("frames", [0, 7, 300])
+@pytest.mark.parametrize(
+    "level",
+    [b"\x91", b"\x81\xa1k", b"\x82\xa1a\xc0\xa1k", b"\x92\xc0"],
+    ids=["array", "map-value", "map-second-value", "array-second-item"],
+)
+def test_the_depth_limit_is_exact_from_any_stack(frames: int, level: bytes) -> None:
+    """256 levels pass and 257 do not, whatever the caller's stack depth and the kind of level."""
+    from sidecar.protocol import MAX_PAYLOAD_DEPTH
+
+    limit = sys.getrecursionlimit()
+    assert _at_depth(frames, level * MAX_PAYLOAD_DEPTH + b"\xc0") is False
+    assert _at_depth(frames, level * (MAX_PAYLOAD_DEPTH + 1) + b"\xc0") is True
+    assert _at_depth(frames, level * 5000 + b"\xc0") is True
+    assert sys.getrecursionlimit() == limit  # restored
+
+
+def test_wide_payloads_are_not_deep() -> None:
+    from sidecar.protocol import payload_depth_exceeds
+
+    wide = msgspec.msgpack.encode([[{"k": [1.5] * 50}] * 20 for _ in range(300)])
+    assert payload_depth_exceeds(wide) is False
