@@ -339,6 +339,8 @@ def payload_depth_exceeds(data: bytes, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
         while lo < hi:  # the deepest array nesting _skips reads when called from here
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if _skips(b"\x91" * mid + b"\xc0") else (lo, mid - 1)
+        if len(_reach) >= 64:  # the daemon has a handful of stacks; never grow without bound
+            _reach.clear()
         reach = _reach[tuple(key)] = lo
     if reach <= limit:
         return not _skips(data)  # a stack this deep cannot read `limit` levels anyway
