@@ -15,7 +15,13 @@ import structlog
 
 from sidecar import PROTOCOL_VERSION, __version__
 from sidecar.config import Settings
-from sidecar.errors import InvalidMessage, NotFound, PayloadTooLarge, UnsupportedProtocol
+from sidecar.errors import (
+    InvalidMessage,
+    NotFound,
+    PayloadTooLarge,
+    SidecarError,
+    UnsupportedProtocol,
+)
 from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.protocol import (
     MAX_PAYLOAD_DEPTH,
@@ -149,7 +155,11 @@ class Ops:
         if rec.status is QueueStatus.QUEUED and rec.expires_at <= self._clock():
             # Back in line past its TTL: the next read will say expired, so say it now rather
             # than answer "queued" for a request that can never be handed out again.
-            now = await self.queue.status(req.queue_id)
+            # The fail itself took effect: a read that fails now must not turn it into an error.
+            try:
+                now = await self.queue.status(req.queue_id)
+            except SidecarError:
+                now = None
             if now is not None:
                 return now
         return rec

@@ -198,3 +198,26 @@ def test_wide_payloads_are_not_deep() -> None:
 
     wide = msgspec.msgpack.encode([[{"k": [1.5] * 50}] * 20 for _ in range(300)])
     assert payload_depth_exceeds(wide) is False
+
+
+async def test_fail_past_the_ttl_still_answers_when_the_reread_fails(clock: FakeClock) -> None:
+    """The fail took effect; a status read that fails right after must not turn it into an error."""
+    from sidecar.errors import BackendUnavailable
+    from sidecar.queue.local import LocalQueue
+
+    class StatusFails(LocalQueue):
+        async def status(self, queue_id: str) -> None:
+            raise BackendUnavailable("redis unavailable (connection)", {"kind": "connection"})
+
+    store = StatusFails(
+        max_items=100, max_bytes=10**6, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock,
+    )  # fmt: skip
+    ops = ops_for(store, clock)
+    [queue_id] = await enqueue(ops, 1, 10, ttl_s=10.0)
+    leased = await ops.handle(Dequeue(id=2, lease_s=60.0))
+    assert isinstance(leased, DequeueResult)
+    clock.advance(20)
+    failed = await ops.handle(Fail(id=3, queue_id=queue_id, lease_id=leased.items[0].lease_id))
+    assert isinstance(failed, RequestInfo)
+    assert failed.status == "queued"  # what the store answered; the next read will say expired
