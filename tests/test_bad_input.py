@@ -411,6 +411,8 @@ def test_a_repeated_key_takes_its_last_value(daemon: Daemon, raw: Raw) -> None:
     reply = raw.reply()
     assert error_of(reply) == (5, "invalid_message")
     assert "$.op" in reply["error"]["message"]
+    raw.frame(b"\x83\xa2op\xa6health\xa2id\x06\xa2op\xa7explode")
+    assert error_of(raw.reply()) == (6, "unknown_op")
 
 
 @pytest.mark.parametrize("number", [0, 2, 99, -1])
