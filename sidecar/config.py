@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sidecar.models import MAX_LEASE_S, MAX_RETENTION_S, MAX_TTL_S, MAX_WAIT_S
+
 T = TypeVar("T")
 
 
@@ -230,10 +232,20 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "queue_max_memory_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
     "queue_high_watermark": (_number(0, 1, lo_open=True), "a fraction in (0, 1]"),
     "queue_low_watermark": (_number(0, 1), "a fraction in [0, 1) below QUEUE_HIGH_WATERMARK"),
-    "queue_request_ttl_hours": (_number(0, lo_open=True), "a number of hours > 0"),
-    "queue_lease_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    # The duration maxima are the protocol's (sidecar.models): every store can represent them.
+    "queue_request_ttl_hours": (
+        _number(0, MAX_TTL_S / 3600, lo_open=True),
+        f"a number of hours > 0 and <= {MAX_TTL_S / 3600:g}",
+    ),
+    "queue_lease_s": (
+        _number(0, MAX_LEASE_S, lo_open=True),
+        f"a number of seconds > 0 and <= {MAX_LEASE_S:g}",
+    ),
     "queue_max_attempts": (_whole(1), "a whole number >= 1"),
-    "queue_retention_hours": (_number(0), "a number of hours >= 0"),
+    "queue_retention_hours": (
+        _number(0, MAX_RETENTION_S / 3600),
+        f"a number of hours >= 0 and <= {MAX_RETENTION_S / 3600:g}",
+    ),
     "queue_max_retained": (_whole(0), "a whole number >= 0"),
     "queue_retry_after_s": (_number(0), "a number of seconds >= 0"),
     "record_llm_responses": (_bool, "true or false"),
@@ -248,7 +260,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_payload_bytes": (_whole(1), "a whole number of bytes >= 1"),
     "max_batch": (_whole(1), "a whole number >= 1"),
     "max_connections": (_whole(1), "a whole number >= 1"),
-    "max_wait_s": (_number(0), "a number of seconds >= 0"),
+    "max_wait_s": (_number(0, MAX_WAIT_S), f"a number of seconds >= 0 and <= {MAX_WAIT_S:g}"),
     "drain_timeout_s": (_number(0), "a number of seconds >= 0"),
     "log_level": (_choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
 }

@@ -30,6 +30,12 @@ class UnknownOp(SidecarError):
     code = "unknown_op"
 
 
+class UnsupportedProtocol(SidecarError):
+    """A hello naming a protocol number this daemon does not speak; details list its own."""
+
+    code = "unsupported_protocol"
+
+
 class FrameTooLarge(SidecarError):
     """A frame whose declared length exceeds the limit; the connection is closed."""
 
@@ -92,6 +98,7 @@ ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
         InternalError,
         InvalidMessage,
         UnknownOp,
+        UnsupportedProtocol,
         FrameTooLarge,
         BadFrame,
         PayloadTooLarge,

@@ -15,9 +15,16 @@ import structlog
 
 from sidecar import PROTOCOL_VERSION, __version__
 from sidecar.config import Settings
-from sidecar.errors import InvalidMessage, NotFound, PayloadTooLarge
-from sidecar.models import QueuedRequest
+from sidecar.errors import (
+    InvalidMessage,
+    NotFound,
+    PayloadTooLarge,
+    SidecarError,
+    UnsupportedProtocol,
+)
+from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.protocol import (
+    MAX_PAYLOAD_DEPTH,
     AnyRequest,
     Cancel,
     Complete,
@@ -25,6 +32,7 @@ from sidecar.protocol import (
     DequeueResult,
     Enqueue,
     EnqueuedItem,
+    EnqueueItem,
     EnqueueResult,
     Extend,
     Fail,
@@ -37,10 +45,23 @@ from sidecar.protocol import (
     RequestInfo,
     Stats,
     Status,
+    payload_depth_exceeds,
 )
 from sidecar.queue.base import QueueManager, new_request
 
 log = structlog.get_logger("sidecar.ops")
+
+# The protocol numbers a hello may name; any other is refused (protocol.md 8.1, 11).
+SUPPORTED_PROTOCOLS = (PROTOCOL_VERSION,)
+REASON_UNSPECIFIED = "unspecified"
+# What a job adds to a dequeue reply beyond its payload, queue_id and lease_id: nine keys (96
+# bytes), their headers, three float64s and three ints (135 bytes at most), rounded up.
+JOB_FIXED_BYTES = 160
+# The same with the longest queue_id (128) and a lease_id of up to 64 characters: the bound
+# used before a job's real ids are known.
+JOB_OVERHEAD_BYTES = JOB_FIXED_BYTES + 128 + 64
+# The reply's own envelope around the jobs (id, ok, result, items), rounded up.
+REPLY_OVERHEAD_BYTES = 64
 
 
 class Ops:
@@ -81,9 +102,7 @@ class Ops:
             case Complete():
                 return info(await self.queue.complete(req.queue_id, req.lease_id))
             case Fail():
-                reason = req.reason or "unspecified"  # a failed status always says why
-                failed = await self.queue.fail(req.queue_id, req.lease_id, reason, req.retry)
-                return info(failed)
+                return info(await self._fail(req))
             case Extend():
                 lease_s = req.lease_s or self.settings.queue_lease_s
                 return info(await self.queue.extend(req.queue_id, req.lease_id, lease_s))
@@ -102,6 +121,11 @@ class Ops:
             case Health():
                 return await self.health()
             case Hello():
+                if req.protocol not in SUPPORTED_PROTOCOLS:
+                    raise UnsupportedProtocol(
+                        f"this daemon speaks protocol {PROTOCOL_VERSION}, not {req.protocol}",
+                        {"protocol": req.protocol, "supported": list(SUPPORTED_PROTOCOLS)},
+                    )
                 report = await self.queue.health()
                 return HelloResult(
                     server="sidecar",
@@ -123,6 +147,23 @@ class Ops:
             connections=self._connections(),
         )
 
+    async def _fail(self, req: Fail) -> QueuedRequest:
+        # An empty reason is recorded as "unspecified" (protocol.md 8.6): a failed status
+        # always says why, and a client cannot tell "" from a missing value in every language.
+        reason = req.reason or REASON_UNSPECIFIED
+        rec = await self.queue.fail(req.queue_id, req.lease_id, reason, req.retry)
+        if rec.status is QueueStatus.QUEUED and rec.expires_at <= self._clock():
+            # Back in line past its TTL: the next read will say expired, so say it now rather
+            # than answer "queued" for a request that can never be handed out again.
+            # The fail itself took effect: a read that fails now must not turn it into an error.
+            try:
+                now = await self.queue.status(req.queue_id)
+            except SidecarError:
+                now = None
+            if now is not None:
+                return now
+        return rec
+
     async def _enqueue(self, req: Enqueue) -> EnqueueResult:
         s = self.settings
         if len(req.items) > s.max_batch:
@@ -133,17 +174,9 @@ class Ops:
         now = self._clock()
         records: list[QueuedRequest] = []
         for index, item in enumerate(req.items):
-            size = len(item.payload)
-            if size > s.max_payload_bytes:
-                raise PayloadTooLarge(
-                    f"payload of item {index} is {size} bytes, over the limit of "
-                    f"{s.max_payload_bytes}",
-                    {"index": index, "size": size, "max_payload_bytes": s.max_payload_bytes},
-                )
             records.append(
                 new_request(
-                    # A copy: the Raw is a view into the whole frame, which must not stay alive.
-                    payload=bytes(item.payload),
+                    payload=self._checked_payload(index, item),
                     priority=item.priority,
                     ttl_s=item.ttl_s or s.request_ttl_s,
                     max_attempts=item.max_attempts or s.queue_max_attempts,
@@ -165,17 +198,61 @@ class Ops:
             ]
         )
 
+    def _checked_payload(self, index: int, item: EnqueueItem) -> bytes:
+        """The item's payload as bytes, once it is known to be within the limits."""
+        size = len(item.payload)
+        limit = self.settings.max_payload_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"payload of item {index} is {size} bytes, over the limit of {limit}",
+                {"index": index, "size": size, "max_payload_bytes": limit},
+            )
+        # A copy: the Raw is a view into the whole frame, which must not stay alive.
+        payload = bytes(item.payload)
+        if payload_depth_exceeds(payload):
+            raise InvalidMessage(
+                f"payload of item {index} nests arrays and maps more than "
+                f"{MAX_PAYLOAD_DEPTH} levels deep",
+                {"index": index, "max_payload_depth": MAX_PAYLOAD_DEPTH},
+            )
+        return payload
+
     async def _dequeue(self, req: Dequeue) -> DequeueResult:
         s = self.settings
         max_items = min(req.max_items, s.max_batch)
         lease_s = req.lease_s or s.queue_lease_s
         deadline = time.monotonic() + min(req.wait_s, s.max_wait_s)
         while True:
-            got = await self.queue.dequeue(max_items, lease_s)
+            got = await self._lease_within_frame(max_items, lease_s)
             remaining = deadline - time.monotonic()
             if got or remaining <= 0 or self.stopping.is_set():
                 return DequeueResult(items=[job(r) for r in got])
             await self._wait_for_work(remaining)
+
+    async def _lease_within_frame(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+        """Up to max_items leases whose reply fits in max_frame_bytes; the rest stay queued.
+
+        A store leases what it is asked for, so it is asked only for as many as surely fit:
+        room // (largest payload + job overhead). Small payloads leave room for another round.
+        One job is always allowed, so a payload that was accepted can always be handed out (its
+        reply passes max_frame_bytes by at most JOB_OVERHEAD_BYTES + REPLY_OVERHEAD_BYTES).
+        """
+        s = self.settings
+        worst = min(s.max_payload_bytes, s.max_frame_bytes) + JOB_OVERHEAD_BYTES
+        room = s.max_frame_bytes - REPLY_OVERHEAD_BYTES
+        leased: list[QueuedRequest] = []
+        while len(leased) < max_items:
+            ask = min(max_items - len(leased), room // worst)
+            if ask <= 0:
+                if leased:
+                    break
+                ask = 1
+            got = await self.queue.dequeue(ask, lease_s)
+            leased += got
+            room -= sum(_job_bytes(r) for r in got)
+            if len(got) < ask:
+                break
+        return leased
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""
@@ -186,6 +263,11 @@ class Ops:
         finally:
             work.cancel()
             stop.cancel()
+
+
+def _job_bytes(rec: QueuedRequest) -> int:
+    """An upper bound of what rec costs in a dequeue reply."""
+    return rec.size_bytes + JOB_FIXED_BYTES + len(rec.queue_id) + len(rec.lease_id or "")
 
 
 def info(rec: QueuedRequest) -> RequestInfo:

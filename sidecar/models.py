@@ -12,6 +12,17 @@ PRIORITY_MIN = 0
 PRIORITY_MAX = 9
 PRIORITY_DEFAULT = 5
 
+# Upper bounds of the durations a client or a setting may ask for. Every store must represent
+# `now + duration` exactly: Redis scripts turn times into integer milliseconds in Lua doubles
+# (exact only below 2^53 ms) and `PEXPIREAT` of an overflowed, negative time deletes the key.
+# 30 days of TTL is far beyond any useful wait for an LLM call yet keeps every sum tiny; a day of
+# lease outlasts the slowest batch job, and a worker that needs longer extends it. Retention
+# (operator-set only) gets a year; a dequeue's long poll a day, before max_wait_s lowers it.
+MAX_TTL_S = 30 * 24 * 3600.0
+MAX_LEASE_S = 24 * 3600.0
+MAX_WAIT_S = 24 * 3600.0
+MAX_RETENTION_S = 365 * 24 * 3600.0
+
 
 class QueueStatus(enum.StrEnum):
     """The five states of a request's life cycle."""

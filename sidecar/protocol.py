@@ -7,12 +7,21 @@ normative description of everything here.
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Annotated, Any, cast
 
 import msgspec
 
 from sidecar.errors import FrameTooLarge, InvalidMessage, SidecarError, UnknownOp
-from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
+from sidecar.models import (
+    MAX_LEASE_S,
+    MAX_TTL_S,
+    MAX_WAIT_S,
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+)
 
 HEADER_BYTES = 4
 MAX_FRAME_LIMIT = 0xFFFFFFFF
@@ -21,7 +30,11 @@ QueueId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")
 ]  # printable ASCII, no spaces: fits a log line, a Redis key and a URL
 Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+# Every duration is bounded above as well as below: the bound also refuses inf, and NaN fails
+# every comparison, so only finite values in range reach a store (see MAX_TTL_S for why).
+TtlSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_TTL_S)]
+LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
+WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 
 
@@ -43,7 +56,7 @@ class EnqueueItem(msgspec.Struct, kw_only=True):
     # Any MessagePack value; kept as the exact bytes it arrived as.
     payload: msgspec.Raw
     priority: Priority = PRIORITY_DEFAULT
-    ttl_s: PositiveSeconds | None = None
+    ttl_s: TtlSeconds | None = None
     queue_id: QueueId | None = None
     max_attempts: Attempts | None = None
 
@@ -54,14 +67,14 @@ class Enqueue(Request, tag="enqueue"):
 
 class Dequeue(Request, tag="dequeue"):
     max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
-    lease_s: PositiveSeconds | None = None
-    wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    lease_s: LeaseSeconds | None = None
+    wait_s: WaitSeconds = 0.0
 
 
 class Extend(Request, tag="extend"):
     queue_id: QueueId
     lease_id: str
-    lease_s: PositiveSeconds | None = None
+    lease_s: LeaseSeconds | None = None
 
 
 class Complete(Request, tag="complete"):
@@ -113,6 +126,8 @@ class Limits(msgspec.Struct, kw_only=True):
     default_ttl_s: float
     default_lease_s: float
     default_max_attempts: int
+    max_ttl_s: float = MAX_TTL_S
+    max_lease_s: float = MAX_LEASE_S
 
 
 class HelloResult(msgspec.Struct, kw_only=True):
@@ -219,15 +234,11 @@ def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
 # -- codec ---------------------------------------------------------------------------------------
 
 
-class _Envelope(msgspec.Struct):
-    """Read leniently on the error path only, to echo the id and tell an unknown op apart."""
-
-    id: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    op: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-
-
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)
-_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+# Read on the error path only, to echo the id and tell an unknown op apart: keys of any
+# hashable type (a request's keys are str, but a bad one must not hide a good `id`), values
+# left raw so nothing but `id` and `op` is decoded.
+_envelope_decoder = msgspec.msgpack.Decoder(dict[Any, msgspec.Raw])
 _int_decoder = msgspec.msgpack.Decoder(int)
 _str_decoder = msgspec.msgpack.Decoder(str)
 _encoder = msgspec.msgpack.Encoder()
@@ -254,19 +265,20 @@ def decode_request(body: bytes | memoryview) -> AnyRequest:
 
 
 def _salvage(body: bytes | memoryview) -> tuple[int | None, str | None]:
+    """The int `id` and str `op` of a map that is not a valid request, when it has them."""
     try:
         env = _envelope_decoder.decode(body)
     except DECODE_ERRORS:
         return None, None
     request_id = op = None
     try:
-        if env.id:
-            request_id = _int_decoder.decode(env.id)
+        if "id" in env:
+            request_id = _int_decoder.decode(env["id"])
     except DECODE_ERRORS:
         pass
     try:
-        if env.op:
-            op = _str_decoder.decode(env.op)
+        if "op" in env:
+            op = _str_decoder.decode(env["op"])
     except DECODE_ERRORS:
         pass
     return request_id, op
@@ -277,7 +289,66 @@ def _describe(exc: BaseException) -> str:
         return "invalid message: a string is not valid UTF-8"
     if isinstance(exc, RecursionError):
         return "invalid message: nested too deeply"
-    return f"invalid message: {exc}"
+    text = str(exc)
+    if text.endswith(_DURATION_PATHS):
+        return f"invalid message: {text} (a finite number of seconds; hello reports the limits)"
+    return f"invalid message: {text}"
+
+
+_DURATION_PATHS = (".ttl_s`", ".lease_s`", ".wait_s`")
+
+
+# How deeply a payload may nest arrays and maps. JSON bodies of LLM calls nest tens of levels;
+# the decoder itself gives up near 985 (the Python recursion limit, minus the daemon's stack),
+# a number that moves with the build and the call stack. Refusing past 256 makes it exact.
+MAX_PAYLOAD_DEPTH = 256
+
+_skip_decoder = msgspec.msgpack.Decoder(msgspec.Raw)  # reads a value's extent, builds nothing
+# The deepest nesting the decoder reads, by recursion limit and call stack (a handful of keys).
+_reach: dict[tuple[object, ...], int] = {}
+
+
+def _skips(data: bytes) -> bool:
+    """Whether the decoder reads data without hitting its recursion limit."""
+    try:
+        _skip_decoder.decode(data)
+    except RecursionError:
+        return False
+    return True
+
+
+def payload_depth_exceeds(data: bytes, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
+    """Whether the MessagePack value in data nests arrays and maps more than limit deep.
+
+    Exact and at the decoder's speed: the recursion limit is lowered for one read so that the
+    decoder's own reach from here is exactly `limit` levels, then restored. That reach is the
+    interpreter's recursion limit minus the current depth, which the frames alone do not give
+    exactly (C entries count too), so it is measured once per call stack, from this frame.
+    """
+    if len(data) <= limit:
+        return False  # every level takes at least one byte
+    recursion_limit = sys.getrecursionlimit()
+    key: list[object] = [recursion_limit]
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        key.append(frame.f_code)
+        frame = frame.f_back
+    reach = _reach.get(tuple(key))
+    if reach is None:
+        lo, hi = 0, recursion_limit
+        while lo < hi:  # the deepest array nesting _skips reads when called from here
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _skips(b"\x91" * mid + b"\xc0") else (lo, mid - 1)
+        if len(_reach) >= 64:  # the daemon has a handful of stacks; never grow without bound
+            _reach.clear()
+        reach = _reach[tuple(key)] = lo
+    if reach <= limit:
+        return not _skips(data)  # a stack this deep cannot read `limit` levels anyway
+    sys.setrecursionlimit(recursion_limit - (reach - limit))
+    try:
+        return not _skips(data)
+    finally:
+        sys.setrecursionlimit(recursion_limit)
 
 
 def request_id_of(err: SidecarError) -> int | None:

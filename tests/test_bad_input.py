@@ -316,3 +316,123 @@ def test_connection_limit() -> None:
         assert fourth.reply()["ok"]
         for conn in (second, third, fourth):
             conn.close()
+
+
+# -- issue 7, items 12, 13 and 15: ids, duplicate keys, payload depth, nil, protocol ------------
+
+
+def nested_payload_request(request_id: int, depth: int, kind: str) -> bytes:
+    """An enqueue whose payload nests `depth` arrays (or single-key maps) around nil."""
+    level = b"\x91" if kind == "array" else b"\x81\xa1k"
+    return (
+        b"\x83\xa2op\xa7enqueue\xa2id"
+        + msgspec.msgpack.encode(request_id)
+        + b"\xa5items\x91\x82\xa8queue_id"
+        + msgspec.msgpack.encode(f"deep-{kind}-{depth}")
+        + b"\xa7payload"
+        + level * depth
+        + b"\xc0"
+    )
+
+
+@pytest.mark.parametrize("kind", ["array", "map"])
+def test_payload_depth_limit_is_exact(daemon: Daemon, raw: Raw, kind: str) -> None:
+    """256 levels are stored and handed back byte for byte; 257 are refused, naming the limit."""
+    from sidecar.protocol import MAX_PAYLOAD_DEPTH
+
+    raw.frame(nested_payload_request(1, MAX_PAYLOAD_DEPTH, kind))
+    ok = raw.reply()
+    assert ok["ok"] is True and ok["result"]["items"][0]["created"] is True, ok
+    raw.frame(nested_payload_request(2, MAX_PAYLOAD_DEPTH + 1, kind))
+    reply = raw.reply()
+    assert error_of(reply) == (2, "invalid_message")
+    assert f"more than {MAX_PAYLOAD_DEPTH} levels" in reply["error"]["message"]
+    assert reply["error"]["details"] == {"index": 0, "max_payload_depth": MAX_PAYLOAD_DEPTH}
+    raw.msg({"op": "status", "id": 3, "queue_id": f"deep-{kind}-{MAX_PAYLOAD_DEPTH + 1}"})
+    assert error_of(raw.reply()) == (3, "not_found")  # a rejected enqueue stores nothing
+    raw.msg({"op": "cancel", "id": 4, "queue_id": f"deep-{kind}-{MAX_PAYLOAD_DEPTH}"})
+    assert raw.reply()["ok"] is True
+    still_serving(daemon, raw)
+
+
+def test_nil_payload_is_a_payload(daemon: Daemon, raw: Raw) -> None:
+    with Client(daemon.socket_path) as c:
+        queued = c.enqueue(None, queue_id="nil-payload", priority=0)
+        assert queued.created
+        [job] = c.dequeue(max_items=1)
+        assert job.queue_id == "nil-payload" and bytes(job.payload) == b"\xc0"
+        assert c.status("nil-payload").size_bytes == 1
+        c.complete(job.queue_id, job.lease_id)
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    [7, b"id", None, 1.5, True, [1, 2]],
+    ids=["int-key", "bin-key", "nil-key", "float-key", "bool-key", "array-key"],
+)
+def test_id_is_echoed_despite_a_key_of_the_wrong_type(
+    daemon: Daemon, raw: Raw, bad_key: object
+) -> None:
+    """Item 12: a map with an int id gets its id back, whatever other key is wrong."""
+    body = (
+        b"\x83"
+        + msgspec.msgpack.encode("op")
+        + msgspec.msgpack.encode("status")
+        + msgspec.msgpack.encode("id")
+        + msgspec.msgpack.encode(41)
+        + msgspec.msgpack.encode(bad_key)
+        + msgspec.msgpack.encode("x")
+    )
+    raw.frame(body)
+    assert error_of(raw.reply()) == (41, "invalid_message")
+    still_serving(daemon, raw)
+
+
+def test_unknown_op_with_a_wrong_key_still_names_the_op(daemon: Daemon, raw: Raw) -> None:
+    body = b"\x83\xa2op\xa7explode\xa2id\x2a" + msgspec.msgpack.encode(3) + b"\xa1x"
+    raw.frame(body)
+    reply = raw.reply()
+    assert error_of(reply) == (42, "unknown_op")
+    assert reply["error"]["details"] == {"op": "explode"}
+
+
+def test_a_repeated_key_takes_its_last_value(daemon: Daemon, raw: Raw) -> None:
+    """Item 13: duplicate keys are not refused; the last occurrence wins, as documented."""
+    body = b"\x83\xa2op\xa5stats\xa2id\x01\xa2id\x02"
+    raw.frame(body)
+    reply = raw.reply()
+    assert reply["ok"] is True and reply["id"] == 2
+    body = b"\x84\xa2op\xa5stats\xa2id\x03\xa2op\xa5stats\xa2id\x04"
+    raw.frame(body)
+    reply = raw.reply()
+    assert reply["ok"] is True and reply["id"] == 4 and "queued" in reply["result"]
+    # `op` picks the request type, so a second, different `op` is refused, not obeyed.
+    raw.frame(b"\x83\xa2op\xa6health\xa2id\x05\xa2op\xa5stats")
+    reply = raw.reply()
+    assert error_of(reply) == (5, "invalid_message")
+    assert "$.op" in reply["error"]["message"]
+    raw.frame(b"\x83\xa2op\xa6health\xa2id\x06\xa2op\xa7explode")
+    assert error_of(raw.reply()) == (6, "unknown_op")
+
+
+@pytest.mark.parametrize("number", [0, 2, 99, -1])
+def test_hello_refuses_a_protocol_it_does_not_speak(daemon: Daemon, raw: Raw, number: int) -> None:
+    """Item 15: an unknown protocol number is refused with the numbers the daemon speaks."""
+    raw.msg({"op": "hello", "id": 5, "client": "future", "protocol": number})
+    reply = raw.reply()
+    assert error_of(reply) == (5, "unsupported_protocol")
+    assert reply["error"]["details"] == {"protocol": number, "supported": [1]}
+    raw.msg({"op": "hello", "id": 6, "protocol": 1})
+    assert raw.reply()["result"]["protocol"] == 1
+    still_serving(daemon, raw)
+
+
+def test_fail_without_a_reason_records_unspecified(daemon: Daemon) -> None:
+    """Item 10: protocol.md 8.6 says an empty reason is recorded as "unspecified"."""
+    with Client(daemon.socket_path) as c:
+        c.enqueue("r", queue_id="no-reason", priority=0, max_attempts=2)
+        [job] = c.dequeue(max_items=1)
+        assert c.fail(job.queue_id, job.lease_id).reason == "unspecified"
+        [job] = c.dequeue(max_items=1)
+        final = c.fail(job.queue_id, job.lease_id, reason="")
+        assert (final.status, final.reason) == ("failed", "attempts_exhausted: unspecified")

@@ -178,3 +178,102 @@ def test_every_error_code_is_in_the_table() -> None:
     table = doc[doc.index("## 9. Errors") :]
     for code in ERRORS_BY_CODE:
         assert f"`{code}`" in table, code
+
+
+def _shape_mismatches(value: Any, info: msgspec.inspect.Type, where: str) -> list[str]:
+    """Where an example's maps have other keys than the reply type's fields (recursively)."""
+    if isinstance(info, msgspec.inspect.StructType):
+        if not isinstance(value, dict):
+            return [f"{where}: expected a map"]
+        fields = {f.encode_name: f.type for f in info.fields}
+        problems = []
+        if set(value) != set(fields):
+            missing, extra = sorted(set(fields) - set(value)), sorted(set(value) - set(fields))
+            problems.append(f"{where}: missing {missing}, unknown {extra}")
+        for key in set(value) & set(fields):
+            problems += _shape_mismatches(value[key], fields[key], f"{where}.{key}")
+        return problems
+    if isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
+        return [
+            p
+            for i, v in enumerate(value)
+            for p in _shape_mismatches(v, info.item_type, f"{where}[{i}]")
+        ]
+    if isinstance(info, msgspec.inspect.DictType) and isinstance(value, dict):
+        return [
+            p
+            for k, v in value.items()
+            for p in _shape_mismatches(v, info.value_type, f"{where}.{k}")
+        ]
+    if isinstance(info, msgspec.inspect.UnionType):
+        structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        if structs and isinstance(value, dict):
+            return _shape_mismatches(value, structs[0], where)
+    return []
+
+
+@pytest.mark.parametrize(
+    "frame", [f for f in WHOLE if f.side == "S" and json.loads(f.text)["ok"]], ids=str
+)
+def test_success_example_has_exactly_the_fields_of_its_reply_type(frame: Frame) -> None:
+    """An example cannot go stale: a field added to (or dropped from) a reply type fails here."""
+    assert frame.request is not None
+    op = json.loads(frame.request.text)["op"]
+    result = json.loads(frame.text)["result"]
+    assert _shape_mismatches(result, msgspec.inspect.type_info(RESULT_TYPES[op]), op) == []
+
+
+def test_the_shape_check_sees_a_missing_field() -> None:
+    """The check above is not vacuous: the stats example without one field is caught."""
+    [stats] = [f for f in WHOLE if f.side == "S" and f.request and '"stats"' in f.request.text]
+    result = json.loads(stats.text)["result"]
+    del result["retention_cut"]
+    info = msgspec.inspect.type_info(QueueStats)
+    assert _shape_mismatches(result, info, "stats") == [
+        "stats: missing ['retention_cut'], unknown []"
+    ]
+
+
+def test_payload_size_example_is_the_real_encoding() -> None:
+    """The worked size in section 1 ("a 1,000-byte `bin` costs N bytes: an H-byte header")."""
+    doc = DOC.read_text(encoding="utf-8")
+    found = re.search(r"a 1,000-byte `bin`\s+costs ([\d,]+) bytes: a (\d+)-byte", doc)
+    assert found is not None
+    total, header = int(found.group(1).replace(",", "")), int(found.group(2))
+    encoded = msgspec.msgpack.encode(b"x" * 1000)
+    assert (total, header) == (len(encoded), len(encoded) - 1000)
+
+
+def test_the_documented_limits_are_the_code_s() -> None:
+    """Section 10 and hello's example carry the protocol's fixed maxima."""
+    from sidecar.models import MAX_LEASE_S, MAX_TTL_S
+    from sidecar.protocol import MAX_PAYLOAD_DEPTH
+
+    doc = " ".join(DOC.read_text(encoding="utf-8").split())  # line breaks do not matter
+    fixed = doc[doc.index("Fixed by the protocol:") :]
+    assert f"`ttl_s` at most {int(MAX_TTL_S):,} s" in fixed
+    assert f"`lease_s` at most {int(MAX_LEASE_S):,} s" in fixed
+    assert f"nested at most {MAX_PAYLOAD_DEPTH} levels" in fixed
+
+
+def test_an_empty_fail_reason_is_documented_as_recorded() -> None:
+    """Item 10: the spec and handlers agree on what an empty `fail` reason records."""
+    from sidecar.handlers import REASON_UNSPECIFIED
+
+    doc = DOC.read_text(encoding="utf-8")
+    section = doc[doc.index("### 8.6 fail") : doc.index("### 8.7 cancel")]
+    row = next(line for line in section.splitlines() if line.startswith("| `reason` |"))
+    assert f'an empty one is recorded as `"{REASON_UNSPECIFIED}"`' in row
+
+
+def test_every_backend_unavailable_kind_is_documented() -> None:
+    """Item 13: the values of details.kind that the code can send are listed in section 9."""
+    from sidecar.queue import redis_io as redis_store
+
+    kinds = {kind for _, kind in redis_store._UNAVAILABLE}
+    kinds |= set(redis_store._UNAVAILABLE_REPLIES.values())
+    kinds |= {"down", "closed"}  # ResilientQueue (Redis known away) and RedisQueue.close
+    doc = DOC.read_text(encoding="utf-8")
+    listed = doc[doc.index("- `details.kind` of `backend_unavailable`") :]
+    listed = listed[: listed.index("\n- ")]
+    assert {k for k in kinds if f"`{k}`" not in listed} == set()
