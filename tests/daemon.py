@@ -93,10 +93,19 @@ def serve_expecting_refusal(env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 def daemon_env(socket_path: str, **overrides: str) -> dict[str, str]:
-    """A clean environment for a daemon: JSON logs, the socket, no inherited Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "REDIS_"))}
+    """A clean environment for a daemon: JSON logs, the socket, no inherited Redis.
+
+    Its journal lives beside the socket, so each test's daemon has its own state folder and
+    a restart of the same Daemon finds what the last run kept.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("QUEUE_", "REDIS_", "SIDECAR_STATE", "SIDECAR_JOURNAL"))
+    }
     env.update(
         {
+            "SIDECAR_STATE_DIR": str(Path(socket_path).with_suffix(".state")),
             "SIDECAR_SOCKET": socket_path,
             "ENVIRONMENT": "production",
             "SIDECAR_LOG_LEVEL": "info",

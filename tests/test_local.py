@@ -137,7 +137,7 @@ async def test_index_heaps_stay_bounded_when_drained_as_filled(clock: FakeClock)
         [job] = await q.dequeue(1, 30)
         assert job.lease_id is not None
         await q.complete(job.queue_id, job.lease_id)
-    assert len(q._expiry) <= 64 + 1 and len(q._ready) <= 64 + 1
+    assert len(q._state.expiry) <= 64 + 1 and len(q._state.ready) <= 64 + 1
     assert (await q.stats()).items == 0
 
 
