@@ -122,16 +122,10 @@ async def check(path: str, ledger: Ledger) -> Outcome:
                 continue
             if qid in ledger.completed and info.status != "completed":
                 completion_lost.append(qid)
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while True:
-                jobs = await client.dequeue(100, wait_s=0.5)
-                for job in jobs:
-                    if job.queue_id in ledger.completed:
-                        twice.append(job.queue_id)
-                    await client.complete(job.queue_id, job.lease_id)
-                stats = await client.stats()
-                if not jobs and stats.queued == 0 and stats.processing == 0:
-                    break
+        try:
+            await _drain(client, ledger, twice)
+        except TimeoutError:
+            raise AssertionError(f"queue not drained: {await client.stats()}") from None
     return Outcome(
         acked=len(ledger.acked),
         completed=len(ledger.completed),
@@ -139,3 +133,16 @@ async def check(path: str, ledger: Ledger) -> Outcome:
         completion_lost=completion_lost,
         settled_twice=twice,
     )
+
+
+async def _drain(client: AsyncClient, ledger: Ledger, twice: list[str]) -> None:
+    async with asyncio.timeout(DRAIN_TIMEOUT_S):
+        while True:
+            jobs = await client.dequeue(100, lease_s=60, wait_s=0.5)
+            for job in jobs:
+                if job.queue_id in ledger.completed:
+                    twice.append(job.queue_id)
+                await client.complete(job.queue_id, job.lease_id)
+            stats = await client.stats()
+            if not jobs and stats.queued == 0 and stats.processing == 0:
+                break

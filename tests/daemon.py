@@ -28,6 +28,7 @@ class Daemon:
         self.stderr_lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
+        self._logged = threading.Condition()
         self._reader: threading.Thread | None = None
 
     def start(self) -> Daemon:
@@ -56,13 +57,21 @@ class Daemon:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            self.logs.append(event)
+            with self._logged:
+                self.logs.append(event)
+                self._logged.notify_all()
             if event.get("event") == "serving":
                 self._ready.set()
         self._ready.set()  # exited: wake the starter, which then sees poll() is not None
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.logs if e.get("event") == name]
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until the daemon has logged `name` at least `count` times (in all its runs)."""
+        with self._logged:
+            if not self._logged.wait_for(lambda: len(self.events(name)) >= count, timeout):
+                raise AssertionError(f"no {count}x {name} within {timeout} s: {self.logs[-5:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the daemon and wait for it; returns its exit code."""

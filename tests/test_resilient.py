@@ -6,6 +6,7 @@ real daemon with concurrent producers and workers.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,7 +17,7 @@ from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueResult, QueuedRequest, QueueStatus
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.resilient import ResilientQueue
-from tests.helpers import make_request
+from tests.helpers import FakeClock, make_request
 from tests.redis_server import RedisServer, redis_queue_for
 
 RECOVERY_TIMEOUT_S = 20.0
@@ -355,3 +356,46 @@ async def test_close_hands_the_local_backlog_to_redis(server: RedisServer) -> No
         assert all(f is not None and f.status is QueueStatus.QUEUED for f in found)
     finally:
         await check.close()
+
+
+async def test_a_batch_whose_hand_over_failed_is_served_locally_while_redis_stays_down(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7: a failed hand-over batch was stuck (not dequeued, not cancellable, no expiry)."""
+    clock = FakeClock()
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock,
+    )  # fmt: skip
+    queue = ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()
+    try:
+        server.kill()
+        batch = [make_request(clock, i, queue_id=f"m{i}", ttl_s=60 + i) for i in range(3)]
+        await queue.enqueue(batch)
+        real_enqueue = redis.enqueue
+        failed = asyncio.Event()
+
+        async def down_again(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+            # Redis goes away again while the batch is in flight, and stays away.
+            monkeypatch.setattr(redis, "enqueue", real_enqueue)
+            server.kill()
+            failed.set()
+            raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
+
+        monkeypatch.setattr(redis, "enqueue", down_again)
+        server.restart()
+        async with asyncio.timeout(RECOVERY_TIMEOUT_S):
+            await failed.wait()
+        await queue.wait_until(lambda: not queue.redis_up and not local.moving, 20)
+        [job] = await queue.dequeue(1, 30)  # the returned batch is served locally
+        assert job.queue_id == "m0"
+        cancelled = await queue.cancel("m1")
+        assert cancelled.status is QueueStatus.FAILED and cancelled.reason == "cancelled"
+        clock.advance(62.5)  # past m2's TTL (62 s), Redis still down
+        expired = await queue.status("m2")
+        assert expired is not None and expired.status is QueueStatus.EXPIRED
+        assert not queue.redis_up
+    finally:
+        await queue.close(0)

@@ -89,6 +89,10 @@ class LocalQueue:
         self._state.sink = self._journal.append
         self._journal.snapshot_source = self._state.snapshot
         self._journal.start()
+        if self._state.taken:
+            # The daemon died inside a hand-over: whether Redis took the batch is unknown, so
+            # it is queued here again and marked for the reconciliation with Redis.
+            self._state.give_back(sorted(self._state.taken), uncertain=True)
         self._state.tick(self._clock())  # leases that lapsed while the daemon was down
         await self._commit()
         log.info(
