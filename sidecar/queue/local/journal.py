@@ -38,6 +38,9 @@ _HEAD = struct.Struct(">II")
 # Past this many bytes of segments, the next flush writes a snapshot instead of appending.
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 _SNAPSHOT_CHUNK = 1024 * 1024
+# Longer than any one record (a record holds one payload, at most SIDECAR_MAX_PAYLOAD_BYTES,
+# and a record adds a few hundred bytes): a bad stretch longer than this is not a torn tail.
+_MAX_TAIL = 16 * 1024 * 1024
 
 Writer = Callable[[int, bytes | memoryview], int]
 Syncer = Callable[[int], None]
@@ -50,6 +53,22 @@ class JournalError(Exception):
 def frame(body: bytes) -> bytes:
     """One journal record: length, crc32, body."""
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+def _whole_record_after(data: bytes, off: int) -> bool:
+    """Whether a whole, checksummed record starts anywhere after a bad one at `off`.
+
+    A crash tears only the end of the file: bad bytes with a good record after them are
+    damage (a flipped length can make a record look torn), never a tail to cut.
+    """
+    if len(data) - off > _MAX_TAIL:
+        return True  # no single record is this long: the bad bytes are not a torn tail
+    for start in range(off + 1, len(data) - _HEAD.size + 1):
+        size, crc = _HEAD.unpack_from(data, start)
+        end = start + _HEAD.size + size
+        if size and end <= len(data) and zlib.crc32(data[start + _HEAD.size : end]) == crc:
+            return True
+    return False
 
 
 def _gen(path: Path) -> int:
@@ -134,7 +153,7 @@ class Journal:
                 size, crc = _HEAD.unpack_from(data, off)
                 end += size
             if end > len(data) or zlib.crc32(data[off + _HEAD.size : end]) != crc:
-                if last and end >= len(data):
+                if last and not _whole_record_after(data, off):
                     self._cut_tail(path, off, len(data))
                     return
                 raise self._damaged(path, off, "bad checksum")
