@@ -100,7 +100,8 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         log.error(
             "stopped",
             unkept=unkept,
-            detail="acknowledged requests could not be kept on disk; they are lost",
+            detail="the local journal could not be written at stop: these acknowledged requests "
+            "are lost, or come back in an older state (a finished one may be handed out again)",
         )
     else:
         log.info("stopped", unkept=0)

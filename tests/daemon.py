@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,12 @@ READY_TIMEOUT_S = 15.0
 class Daemon:
     """A `python -m sidecar serve` process; `logs` collects its JSON log events."""
 
-    def __init__(self, socket_path: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, socket_path: str, env: dict[str, str], preexec: Callable[[], None] | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.env = env
+        self.preexec = preexec  # runs in the child before exec (a resource limit, say)
         self.logs: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -40,6 +43,8 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # The hook only calls setrlimit: nothing that could deadlock on a lock a thread held.
+            preexec_fn=self.preexec,  # noqa: PLW1509
         )
         self._reader = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
         self._reader.start()
