@@ -185,6 +185,20 @@ async def test_frozen_copy_handed_out_locally_is_the_one_kept(
     assert stats.completed == 1 and stats.balanced, stats
 
 
+async def test_frozen_copy_of_a_request_finished_locally_is_discarded(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    server.pause()
+    await queue.enqueue([make_request(Clock(), queue_id="early")])  # may still land in Redis
+    [job] = await queue.dequeue(1, 30)
+    assert job.lease_id is not None
+    await queue.complete(job.queue_id, job.lease_id)  # finished before Redis thaws
+    server.resume()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    assert await queue.dequeue(10, 30) == []  # the thawed copy must not run a second time
+    assert await queue.redis.status("early") is None
+
+
 async def test_redis_restarted_empty_is_reported(queue: ResilientQueue) -> None:
     with RedisServer(appendonly=False) as volatile:
         q = build(volatile)

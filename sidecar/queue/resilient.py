@@ -66,6 +66,9 @@ class ResilientQueue:
         self._degraded_since: float | None = None
         self._degraded_total = 0.0
         self._changed = asyncio.Event()
+        # One reconciliation at a time: two would both see a Redis copy, one would drop the
+        # local copy and the other the Redis one, and the request would be gone.
+        self._reconciling = asyncio.Lock()
         self._closing = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
@@ -95,6 +98,7 @@ class ResilientQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if not self.redis_up and self.local.queued:
+            await self._cancel(self._probe)  # this stop probes once itself, now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await self._recover_now()
@@ -104,15 +108,19 @@ class ResilientQueue:
                 await self.wait_until(self.backlog_moved, max(0.0, deadline - loop.time()))
         self._closing.set()
         for task in (self._probe, self._mover, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._cancel(task)
         left = self.local.queued + self.local.moving + self.local.processing
         if left:
             log.info("local_requests_kept", count=left, redis_up=self.redis_up)
         await self.redis.close()
         await self.local.close()
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _recover_now(self) -> None:
         """One probe at shutdown: a Redis that came back a moment ago takes the backlog."""
@@ -240,6 +248,9 @@ class ResilientQueue:
     def _notify_change(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        # One reconciliation at a time: two would both see a Redis copy, one would drop the
+        # local copy and the other the Redis one, and the request would be gone.
+        self._reconciling = asyncio.Lock()
 
     def backlog_moved(self) -> bool:
         """Redis serves and nothing waits locally to move: the outage is fully over."""
@@ -310,6 +321,10 @@ class ResilientQueue:
 
     async def _reconcile(self) -> None:
         """Settle which copy of each uncertain enqueue is the real one, before serving again."""
+        async with self._reconciling:
+            await self._reconcile_each()
+
+    async def _reconcile_each(self) -> None:
         for queue_id in self.local.uncertain_ids():
             remote = await self.redis.status(queue_id)
             if remote is not None:

@@ -282,7 +282,7 @@ class LocalState:
         rec.lease_expires_at = None
         rec.payload = None  # only metadata outlives the request
         self.counts[status.value] += 1
-        self.uncertain.discard(rec.queue_id)
+        # An uncertain mark outlives the request: a Redis copy of a finished one must still go.
         self.taken.discard(rec.queue_id)
         self._retain(rec, at + self.retention_s)
 
@@ -296,6 +296,7 @@ class LocalState:
             self.purge.popleft()
         if self.records.pop(qid, None) is not None:
             self.retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
+        self.uncertain.discard(qid)
 
     def _remove_queued(self, rec: QueuedRequest) -> None:
         del self.records[rec.queue_id]
@@ -338,7 +339,7 @@ class LocalState:
         for purge_at, qid in self.purge:
             done = self.records.get(qid)
             if done is not None:
-                yield Held(rec=done, uncertain=False, purge_at=purge_at)
+                yield Held(rec=done, uncertain=qid in self.uncertain, purge_at=purge_at)
 
     def _restore_head(self, head: SnapshotHead) -> None:
         self.next_seq = max(self.next_seq, head.next_seq)
@@ -351,6 +352,8 @@ class LocalState:
         if purge_at is not None:
             self.records[rec.queue_id] = rec
             self._retain(rec, purge_at)
+            if uncertain:
+                self.uncertain.add(rec.queue_id)
             return
         status = rec.status
         self._add(rec, uncertain)  # counted as queued; a lease moves it to processing
