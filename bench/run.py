@@ -127,7 +127,9 @@ def standard_workloads(in_flight: int, connections: int) -> list[Workload]:
 def modes(args: argparse.Namespace) -> list[Mode]:
     """Every mode the bench knows; a new one is a daemon environment and a ceiling."""
     workloads = standard_workloads(args.in_flight, args.connections)
-    local_env = {**QUEUE_ROOM, "REDIS_URL": None}
+    # The local rows measure the daemon's own path beside the echo, so their journal writes
+    # without syncing; the journal rows below show what fsync `always` (the default) costs.
+    local_env = {**QUEUE_ROOM, "REDIS_URL": None, "SIDECAR_JOURNAL_FSYNC": "off"}
     local = [
         Mode("local", client, sidecar_target(local_env, client), "echo", echo_target(client),
              workloads)

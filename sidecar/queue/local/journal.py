@@ -111,6 +111,7 @@ class Journal:
         # Set while the disk refuses writes: memory is ahead of the files until a snapshot
         # succeeds again (try_recover).
         self.failed: str | None = None
+        self.last_error: StorageUnavailable | None = None
         self.records_replayed = 0
         self.tail_cut = 0
 
@@ -208,6 +209,13 @@ class Journal:
 
     async def flushed(self) -> None:
         """Return once everything appended so far is on disk; StorageUnavailable if it failed."""
+        if self._buf and not self.fsync and self._inflight is None:
+            # Without fsync nothing is worth waiting for: write now, so the reply needs no
+            # extra loop pass (a connection's requests are answered one after another).
+            self._flush()
+            if self.failed is not None and self.last_error is not None:
+                raise self.last_error
+            return
         if self._buf:
             if self._waiter is None:
                 assert self._loop is not None
@@ -290,6 +298,7 @@ class Journal:
             f"the local store cannot write its journal ({reason}); the request was not accepted",
             {"reason": reason},
         )
+        self.last_error = err
         self._resolve(waiter, err)
         for fut in (self._waiter, self._inflight):
             self._resolve(fut, err)
