@@ -196,7 +196,7 @@ class Journal:
         self._buf += body
         if not self._scheduled and self._inflight is None and self._loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._on_pass)
 
     @property
     def pending(self) -> bool:
@@ -228,8 +228,12 @@ class Journal:
         if err is not None:
             raise err
 
-    def _flush(self) -> None:
+    def _on_pass(self) -> None:
+        """The once-per-loop-pass callback: write (and sync) what this pass appended."""
         self._scheduled = False
+        self._flush()
+
+    def _flush(self) -> None:
         if self._inflight is not None or not self._buf:
             return
         waiter, self._waiter = self._waiter, None
@@ -264,7 +268,7 @@ class Journal:
             self._resolve(done, None)
         if self._buf and not self._scheduled and self._loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._on_pass)
 
     def _resolve(
         self, fut: asyncio.Future[StorageUnavailable | None] | None, err: StorageUnavailable | None
