@@ -42,6 +42,11 @@ def journal_files(state: Path) -> list[str]:
     return sorted(p.name for p in state.iterdir() if p.name.startswith(("journal-", "snapshot-")))
 
 
+def move_aside(state: Path, prefix: str) -> None:
+    [path] = [p for p in state.iterdir() if p.name.startswith(prefix)]
+    path.rename(f"{path}.damaged")
+
+
 def segment(state: Path) -> Path:
     [seg] = sorted(state.glob("journal-*.log"))
     return seg
@@ -287,3 +292,21 @@ async def test_one_daemon_per_state_folder_created_0700(clock: FakeClock, tmp_pa
     with pytest.raises(JournalError, match="in use by another sidecar"):
         await second.start()
     await q.close()
+
+
+async def test_a_snapshot_moved_aside_loses_its_requests_but_the_start_goes_on(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    q = await reopen(clock, tmp_path)
+    await q.enqueue([make_request(clock, queue_id=f"s{i}") for i in range(3)])
+    await q.close()  # s0..s2 now live in the snapshot only
+    q = await reopen(clock, tmp_path)
+    await q.enqueue([make_request(clock, queue_id="late")])
+    await q.cancel("s0")  # a change, in the segment, to a request of the snapshot
+    crash(q)
+    move_aside(tmp_path, "snapshot-")  # what the operator does after damage
+    with structlog.testing.capture_logs() as logs:
+        again = await reopen(clock, tmp_path)
+    assert [e["count"] for e in logs if e["event"] == "journal_changes_skipped"] == [1]
+    assert await again.status("late") is not None and await again.status("s1") is None
+    await again.close()

@@ -84,8 +84,16 @@ class LocalQueue:
         if self._journal is None:
             return
         began = time.monotonic()
+        skipped = 0
         for event in self._journal.open():
-            self._state.apply(event)
+            try:
+                self._state.apply(event)
+            except KeyError:
+                # A change to a request this replay never saw: the file that held it was moved
+                # aside after damage. The request is gone either way; its later changes go too.
+                skipped += 1
+        if skipped:
+            log.warning("journal_changes_skipped", count=skipped, reason="unknown request")
         self._state.sink = self._journal.append
         self._journal.snapshot_source = self._state.snapshot
         self._journal.start()
