@@ -8,16 +8,27 @@ stops the daemon mid-load, starts it again and checks: every acknowledged reques
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.client import AsyncClient
 from sidecar.errors import NotFound, SidecarError, SidecarUnavailable
+from sidecar.queue.local import LocalQueue
 
 PRODUCERS = 4
 WORKERS = 4
 LOAD_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
+
+
+def crash_local(queue: LocalQueue) -> None:
+    """Drop a local store as a killed process would: files as they are, no final snapshot."""
+    journal = queue._journal
+    assert journal is not None and journal._fd is not None and journal._lock_fd is not None
+    os.close(journal._fd)
+    os.close(journal._lock_fd)
+    journal._fd = journal._lock_fd = None
 
 
 @dataclass

@@ -19,19 +19,11 @@ from sidecar.models import QueueStats, QueueStatus
 from sidecar.queue.local import Journal, JournalError, LocalQueue
 from sidecar.queue.local import store as store_module
 from tests.conftest import make_local
+from tests.crash import crash_local as crash
 from tests.daemon import running_daemon, serve_expecting_refusal
 from tests.helpers import FakeClock, make_request
 
 BOOKS = ("queued", "processing", "accepted", "completed", "failed", "expired", "items", "bytes")
-
-
-def crash(queue: LocalQueue) -> None:
-    """Drop the store as a killed process would: files as they are, no final snapshot."""
-    journal = queue._journal
-    assert journal is not None and journal._fd is not None and journal._lock_fd is not None
-    os.close(journal._fd)
-    os.close(journal._lock_fd)
-    journal._fd = journal._lock_fd = None
 
 
 def books(stats: QueueStats) -> dict[str, int]:

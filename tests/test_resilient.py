@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueResult, QueuedRequest, QueueStatus
-from sidecar.queue.local import LocalQueue
+from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
+from tests.crash import crash_local
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import RedisServer, redis_queue_for
 
@@ -411,5 +413,40 @@ async def test_a_batch_whose_hand_over_failed_is_served_locally_while_redis_stay
         expired = await queue.status("m2")
         assert expired is not None and expired.status is QueueStatus.EXPIRED
         assert not queue.redis_up
+    finally:
+        await queue.close(0)
+
+
+async def test_a_crash_after_redis_took_a_batch_keeps_one_copy(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The daemon dies after Redis acknowledged a hand-over batch, before it forgot the batch."""
+    clock = Clock()
+
+    def durable_local() -> LocalQueue:
+        return LocalQueue(
+            max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+            retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+        )  # fmt: skip
+
+    local = durable_local()
+    await local.start()
+    await local.enqueue([make_request(clock, i, queue_id=f"c{i}") for i in range(3)])
+    batch = await local.take_for_handover(10)  # the mover's first step, on disk
+    first = redis_queue_for(server.url, clock, retention_s=600, sweep_interval_s=None)
+    await first.start()
+    assert all(r.created for r in await first.enqueue(batch))  # Redis took it...
+    await first.close()
+    crash_local(local)  # ...and the daemon died before confirming
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    queue = ResilientQueue(redis, durable_local(), probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()  # replay: the batch is local and uncertain; Redis has it: drop ours
+    try:
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+        jobs = await queue.dequeue(10, 30)
+        assert sorted(j.queue_id for j in jobs) == ["c0", "c1", "c2"]
+        assert await queue.dequeue(10, 30) == []
+        stats = await queue.stats()
+        assert stats.accepted == 3 and stats.stores["local"].moved_out == 3 and stats.balanced
     finally:
         await queue.close(0)
