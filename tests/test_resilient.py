@@ -450,3 +450,42 @@ async def test_a_crash_after_redis_took_a_batch_keeps_one_copy(
         assert stats.accepted == 3 and stats.stores["local"].moved_out == 3 and stats.balanced
     finally:
         await queue.close(0)
+
+
+async def test_an_unexpected_error_while_reconciling_at_start_does_not_stop_the_start(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+    )  # fmt: skip
+    await local.start()
+    await local.enqueue([make_request(clock, queue_id="u")], uncertain=True)
+    await local.close()
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+    )  # fmt: skip
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    real_status = redis.status
+    calls = 0
+
+    async def flaky_status(queue_id: str) -> QueuedRequest | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("an error nobody planned for")
+        return await real_status(queue_id)
+
+    monkeypatch.setattr(redis, "status", flaky_status)
+    queue = ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()  # serves (locally) instead of failing
+    try:
+        assert queue.mode == "local_fallback"
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)  # the probe retried
+        assert calls >= 2 and local.uncertain_ids() == []
+        [job] = await queue.dequeue(10, 30)
+        assert job.queue_id == "u"
+    finally:
+        await queue.close(0)

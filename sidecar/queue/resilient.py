@@ -84,6 +84,14 @@ class ResilientQueue:
             await self._reconcile()
         except BackendUnavailable as exc:
             self._mark_down(exc, "start")
+        except Exception:
+            # An error nobody planned for while settling uncertain copies: serve locally and
+            # let the probe (which retries such errors) try again, rather than not start.
+            log.exception("redis_reconcile_failed")
+            self._mark_down(
+                BackendUnavailable("reconciliation with redis failed", {"kind": "reconcile"}),
+                "start",
+            )
         else:
             self.redis_up = True
             self._kick_mover()
@@ -132,6 +140,10 @@ class ResilientQueue:
                 self._report_data_loss(lost)
             await self._reconcile()
         except BackendUnavailable:
+            return
+        except Exception:
+            # The stop must go on to the final snapshot whatever this probe ran into.
+            log.exception("redis_probe_at_stop_failed")
             return
         self._mark_up()
 
