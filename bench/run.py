@@ -1,8 +1,8 @@
 """Run the benchmarks and print the daemon's numbers beside its ceilings', as ratios.
 
 Usage (from the repository root): `.venv/bin/python -m bench.run [--quick] [--mode a,b]`.
-Sections, in order: local, redis (ratio tables, here), growth (growth.py), failover
-(failover.py); see README.md.
+Sections, in order: local, redis, journal (ratio tables, here), replay (journal.py), growth
+(growth.py), failover (failover.py); see README.md.
 
 Each mode starts the daemon and its ceiling as processes of their own (the load generator is a
 third), then runs every workload against both, alternating slices of it between them. Absolute
@@ -25,6 +25,7 @@ import uvloop
 
 from bench.failover import add_failover_args, quick_failover, run_failover
 from bench.growth import add_growth_args, quick_growth, run_growth
+from bench.journal import quick_replay, run_replay
 from bench.lean import LeanSession
 from bench.measure import Measurement, Workload, combine, compare, dequeue_complete, enqueue
 from bench.redis_ceiling import RedisCeiling
@@ -70,11 +71,13 @@ def _protocol_server(spec: ServerSpec, socket_path: str, client: str) -> Iterato
         yield CLIENTS[client](socket_path)
 
 
-def sidecar_target(env: Mapping[str, str | None], client: str) -> TargetStarter:
+def sidecar_target(
+    env: Mapping[str, str | None], client: str, socket_name: str = "sidecar.sock"
+) -> TargetStarter:
     """The real daemon with env added to (None: removed from) this process's environment."""
 
     def start(folder: Path) -> contextlib.AbstractContextManager[SessionFactory]:
-        path = str(folder / "sidecar.sock")
+        path = str(folder / socket_name)
         return _protocol_server(daemon_spec(path, env), path, client)
 
     return start
@@ -124,7 +127,9 @@ def standard_workloads(in_flight: int, connections: int) -> list[Workload]:
 def modes(args: argparse.Namespace) -> list[Mode]:
     """Every mode the bench knows; a new one is a daemon environment and a ceiling."""
     workloads = standard_workloads(args.in_flight, args.connections)
-    local_env = {**QUEUE_ROOM, "REDIS_URL": None}
+    # The local rows measure the daemon's own path beside the echo, so their journal writes
+    # without syncing; the journal rows below show what fsync `always` (the default) costs.
+    local_env = {**QUEUE_ROOM, "REDIS_URL": None, "SIDECAR_JOURNAL_FSYNC": "off"}
     local = [
         Mode("local", client, sidecar_target(local_env, client), "echo", echo_target(client),
              workloads)
@@ -135,7 +140,27 @@ def modes(args: argparse.Namespace) -> list[Mode]:
              workloads, backend=redis_backend)
         for client in args.client
     ]  # fmt: skip
-    return local + redis
+    # The journal's price: the same local daemon with fsync on every commit, beside one that
+    # writes without syncing. One client is enough: the ratio is between two daemons.
+    journal_env = {**QUEUE_ROOM, "REDIS_URL": None}
+    journal = [
+        Mode("journal", client, sidecar_target({**journal_env, "SIDECAR_JOURNAL_FSYNC": "always"},
+             client), "fsync off", sidecar_target({**journal_env, "SIDECAR_JOURNAL_FSYNC": "off"},
+             client, "off.sock"), journal_workloads(args.in_flight, args.connections))
+        for client in args.client[:1]
+    ]  # fmt: skip
+    return local + redis + journal
+
+
+def journal_workloads(in_flight: int, connections: int) -> list[Workload]:
+    """Enqueue one at a time, and with in_flight outstanding: over the usual connections, and
+    over one connection each (the server answers a connection's requests one after another, so
+    only concurrent connections can share one fsync)."""
+    return [
+        Workload("enqueue", enqueue),
+        Workload("enqueue", enqueue, in_flight, connections),
+        Workload("enqueue", enqueue, in_flight, in_flight),
+    ]
 
 
 # -- running and reporting -------------------------------------------------------------------
@@ -226,7 +251,7 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(head, body)
 
 
-SECTIONS = ("local", "redis", "growth", "failover")
+SECTIONS = ("local", "redis", "journal", "replay", "growth", "failover")
 
 
 def _sections(values: Sequence[str] | None) -> list[str]:
@@ -265,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.ops, args.slices = QUICK_OPS, 2
         quick_growth(args)
+        quick_replay(args)
         quick_failover(args)
     if args.warmup is None:
         args.warmup = args.ops // 10
@@ -280,11 +306,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for section in args.sections:
-        if section in ("local", "redis"):
+        if section in ("local", "redis", "journal"):
             selected = [m for m in modes(args) if m.name == section]
-            print_section(
-                f"{section}: the daemon beside its ceiling", format_table(run_all(selected, args))
+            title = (
+                "journal: fsync always beside off (local store, ratio = always / off)"
+                if section == "journal"
+                else f"{section}: the daemon beside its ceiling"
             )
+            print_section(title, format_table(run_all(selected, args)))
+        elif section == "replay":
+            print_section("replay: restart time of the local store's backlog", run_replay(args))
         elif section == "growth":
             print_section("growth: throughput with a backlog queued in Redis", run_growth(args))
         else:

@@ -48,6 +48,8 @@ def daemon_spec(socket_path: str, env: Mapping[str, str | None]) -> ServerSpec:
     """The real daemon (`python -m sidecar serve`), JSON logs, ready at its `serving` event."""
     base: dict[str, str | None] = {
         "SIDECAR_SOCKET": socket_path,
+        # A journal of its own beside the socket: never the user's ~/.local/state.
+        "SIDECAR_STATE_DIR": str(Path(socket_path).with_suffix(".state")),
         "ENVIRONMENT": "production",
         "SIDECAR_LOG_LEVEL": "info",
     }

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 import uvloop
@@ -14,14 +15,23 @@ from sidecar import __version__
 from sidecar.config import Settings
 from sidecar.handlers import Ops
 from sidecar.queue.base import QueueManager
-from sidecar.queue.local import LocalQueue
-from sidecar.server import SidecarServer
+from sidecar.queue.local import Journal, JournalError, LocalQueue
+from sidecar.server import SidecarServer, StartupError
 
 log = structlog.get_logger("sidecar")
 
 
-def build_local_queue(settings: Settings, clock: Callable[[], float] = time.time) -> LocalQueue:
-    """The bounded in-memory store sized by the QUEUE_* settings."""
+def build_local_queue(
+    settings: Settings, clock: Callable[[], float] = time.time, *, journaled: bool = True
+) -> LocalQueue:
+    """The bounded local store sized by the QUEUE_* settings, journaled under the state dir."""
+    journal = None
+    if journaled:
+        journal = Journal(
+            Path(settings.state_dir),
+            fsync=settings.journal_fsync == "always",
+            max_bytes=settings.journal_max_bytes,
+        )
     return LocalQueue(
         max_items=settings.queue_max_size,
         max_bytes=settings.queue_max_memory_bytes,
@@ -31,36 +41,42 @@ def build_local_queue(settings: Settings, clock: Callable[[], float] = time.time
         retry_after_s=settings.queue_retry_after_s,
         max_retained=settings.queue_max_retained,
         clock=clock,
+        journal=journal,
     )
 
 
-async def build_queue(settings: Settings) -> QueueManager:
+async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
     """The one place that decides which store serves: the only wiring in the daemon."""
+    local = build_local_queue(settings)
     if settings.redis_url is None:
-        log.warning(
-            "local_queue_only",
-            detail="REDIS_URL is not set: requests live in this process's memory and are lost "
-            "if it stops",
-        )
-        return build_local_queue(settings)
+        log.info("local_queue_only", state_dir=settings.state_dir, fsync=settings.journal_fsync)
+        return local, local
     from sidecar.queue.redis import build_redis_queue
     from sidecar.queue.resilient import ResilientQueue
 
     # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
     # still starts, on the local queue, and moves to Redis when it answers.
-    return ResilientQueue(build_redis_queue(settings), build_local_queue(settings))
+    return ResilientQueue(build_redis_queue(settings), local), local
 
 
-async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> None:
-    """Serve until `shutdown` is set (by SIGTERM/SIGINT when none is given), then drain."""
+async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> int:
+    """Serve until `shutdown` is set (by SIGTERM/SIGINT when none is given), then drain.
+
+    Returns how many acknowledged requests could not be kept (0 after a clean stop).
+    """
     loop = asyncio.get_running_loop()
     if shutdown is None:
         shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-    queue = await build_queue(settings)
-    await queue.start()
+    queue, local = await build_queue(settings)
+    try:
+        await queue.start()
+    except JournalError as exc:
+        raise StartupError(str(exc)) from None
     server: SidecarServer | None = None
+    # The drain of connections and the hand-over to Redis share one deadline.
+    deadline = loop.time() + settings.drain_timeout_s
     try:
         ops = Ops(settings, queue, connections=lambda: len(server.connections) if server else 0)
         server = SidecarServer(ops)
@@ -74,13 +90,33 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
             redis=settings.redacted_redis_url(),
         )
         await shutdown.wait()
+        deadline = loop.time() + settings.drain_timeout_s
         log.info("draining", connections=len(server.connections))
         await server.drain(settings.drain_timeout_s)
     finally:
+        await _close_queue(queue, max(0.0, deadline - loop.time()))
+    unkept = local.unkept_at_close
+    if unkept:
+        log.error(
+            "stopped",
+            unkept=unkept,
+            detail="the local journal could not be written at stop: these acknowledged requests "
+            "are lost, or come back in an older state (a finished one may be handed out again)",
+        )
+    else:
+        log.info("stopped", unkept=0)
+    return unkept
+
+
+async def _close_queue(queue: QueueManager, timeout_s: float) -> None:
+    from sidecar.queue.resilient import ResilientQueue
+
+    if isinstance(queue, ResilientQueue):
+        await queue.close(timeout_s)
+    else:
         await queue.close()
-    log.info("stopped")
 
 
-def serve(settings: Settings) -> None:
-    """Run the daemon on uvloop until a signal stops it."""
-    uvloop.run(run_daemon(settings))
+def serve(settings: Settings) -> int:
+    """Run the daemon on uvloop until a signal stops it; how many requests were not kept."""
+    return uvloop.run(run_daemon(settings))

@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.environment, settings.log_level)
     try:
-        serve(settings)
+        unkept = serve(settings)
     except ConfigError as err:  # found while building the daemon (an unreadable password file)
         print(f"sidecar: configuration error: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
     except SidecarError as err:
         print(f"sidecar: cannot start: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_OK
+    # Acknowledged requests that could not be kept: never report success.
+    return EXIT_ERROR if unkept else EXIT_OK
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -27,6 +27,16 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> str:
     return f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
 
 
+def default_state_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where the local journal lives: $XDG_STATE_HOME/sidecar, else ~/.local/state/sidecar."""
+    env = os.environ if env is None else env
+    state = env.get("XDG_STATE_HOME")
+    if state:
+        return str(Path(state) / "sidecar")
+    home = env.get("HOME") or str(Path.home())
+    return str(Path(home) / ".local" / "state" / "sidecar")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every tunable of the daemon; the environment variable of each is in ENV_NAMES."""
@@ -70,6 +80,18 @@ class Settings:
     # How long shutdown waits for in-flight requests before closing connections.
     drain_timeout_s: float = 5.0
     log_level: str = "info"
+    # The local store's journal. systemd's StateDirectory=sidecar sets /var/lib/sidecar.
+    state_dir: str = ""
+    # always: an enqueue is acknowledged once its record is synced (one fsync per loop pass);
+    # off: written but not synced, so kept on a crash of the daemon, lost on one of the machine.
+    journal_fsync: str = "always"
+    # Snapshot plus segments; about ten times the default memory limit, so the journal only
+    # refuses work when the disk is much smaller than the queue it has to hold.
+    journal_max_mb: float = 1024.0
+
+    @property
+    def journal_max_bytes(self) -> int:
+        return int(self.journal_max_mb * 1024 * 1024)
 
     @property
     def queue_max_memory_bytes(self) -> int:
@@ -101,6 +123,8 @@ class Settings:
                 problems.append(f"{name}={raw!r} is invalid: expected {accepted}")
         if not values.get("socket_path"):
             values["socket_path"] = default_socket_path(env)
+        if not values.get("state_dir"):
+            values["state_dir"] = default_state_dir(env)
         if not problems:
             low = values.get("queue_low_watermark", cls.queue_low_watermark)
             high = values.get("queue_high_watermark", cls.queue_high_watermark)
@@ -225,6 +249,9 @@ ENV_NAMES: dict[str, str] = {
     "max_wait_s": "SIDECAR_MAX_WAIT_SECONDS",
     "drain_timeout_s": "SIDECAR_DRAIN_TIMEOUT_SECONDS",
     "log_level": "SIDECAR_LOG_LEVEL",
+    "state_dir": "SIDECAR_STATE_DIR",
+    "journal_fsync": "SIDECAR_JOURNAL_FSYNC",
+    "journal_max_mb": "SIDECAR_JOURNAL_MAX_MB",
 }
 
 _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -263,4 +290,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_wait_s": (_number(0, MAX_WAIT_S), f"a number of seconds >= 0 and <= {MAX_WAIT_S:g}"),
     "drain_timeout_s": (_number(0), "a number of seconds >= 0"),
     "log_level": (_choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    "state_dir": (_text, "a folder path"),
+    "journal_fsync": (_choice("always", "off"), "always or off"),
+    "journal_max_mb": (_number(1), "a number of megabytes >= 1"),
 }

@@ -78,6 +78,12 @@ class BackendUnavailable(SidecarError):
     code = "backend_unavailable"
 
 
+class StorageUnavailable(SidecarError):
+    """The local store's journal cannot write (disk full, I/O error): nothing new is accepted."""
+
+    code = "storage_unavailable"
+
+
 class TooManyConnections(SidecarError):
     code = "too_many_connections"
 
@@ -107,6 +113,7 @@ ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
         LeaseMismatch,
         QueueFull,
         BackendUnavailable,
+        StorageUnavailable,
         TooManyConnections,
         ShuttingDown,
         SidecarUnavailable,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from sidecar.queue.base import QueueRepository
-from sidecar.queue.local import LocalQueue
+from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
 from tests.helpers import FakeClock
 from tests.redis_server import make_fakeredis_contract_store, make_redis_contract_store
@@ -22,7 +23,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make_local(clock: FakeClock, **overrides: float) -> LocalQueue:
+def make_local(
+    clock: FakeClock,
+    state_dir: Path | None = None,
+    *,
+    fsync: bool = False,
+    **overrides: float,
+) -> LocalQueue:
+    """A local store; journaled under state_dir when one is given (fsync off unless asked)."""
     params: dict[str, float] = {
         "max_items": 10_000,
         "max_bytes": 100 * 1024 * 1024,
@@ -38,22 +46,31 @@ def make_local(clock: FakeClock, **overrides: float) -> LocalQueue:
         low_watermark=params["low_watermark"],
         retention_s=params["retention_s"],
         clock=clock,
+        journal=None if state_dir is None else Journal(state_dir, fsync=fsync),
     )
 
 
-@pytest.fixture(params=["local", "redis", "fakeredis", "resilient"])
-async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[QueueRepository]:
-    """Every store that keeps the contract; the contract suite runs once per param."""
+@pytest.fixture(params=["local", "local_fsync", "redis", "fakeredis", "resilient"])
+async def store(
+    request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
+) -> AsyncIterator[QueueRepository]:
+    """Every store that keeps the contract; the contract suite runs once per param.
+
+    The local store is the durable one, journaled in tmp_path: fsync off for speed, and once
+    more with fsync on every commit (`local_fsync`), as the daemon runs by default.
+    """
     repo: QueueRepository
     if request.param == "local":
-        repo = make_local(clock)
+        repo = make_local(clock, tmp_path / "state")
+    elif request.param == "local_fsync":
+        repo = make_local(clock, tmp_path / "state", fsync=True)
     elif request.param == "redis":
         repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
     elif request.param == "fakeredis":
         repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
     elif request.param == "resilient":
         redis = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
-        repo = ResilientQueue(redis, make_local(clock))
+        repo = ResilientQueue(redis, make_local(clock, tmp_path / "state"))
     else:  # pragma: no cover - a param without a factory is a bug in this fixture
         raise AssertionError(request.param)
     await repo.start()

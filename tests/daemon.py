@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,17 @@ READY_TIMEOUT_S = 15.0
 class Daemon:
     """A `python -m sidecar serve` process; `logs` collects its JSON log events."""
 
-    def __init__(self, socket_path: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, socket_path: str, env: dict[str, str], preexec: Callable[[], None] | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.env = env
+        self.preexec = preexec  # runs in the child before exec (a resource limit, say)
         self.logs: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
+        self._logged = threading.Condition()
         self._reader: threading.Thread | None = None
 
     def start(self) -> Daemon:
@@ -39,6 +43,8 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # The hook only calls setrlimit: nothing that could deadlock on a lock a thread held.
+            preexec_fn=self.preexec,  # noqa: PLW1509
         )
         self._reader = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -56,13 +62,21 @@ class Daemon:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            self.logs.append(event)
+            with self._logged:
+                self.logs.append(event)
+                self._logged.notify_all()
             if event.get("event") == "serving":
                 self._ready.set()
         self._ready.set()  # exited: wake the starter, which then sees poll() is not None
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.logs if e.get("event") == name]
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until the daemon has logged `name` at least `count` times (in all its runs)."""
+        with self._logged:
+            if not self._logged.wait_for(lambda: len(self.events(name)) >= count, timeout):
+                raise AssertionError(f"no {count}x {name} within {timeout} s: {self.logs[-5:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the daemon and wait for it; returns its exit code."""
@@ -93,10 +107,19 @@ def serve_expecting_refusal(env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 def daemon_env(socket_path: str, **overrides: str) -> dict[str, str]:
-    """A clean environment for a daemon: JSON logs, the socket, no inherited Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUEUE_", "REDIS_"))}
+    """A clean environment for a daemon: JSON logs, the socket, no inherited Redis.
+
+    Its journal lives beside the socket, so each test's daemon has its own state folder and
+    a restart of the same Daemon finds what the last run kept.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("QUEUE_", "REDIS_", "SIDECAR_STATE", "SIDECAR_JOURNAL"))
+    }
     env.update(
         {
+            "SIDECAR_STATE_DIR": str(Path(socket_path).with_suffix(".state")),
             "SIDECAR_SOCKET": socket_path,
             "ENVIRONMENT": "production",
             "SIDECAR_LOG_LEVEL": "info",

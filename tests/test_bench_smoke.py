@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.growth import QUICK_GROWTH_SIZES
+from bench.journal import QUICK_REPLAY_SIZES
 from bench.run import modes, parse_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,14 @@ def _check_failover(switch: Table, move: Table) -> None:
         assert _number(row["moved / s"]) > 0, row
 
 
+def _check_replay(rows: Table) -> None:
+    assert [r["stopped by"] for r in rows] == ["SIGKILL: segment", "SIGTERM: snapshot"]
+    for row in rows:
+        assert _number(row["queued"]) == QUICK_REPLAY_SIZES[0], row
+        assert _number(row["records read"]) > _number(row["queued"]), row
+        assert _number(row["replay s"]) >= 0 and _number(row["start to serving s"]) > 0, row
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 30)
 def test_quick_bench_prints_every_section() -> None:
@@ -100,6 +109,8 @@ def test_quick_bench_prints_every_section() -> None:
     tables = _sections(proc.stdout)
     _check_ratio_table(_section(tables, "local:"), "local")
     _check_ratio_table(_section(tables, "redis:"), "redis")
+    _check_ratio_table(_section(tables, "journal:"), "journal")
+    _check_replay(_section(tables, "replay:"))
     _check_growth(_section(tables, "growth:"))
     _check_failover(
         _section(tables, "failover: the switch"), _section(tables, "failover: the move")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sidecar.config import ConfigError, Settings, default_socket_path
+from sidecar.config import ConfigError, Settings, default_socket_path, default_state_dir
 from tests.daemon import serve_expecting_refusal
 
 
@@ -26,6 +26,17 @@ def test_default_socket_needs_no_root() -> None:
         "/run/user/1000/sidecar/sidecar.sock"
     )
     assert default_socket_path({}) == f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
+
+
+def test_the_journal_defaults_to_the_xdg_state_folder_and_fsync_always() -> None:
+    assert default_state_dir({"XDG_STATE_HOME": "/home/u/.st"}) == "/home/u/.st/sidecar"
+    assert default_state_dir({"HOME": "/home/u"}) == "/home/u/.local/state/sidecar"
+    s = Settings.from_env({"HOME": "/home/u"})
+    assert s.state_dir == "/home/u/.local/state/sidecar"
+    assert (s.journal_fsync, s.journal_max_bytes) == ("always", 1024 * 1024 * 1024)
+    unit = Settings.from_env({"SIDECAR_STATE_DIR": "/var/lib/sidecar", "HOME": "/root"})
+    assert unit.state_dir == "/var/lib/sidecar"
+    assert Settings.from_env({"SIDECAR_JOURNAL_FSYNC": "OFF"}).journal_fsync == "off"
 
 
 def test_values_are_parsed() -> None:
@@ -80,6 +91,12 @@ def test_redis_passwords_are_redacted_in_every_url_form() -> None:
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' is invalid"),
         ({"REDIS_KEY_PREFIX": "a{b}"}, "REDIS_KEY_PREFIX='a{b}' is invalid"),
         ({"SIDECAR_MAX_FRAME_BYTES": "10"}, "SIDECAR_MAX_FRAME_BYTES='10' is invalid"),
+        (
+            {"SIDECAR_JOURNAL_FSYNC": "sometimes"},
+            "SIDECAR_JOURNAL_FSYNC='sometimes' is invalid: expected always or off",
+        ),
+        ({"SIDECAR_JOURNAL_MAX_MB": "0.5"}, "SIDECAR_JOURNAL_MAX_MB='0.5' is invalid"),
+        ({"SIDECAR_STATE_DIR": "  "}, "SIDECAR_STATE_DIR='  ' is invalid: expected a folder"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -251,7 +251,9 @@ def test_socket_file_mode_is_0660(daemon: Daemon) -> None:
 
 
 def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon) -> None:
-    proc = serve_expecting_refusal(daemon_env(daemon.socket_path))
+    with short_tmpdir() as own_state:  # its own journal, so the socket is what refuses it
+        env = daemon_env(daemon.socket_path, SIDECAR_STATE_DIR=str(own_state))
+        proc = serve_expecting_refusal(env)
     assert proc.returncode == 1
     assert "another sidecar is already serving" in proc.stderr
     with Client(daemon.socket_path) as c:

@@ -124,8 +124,10 @@ def test_cli_health_and_stats(daemon: Daemon) -> None:
 def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon) -> None:
     with Client(daemon.socket_path) as c:
         q = c.enqueue("must survive a refused second daemon")
-        # The same environment, so the refused daemon also connects to the shared Redis.
-        proc = serve_expecting_refusal(daemon.env)
+        # The same environment, so the refused daemon also connects to the shared Redis;
+        # its own state folder, so the socket (not the journal's lock) is what refuses it.
+        with short_tmpdir() as own_state:
+            proc = serve_expecting_refusal({**daemon.env, "SIDECAR_STATE_DIR": str(own_state)})
         assert proc.returncode == 1
         assert "another sidecar is already serving" in proc.stderr
         assert c.health().status == "ok"

@@ -6,17 +6,20 @@ real daemon with concurrent producers and workers.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueResult, QueuedRequest, QueueStatus
-from sidecar.queue.local import LocalQueue
+from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
-from tests.helpers import make_request
+from tests.crash import crash_local
+from tests.helpers import FakeClock, make_request
 from tests.redis_server import RedisServer, redis_queue_for
 
 RECOVERY_TIMEOUT_S = 20.0
@@ -184,6 +187,20 @@ async def test_frozen_copy_handed_out_locally_is_the_one_kept(
     assert stats.completed == 1 and stats.balanced, stats
 
 
+async def test_frozen_copy_of_a_request_finished_locally_is_discarded(
+    server: RedisServer, queue: ResilientQueue
+) -> None:
+    server.pause()
+    await queue.enqueue([make_request(Clock(), queue_id="early")])  # may still land in Redis
+    [job] = await queue.dequeue(1, 30)
+    assert job.lease_id is not None
+    await queue.complete(job.queue_id, job.lease_id)  # finished before Redis thaws
+    server.resume()
+    await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+    assert await queue.dequeue(10, 30) == []  # the thawed copy must not run a second time
+    assert await queue.redis.status("early") is None
+
+
 async def test_redis_restarted_empty_is_reported(queue: ResilientQueue) -> None:
     with RedisServer(appendonly=False) as volatile:
         q = build(volatile)
@@ -298,10 +315,11 @@ async def test_retried_enqueue_of_a_request_being_moved_is_not_stored_twice(
         raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
 
     monkeypatch.setattr(queue.redis, "enqueue", refuse_once)  # the hand-over fails once
-    await queue.wait_until(lambda: not queue.redis_up and "X" in queue._moving, 20)
+    await queue.wait_until(lambda: not queue.redis_up and queue.redis.enqueue == real_enqueue, 20)
     [again] = await queue.enqueue([make_request(Clock(), "retry", queue_id="X")])
-    assert not again.created  # answered from the batch being moved, not stored again
-    assert await queue.local.status("X") is None
+    assert not again.created  # answered from the local store, not stored again
+    local = await queue.local.status("X")
+    assert local is not None and local.status is QueueStatus.QUEUED
     await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
     jobs = await queue.dequeue(10, 30)
     assert [j.queue_id for j in jobs] == ["X"]
@@ -354,3 +372,120 @@ async def test_close_hands_the_local_backlog_to_redis(server: RedisServer) -> No
         assert all(f is not None and f.status is QueueStatus.QUEUED for f in found)
     finally:
         await check.close()
+
+
+async def test_a_batch_whose_hand_over_failed_is_served_locally_while_redis_stays_down(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7: a failed hand-over batch was stuck (not dequeued, not cancellable, no expiry)."""
+    clock = FakeClock()
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock,
+    )  # fmt: skip
+    queue = ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()
+    try:
+        server.kill()
+        batch = [make_request(clock, i, queue_id=f"m{i}", ttl_s=60 + i) for i in range(3)]
+        await queue.enqueue(batch)
+        real_enqueue = redis.enqueue
+        failed = asyncio.Event()
+
+        async def down_again(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+            # Redis goes away again while the batch is in flight, and stays away.
+            monkeypatch.setattr(redis, "enqueue", real_enqueue)
+            server.kill()
+            failed.set()
+            raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
+
+        monkeypatch.setattr(redis, "enqueue", down_again)
+        server.restart()
+        async with asyncio.timeout(RECOVERY_TIMEOUT_S):
+            await failed.wait()
+        await queue.wait_until(lambda: not queue.redis_up and not local.moving, 20)
+        [job] = await queue.dequeue(1, 30)  # the returned batch is served locally
+        assert job.queue_id == "m0"
+        cancelled = await queue.cancel("m1")
+        assert cancelled.status is QueueStatus.FAILED and cancelled.reason == "cancelled"
+        clock.advance(62.5)  # past m2's TTL (62 s), Redis still down
+        expired = await queue.status("m2")
+        assert expired is not None and expired.status is QueueStatus.EXPIRED
+        assert not queue.redis_up
+    finally:
+        await queue.close(0)
+
+
+async def test_a_crash_after_redis_took_a_batch_keeps_one_copy(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The daemon dies after Redis acknowledged a hand-over batch, before it forgot the batch."""
+    clock = Clock()
+
+    def durable_local() -> LocalQueue:
+        return LocalQueue(
+            max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+            retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+        )  # fmt: skip
+
+    local = durable_local()
+    await local.start()
+    await local.enqueue([make_request(clock, i, queue_id=f"c{i}") for i in range(3)])
+    batch = await local.take_for_handover(10)  # the mover's first step, on disk
+    first = redis_queue_for(server.url, clock, retention_s=600, sweep_interval_s=None)
+    await first.start()
+    assert all(r.created for r in await first.enqueue(batch))  # Redis took it...
+    await first.close()
+    crash_local(local)  # ...and the daemon died before confirming
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    queue = ResilientQueue(redis, durable_local(), probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()  # replay: the batch is local and uncertain; Redis has it: drop ours
+    try:
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+        jobs = await queue.dequeue(10, 30)
+        assert sorted(j.queue_id for j in jobs) == ["c0", "c1", "c2"]
+        assert await queue.dequeue(10, 30) == []
+        stats = await queue.stats()
+        assert stats.accepted == 3 and stats.stores["local"].moved_out == 3 and stats.balanced
+    finally:
+        await queue.close(0)
+
+
+async def test_an_unexpected_error_while_reconciling_at_start_does_not_stop_the_start(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+    )  # fmt: skip
+    await local.start()
+    await local.enqueue([make_request(clock, queue_id="u")], uncertain=True)
+    await local.close()
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock, journal=Journal(tmp_path, fsync=False),
+    )  # fmt: skip
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    real_status = redis.status
+    calls = 0
+
+    async def flaky_status(queue_id: str) -> QueuedRequest | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("an error nobody planned for")
+        return await real_status(queue_id)
+
+    monkeypatch.setattr(redis, "status", flaky_status)
+    queue = ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()  # serves (locally) instead of failing
+    try:
+        assert queue.mode == "local_fallback"
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)  # the probe retried
+        assert calls >= 2 and local.uncertain_ids() == []
+        [job] = await queue.dequeue(10, 30)
+        assert job.queue_id == "u"
+    finally:
+        await queue.close(0)

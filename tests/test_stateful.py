@@ -409,14 +409,11 @@ class QueueMachine(RuleBasedStateMachine):
         assert isinstance(queue, ResilientQueue)
 
         async def recovered() -> None:
-            deadline = time.monotonic() + RECOVERY_S
-            # A bounded wait on the condition "Redis serves and the local backlog moved".
-            while not (queue.redis_up and not queue._moving):
-                assert time.monotonic() < deadline, "Redis did not take the backlog back"
-                await asyncio.sleep(0.005)
-            while (await queue.local.stats()).queued:
-                assert time.monotonic() < deadline, "the local backlog did not move to Redis"
-                await asyncio.sleep(0.005)
+            # Waits on the manager's change events for "Redis serves and the backlog moved".
+            try:
+                await queue.wait_until(queue.backlog_moved, RECOVERY_S)
+            except TimeoutError:
+                raise AssertionError("Redis did not take the local backlog back") from None
 
         self.run(recovered())
         self.redis_down = False

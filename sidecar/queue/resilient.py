@@ -6,13 +6,14 @@ local queue. A probe with backoff notices recovery; the local backlog then moves
 priority order, idempotently (Redis's enqueue ignores a queue_id it holds).
 
 Invariants kept here:
-- a request is pending in at most one store: the migration takes requests out of the local
-  queue before handing them to Redis; a batch whose hand-over failed stays in `_moving`
-  (findable, never dequeued) until Redis answers again, so it can never run twice;
+- a request is pending in at most one store: the hand-over is a state of the local store
+  (taken -> confirmed when Redis acknowledged the batch, or returned when it failed), journaled
+  like every other change, so a crash at any point leaves each request local or in Redis; a
+  returned batch is queued locally again (dequeue, cancel and expiry work on it);
 - an enqueue that timed out may still land in Redis later (a frozen server runs what it had
-  already received). Such queue_ids are remembered; on recovery the copy that nobody has
-  touched is dropped, so one request does not run once from each store;
-- settle ops find a request wherever it is: the moving batch, then the local queue, then Redis.
+  already received). The local store marks such requests uncertain (on disk); on recovery the
+  copy that nobody has touched is dropped, so one request does not run once from each store;
+- settle ops find a request wherever it is: the local store (moving or not), then Redis.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from sidecar.errors import BackendUnavailable, InvalidState
+from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.redis import RedisQueue
@@ -97,11 +98,10 @@ class ResilientQueue:
         self.down_reason: str | None = None
         self._degraded_since: float | None = None
         self._degraded_total = 0.0
-        # A batch taken out of the local queue whose hand-over to Redis has not succeeded yet.
-        self._moving: dict[str, QueuedRequest] = {}
-        # queue_ids answered locally after a Redis write timed out: the write may still land.
-        self._uncertain: set[str] = set()
         self._changed = asyncio.Event()
+        # One reconciliation at a time: two would both see a Redis copy, one would drop the
+        # local copy and the other the Redis one, and the request would be gone.
+        self._reconciling = asyncio.Lock()
         self._closing = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._mover: asyncio.Task[None] | None = None
@@ -115,58 +115,83 @@ class ResilientQueue:
 
     async def start(self) -> None:
         """Start both stores; with Redis unreachable, start on the local queue and probe."""
-        await self.local.start()
+        await self.local.start()  # replays the journal: the backlog of the last run is back
         try:
             await self.redis.start()
+            await self._reconcile()
         except BackendUnavailable as exc:
             self._mark_down(exc, "start")
+        except Exception:
+            # An error nobody planned for while settling uncertain copies: serve locally and
+            # let the probe (which retries such errors) try again, rather than not start.
+            log.exception("redis_reconcile_failed")
+            self._mark_down(
+                BackendUnavailable("reconciliation with redis failed", {"kind": "reconcile"}),
+                "start",
+            )
         else:
             self.redis_up = True
             self._kick_mover()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Hand the local backlog to Redis if it answers (bounded), then stop both stores."""
-        if self.redis_up and (self._moving or self.local.queued):
+        """Hand what it can to Redis within timeout_s (probing a down Redis once), then stop.
+
+        Whatever stays local, leased requests included, is in the local journal and moves to
+        Redis after the next start.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if not self.redis_up and self.local.queued:
+            await self._cancel(self._probe)  # this stop probes once itself, now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._recover_now()
+        if self.redis_up and (self.local.moving or self.local.queued):
             self._kick_mover()
             with contextlib.suppress(TimeoutError):
-                await self.wait_until(self.backlog_moved, timeout_s)
+                await self.wait_until(self.backlog_moved, max(0.0, deadline - loop.time()))
         self._closing.set()
         for task in (self._probe, self._mover, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        left = len(self._moving) + self.local.queued + self.local.processing
+            await self._cancel(task)
+        left = self.local.queued + self.local.moving + self.local.processing
         if left:
-            # Until the local queue has its journal, what it holds dies with the process.
-            log.error("local_requests_dropped_at_exit", count=left, redis_up=self.redis_up)
+            log.info("local_requests_kept", count=left, redis_up=self.redis_up)
         await self.redis.close()
         await self.local.close()
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _recover_now(self) -> None:
+        """One probe at shutdown: a Redis that came back a moment ago takes the backlog."""
+        try:
+            await self.redis.start()
+            await self.redis.probe()
+            lost = await self.redis.check_generation()
+            if lost is not None:
+                self._report_data_loss(lost)
+            await self._reconcile()
+        except BackendUnavailable:
+            return
+        except Exception:
+            # The stop must go on to the final snapshot whatever this probe ran into.
+            log.exception("redis_probe_at_stop_failed")
+            return
+        self._mark_up()
 
     # -- routing ----------------------------------------------------------------------------------
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
-        # An id in the batch being moved is answered from that batch: the local queue no
-        # longer has it, and storing it again there would run it twice.
-        # Decided before any await: the mover may empty _moving while this call waits.
-        moving = {
-            r.queue_id: self._moving[r.queue_id] for r in requests if r.queue_id in self._moving
-        }
-        fresh = [r for r in requests if r.queue_id not in moving]
-        stored = iter(await self._store(fresh) if fresh else [])
-        return [
-            EnqueueResult(request=moving[r.queue_id], created=False)
-            if r.queue_id in moving
-            else next(stored)
-            for r in requests
-        ]
-
-    async def _store(self, requests: list[QueuedRequest]) -> list[EnqueueResult]:
         if any(self.local.holds(r.queue_id) for r in requests):
-            # An id this daemon already holds locally is answered from there, never copied;
-            # new ones in the same batch go with it (all or none), and move to Redis later.
+            # An id this daemon already holds locally (being moved to Redis included) is
+            # answered from there, never copied; new ones in the same batch go with it (all
+            # or none), and move to Redis later.
             results = await self.local.enqueue(requests)
             self._maybe_move()
             return results
@@ -176,8 +201,8 @@ class ResilientQueue:
             except BackendUnavailable as exc:
                 self._mark_down(exc, "enqueue")
                 # The write may still land (a frozen server runs what it received once it
-                # thaws): remember the ids, so recovery keeps exactly one copy.
-                self._uncertain.update(r.queue_id for r in requests)
+                # thaws): the local store marks the ids, so recovery keeps exactly one copy.
+                return await self.local.enqueue(requests, uncertain=True)
         return await self.local.enqueue(requests)
 
     async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
@@ -216,19 +241,11 @@ class ResilientQueue:
         )
 
     async def cancel(self, queue_id: str) -> QueuedRequest:
-        if queue_id in self._moving:
-            raise InvalidState(
-                f"request {queue_id} is being moved to Redis; cancel it again once Redis answers",
-                {"queue_id": queue_id, "status": "queued"},
-            )
         if self.local.holds(queue_id):
             return await self.local.cancel(queue_id)
         return await self._on_redis(lambda: self.redis.cancel(queue_id), queue_id)
 
     async def status(self, queue_id: str) -> QueuedRequest | None:
-        moving = self._moving.get(queue_id)
-        if moving is not None:
-            return moving
         if self.local.holds(queue_id):
             return await self.local.status(queue_id)
         return await self._on_redis(lambda: self.redis.status(queue_id), queue_id)
@@ -245,11 +262,6 @@ class ResilientQueue:
 
     async def _on_redis(self, call: Callable[[], Awaitable[T]], queue_id: str) -> T:
         """Run a call that only Redis can answer; BackendUnavailable while it is away."""
-        if queue_id in self._moving:
-            raise InvalidState(
-                f"request {queue_id} is queued and being moved to Redis; it has no lease",
-                {"queue_id": queue_id, "status": "queued"},
-            )
         if not self.redis_up:
             raise BackendUnavailable(
                 f"redis is unavailable and request {queue_id} is not in the local queue",
@@ -262,9 +274,6 @@ class ResilientQueue:
             raise
 
     # -- state ------------------------------------------------------------------------------------
-
-    def _held_here(self, queue_id: str) -> bool:
-        return queue_id in self._moving or self.local.holds(queue_id)
 
     def _mark_down(self, exc: BackendUnavailable, op: str) -> None:
         if not self.redis_up and self._probe is not None and not self._probe.done():
@@ -294,10 +303,13 @@ class ResilientQueue:
     def _notify_change(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        # One reconciliation at a time: two would both see a Redis copy, one would drop the
+        # local copy and the other the Redis one, and the request would be gone.
+        self._reconciling = asyncio.Lock()
 
     def backlog_moved(self) -> bool:
         """Redis serves and nothing waits locally to move: the outage is fully over."""
-        return self.redis_up and not self._moving and not self.local.queued
+        return self.redis_up and not self.local.moving and not self.local.queued
 
     def _mark_up(self) -> None:
         self.redis_up = True
@@ -375,17 +387,22 @@ class ResilientQueue:
 
     async def _reconcile(self) -> None:
         """Settle which copy of each uncertain enqueue is the real one, before serving again."""
-        for queue_id in sorted(self._uncertain):
+        async with self._reconciling:
+            await self._reconcile_each()
+
+    async def _reconcile_each(self) -> None:
+        for queue_id in self.local.uncertain_ids():
             remote = await self.redis.status(queue_id)
             if remote is not None:
-                if self.local.drop_queued(queue_id):
+                if await self.local.drop_queued(queue_id):
                     log.info("duplicate_dropped", queue_id=queue_id, kept="redis")
-                elif await self.redis.discard_queued(queue_id):
+                    continue
+                if await self.redis.discard_queued(queue_id):
                     log.info("duplicate_dropped", queue_id=queue_id, kept="local")
                 else:
                     # Both copies were handed out: at-least-once delivery covers this case.
                     log.warning("duplicate_delivery_possible", queue_id=queue_id)
-            self._uncertain.discard(queue_id)
+            await self.local.resolve_uncertain(queue_id)
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -394,20 +411,31 @@ class ResilientQueue:
             self._mover = asyncio.get_running_loop().create_task(self._move_backlog())
 
     async def _move_backlog(self) -> None:
-        """Move the local backlog to Redis, a batch at a time, most urgent first."""
-        while self.redis_up and (self._moving or self.local.queued):
-            if not self._moving:
-                for rec in self.local.take_queued(self.migrate_batch):
-                    self._moving[rec.queue_id] = rec
-            batch = list(self._moving.values())
+        """Move the local backlog to Redis, a batch at a time, most urgent first.
+
+        Each batch is taken (on disk) before it is sent, then confirmed or returned: a crash
+        in between leaves it local and marked uncertain, settled against Redis at the next
+        start. A failed batch goes back to the local queue at once, so it can be dequeued,
+        cancelled and expire on time while Redis stays down.
+        """
+        while self.redis_up and self.local.queued:
+            batch = await self.local.take_for_handover(self.migrate_batch)
+            if not batch:
+                break
+            ids = [r.queue_id for r in batch]
             try:
                 results = await self.redis.enqueue(batch)
-            except BackendUnavailable as exc:
-                # The batch stays in _moving (findable, never dequeued) until Redis answers.
-                self._mark_down(exc, "migrate")
-                return
-            for res in results:
-                self._moving.pop(res.request.queue_id, None)
+            except BaseException as exc:
+                # Whether Redis stored the batch is unknown (a reset or a timeout can follow
+                # the write): the requests come back marked uncertain, and recovery keeps
+                # exactly one copy.
+                await self.local.return_handover(ids, uncertain=True)
+                self._notify_change()
+                if isinstance(exc, BackendUnavailable):
+                    self._mark_down(exc, "migrate")
+                    return
+                raise
+            await self.local.confirm_handover(ids)
             self.moved += sum(1 for r in results if r.created)
             log.info("backlog_moved", count=len(batch), left=self.local.queued)
             self._notify_change()
@@ -447,17 +475,16 @@ class ResilientQueue:
             stores["redis"] = remote
             warnings += remote.warnings
         parts = [local, *([remote] if remote else [])]
-        moving = len(self._moving)
         return QueueStats(
             store=self.name,
             mode=self.mode,
-            queued=sum(p.queued for p in parts) + moving,
+            queued=sum(p.queued for p in parts),
             processing=sum(p.processing for p in parts),
-            accepted=sum(p.accepted for p in parts) - local.moved_out + moving,
+            accepted=sum(p.accepted for p in parts) - local.moved_out,
             completed=sum(p.completed for p in parts),
             failed=sum(p.failed for p in parts),
             expired=sum(p.expired for p in parts),
-            items=sum(p.items for p in parts) + moving,
+            items=sum(p.items for p in parts),
             bytes=sum(p.bytes for p in parts),
             # The limits are the local store's: beside totals that include Redis they would
             # read as limits on Redis, which has none of them. Each store's own are in `stores`.

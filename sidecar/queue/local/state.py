@@ -1,0 +1,433 @@
+"""The local store's state machine: records, the heaps that index them, and the books.
+
+Every change of a record is one transition that builds an event and applies it; `apply` is the
+only code that mutates, and replay runs the journal's events through the same `apply`, so the
+state after a restart is the state that was acknowledged. The caller's `sink` receives each
+event of a live transition (the journal appends it). Nothing here awaits or reads the clock:
+the store passes `now` in.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from sidecar.models import (
+    REASON_ATTEMPTS_EXHAUSTED,
+    REASON_TTL,
+    QueuedRequest,
+    QueueStatus,
+)
+from sidecar.queue.local.events import (
+    AnyEvent,
+    Enqueued,
+    Extended,
+    Finished,
+    Forgotten,
+    Held,
+    Leased,
+    MovedOut,
+    Requeued,
+    Resolved,
+    Returned,
+    SnapshotHead,
+    Taken,
+    Unaccepted,
+)
+
+Sink = Callable[[AnyEvent], None]
+
+
+def _calibrate_overhead() -> int:
+    """Heap bytes a held request costs beyond its payload and queue_id, measured on this Python.
+
+    A record Struct with its float fields, the dict slot that finds it, and its entries in the
+    ready and expiry heaps. Measured once from real objects rather than guessed, so the count
+    stays true across Python and msgspec versions; checked against tracemalloc by the tests.
+    """
+    now = time.time()
+    rec = QueuedRequest(
+        queue_id="",
+        priority=5,
+        seq=1 << 20,
+        created_at=now,
+        expires_at=now + 1.5,
+        status=QueueStatus.QUEUED,
+        attempts=0,
+        max_attempts=3,
+        updated_at=now + 0.5,
+        payload=b"",
+        size_bytes=1 << 20,
+    )
+    floats = 3 * sys.getsizeof(now)  # created_at, expires_at, updated_at are separate objects
+    seq_int = sys.getsizeof(1 << 20) * 2  # seq, plus size_bytes beyond the small-int cache
+    heap_entries = 2 * (sys.getsizeof((0, 0, "")) + 8)  # ready + expiry tuples and list slots
+    dict_slot = 32  # hash, key and value pointers (24) plus index bytes, amortised over growth
+    return sys.getsizeof(rec) + floats + seq_int + heap_entries + dict_slot
+
+
+RECORD_OVERHEAD_BYTES = _calibrate_overhead()
+# A terminal record keeps metadata only: no payload, no heap entries.
+RETAINED_OVERHEAD_BYTES = RECORD_OVERHEAD_BYTES - 2 * (sys.getsizeof((0, 0, "")) + 8)
+
+
+def held_cost(req: QueuedRequest) -> int:
+    """What holding one request costs the heap: payload, queue_id and record overhead."""
+    payload = req.payload if req.payload is not None else b""
+    return sys.getsizeof(payload) + sys.getsizeof(req.queue_id) + RECORD_OVERHEAD_BYTES
+
+
+class LocalState:
+    """The records of the local store and every transition between their statuses."""
+
+    def __init__(
+        self,
+        *,
+        max_items: int,
+        max_bytes: int,
+        high_watermark: float,
+        low_watermark: float,
+        retention_s: float,
+        max_retained: int,
+        sink: Sink | None = None,
+    ) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.breaker_open = False
+        self.retention_s = retention_s
+        self.max_retained = max_retained
+        self.sink: Sink | None = sink
+        self.records: dict[str, QueuedRequest] = {}
+        # (priority, seq, queue_id) of queued requests; entries of requests that left the
+        # queued state stay until popped and are skipped then (lazy deletion).
+        self.ready: list[tuple[int, int, str]] = []
+        # (expires_at, seq, queue_id) of queued requests, lazily deleted like ready.
+        self.expiry: list[tuple[float, int, str]] = []
+        # (lease_expires_at, lease_id, queue_id) of leases; stale once the lease changes.
+        self.leases: list[tuple[float, str, str]] = []
+        # (purge_at, queue_id) of terminal records, in the order they became terminal.
+        self.purge: deque[tuple[float, str]] = deque()
+        # Queued requests taken for the hand-over to Redis: they read queued, are never
+        # dequeued, and end confirmed (moved out) or returned.
+        self.taken: set[str] = set()
+        # Requests held here whose Redis write timed out and may still land there.
+        self.uncertain: set[str] = set()
+        self.next_seq = 1
+        self.requeues = 0  # lets the store wake waiting dequeues after a lease lapsed
+        self.items = 0
+        self.bytes = 0
+        self.retained_bytes = 0
+        self.retention_cut = 0
+        self.counts = {"accepted": 0, "completed": 0, "failed": 0, "expired": 0, "moved_out": 0}
+        self.queued = 0
+        self.processing = 0
+        self.rejections: dict[str, int] = {}
+        self.max_expired_age_s: float | None = None
+
+    # -- transitions: each builds its event and applies it ---------------------------------------
+
+    def _emit(self, event: AnyEvent) -> AnyEvent:
+        self.apply(event)
+        if self.sink is not None:
+            self.sink(event)
+        return event
+
+    def enqueue(self, req: QueuedRequest, now: float, uncertain: bool = False) -> None:
+        req.seq = self.next_seq
+        req.status = QueueStatus.QUEUED
+        req.updated_at = now
+        self._emit(Enqueued(rec=req, uncertain=uncertain))
+
+    def lease(self, rec: QueuedRequest, now: float, lease_s: float, lease_id: str) -> None:
+        self._emit(Leased(qid=rec.queue_id, lease_id=lease_id, until=now + lease_s, at=now))
+
+    def extend(self, rec: QueuedRequest, now: float, lease_s: float) -> None:
+        self._emit(Extended(qid=rec.queue_id, until=now + lease_s, at=now))
+
+    def requeue(self, rec: QueuedRequest, now: float, reason: str | None) -> None:
+        self._emit(Requeued(qid=rec.queue_id, at=now, reason=reason))
+
+    def finish(
+        self, rec: QueuedRequest, now: float, status: QueueStatus, reason: str | None
+    ) -> None:
+        self._emit(Finished(qid=rec.queue_id, status=status, reason=reason, at=now))
+
+    def take(self, qids: list[str]) -> None:
+        self._emit(Taken(qids=qids))
+
+    def give_back(self, qids: list[str], uncertain: bool = False) -> None:
+        self._emit(Returned(qids=qids, uncertain=uncertain))
+
+    def move_out(self, qids: list[str]) -> None:
+        self._emit(MovedOut(qids=qids))
+
+    def resolve(self, qid: str) -> None:
+        self._emit(Resolved(qid=qid))
+
+    def unaccept(self, qids: list[str]) -> None:
+        self._emit(Unaccepted(qids=qids))
+
+    def lapse(self, rec: QueuedRequest, now: float) -> None:
+        """A lease ran out: the request goes back while attempts remain, else it fails."""
+        if rec.expires_at <= now:
+            self.finish(rec, now, QueueStatus.EXPIRED, REASON_TTL)
+        elif rec.attempts < rec.max_attempts:
+            self.requeue(rec, now, "lease_expired")
+        else:
+            self.finish(rec, now, QueueStatus.FAILED, f"{REASON_ATTEMPTS_EXHAUSTED}: lease_expired")
+
+    # -- apply: the only code that changes a record ---------------------------------------------
+
+    def apply(self, event: AnyEvent) -> None:
+        """Apply one event, live or replayed."""
+        match event:
+            case Enqueued(rec=rec, uncertain=uncertain):
+                self._add(rec, uncertain)
+                self.counts["accepted"] += 1
+            case Leased():
+                self._lease(event)
+            case Extended(qid=qid, until=until, at=at):
+                rec = self.records[qid]
+                rec.lease_expires_at = until
+                rec.updated_at = at
+                assert rec.lease_id is not None
+                heapq.heappush(self.leases, (until, rec.lease_id, qid))
+            case Requeued():
+                self._requeue(event)
+            case Finished(qid=qid, status=status, reason=reason, at=at):
+                self._finish(self.records[qid], status, reason, at)
+            case Forgotten(qid=qid, cut=cut):
+                self._forget(qid)
+                self.retention_cut += cut
+            case Taken(qids=qids):
+                self.taken.update(qids)
+            case Returned(qids=qids, uncertain=uncertain):
+                for qid in qids:
+                    if qid in self.taken:
+                        self.taken.discard(qid)
+                        self._push_ready(self.records[qid])
+                if uncertain:
+                    self.uncertain.update(qids)
+            case MovedOut(qids=qids):
+                for qid in qids:
+                    self._remove_queued(self.records[qid])
+                    self.counts["moved_out"] += 1
+            case Resolved(qid=qid):
+                self.uncertain.discard(qid)
+            case Unaccepted(qids=qids):
+                for qid in qids:
+                    self._remove_queued(self.records[qid])
+                    self.counts["accepted"] -= 1
+            case SnapshotHead():
+                self._restore_head(event)
+            case Held(rec=rec, uncertain=uncertain, purge_at=purge_at):
+                self._restore(rec, uncertain, purge_at)
+        self._update_breaker()
+
+    def _lease(self, event: Leased) -> None:
+        rec = self.records[event.qid]
+        rec.status = QueueStatus.PROCESSING
+        rec.attempts += 1
+        rec.lease_id = event.lease_id
+        rec.lease_expires_at = event.until
+        rec.updated_at = event.at
+        self.queued -= 1
+        self.processing += 1
+        heapq.heappush(self.leases, (event.until, event.lease_id, event.qid))
+
+    def _requeue(self, event: Requeued) -> None:
+        rec = self.records[event.qid]
+        # The request keeps its seq: back in line where it arrived.
+        rec.status = QueueStatus.QUEUED
+        rec.lease_id = None
+        rec.lease_expires_at = None
+        rec.updated_at = event.at
+        rec.reason = event.reason
+        self.processing -= 1
+        self.queued += 1
+        self.requeues += 1
+        self._push_ready(rec)
+
+    def _add(self, rec: QueuedRequest, uncertain: bool) -> None:
+        self.next_seq = max(self.next_seq, rec.seq + 1)
+        self.records[rec.queue_id] = rec
+        self.items += 1
+        self.bytes += held_cost(rec)
+        self.queued += 1
+        if uncertain:
+            self.uncertain.add(rec.queue_id)
+        self._push_ready(rec)
+
+    def _finish(
+        self, rec: QueuedRequest, status: QueueStatus, reason: str | None, at: float
+    ) -> None:
+        if rec.status is QueueStatus.QUEUED:
+            self.queued -= 1
+        else:
+            self.processing -= 1
+        if status is QueueStatus.EXPIRED:
+            age = at - rec.created_at
+            if self.max_expired_age_s is None or age > self.max_expired_age_s:
+                self.max_expired_age_s = age
+        self.items -= 1
+        self.bytes -= held_cost(rec)
+        rec.status = status
+        rec.reason = reason
+        rec.updated_at = at
+        rec.lease_expires_at = None
+        rec.payload = None  # only metadata outlives the request
+        self.counts[status.value] += 1
+        # An uncertain mark outlives the request: a Redis copy of a finished one must still go.
+        self.taken.discard(rec.queue_id)
+        self._retain(rec, at + self.retention_s)
+
+    def _retain(self, rec: QueuedRequest, purge_at: float) -> None:
+        self.purge.append((purge_at, rec.queue_id))
+        self.retained_bytes += RETAINED_OVERHEAD_BYTES + sys.getsizeof(rec.queue_id)
+
+    def _forget(self, qid: str) -> None:
+        # The purge entry is the oldest one (retention ends in order).
+        if self.purge and self.purge[0][1] == qid:
+            self.purge.popleft()
+        if self.records.pop(qid, None) is not None:
+            self.retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
+        self.uncertain.discard(qid)
+
+    def _remove_queued(self, rec: QueuedRequest) -> None:
+        del self.records[rec.queue_id]
+        self.taken.discard(rec.queue_id)
+        self.uncertain.discard(rec.queue_id)
+        self.queued -= 1
+        self.items -= 1
+        self.bytes -= held_cost(rec)
+
+    def usage(self) -> float:
+        return max(self.items / self.max_items, self.bytes / self.max_bytes)
+
+    def _update_breaker(self) -> None:
+        usage = self.usage()
+        if self.breaker_open:
+            if usage <= self.low_watermark:
+                self.breaker_open = False
+        elif usage >= self.high_watermark:
+            self.breaker_open = True
+
+    # -- snapshot ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> Iterator[AnyEvent]:
+        """The whole state as events: a head, the live records, then the retained ones in order.
+
+        A request taken for the hand-over is written as queued and uncertain: after a restart
+        nobody knows whether Redis took it, and the reconciliation settles which copy stays.
+        """
+        yield SnapshotHead(
+            next_seq=self.next_seq,
+            counts=dict(self.counts),
+            retention_cut=self.retention_cut,
+            max_expired_age_s=self.max_expired_age_s,
+            rejections=dict(self.rejections),
+        )
+        for qid, rec in self.records.items():
+            if rec.status in (QueueStatus.QUEUED, QueueStatus.PROCESSING):
+                uncertain = qid in self.uncertain or qid in self.taken
+                yield Held(rec=rec, uncertain=uncertain, purge_at=None)
+        for purge_at, qid in self.purge:
+            done = self.records.get(qid)
+            if done is not None:
+                yield Held(rec=done, uncertain=qid in self.uncertain, purge_at=purge_at)
+
+    def _restore_head(self, head: SnapshotHead) -> None:
+        self.next_seq = max(self.next_seq, head.next_seq)
+        self.counts.update(head.counts)
+        self.retention_cut = head.retention_cut
+        self.max_expired_age_s = head.max_expired_age_s
+        self.rejections = dict(head.rejections)
+
+    def _restore(self, rec: QueuedRequest, uncertain: bool, purge_at: float | None) -> None:
+        if purge_at is not None:
+            self.records[rec.queue_id] = rec
+            self._retain(rec, purge_at)
+            if uncertain:
+                self.uncertain.add(rec.queue_id)
+            return
+        status = rec.status
+        self._add(rec, uncertain)  # counted as queued; a lease moves it to processing
+        if status is QueueStatus.PROCESSING:
+            assert rec.lease_expires_at is not None and rec.lease_id is not None
+            self.queued -= 1
+            self.processing += 1
+            heapq.heappush(self.leases, (rec.lease_expires_at, rec.lease_id, rec.queue_id))
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Apply every expiry, lease lapse and retention end that is due."""
+        while self.expiry and self.expiry[0][0] <= now:
+            _, seq, qid = heapq.heappop(self.expiry)
+            if self.is_ready_entry(seq, qid):
+                self.finish(self.records[qid], now, QueueStatus.EXPIRED, REASON_TTL)
+        while self.leases and self.leases[0][0] <= now:
+            _, lease_id, qid = heapq.heappop(self.leases)
+            rec = self.records.get(qid)
+            if rec is None or rec.status is not QueueStatus.PROCESSING or rec.lease_id != lease_id:
+                continue
+            if rec.lease_expires_at is not None and rec.lease_expires_at > now:
+                continue  # extended; a newer heap entry stands for it
+            self.lapse(rec, now)
+        while self.purge and self.purge[0][0] <= now:
+            self._emit(Forgotten(qid=self.purge[0][1], cut=False))
+        # Terminal records are metadata only, but a busy local-only daemon makes millions a
+        # day: past the cap the oldest go early, counted, so memory stays bounded.
+        while len(self.purge) > self.max_retained:
+            self._emit(Forgotten(qid=self.purge[0][1], cut=True))
+        # Both heaps keep entries of requests that left the queued state; rebuild them once
+        # the stale entries outnumber the live ones, so they stay within twice the backlog.
+        stale_bound = 64 + 2 * self.queued
+        if len(self.ready) > stale_bound or len(self.expiry) > stale_bound:
+            self._compact_heaps()
+
+    def _compact_heaps(self) -> None:
+        self.ready = [e for e in self.ready if self.is_ready_entry(e[1], e[2])]
+        heapq.heapify(self.ready)
+        self.expiry = [e for e in self.expiry if self.is_ready_entry(e[1], e[2])]
+        heapq.heapify(self.expiry)
+
+    def pop_ready(self, max_items: int, now: float) -> Iterator[QueuedRequest]:
+        """Pop up to max_items live queued requests, most urgent first; expire the stale ones.
+
+        The caller moves each one out of the ready state before asking for the next.
+        """
+        taken = 0
+        while self.ready and taken < max_items:
+            _, seq, qid = heapq.heappop(self.ready)
+            if not self.is_ready_entry(seq, qid):
+                continue
+            rec = self.records[qid]
+            if rec.expires_at <= now:
+                self.finish(rec, now, QueueStatus.EXPIRED, REASON_TTL)
+                continue
+            taken += 1
+            yield rec
+
+    def _push_ready(self, rec: QueuedRequest) -> None:
+        heapq.heappush(self.ready, (rec.priority, rec.seq, rec.queue_id))
+        heapq.heappush(self.expiry, (rec.expires_at, rec.seq, rec.queue_id))
+
+    def is_ready_entry(self, seq: int, qid: str) -> bool:
+        """Whether a heap entry stands for a request that is queued here and not being moved."""
+        rec = self.records.get(qid)
+        return (
+            rec is not None
+            and rec.status is QueueStatus.QUEUED
+            and rec.seq == seq
+            and qid not in self.taken
+        )
+
+    def oldest_queued_created_at(self) -> float | None:
+        ready = (qid for _, seq, qid in self.ready if self.is_ready_entry(seq, qid))
+        return min((self.records[qid].created_at for qid in ready), default=None)
