@@ -64,6 +64,9 @@ class QueuedRequest(msgspec.Struct, kw_only=True, gc=False):
     lease_id: str | None = None
     lease_expires_at: float | None = None
     reason: str | None = None
+    # The lease whose `fail` last ended a lease of this request, so a repeated fail with it is
+    # recognised and answered with the record as it is now (as a repeated complete is).
+    failed_lease: str | None = None
 
 
 class EnqueueResult(msgspec.Struct, kw_only=True, gc=False):

@@ -87,6 +87,34 @@ async def test_complete_keeps_metadata_only_and_repeats_harmlessly(
     assert await store.dequeue(1, LEASE) == []
 
 
+@pytest.mark.parametrize("retry", [True, False])
+async def test_fail_repeats_harmlessly_until_the_next_lease(
+    store: QueueRepository, clock: FakeClock, retry: bool
+) -> None:
+    """A fail resent with the same lease answers the request as it is now, in every store."""
+    req = make_request(clock)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None
+    first = await store.fail(job.queue_id, job.lease_id, "provider down", retry)
+    again = await store.fail(job.queue_id, job.lease_id, "provider down", retry)
+    assert (again.status, again.reason, again.attempts) == (
+        first.status,
+        first.reason,
+        first.attempts,
+    )
+    assert first.status is (QueueStatus.QUEUED if retry else QueueStatus.FAILED)
+    if retry:
+        # Once handed out again, the old lease's fail is stale, not a repeat.
+        [second] = await store.dequeue(1, LEASE)
+        with pytest.raises(LeaseMismatch):
+            await store.fail(job.queue_id, job.lease_id, "provider down", retry)
+        assert second.lease_id is not None
+        await store.complete(second.queue_id, second.lease_id)
+        with pytest.raises(InvalidState):
+            await store.fail(job.queue_id, job.lease_id, "provider down", retry)
+
+
 async def test_settling_needs_the_current_lease(store: QueueRepository, clock: FakeClock) -> None:
     req = make_request(clock)
     await store.enqueue([req])

@@ -42,6 +42,8 @@ class Requeued(Event, tag="req"):
     qid: str
     at: float
     reason: str | None
+    # The lease of the `fail` that asked for it (None for a lapse), kept to recognise a repeat.
+    failed_lease: str | None = None
 
 
 class Finished(Event, tag="fin"):
@@ -51,6 +53,7 @@ class Finished(Event, tag="fin"):
     status: QueueStatus
     reason: str | None
     at: float
+    failed_lease: str | None = None
 
 
 class Forgotten(Event, tag="forget"):

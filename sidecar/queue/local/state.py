@@ -149,13 +149,24 @@ class LocalState:
     def extend(self, rec: QueuedRequest, now: float, lease_s: float) -> None:
         self._emit(Extended(qid=rec.queue_id, until=now + lease_s, at=now))
 
-    def requeue(self, rec: QueuedRequest, now: float, reason: str | None) -> None:
-        self._emit(Requeued(qid=rec.queue_id, at=now, reason=reason))
+    def requeue(
+        self, rec: QueuedRequest, now: float, reason: str | None, failed_lease: str | None = None
+    ) -> None:
+        self._emit(Requeued(qid=rec.queue_id, at=now, reason=reason, failed_lease=failed_lease))
 
     def finish(
-        self, rec: QueuedRequest, now: float, status: QueueStatus, reason: str | None
+        self,
+        rec: QueuedRequest,
+        now: float,
+        status: QueueStatus,
+        reason: str | None,
+        failed_lease: str | None = None,
     ) -> None:
-        self._emit(Finished(qid=rec.queue_id, status=status, reason=reason, at=now))
+        self._emit(
+            Finished(
+                qid=rec.queue_id, status=status, reason=reason, at=now, failed_lease=failed_lease
+            )
+        )
 
     def take(self, qids: list[str]) -> None:
         self._emit(Taken(qids=qids))
@@ -200,7 +211,9 @@ class LocalState:
             case Requeued():
                 self._requeue(event)
             case Finished(qid=qid, status=status, reason=reason, at=at):
-                self._finish(self.records[qid], status, reason, at)
+                rec = self.records[qid]
+                self._finish(rec, status, reason, at)
+                rec.failed_lease = event.failed_lease
             case Forgotten(qid=qid, cut=cut):
                 self._forget(qid)
                 self.retention_cut += cut
@@ -234,6 +247,7 @@ class LocalState:
         rec.status = QueueStatus.PROCESSING
         rec.attempts += 1
         rec.lease_id = event.lease_id
+        rec.failed_lease = None  # a new lease: an old lease's fail is no longer a repeat
         rec.lease_expires_at = event.until
         rec.updated_at = event.at
         self.queued -= 1
@@ -248,6 +262,7 @@ class LocalState:
         rec.lease_expires_at = None
         rec.updated_at = event.at
         rec.reason = event.reason
+        rec.failed_lease = event.failed_lease
         self.processing -= 1
         self.queued += 1
         self.requeues += 1

@@ -186,13 +186,16 @@ class LocalQueue:
     async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
         """End a lease with a failure; requeue while attempts remain and retry is asked."""
         now = self._tick()
+        rec = self._get(queue_id)
+        if rec.failed_lease == lease_id and rec.status is not QueueStatus.PROCESSING:
+            return await self._done(rec)  # a repeat: answer the record as it is now
         rec = self._leased(queue_id, lease_id)
         if retry and rec.attempts < rec.max_attempts:
-            self._state.requeue(rec, now, reason)
+            self._state.requeue(rec, now, reason, failed_lease=lease_id)
             self._notify_work()
         else:
             final = reason if not retry else f"{REASON_ATTEMPTS_EXHAUSTED}: {reason}"
-            self._state.finish(rec, now, QueueStatus.FAILED, final)
+            self._state.finish(rec, now, QueueStatus.FAILED, final, failed_lease=lease_id)
         return await self._done(rec)
 
     async def cancel(self, queue_id: str) -> QueuedRequest:
