@@ -92,6 +92,10 @@ class TcpRedis(RedisServer):
         args = ("--port", str(self.port), "--bind", "127.0.0.1", *extra_args)
         super().__init__(appendonly=appendonly, extra_args=args)
 
+    def __enter__(self) -> TcpRedis:
+        self.start()
+        return self
+
     def info(self, section: str) -> dict[str, str]:
         lines = cli(self.port, "INFO", section).splitlines()
         return dict(line.split(":", 1) for line in lines if ":" in line)
