@@ -21,11 +21,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import pytest
+
+from sidecar.config import Settings
+from sidecar.queue.redis import RedisQueue, redis_client
 from tests.redis_server import READY_TIMEOUT_S, RedisServer, RedisServerError
 
 MASTER_NAME = "sidecarq"
@@ -311,3 +316,29 @@ class ClusterLayout:
 def _cluster_ok(node: TcpRedis) -> bool | None:
     info = cli(node.port, "CLUSTER", "INFO")
     return ("cluster_state:ok" in info and "cluster_slots_assigned:16384" in info) or None
+
+
+@pytest.fixture(scope="session", name="redis_cluster")
+def redis_cluster_fixture() -> Iterator[ClusterLayout]:
+    """One cluster for the whole session; each user takes its own key prefix."""
+    with ClusterLayout() as cluster:
+        yield cluster
+
+
+def cluster_queue(
+    cluster: ClusterLayout, clock: Callable[[], float], *, retention_s: float, **options: Any
+) -> RedisQueue:
+    """A RedisQueue on the cluster under a fresh prefix (not started)."""
+    settings = Settings(redis_url=cluster.url, redis_cluster=True)
+    prefix = options.pop("prefix", f"t{uuid.uuid4().hex[:12]}")
+    return RedisQueue(
+        redis_client(settings), retention_s=retention_s, clock=clock, prefix=prefix, **options
+    )
+
+
+def make_cluster_contract_store(
+    request: pytest.FixtureRequest, clock: Callable[[], float], retention_s: float
+) -> RedisQueue:
+    """For the contract suite: a RedisQueue on the session's cluster, under its own prefix."""
+    cluster: ClusterLayout = request.getfixturevalue("redis_cluster")
+    return cluster_queue(cluster, clock, retention_s=retention_s)
