@@ -212,8 +212,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
 
 
 def _sentinels(raw: str) -> str:
-    sentinel_hosts(raw)
-    return raw.strip()
+    return ",".join(f"{host}:{port}" for host, port in sentinel_hosts(raw))
 
 
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[

@@ -137,7 +137,7 @@ def test_sentinel_and_cluster_layouts_are_parsed() -> None:
     env = {"REDIS_SENTINELS": "10.0.0.1:26379, s2:26380", "REDIS_SENTINEL_MASTER": "q"}
     s = Settings.from_env(env)
     # One form for the rest of the daemon: the sentinels become a redis+sentinel:// URL.
-    assert s.redis_url == "redis+sentinel://10.0.0.1:26379, s2:26380/q"
+    assert s.redis_url == "redis+sentinel://10.0.0.1:26379,s2:26380/q"
     assert parse_sentinel_url(s.redis_url) == ([("10.0.0.1", 26379), ("s2", 26380)], "q", 0)
     assert parse_sentinel_url("redis+sentinel://a:1/m/3") == ([("a", 1)], "m", 3)
     assert s.redacted_redis_url() == s.redis_url
@@ -166,3 +166,16 @@ def test_daemon_refuses_to_start_with_a_bad_value() -> None:
         "below QUEUE_HIGH_WATERMARK (0.8)"
     ]
     assert not os.path.exists("/tmp/never-bound.sock")
+
+
+def test_daemon_refuses_a_sentinel_list_without_the_master_name() -> None:
+    env = dict(os.environ, REDIS_SENTINELS="127.0.0.1:1", SIDECAR_SOCKET="/tmp/never-bound2.sock")
+    env.pop("REDIS_SENTINEL_MASTER", None)
+    env.pop("REDIS_URL", None)
+    proc = serve_expecting_refusal(env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sidecar: configuration error: REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: "
+        "set both or neither"
+    ]
+    assert not os.path.exists("/tmp/never-bound2.sock")

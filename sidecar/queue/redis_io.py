@@ -219,7 +219,7 @@ class ScriptRunner:
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         if wait:
             confirmed = replies.pop()
-            short = self._short_of_replicas(confirmed)
+            short = self._short_of_replicas(confirmed, "enqueue")
             if short is not None:
                 for i in acked:
                     if not isinstance(replies[i], Exception):
@@ -234,16 +234,17 @@ class ScriptRunner:
         else:
             pipe.execute_command(*args)
 
-    def _short_of_replicas(self, confirmed: Any) -> BackendUnavailable | None:
+    def _short_of_replicas(self, confirmed: Any, op: str) -> BackendUnavailable | None:
         """None when WAIT's reply reaches min_replicas, else the error its writes get."""
         if isinstance(confirmed, int) and confirmed >= self.min_replicas:
             return None
         # Not durable as asked: the producer must not hear "stored". The write stays on the
         # primary, so the caller answers from the local queue and reconciles the two copies
         # as after a timed-out write.
-        self._log.warning(
-            "redis_replicas_short", confirmed=repr(confirmed), needed=self.min_replicas
-        )
+        # A warning when it turns the daemon to the local queue; the probe's repeats (every
+        # backoff step while replicas lag) at debug, like the probe's other failures.
+        level = self._log.debug if op == "probe" else self._log.warning
+        level("redis_replicas_short", op=op, confirmed=repr(confirmed), needed=self.min_replicas)
         return BackendUnavailable(
             "redis replicas did not confirm the write", {"kind": "replicas"}
         )
@@ -257,7 +258,7 @@ class ScriptRunner:
                     self._wait(pipe, key)
                 replies: list[Any] = await pipe.execute(raise_on_error=True)
         if self.min_replicas > 0:
-            short = self._short_of_replicas(replies[-1])
+            short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
 
