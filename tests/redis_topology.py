@@ -174,6 +174,20 @@ class SentinelLayout:
             wait_until("sentinels agree", functools.partial(_sentinel_knows_all, s))
         return self
 
+    def cut_replication(self) -> int:
+        """Freeze the replica and drop its link: the primary's later writes reach no replica.
+
+        Returns the primary's replication offset at the cut. (A SIGKILL alone loses nothing on
+        loopback: the kernel still delivers what the primary wrote to the replica's socket.)
+        """
+        assert self.replica is not None
+        self.replica.pause()
+        cli(self.primary.port, "CLIENT", "KILL", "TYPE", "replica")
+        return self.primary_offset()
+
+    def primary_offset(self) -> int:
+        return int(self.primary.info("replication")["master_repl_offset"])
+
     def kill_primary(self) -> int:
         """SIGKILL the primary; returns its port."""
         self.primary.kill()
