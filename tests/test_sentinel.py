@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, SlaveNotFoundError
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
-from sidecar.queue.redis import open_redis_queue, unavailable_kind
+from sidecar.queue.redis import open_redis_queue, redis_client, unavailable_kind
 from tests.crash import check, load_then
 from tests.daemon import Daemon, daemon_env, short_tmpdir
 from tests.helpers import make_request
@@ -52,6 +52,17 @@ async def test_no_sentinel_answers_is_redis_down_not_a_crash() -> None:
     with pytest.raises(BackendUnavailable) as info:
         await open_redis_queue(settings)
     assert info.value.details["kind"] in ("no_primary", "connection")
+
+
+def test_sentinels_are_asked_once_each_without_backoff() -> None:
+    # redis-py retries each sentinel three times with backoff by default: a start with no
+    # sentinel answering took 16 s instead of failing over to the local queue at once.
+    settings = Settings(redis_sentinels="127.0.0.1:1,127.0.0.1:2", redis_sentinel_master="q")
+    client = redis_client(settings)
+    manager = client.connection_pool.sentinel_manager  # type: ignore[union-attr]
+    assert [s.get_retry().get_retries() for s in manager.sentinels] == [0, 0]
+    # The primary's connections keep their one immediate retry of a connection error.
+    assert client.get_retry().get_retries() == 1  # type: ignore[union-attr]
 
 
 async def test_queue_through_sentinel_url_reaches_the_primary() -> None:

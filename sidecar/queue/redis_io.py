@@ -275,6 +275,9 @@ def redis_client(settings: Settings) -> Client:
         sentinel_options = {
             "socket_connect_timeout": settings.redis_connect_timeout_s,
             "socket_timeout": settings.redis_timeout_s,
+            # No retry with backoff per sentinel (redis-py's default): the pool already asks
+            # the next sentinel, and a window without a primary must fail over at once.
+            "retry": Retry(NoBackoff(), 0),
         }
         # redis-py leaves Sentinel.__init__ unannotated.
         manager = Sentinel(  # type: ignore[no-untyped-call]
