@@ -9,21 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import structlog
 
-from sidecar.config import default_socket_path
+from sidecar.config import ConfigError, default_socket_path
 from sidecar.errors import (
     BackendUnavailable,
     BadFrame,
     FrameTooLarge,
     InternalError,
+    PermissionDenied,
     ShuttingDown,
     SidecarError,
     SidecarUnavailable,
@@ -58,21 +61,30 @@ from sidecar.protocol import (
     append_frame,
     encode_frame,
 )
+from sidecar.socket_dir import check_socket_folder
 
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.client")
 
+# A daemon that is not there must fail a call within a second (the README promises it); one
+# that is there but frozen within the reply deadline. Both can be set per client or by env.
 CONNECT_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_ENV = "SIDECAR_CLIENT_CONNECT_TIMEOUT_SECONDS"
+TIMEOUT_ENV = "SIDECAR_CLIENT_TIMEOUT_SECONDS"
 # A dequeue reply can exceed the daemon's request-frame limit (max_batch x max_payload_bytes);
 # the daemon is trusted, so the client accepts up to the wire maximum.
 _CLIENT_MAX_FRAME = MAX_FRAME_LIMIT
 # Errors that end the connection; any other reply without an id is about one request.
 _CONNECTION_ERRORS = frozenset(
-    cls.code for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown)
+    cls.code
+    for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown, PermissionDenied)
 )
 # Past this many unsent bytes in the transport, a call waits for the daemon to read.
 _WRITE_HIGH_BYTES = 1 << 20
+# Ops that change nothing, or nothing twice: safe to send again after a lost connection.
+# An enqueue is safe only when every item names its queue_id (the client names them).
+_RETRY_SAFE = (Hello, Status, Stats, Health)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -128,52 +140,234 @@ def _raise_for(reply: Reply) -> None:
         raise error_from_code(err.code, err.message, err.details)
 
 
-class AsyncClient:
-    """One connection to the daemon; safe to share between tasks (requests are pipelined)."""
+def _env_seconds(name: str, default: float) -> float:
+    """A timeout from the environment (a number of seconds > 0), else the default."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={raw!r} is invalid: expected a number of seconds > 0")
+    return value
 
-    def __init__(self, path: str | None = None, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        self.path = socket_path(path)
+
+def _retry_safe(req: Request) -> bool:
+    """Whether sending req twice has the effect of sending it once."""
+    if isinstance(req, Enqueue):
+        return all(i.queue_id is not None for i in req.items)
+    return isinstance(req, _RETRY_SAFE)
+
+
+def _named(items: Sequence[EnqueueItem]) -> list[EnqueueItem]:
+    """Items with a queue_id each (32 hex digits, as the daemon's), so a resend cannot duplicate."""
+    return [i if i.queue_id is not None else msgspec.structs.replace(i, queue_id=uuid.uuid4().hex)
+            for i in items]
+
+
+def _lost(message: str, reason: str) -> SidecarUnavailable:
+    """A call that was sent but got no reply: its outcome is unknown."""
+    return SidecarUnavailable(message, {"sent": True, "reason": reason})
+
+
+def _observe(task: asyncio.Task[Any]) -> None:
+    """Done callback: retrieve a background task's exception so it is never left unobserved."""
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None and not isinstance(exc, SidecarError):
+        log.error("client_task_failed", error=repr(exc))
+
+
+class _Connection:
+    """One socket and the calls sent on it; only its own reader and timer ever fail them.
+
+    Replies come in request order, so the oldest unanswered call has the earliest deadline:
+    one timer armed at that deadline watches the whole connection, not one timer per call.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.writer = writer
         self.timeout_s = timeout_s
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._closed_error: SidecarError | None = None
+        self.pending: dict[int, tuple[asyncio.Future[Reply], float]] = {}
+        self.error: SidecarError | None = None
         self._outbox = bytearray()
         self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_deadline = 0.0
+        self.reader_task = self.loop.create_task(self._read(reader))
+        self.reader_task.add_done_callback(_observe)
 
-    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncClient:
+    def send(self, req: Request, extra_timeout_s: float) -> asyncio.Future[Reply]:
+        """Queue req's frame (frames of one loop pass leave in one write); its reply's future."""
+        loop = self.loop
+        # A call cannot be answered before the calls ahead of it (replies are in order), so its
+        # deadline is never earlier than theirs: the oldest pending deadline is the earliest.
+        deadline = max(loop.time() + self.timeout_s + extra_timeout_s, self._last_deadline)
+        self._last_deadline = deadline
+        fut: asyncio.Future[Reply] = loop.create_future()
+        if self.error is not None:  # closed after it was handed out, before this call ran
+            fut.set_exception(self.error)
+            return fut
+        self.pending[req.id] = (fut, deadline)
+        append_frame(self._outbox, req)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check_deadline)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outbox and self.error is None and not self.writer.is_closing():
+            self.writer.write(self._outbox)
+            self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self.error is not None or not self.pending:
+            return
+        _, deadline = next(iter(self.pending.values()))
+        if deadline - self.loop.time() > 0.001:  # re-arm for the call that is now the oldest
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
+            return
+        self.close(
+            _lost(
+                f"no reply from the sidecar within {self.timeout_s}s (plus any long-poll wait); "
+                "its outcome is unknown",
+                "timeout",
+            )
+        )
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        frames = FrameReader(_CLIENT_MAX_FRAME)
+        error: SidecarError = _lost("the sidecar closed the connection", "connection_lost")
+        try:
+            while data := await reader.read(65536):
+                for body in frames.feed(data):
+                    self._deliver(_decode_reply(body))
+            if frames.error is not None:
+                error = InternalError(f"reply from the sidecar: {frames.error.message}")
+        except SidecarError as err:
+            error = err
+        except OSError as exc:
+            error = _lost(f"connection to the sidecar failed: {exc}", "connection_lost")
+        finally:
+            self.close(error)
+
+    def _deliver(self, reply: Reply) -> None:
+        if reply.id is None:
+            if _ends_connection(reply):
+                # An error about the connection itself (a framing error, too many connections,
+                # shutting down): it ends the connection for every pending call.
+                _raise_for(reply)
+            # Replies are in order: an error without an id answers the oldest call.
+            entry = next(iter(self.pending.items()), None)
+            if entry is None:
+                return
+            key, (fut, _) = entry
+        else:
+            key = reply.id
+            found = self.pending.get(key)
+            if found is None:
+                return
+            fut = found[0]
+        del self.pending[key]
+        if not fut.done():  # a call whose caller was cancelled stays until its reply passes
+            fut.set_result(reply)
+
+    def close(self, error: SidecarError) -> None:
+        """End this connection: fail its own pending calls with error, never anyone else's."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # abort, not close: a frozen daemon never reads what is buffered, and close would wait.
+        self.writer.transport.abort()
+        if asyncio.current_task() is not self.reader_task:
+            self.reader_task.cancel()
+        pending, self.pending = self.pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+
+class AsyncClient:
+    """A connection to the daemon shared by tasks (requests are pipelined); reconnects on need.
+
+    Every call has a deadline: `connect_timeout_s` to connect (default 1 s, or
+    SIDECAR_CLIENT_CONNECT_TIMEOUT_SECONDS) and `timeout_s` for its reply (default 10 s, or
+    SIDECAR_CLIENT_TIMEOUT_SECONDS), plus the wait of a long-polling dequeue. Calls that change
+    nothing, and enqueues (whose items the client names), are resent once after a lost connection.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> None:
+        self.path = socket_path(path)
+        self.timeout_s = timeout_s or _env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
+        self.connect_timeout_s = connect_timeout_s or _env_seconds(
+            CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
+        )
+        self._ids = itertools.count(1)
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+
+    async def connect(self, timeout_s: float | None = None) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
+        if timeout_s is not None:
+            self.connect_timeout_s = timeout_s
+        await self._connection()
+        return self
+
+    async def _connection(self) -> _Connection:
+        """The live connection, or one attempt to open it shared by every call that waits."""
+        conn = self._conn
+        if conn is not None and conn.error is None:
+            return conn
+        if self._connecting is None:
+            task = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(self._connect_done)
+            self._connecting = task
+        # shield: one caller giving up must not cancel the attempt the others wait on.
+        return await asyncio.shield(self._connecting)
+
+    def _connect_done(self, task: asyncio.Task[_Connection]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        _observe(task)
+
+    async def _open(self) -> _Connection:
+        check_socket_folder(self.path)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path), timeout_s
+                asyncio.open_unix_connection(self.path), self.connect_timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise SidecarUnavailable(
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
-                {"path": self.path},
+                {"path": self.path, "sent": False},
             ) from exc
-        self._writer = writer
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
-        return self
-
-    async def _drop_connection(self) -> None:
-        writer, self._writer, self._closed_error = self._writer, None, None
-        self._outbox = bytearray()
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        old, self._conn = self._conn, _Connection(reader, writer, self.timeout_s)
+        if old is not None:
+            old.close(_lost("replaced by a new connection", "connection_lost"))
+        return self._conn
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):  # reset by the peer: closed either way
-                await self._writer.wait_closed()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
-        self._fail_pending(SidecarUnavailable("client closed"))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))
+            await asyncio.gather(conn.reader_task, return_exceptions=True)
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -192,8 +386,12 @@ class AsyncClient:
         return res
 
     async def enqueue_many(self, items: Sequence[EnqueueItem]) -> list[EnqueuedItem]:
-        """Enqueue a batch, all or none; build items with `sidecar.client.item`."""
-        res = await self._call(Enqueue(id=0, items=list(items)), EnqueueResult)
+        """Enqueue a batch, all or none; build items with `sidecar.client.item`.
+
+        Items without a queue_id get one here, so a resend after a lost connection finds the
+        stored request instead of storing it twice.
+        """
+        res = await self._call(Enqueue(id=0, items=_named(items)), EnqueueResult)
         return res.items
 
     async def dequeue(
@@ -234,74 +432,42 @@ class AsyncClient:
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _call(self, req: Request, result_type: type[T], extra_timeout_s: float = 0) -> T:
-        if self._closed_error is not None:
-            # The connection ended (the daemon restarted, say): the next call reconnects,
-            # and fails fast with SidecarUnavailable if the daemon is still away.
-            await self._drop_connection()
-        if self._writer is None:
-            await self.connect()
-        assert self._writer is not None
-        req.id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Reply] = loop.create_future()
-        self._pending[req.id] = fut
-        # Frames from every task that calls in this loop iteration leave in one write.
-        append_frame(self._outbox, req)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_outbox)
         try:
-            if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
-                await self._writer.drain()  # the daemon reads slower than we write: wait
-            async with asyncio.timeout(self.timeout_s + extra_timeout_s):
-                reply = await fut
-        except TimeoutError as exc:
-            raise SidecarUnavailable(f"no reply from the sidecar within {self.timeout_s}s") from exc
-        except OSError as exc:
-            raise SidecarUnavailable(f"connection to the sidecar failed: {exc}") from exc
-        finally:
-            self._pending.pop(req.id, None)
+            reply = await self._exchange(req, extra_timeout_s)
+        except SidecarUnavailable as lost:
+            # Only a connection that dropped under the call is worth one more try (a restart);
+            # a timeout has used the deadline, and a failed connect says the daemon is away.
+            if lost.details.get("reason") != "connection_lost" or not _retry_safe(req):
+                raise
+            log.info("call_resent", op=type(req).__name__.lower(), error=lost.message)
+            try:
+                reply = await self._exchange(req, extra_timeout_s)
+            except SidecarUnavailable as again:
+                if again.details.get("sent"):
+                    raise
+                raise lost from again  # the first attempt's outcome is still unknown
         _raise_for(reply)
         return _decode_result(reply, result_type)
 
-    def _flush_outbox(self) -> None:
-        self._flush_scheduled = False
-        if self._outbox and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(self._outbox)
-            self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
-
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        frames = FrameReader(_CLIENT_MAX_FRAME)
-        error: SidecarError = SidecarUnavailable("the sidecar closed the connection")
+    async def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
+        conn = await self._connection()
+        req.id = next(self._ids)
+        fut = conn.send(req, extra_timeout_s)
         try:
-            while data := await reader.read(65536):
-                for body in frames.feed(data):
-                    reply = _decode_reply(body)
-                    if reply.id is None and _ends_connection(reply):
-                        # An error about the connection itself (a framing error, or too many
-                        # connections): it ends the connection for every pending call.
-                        _raise_for(reply)
-                    fut = self._pending.get(reply.id) if reply.id is not None else None
-                    if fut is not None and not fut.done():
-                        fut.set_result(reply)
-        except SidecarError as err:
-            error = err
-        except OSError as exc:
-            error = SidecarUnavailable(f"connection to the sidecar failed: {exc}")
+            if conn.writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
+                # The daemon reads slower than we write: wait (the deadline timer aborts the
+                # connection if it never reads, which ends this wait too).
+                with contextlib.suppress(OSError):
+                    await conn.writer.drain()
+            return await fut
         finally:
-            self._closed_error = error
-            self._fail_pending(error)
-
-    def _fail_pending(self, error: SidecarError) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-        self._pending.clear()
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # observed even when this caller was cancelled meanwhile
 
 
-async def connect(path: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncClient:
+async def connect(path: str | None = None, timeout_s: float | None = None) -> AsyncClient:
     """Open an AsyncClient connection to the daemon."""
-    return await AsyncClient(path).connect(timeout_s)
+    return await AsyncClient(path, connect_timeout_s=timeout_s).connect()
 
 
 class Client:
@@ -311,12 +477,14 @@ class Client:
         self,
         path: str | None = None,
         *,
-        connect_timeout_s: float = CONNECT_TIMEOUT_S,
-        timeout_s: float = REQUEST_TIMEOUT_S,
+        connect_timeout_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.path = socket_path(path)
-        self.connect_timeout_s = connect_timeout_s
-        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s or _env_seconds(
+            CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
+        )
+        self.timeout_s = timeout_s or _env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
         self._sock: socket.socket | None = None
         self._frames = FrameReader(_CLIENT_MAX_FRAME)
         self._lock = threading.Lock()
@@ -324,6 +492,7 @@ class Client:
 
     def connect(self) -> Client:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
+        check_socket_folder(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout_s)
         try:
@@ -332,7 +501,7 @@ class Client:
             sock.close()
             raise SidecarUnavailable(
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
-                {"path": self.path},
+                {"path": self.path, "sent": False},
             ) from exc
         self._sock = sock
         self._frames = FrameReader(_CLIENT_MAX_FRAME)
@@ -357,7 +526,7 @@ class Client:
         return res
 
     def enqueue_many(self, items: Sequence[EnqueueItem]) -> list[EnqueuedItem]:
-        return self._call(Enqueue(id=0, items=list(items)), EnqueueResult).items
+        return self._call(Enqueue(id=0, items=_named(items)), EnqueueResult).items
 
     def dequeue(
         self, max_items: int = 1, *, lease_s: float | None = None, wait_s: float = 0.0
@@ -392,19 +561,35 @@ class Client:
 
     def _call(self, req: Request, result_type: type[T], extra_timeout_s: float = 0) -> T:
         with self._lock:
-            if self._sock is None:
-                self.connect()
-            assert self._sock is not None
-            req.id = next(self._ids)
+            # A connection kept from an earlier call may have been closed by a daemon restart:
+            # a call that is safe to repeat gets one more try on a new connection.
+            reused = self._sock is not None
             try:
-                self._sock.settimeout(self.timeout_s + extra_timeout_s)
-                self._sock.sendall(encode_frame(req))
-                reply = self._read_reply(req.id)
-            except OSError as exc:  # includes socket timeouts
-                self.close()
-                raise SidecarUnavailable(f"connection to the sidecar failed: {exc}") from exc
+                reply = self._exchange(req, extra_timeout_s)
+            except SidecarUnavailable as lost:
+                if not (reused and lost.details.get("reason") == "connection_lost"):
+                    raise
+                if not _retry_safe(req):
+                    raise
+                reply = self._exchange(req, extra_timeout_s)
         _raise_for(reply)
         return _decode_result(reply, result_type)
+
+    def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        req.id = next(self._ids)
+        try:
+            self._sock.settimeout(self.timeout_s + extra_timeout_s)
+            self._sock.sendall(encode_frame(req))
+            return self._read_reply(req.id)
+        except TimeoutError as exc:
+            self.close()
+            raise _lost(f"no reply from the sidecar within {self.timeout_s}s", "timeout") from exc
+        except OSError as exc:
+            self.close()
+            raise _lost(f"connection to the sidecar failed: {exc}", "connection_lost") from exc
 
     def _read_reply(self, request_id: int) -> Reply:
         assert self._sock is not None
@@ -412,7 +597,7 @@ class Client:
             data = self._sock.recv(65536)
             if not data:
                 self.close()
-                raise SidecarUnavailable("the sidecar closed the connection")
+                raise _lost("the sidecar closed the connection", "connection_lost")
             for body in self._frames.feed(data):
                 reply = _decode_reply(body)
                 if reply.id is None and _ends_connection(reply):
@@ -480,6 +665,7 @@ async def run_worker(
             )
             running.add(task)
             task.add_done_callback(running.discard)
+            task.add_done_callback(_observe)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
@@ -489,17 +675,29 @@ async def _run_job(
 ) -> None:
     keeper = asyncio.get_running_loop().create_task(_keep_lease(client, job, lease_s))
     try:
-        await handler(job)
-    except PermanentFailure as exc:
-        await client.fail(job.queue_id, job.lease_id, f"{exc}", retry=False)
-    except Exception as exc:
-        await client.fail(job.queue_id, job.lease_id, f"{type(exc).__name__}: {exc}", retry=True)
-    else:
-        await client.complete(job.queue_id, job.lease_id)
+        try:
+            await handler(job)
+        except PermanentFailure as exc:
+            await _settle(client.fail(job.queue_id, job.lease_id, f"{exc}", retry=False), job)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            await _settle(client.fail(job.queue_id, job.lease_id, why, retry=True), job)
+        else:
+            await _settle(client.complete(job.queue_id, job.lease_id), job)
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
         slots.release()
+
+
+async def _settle(call: Awaitable[RequestInfo], job: Job) -> None:
+    """Report a job's outcome; a settle that fails is logged, never left to an unread task."""
+    try:
+        await call
+    except SidecarError as exc:
+        # The daemon restarted, or the lease lapsed: if the settle did not take effect the
+        # lease lapses and the request is handed out again (delivery is at least once).
+        log.warning("settle_failed", queue_id=job.queue_id, code=exc.code, error=exc.message)
 
 
 async def _keep_lease(client: AsyncClient, job: Job, lease_s: float) -> None:
@@ -508,5 +706,8 @@ async def _keep_lease(client: AsyncClient, job: Job, lease_s: float) -> None:
         await asyncio.sleep(lease_s / 3)
         try:
             await client.extend(job.queue_id, job.lease_id, lease_s)
-        except BackendUnavailable:
-            continue  # the store is briefly away; the next round tries again
+        except (BackendUnavailable, SidecarUnavailable):
+            continue  # the store or the daemon is briefly away; the next round tries again
+        except SidecarError as exc:
+            log.warning("lease_lost", queue_id=job.queue_id, code=exc.code, error=exc.message)
+            return  # lapsed or settled elsewhere: extending again cannot help
