@@ -134,6 +134,7 @@ async def test_frozen_daemon_fails_the_call_at_its_deadline() -> None:
                 assert sync_info.value.details["reason"] == "timeout"
             finally:
                 d.proc.send_signal(signal.SIGCONT)
+            client.timeout_s = 10.0  # the next connection's deadline: room for a loaded machine
             assert (await client.health()).status == "ok"  # and it reconnects once thawed
         finally:
             await client.close()
@@ -142,10 +143,10 @@ async def test_frozen_daemon_fails_the_call_at_its_deadline() -> None:
 
 async def test_a_long_poll_adds_its_wait_to_the_deadline() -> None:
     with running_daemon() as d:
-        async with AsyncClient(d.socket_path, timeout_s=0.3) as c:
-            # The dequeue waits 1 s, over the 0.3 s deadline; the health behind it on the same
+        async with AsyncClient(d.socket_path, timeout_s=1.0) as c:
+            # The dequeue waits 3 s, over the 1 s deadline; the health behind it on the same
             # connection cannot be answered before it either. Neither times out.
-            poll = asyncio.create_task(c.dequeue(1, wait_s=1.0))
+            poll = asyncio.create_task(c.dequeue(1, wait_s=3.0))
             await asyncio.sleep(0)
             behind = asyncio.create_task(c.health())
             assert await poll == []
