@@ -11,7 +11,8 @@ from typing import Any
 
 import msgspec
 
-from sidecar.client import TIMEOUT_ENV, Client, decode_payload
+from sidecar.client import Client, decode_payload
+from sidecar.client_conn import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import SidecarError, SidecarUnavailable
 from sidecar.models import QueueStats

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import socket
 import threading
@@ -20,23 +19,29 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from sidecar.config import ConfigError, default_socket_path
+from sidecar.client_conn import (
+    CLIENT_MAX_FRAME,
+    CONNECT_TIMEOUT_ENV,
+    CONNECT_TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
+    TIMEOUT_ENV,
+    ClientConnection,
+    decode_reply,
+    decode_result,
+    ends_connection,
+    env_seconds,
+    lost,
+    observe,
+    raise_for,
+)
+from sidecar.config import default_socket_path
 from sidecar.errors import (
     BackendUnavailable,
-    BadFrame,
-    FrameTooLarge,
-    InternalError,
-    PermissionDenied,
-    ShuttingDown,
     SidecarError,
     SidecarUnavailable,
-    TooManyConnections,
-    error_from_code,
 )
 from sidecar.models import QueueStats
 from sidecar.protocol import (
-    DECODE_ERRORS,
-    MAX_FRAME_LIMIT,
     Cancel,
     Complete,
     Dequeue,
@@ -58,7 +63,6 @@ from sidecar.protocol import (
     RequestInfo,
     Stats,
     Status,
-    append_frame,
     encode_frame,
 )
 from sidecar.socket_dir import check_socket_folder
@@ -66,26 +70,11 @@ from sidecar.socket_dir import check_socket_folder
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.client")
 
-# A daemon that is not there must fail a call within a second (the README promises it); one
-# that is there but frozen within the reply deadline. Both can be set per client or by env.
-CONNECT_TIMEOUT_S = 1.0
-REQUEST_TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_ENV = "SIDECAR_CLIENT_CONNECT_TIMEOUT_SECONDS"
-TIMEOUT_ENV = "SIDECAR_CLIENT_TIMEOUT_SECONDS"
-# A dequeue reply can exceed the daemon's request-frame limit (max_batch x max_payload_bytes);
-# the daemon is trusted, so the client accepts up to the wire maximum.
-_CLIENT_MAX_FRAME = MAX_FRAME_LIMIT
-# Errors that end the connection; any other reply without an id is about one request.
-_CONNECTION_ERRORS = frozenset(
-    cls.code
-    for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown, PermissionDenied)
-)
 # Past this many unsent bytes in the transport, a call waits for the daemon to read.
 _WRITE_HIGH_BYTES = 1 << 20
 # Ops that change nothing, or nothing twice: safe to send again after a lost connection.
 # An enqueue is safe only when every item names its queue_id (the client names them).
 _RETRY_SAFE = (Hello, Status, Stats, Health)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -114,46 +103,6 @@ def decode_payload(job: Job, type: type[T] | Any = Any) -> Any:
     return msgspec.msgpack.decode(job.payload, type=type)
 
 
-def _decode_reply(body: bytes) -> Reply:
-    try:
-        return _reply_decoder.decode(body)
-    except DECODE_ERRORS as exc:
-        raise InternalError(f"malformed reply from the sidecar: {exc}") from exc
-
-
-def _decode_result(reply: Reply, result_type: type[T]) -> T:
-    try:
-        return msgspec.msgpack.decode(reply.result or b"\xc0", type=result_type)
-    except DECODE_ERRORS as exc:
-        raise InternalError(f"malformed result from the sidecar: {exc}") from exc
-
-
-def _ends_connection(reply: Reply) -> bool:
-    return reply.error is not None and reply.error.code in _CONNECTION_ERRORS
-
-
-def _raise_for(reply: Reply) -> None:
-    if not reply.ok:
-        err = reply.error
-        if err is None:
-            raise SidecarError("error reply without an error body")
-        raise error_from_code(err.code, err.message, err.details)
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """A timeout from the environment (a number of seconds > 0), else the default."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name}={raw!r} is invalid: expected a number of seconds > 0")
-    return value
-
-
 def _retry_safe(req: Request) -> bool:
     """Whether sending req twice has the effect of sending it once."""
     if isinstance(req, Enqueue):
@@ -165,137 +114,6 @@ def _named(items: Sequence[EnqueueItem]) -> list[EnqueueItem]:
     """Items with a queue_id each (32 hex digits, as the daemon's), so a resend cannot duplicate."""
     return [i if i.queue_id is not None else msgspec.structs.replace(i, queue_id=uuid.uuid4().hex)
             for i in items]
-
-
-def _lost(message: str, reason: str) -> SidecarUnavailable:
-    """A call that was sent but got no reply: its outcome is unknown."""
-    return SidecarUnavailable(message, {"sent": True, "reason": reason})
-
-
-def _observe(task: asyncio.Task[Any]) -> None:
-    """Done callback: retrieve a background task's exception so it is never left unobserved."""
-    exc = None if task.cancelled() else task.exception()
-    if exc is not None and not isinstance(exc, SidecarError):
-        log.error("client_task_failed", error=repr(exc))
-
-
-class _Connection:
-    """One socket and the calls sent on it; only its own reader and timer ever fail them.
-
-    Replies come in request order, so the oldest unanswered call has the earliest deadline:
-    one timer armed at that deadline watches the whole connection, not one timer per call.
-    """
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.writer = writer
-        self.timeout_s = timeout_s
-        self.pending: dict[int, tuple[asyncio.Future[Reply], float]] = {}
-        self.error: SidecarError | None = None
-        self._outbox = bytearray()
-        self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_deadline = 0.0
-        self.reader_task = self.loop.create_task(self._read(reader))
-        self.reader_task.add_done_callback(_observe)
-
-    def send(self, req: Request, extra_timeout_s: float) -> asyncio.Future[Reply]:
-        """Queue req's frame (frames of one loop pass leave in one write); its reply's future."""
-        loop = self.loop
-        # A call cannot be answered before the calls ahead of it (replies are in order), so its
-        # deadline is never earlier than theirs: the oldest pending deadline is the earliest.
-        deadline = max(loop.time() + self.timeout_s + extra_timeout_s, self._last_deadline)
-        self._last_deadline = deadline
-        fut: asyncio.Future[Reply] = loop.create_future()
-        if self.error is not None:  # closed after it was handed out, before this call ran
-            fut.set_exception(self.error)
-            return fut
-        self.pending[req.id] = (fut, deadline)
-        append_frame(self._outbox, req)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._check_deadline)
-        return fut
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._outbox and self.error is None and not self.writer.is_closing():
-            self.writer.write(self._outbox)
-            self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
-
-    def _check_deadline(self) -> None:
-        self._timer = None
-        if self.error is not None or not self.pending:
-            return
-        _, deadline = next(iter(self.pending.values()))
-        if deadline - self.loop.time() > 0.001:  # re-arm for the call that is now the oldest
-            self._timer = self.loop.call_at(deadline, self._check_deadline)
-            return
-        self.close(
-            _lost(
-                f"no reply from the sidecar within {self.timeout_s}s (plus any long-poll wait); "
-                "its outcome is unknown",
-                "timeout",
-            )
-        )
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        frames = FrameReader(_CLIENT_MAX_FRAME)
-        error: SidecarError = _lost("the sidecar closed the connection", "connection_lost")
-        try:
-            while data := await reader.read(65536):
-                for body in frames.feed(data):
-                    self._deliver(_decode_reply(body))
-            if frames.error is not None:
-                error = InternalError(f"reply from the sidecar: {frames.error.message}")
-        except SidecarError as err:
-            error = err
-        except OSError as exc:
-            error = _lost(f"connection to the sidecar failed: {exc}", "connection_lost")
-        finally:
-            self.close(error)
-
-    def _deliver(self, reply: Reply) -> None:
-        if reply.id is None:
-            if _ends_connection(reply):
-                # An error about the connection itself (a framing error, too many connections,
-                # shutting down): it ends the connection for every pending call.
-                _raise_for(reply)
-            # Replies are in order: an error without an id answers the oldest call.
-            entry = next(iter(self.pending.items()), None)
-            if entry is None:
-                return
-            key, (fut, _) = entry
-        else:
-            key = reply.id
-            found = self.pending.get(key)
-            if found is None:
-                return
-            fut = found[0]
-        del self.pending[key]
-        if not fut.done():  # a call whose caller was cancelled stays until its reply passes
-            fut.set_result(reply)
-
-    def close(self, error: SidecarError) -> None:
-        """End this connection: fail its own pending calls with error, never anyone else's."""
-        if self.error is not None:
-            return
-        self.error = error
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        # abort, not close: a frozen daemon never reads what is buffered, and close would wait.
-        self.writer.transport.abort()
-        if asyncio.current_task() is not self.reader_task:
-            self.reader_task.cancel()
-        pending, self.pending = self.pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
 
 
 class AsyncClient:
@@ -315,13 +133,13 @@ class AsyncClient:
         connect_timeout_s: float | None = None,
     ) -> None:
         self.path = socket_path(path)
-        self.timeout_s = timeout_s or _env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
-        self.connect_timeout_s = connect_timeout_s or _env_seconds(
+        self.timeout_s = timeout_s or env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
+        self.connect_timeout_s = connect_timeout_s or env_seconds(
             CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
         )
         self._ids = itertools.count(1)
-        self._conn: _Connection | None = None
-        self._connecting: asyncio.Task[_Connection] | None = None
+        self._conn: ClientConnection | None = None
+        self._connecting: asyncio.Task[ClientConnection] | None = None
 
     async def connect(self, timeout_s: float | None = None) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
@@ -330,7 +148,7 @@ class AsyncClient:
         await self._connection()
         return self
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> ClientConnection:
         """The live connection, or one attempt to open it shared by every call that waits."""
         conn = self._conn
         if conn is not None and conn.error is None:
@@ -342,12 +160,12 @@ class AsyncClient:
         # shield: one caller giving up must not cancel the attempt the others wait on.
         return await asyncio.shield(self._connecting)
 
-    def _connect_done(self, task: asyncio.Task[_Connection]) -> None:
+    def _connect_done(self, task: asyncio.Task[ClientConnection]) -> None:
         if self._connecting is task:
             self._connecting = None
-        _observe(task)
+        observe(task)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> ClientConnection:
         check_socket_folder(self.path)
         try:
             reader, writer = await asyncio.wait_for(
@@ -358,9 +176,9 @@ class AsyncClient:
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
                 {"path": self.path, "sent": False},
             ) from exc
-        old, self._conn = self._conn, _Connection(reader, writer, self.timeout_s)
+        old, self._conn = self._conn, ClientConnection(reader, writer, self.timeout_s)
         if old is not None:
-            old.close(_lost("replaced by a new connection", "connection_lost"))
+            old.close(lost("replaced by a new connection", "connection_lost"))
         return self._conn
 
     async def close(self) -> None:
@@ -446,8 +264,8 @@ class AsyncClient:
                 if again.details.get("sent"):
                     raise
                 raise lost from again  # the first attempt's outcome is still unknown
-        _raise_for(reply)
-        return _decode_result(reply, result_type)
+        raise_for(reply)
+        return decode_result(reply, result_type)
 
     async def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
         conn = await self._connection()
@@ -481,12 +299,12 @@ class Client:
         timeout_s: float | None = None,
     ) -> None:
         self.path = socket_path(path)
-        self.connect_timeout_s = connect_timeout_s or _env_seconds(
+        self.connect_timeout_s = connect_timeout_s or env_seconds(
             CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
         )
-        self.timeout_s = timeout_s or _env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
+        self.timeout_s = timeout_s or env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
         self._sock: socket.socket | None = None
-        self._frames = FrameReader(_CLIENT_MAX_FRAME)
+        self._frames = FrameReader(CLIENT_MAX_FRAME)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -504,7 +322,7 @@ class Client:
                 {"path": self.path, "sent": False},
             ) from exc
         self._sock = sock
-        self._frames = FrameReader(_CLIENT_MAX_FRAME)
+        self._frames = FrameReader(CLIENT_MAX_FRAME)
         return self
 
     def close(self) -> None:
@@ -572,8 +390,8 @@ class Client:
                 if not _retry_safe(req):
                     raise
                 reply = self._exchange(req, extra_timeout_s)
-        _raise_for(reply)
-        return _decode_result(reply, result_type)
+        raise_for(reply)
+        return decode_result(reply, result_type)
 
     def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
         if self._sock is None:
@@ -586,10 +404,10 @@ class Client:
             return self._read_reply(req.id)
         except TimeoutError as exc:
             self.close()
-            raise _lost(f"no reply from the sidecar within {self.timeout_s}s", "timeout") from exc
+            raise lost(f"no reply from the sidecar within {self.timeout_s}s", "timeout") from exc
         except OSError as exc:
             self.close()
-            raise _lost(f"connection to the sidecar failed: {exc}", "connection_lost") from exc
+            raise lost(f"connection to the sidecar failed: {exc}", "connection_lost") from exc
 
     def _read_reply(self, request_id: int) -> Reply:
         assert self._sock is not None
@@ -597,12 +415,12 @@ class Client:
             data = self._sock.recv(65536)
             if not data:
                 self.close()
-                raise _lost("the sidecar closed the connection", "connection_lost")
+                raise lost("the sidecar closed the connection", "connection_lost")
             for body in self._frames.feed(data):
-                reply = _decode_reply(body)
-                if reply.id is None and _ends_connection(reply):
+                reply = decode_reply(body)
+                if reply.id is None and ends_connection(reply):
                     self.close()
-                    _raise_for(reply)
+                    raise_for(reply)
                 if reply.id in (request_id, None):  # one request at a time: nil is ours too
 
                     return reply
@@ -665,7 +483,7 @@ async def run_worker(
             )
             running.add(task)
             task.add_done_callback(running.discard)
-            task.add_done_callback(_observe)
+            task.add_done_callback(observe)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
