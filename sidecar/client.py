@@ -384,8 +384,8 @@ class Client:
             reused = self._sock is not None
             try:
                 reply = self._exchange(req, extra_timeout_s)
-            except SidecarUnavailable as lost:
-                if not (reused and lost.details.get("reason") == "connection_lost"):
+            except SidecarUnavailable as err:
+                if not (reused and err.details.get("reason") == "connection_lost"):
                     raise
                 if not _retry_safe(req):
                     raise
@@ -394,6 +394,8 @@ class Client:
         return decode_result(reply, result_type)
 
     def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self.close()  # the daemon restarted while we idled: nothing was sent on this one
         if self._sock is None:
             self.connect()
         assert self._sock is not None
@@ -424,6 +426,19 @@ class Client:
                 if reply.id in (request_id, None):  # one request at a time: nil is ours too
 
                     return reply
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle connection was closed by the daemon (EOF or reset waiting to be read)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read: the usual case
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
 
 
 # -- worker helper ----------------------------------------------------------------------------

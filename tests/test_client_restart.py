@@ -153,6 +153,17 @@ async def test_a_long_poll_adds_its_wait_to_the_deadline() -> None:
             assert (await behind).status == "ok"
 
 
+def test_blocking_client_notices_a_restart_before_it_sends(redis_daemon: Daemon) -> None:
+    """A dequeue is never resent blindly; the stale connection is noticed before sending."""
+    with Client(redis_daemon.socket_path) as c:
+        queued = c.enqueue("x")
+        redis_daemon.stop()
+        redis_daemon.start()
+        [job] = c.dequeue(1)  # one call, one new connection, one lease
+        assert job.queue_id == queued.queue_id
+        assert c.status(queued.queue_id).attempts == 1
+
+
 def test_client_deadlines_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDECAR_CLIENT_TIMEOUT_SECONDS", "2.5")
     monkeypatch.setenv("SIDECAR_CLIENT_CONNECT_TIMEOUT_SECONDS", "0.25")
