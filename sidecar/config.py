@@ -74,8 +74,8 @@ class Settings:
     # socket file.
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
-    # A started frame must finish this soon: a local client writes a whole 8 MiB frame in
-    # milliseconds, so 10 s only ever cuts off a stalled or hostile one.
+    # A started frame must finish this soon, and replies may stay unread this long: a local
+    # client moves a whole 8 MiB frame in milliseconds, so 10 s only cuts off a stalled one.
     frame_timeout_s: float = 10.0
     # Close connections idle this long; 0 keeps them (a service's shared client idles for
     # hours between bursts, and reconnecting is its only cost).

@@ -104,6 +104,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         now = server.loop.time()
         self.frame_started: float | None = None
+        self.write_blocked: float | None = None  # since when the client has not read replies
         self.last_active = now
         self.log = log.bind(conn_id=self.conn_id)
 
@@ -174,9 +175,11 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable.clear()
+        self.write_blocked = self.server.loop.time()
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self.write_blocked = None
 
     # -- the answering task ------------------------------------------------------------------
 
@@ -282,10 +285,18 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the server's sweep: end a stalled frame; close an idle connection."""
-        if self.fatal or self.transport is None:
+        """Called by the server's sweep: end a stalled frame or reply; close an idle connection."""
+        if self.transport is None:
             return
         limit = self.server.frame_timeout_s
+        blocked = self.write_blocked
+        if blocked is not None and now - blocked >= limit:
+            # A client that stops reading its replies holds a slot as surely as a half frame.
+            self.log.info("connection_write_timeout", blocked_s=round(now - blocked, 1))
+            self.transport.abort()
+            return
+        if self.fatal:
+            return
         started = self.frame_started
         if started is not None and now - started >= limit:
             partial = self.reader.partial

@@ -60,6 +60,18 @@ def test_half_frames_lose_their_slots_and_a_new_client_is_served() -> None:
         assert reply.ok and reply.id == 1  # a new client is served
 
 
+async def test_a_client_that_never_reads_its_replies_loses_its_slot() -> None:
+    with running_daemon(SIDECAR_MAX_CONNECTIONS="1", SIDECAR_FRAME_TIMEOUT_SECONDS="0.5") as d:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as greedy:
+            greedy.connect(d.socket_path)
+            # About 600 KB of replies, never read, back up the daemon's writes; the 100 KB of
+            # requests fit in the socket's buffer, so this send never blocks.
+            greedy.sendall(b"".join(encode_frame({"op": "health", "id": i}) for i in range(6_000)))
+            await until(lambda: bool(d.events("connection_write_timeout")), "the daemon gives up")
+        async with AsyncClient(d.socket_path) as c:  # the slot is free again
+            assert (await c.health()).status == "ok"
+
+
 async def test_idle_connections_close_but_long_polls_and_clients_carry_on() -> None:
     with running_daemon(SIDECAR_IDLE_TIMEOUT_SECONDS="0.5") as d:
         async with AsyncClient(d.socket_path) as shared, AsyncClient(d.socket_path) as poller:
