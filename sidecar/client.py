@@ -182,6 +182,11 @@ class AsyncClient:
         return self._conn
 
     async def close(self) -> None:
+        """Close the connection; calls still waiting fail with SidecarUnavailable."""
+        if self._connecting is not None:
+            # Let a connect in flight finish (within connect_timeout_s), so that its connection
+            # is closed here rather than left open behind a closed client.
+            await asyncio.gather(asyncio.shield(self._connecting), return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))

@@ -7,6 +7,7 @@ restart can be looked for after it: acknowledged vs found, and no request stored
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterator
 
@@ -225,3 +226,21 @@ async def test_worker_settle_failing_under_a_restart_is_observed(redis_daemon: D
         assert runs == [queued.queue_id, queued.queue_id]
         info = await c.status(queued.queue_id)
         assert (info.status, info.attempts) == ("completed", 2)
+
+
+async def test_close_during_a_connect_leaves_no_connection_open() -> None:
+    with running_daemon() as d:
+        c = AsyncClient(d.socket_path)
+        call = asyncio.create_task(c.health())
+        await asyncio.sleep(0)  # the call has started the connect
+        assert c._connecting is not None
+        await c.close()
+        with contextlib.suppress(SidecarUnavailable):
+            await call  # answered, or failed with "client closed": never left hanging
+        async with AsyncClient(d.socket_path) as probe:
+            for _ in range(200):
+                if (await probe.health()).connections == 1:  # only the probe's own
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the closed client's connection stayed open")
