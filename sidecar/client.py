@@ -39,6 +39,7 @@ from sidecar.errors import (
     BackendUnavailable,
     SidecarError,
     SidecarUnavailable,
+    error_from_code,
 )
 from sidecar.models import QueueStats
 from sidecar.protocol import (
@@ -413,8 +414,35 @@ class Client:
             self.close()
             raise lost(f"no reply from the sidecar within {self.timeout_s}s", "timeout") from exc
         except OSError as exc:
+            refused = self._refusal_sent()
             self.close()
+            if refused is not None:
+                raise refused from exc
             raise lost(f"connection to the sidecar failed: {exc}", "connection_lost") from exc
+
+    def _refusal_sent(self) -> SidecarError | None:
+        """The connection error the daemon sent before closing on us, if it can still be read.
+
+        A refused connection (permission_denied, too_many_connections) is closed at once; a
+        send can then fail before the reply that says why was read.
+        """
+        sock = self._sock
+        if sock is None:
+            return None
+        frames = FrameReader(CLIENT_MAX_FRAME)
+        sock.setblocking(False)
+        try:
+            while data := sock.recv(65536):
+                for body in frames.feed(data):
+                    reply = decode_reply(body)
+                    if reply.id is None and ends_connection(reply):
+                        assert reply.error is not None
+                        return error_from_code(
+                            reply.error.code, reply.error.message, reply.error.details
+                        )
+        except OSError:
+            pass
+        return None
 
     def _read_reply(self, request_id: int) -> Reply:
         assert self._sock is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 
@@ -96,6 +97,10 @@ async def test_allowlist_refuses_a_peer_with_a_stable_code() -> None:
         with pytest.raises(PermissionDenied):
             Client(d.socket_path).health()
         assert d.proc is not None and d.proc.poll() is None  # the daemon carries on
+        for _ in range(200):  # the log line arrives through the daemon's stderr
+            if d.events("connection_refused"):
+                break
+            await asyncio.sleep(0.05)
         [refused, *_] = d.events("connection_refused")
         assert (refused["code"], refused["peer_uid"], refused["peer_gid"]) == (
             "permission_denied",
