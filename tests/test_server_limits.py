@@ -129,7 +129,7 @@ def padded_health(request_id: int, body_bytes: int) -> bytes:
     return frame
 
 
-async def test_partial_frames_stay_within_the_budget_and_resume_when_it_drains(
+async def test_partial_frames_stay_within_the_budget_until_the_frame_timeout_frees_them(
     small_server: SidecarServer,
 ) -> None:
     server = small_server
