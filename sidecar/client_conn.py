@@ -223,9 +223,19 @@ class ClientConnection:
             self._timer = None
         # abort, not close: a frozen daemon never reads what is buffered, and close would wait.
         self.writer.transport.abort()
+        # The stream keeps the error that ended the connection (a reset, say) in its close
+        # waiter; nobody awaits that here, so observe it, or asyncio reports it as never
+        # retrieved (Python 3.11 does not do this for a stream it collects).
+        self.loop.create_task(self.writer.wait_closed()).add_done_callback(_observe)
         if asyncio.current_task() is not self.reader_task:
             self.reader_task.cancel()
         pending, self.pending = self.pending, {}
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _observe(task: asyncio.Task[None]) -> None:
+    """Retrieve a finished task's exception: it was expected and needs no handling."""
+    if not task.cancelled():
+        task.exception()
