@@ -152,9 +152,15 @@ class Connection(asyncio.Protocol):
         try:
             while True:
                 if not self.inbox:
-                    self._flush()
-                    if self.eof or self.server.draining:
+                    if self.eof:
                         break
+                    if self.server.draining:
+                        # A call the client sent as the drain began gets this instead of a bare
+                        # close (protocol.md, Shutdown): it knows to retry on the next daemon.
+                        err = ShuttingDown("the daemon is shutting down")
+                        append_frame(self.out, error_reply(None, err))
+                        break
+                    self._flush()
                     self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
@@ -208,11 +214,13 @@ class Connection(asyncio.Protocol):
 class SidecarServer:
     """Owns the listening socket and every live connection."""
 
-    def __init__(self, ops: Ops) -> None:
+    def __init__(self, ops: Ops, *, listen_sock: socket.socket | None = None) -> None:
         self.ops = ops
         self.connections: set[Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
+        # A socket inherited from systemd (sidecar.socket): served as it is, never unlinked.
+        self._listen_sock = listen_sock
 
     @property
     def path(self) -> str:
@@ -220,8 +228,15 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Bind the socket (mode 0660), replacing a stale file but never a live daemon's."""
-        prepare_socket_path(self.path)
         loop = asyncio.get_running_loop()
+        if self._listen_sock is not None:
+            # Socket activation: systemd owns the path, its mode and the backlog; connections
+            # made while no daemon runs wait in that backlog for this one.
+            self._server = await loop.create_unix_server(
+                lambda: Connection(self), sock=self._listen_sock, backlog=1024
+            )
+            return
+        prepare_socket_path(self.path)
         # umask closes the window between bind and chmod in which the file has looser modes.
         old = os.umask(0o117)
         try:
@@ -250,8 +265,9 @@ class SidecarServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._listen_sock is None:  # an inherited socket stays for the next daemon
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def prepare_socket_path(path: str) -> None:

@@ -21,9 +21,19 @@ READY_TIMEOUT_S = 15.0
 class Daemon:
     """A `python -m sidecar serve` process; `logs` collects its JSON log events."""
 
-    def __init__(self, socket_path: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        env: dict[str, str],
+        *,
+        launcher: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.socket_path = socket_path
         self.env = env
+        # A command run in front of the daemon (tests/activate.py), and the fds it inherits.
+        self.launcher = launcher or []
+        self.pass_fds = pass_fds
         self.logs: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -33,8 +43,9 @@ class Daemon:
     def start(self) -> Daemon:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve"],
+            [*self.launcher, sys.executable, "-m", "sidecar", "serve"],
             env=self.env,
+            pass_fds=self.pass_fds,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
