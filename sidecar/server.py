@@ -47,6 +47,9 @@ log = structlog.get_logger("sidecar.server")
 INBOX_HIGH = 1024
 INBOX_LOW = 256
 SOCKET_MODE = 0o660
+# How long a draining connection waits for its client to close after the goaway: a client
+# that reads it closes at once; an idle one that does not read must not hold the drain long.
+LINGER_S = 1.0
 
 
 class StartupError(Exception):
@@ -159,6 +162,7 @@ class Connection(asyncio.Protocol):
                         # close (protocol.md, Shutdown): it knows to retry on the next daemon.
                         err = ShuttingDown("the daemon is shutting down")
                         append_frame(self.out, error_reply(None, err))
+                        await self._linger()
                         break
                     self._flush()
                     self.wakeup.clear()
@@ -196,6 +200,23 @@ class Connection(asyncio.Protocol):
         if self.out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(self.out)
             self.out = bytearray()  # the transport may keep the old buffer; never reuse it
+
+    async def _linger(self) -> None:
+        """After the drain's goaway: half-close, and give the client a moment to close first.
+
+        Closing with a request of the client's still unread resets the connection, and a reset
+        can discard the goaway in the client's buffer before the client reads it.
+        """
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while not self.eof:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
 
     def _fail(self, err: SidecarError) -> None:
         """A framing error: answer what came before it, then the error, then close."""
