@@ -8,8 +8,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 # A build venv with pip makes the wheel; the runtime venv gets only that wheel and its
-# dependencies (no pip, no setuptools, no sources).
-RUN python3 -m venv /opt/build \
+# dependencies (no pip, no setuptools, no sources). Behind a TLS-inspecting proxy, pass its CA
+# bundle as a build secret (--secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt): it
+# is used by pip here and never stored in a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv /opt/build \
     && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && python3 -m venv --without-pip /opt/sidecar \
     && /opt/build/bin/pip --python /opt/sidecar/bin/python install --no-cache-dir \
@@ -20,8 +24,8 @@ FROM ${BASE_IMAGE}
 # A fixed uid/gid: service containers join group 10001 to reach the socket (mode 0660).
 ARG SIDECAR_UID=10001
 ARG SIDECAR_GID=10001
-RUN groupadd --system --gid "${SIDECAR_GID}" sidecar \
-    && useradd --system --uid "${SIDECAR_UID}" --gid sidecar --no-create-home \
+RUN groupadd --gid "${SIDECAR_GID}" sidecar \
+    && useradd --uid "${SIDECAR_UID}" --gid sidecar --no-create-home \
         --home-dir /var/lib/sidecar --shell /usr/sbin/nologin sidecar \
     && install -d -o sidecar -g sidecar -m 0750 /run/sidecar /var/lib/sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
