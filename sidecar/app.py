@@ -80,6 +80,13 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         listen_sock = listen_socket()
     except ActivationError as exc:
         raise StartupError(str(exc)) from exc
+    if listen_sock is not None and listen_sock.getsockname() != settings.socket_path:
+        # Clients and `sidecar health` find the daemon through SIDECAR_SOCKET.
+        log.warning(
+            "socket_path_mismatch",
+            inherited=listen_sock.getsockname(),
+            socket=settings.socket_path,
+        )
     queue = await build_queue(settings)
     await queue.start()
     try:

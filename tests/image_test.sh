@@ -128,5 +128,8 @@ daemon_pid=
 grep -q '"event": "stopped"' "$work/daemon.log" || fail "no 'stopped' line after SIGTERM"
 [ ! -e "$work/run/sidecar/sidecar.sock" ] || fail "the socket file is left after a clean stop"
 
+# Superseded images and build stages pile up run after run: drop those older than a week.
+podman image prune --force --filter until=168h >/dev/null 2>&1 || true
+
 say "ok: image $image, $((size / 1000000)) MB, user $user, health answered 0, SIGTERM exit 0"
 echo "image test: 1 passed, 0 failed"

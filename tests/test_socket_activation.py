@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from sidecar.client import Client
 from sidecar.protocol import Hello, encode_frame
 from tests.daemon import Daemon, daemon_env, short_tmpdir
 
@@ -204,3 +205,20 @@ def test_an_inherited_socket_that_does_not_listen_is_refused() -> None:
             unbound.close()
     assert proc.returncode == 1
     assert "fd 3 from LISTEN_FDS is not listening" in proc.stderr
+
+
+def test_an_inherited_socket_elsewhere_than_sidecar_socket_is_served_with_a_warning() -> None:
+    with short_tmpdir() as tmp:
+        path = tmp / "held.sock"
+        with listening_socket(path) as listener:
+            daemon = activated(listener, tmp / "configured.sock")
+            daemon.socket_path = str(path)
+            daemon.start()
+            try:
+                with Client(str(path)) as client:
+                    assert client.hello().server == "sidecar"
+            finally:
+                assert daemon.stop() == 0
+    (warning,) = daemon.events("socket_path_mismatch")
+    assert warning["inherited"] == str(path)
+    assert warning["socket"] == str(tmp / "configured.sock")
