@@ -50,6 +50,7 @@ SOCKET_MODE = 0o660
 # How long a draining connection waits for its client to close after the goaway: a client
 # that reads it closes at once; an idle one that does not read must not hold the drain long.
 LINGER_S = 1.0
+DRAIN_SETTLE_PASSES = 2
 
 
 class StartupError(Exception):
@@ -270,10 +271,15 @@ class SidecarServer:
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let connections answer what they have, then close what is left."""
-        self.draining = True
-        self.ops.stopping.set()
         if self._server is not None:
             self._server.close()
+        # Two passes of the loop before the goaways: a connection accepted just before the
+        # close gets connection_made, and requests already in the kernel's buffers are read,
+        # so they are answered rather than met with shutting_down.
+        for _ in range(DRAIN_SETTLE_PASSES):
+            await asyncio.sleep(0)
+        self.draining = True
+        self.ops.stopping.set()
         for conn in list(self.connections):
             conn.wakeup.set()
         tasks = [c.task for c in self.connections if c.task is not None]
