@@ -42,15 +42,16 @@ from sidecar.protocol import (
 
 log = structlog.get_logger("sidecar.server")
 
+# How long a draining connection waits for its client to close after the goaway: a client
+# that reads it closes at once; an idle one that does not read must not hold the drain long.
+LINGER_S = 1.0
+# Loop passes between closing the listener and the goaways (see SidecarServer.drain).
+DRAIN_SETTLE_PASSES = 2
 # Stop reading a connection whose unanswered requests pile up past this, resume at a quarter:
 # a client that sends faster than it reads cannot grow the daemon's memory without bound.
 INBOX_HIGH = 1024
 INBOX_LOW = 256
 SOCKET_MODE = 0o660
-# How long a draining connection waits for its client to close after the goaway: a client
-# that reads it closes at once; an idle one that does not read must not hold the drain long.
-LINGER_S = 1.0
-DRAIN_SETTLE_PASSES = 2
 
 
 class StartupError(Exception):
@@ -236,13 +237,13 @@ class Connection(asyncio.Protocol):
 class SidecarServer:
     """Owns the listening socket and every live connection."""
 
-    def __init__(self, ops: Ops, *, listen_sock: socket.socket | None = None) -> None:
+    def __init__(self, ops: Ops) -> None:
         self.ops = ops
         self.connections: set[Connection] = set()
+        # Served a socket inherited from systemd (sidecar.socket): it is never unlinked.
+        self.inherited = False
         self.draining = False
         self._server: asyncio.Server | None = None
-        # A socket inherited from systemd (sidecar.socket): served as it is, never unlinked.
-        self._listen_sock = listen_sock
 
     @property
     def path(self) -> str:
@@ -250,15 +251,8 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Bind the socket (mode 0660), replacing a stale file but never a live daemon's."""
-        loop = asyncio.get_running_loop()
-        if self._listen_sock is not None:
-            # Socket activation: systemd owns the path, its mode and the backlog; connections
-            # made while no daemon runs wait in that backlog for this one.
-            self._server = await loop.create_unix_server(
-                lambda: Connection(self), sock=self._listen_sock, backlog=1024
-            )
-            return
         prepare_socket_path(self.path)
+        loop = asyncio.get_running_loop()
         # umask closes the window between bind and chmod in which the file has looser modes.
         old = os.umask(0o117)
         try:
@@ -269,17 +263,28 @@ class SidecarServer:
             os.umask(old)
         os.chmod(self.path, SOCKET_MODE)
 
+    async def start_inherited(self, sock: socket.socket) -> None:
+        """Serve a listening socket passed by systemd (socket activation) instead of binding.
+
+        systemd owns the path, its mode and the backlog; connections made while no daemon runs
+        wait in that backlog for the next one, so the path is left in place on exit.
+        """
+        self.inherited = True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=1024
+        )
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let connections answer what they have, then close what is left."""
-        if self._server is not None:
-            self._server.close()
-        # Two passes of the loop before the goaways: a connection accepted just before the
-        # close gets connection_made, and requests already in the kernel's buffers are read,
-        # so they are answered rather than met with shutting_down.
-        for _ in range(DRAIN_SETTLE_PASSES):
-            await asyncio.sleep(0)
         self.draining = True
         self.ops.stopping.set()
+        if self._server is not None:
+            self._server.close()
+        # Loop passes before the goaways: requests already in the kernel's buffers are read
+        # (and then answered), not met with shutting_down.
+        for _ in range(DRAIN_SETTLE_PASSES):
+            await asyncio.sleep(0)
         for conn in list(self.connections):
             conn.wakeup.set()
         tasks = [c.task for c in self.connections if c.task is not None]
@@ -292,7 +297,7 @@ class SidecarServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        if self._listen_sock is None:  # an inherited socket stays for the next daemon
+        if not self.inherited:  # an inherited socket stays for the next daemon
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
+from sidecar.server import StartupError
+
 log = structlog.get_logger("sidecar.systemd")
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
@@ -27,8 +29,17 @@ STATUS_REFRESH_TIMEOUT_S = 2.0
 STOP_SLACK_S = 5.0
 
 
-class ActivationError(Exception):
+class ActivationError(StartupError):
     """LISTEN_FDS names sockets this daemon cannot serve."""
+
+
+def inherited_socket(expected_path: str) -> socket.socket | None:
+    """The socket systemd passed in, if any; warns when it is not at `expected_path`."""
+    sock = listen_socket()
+    if sock is not None and sock.getsockname() != expected_path:
+        # Clients and `sidecar health` find the daemon through SIDECAR_SOCKET.
+        log.warning("socket_path_mismatch", inherited=sock.getsockname(), socket=expected_path)
+    return sock
 
 
 def listen_socket(
