@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+
+from sidecar.client import Client
+from tests.daemon import Daemon, daemon_env, short_tmpdir
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("sidecar.service", "sidecar.socket")
@@ -148,3 +155,78 @@ def test_compose_runs_redis_safely_and_shares_the_socket() -> None:
     assert app["group_add"] == ["10001"]  # the image's fixed gid, which owns the socket
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG SIDECAR_GID=10001" in dockerfile
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """`systemd-analyze syscall-filter`: every @group and what it holds (names and @groups)."""
+    out = subprocess.run(
+        [systemd_analyze(), "syscall-filter", "--no-pager"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.split()[0], [])
+        elif line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def expand(groups: dict[str, list[str]], name: str) -> set[str]:
+    items = groups[name]
+    return set().union(*(expand(groups, i) if i.startswith("@") else {i} for i in items))
+
+
+def unit_syscall_filter() -> tuple[set[str], set[str]]:
+    """What sidecar.service's SystemCallFilter= lines allow and deny."""
+    groups = syscall_groups()
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    service = (ROOT / "systemd/sidecar.service").read_text()
+    for value in re.findall(r"^SystemCallFilter=(.*)$", service, re.M):
+        target = denied if value.startswith("~") else allowed
+        for item in value.lstrip("~").split():
+            target |= expand(groups, item) if item.startswith("@") else {item}
+    return allowed, denied
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_makes_only_system_calls_the_unit_allows(tmp_path: Path) -> None:
+    """Run the real daemon (Redis mode, notify, watchdog) under strace; check each call."""
+    strace = shutil.which("strace")
+    if strace is None:  # tests/run installs Debian's strace when it is missing
+        pytest.fail("strace is missing: install Debian's strace package")
+    allowed, denied = unit_syscall_filter()
+    with RedisServer() as redis, short_tmpdir() as tmp:
+        trace = tmp / "trace"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp / "notify"))
+        sock = str(tmp / "s.sock")
+        env = daemon_env(
+            sock, REDIS_URL=redis.url, NOTIFY_SOCKET=str(tmp / "notify"), WATCHDOG_USEC="200000"
+        )
+        daemon = Daemon(sock, env, launcher=[strace, "-f", "-qq", "-o", str(trace)])
+        daemon.start()
+        try:
+            with Client(sock) as client:
+                queued = client.enqueue({"prompt": "hi"})
+                (job,) = client.dequeue(1)
+                client.complete(job.queue_id, job.lease_id)
+                assert client.status(queued.queue_id).status == "completed"
+                client.stats()
+        finally:
+            assert daemon.proc is not None
+            # strace is the child; the daemon is strace's child and gets the signal itself.
+            children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children")
+            os.kill(int(children.read_text().split()[0]), signal.SIGTERM)
+            assert daemon.stop() == 0
+            notify.close()
+        names = set(re.findall(r"^\d+ +(?:<\.\.\. )?([a-z0-9_]+)[( ]", trace.read_text(), re.M))
+    assert daemon.events("stopped")
+    assert {"accept4", "sendto", "connect", "epoll_pwait"} <= names  # the trace is real
+    assert names - allowed == set(), "calls outside SystemCallFilter="
+    assert names & denied == set(), "calls the unit denies"
