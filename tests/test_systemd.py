@@ -274,3 +274,14 @@ def test_listen_socket_refuses_what_it_cannot_serve(fds: str, message: str) -> N
     with pytest.raises(ActivationError, match=message):
         listen_socket({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": fds})
 
+
+
+def test_status_says_why_the_daemon_is_degraded() -> None:
+    with short_tmpdir() as tmp:
+        missing_redis = f"unix://{tmp}/no-redis.sock"  # nothing listens: local fallback
+        with notified_daemon(REDIS_URL=missing_redis) as (daemon, listener):
+            listener.receive_until(_has("READY"))
+            status = listener.fields()[0]["STATUS"]
+            assert daemon.stop() == 0
+    assert status.startswith("degraded: mode=local_fallback queued=0 processing=0 (")
+    assert "redis unavailable" in status
