@@ -28,7 +28,7 @@ fi
 # -- the root: Debian with systemd, cached by its inputs --------------------------------------
 CACHE=${SIDECAR_CI_CACHE:-/var/cache/sidecar-ci}
 SUITE=bookworm
-PACKAGES=systemd,python3,procps,passwd
+PACKAGES=systemd,python3,procps,passwd,redis-server
 key=$(printf '%s\n' "$SUITE" "$PACKAGES" minbase "$(mmdebstrap --version)" \
     "$(dpkg --print-architecture)" | sha256sum | cut -c1-16)
 root_tar=$CACHE/systemd-root-$key.tar
@@ -148,5 +148,28 @@ ct systemctl stop sidecar.service 2>/dev/null  # it warns that the socket can st
 ct test -S /run/sidecar/sidecar.sock || fail "the socket went away with the service"
 ct runuser -u app -- "${health[@]}" >/dev/null || fail "the socket did not start the daemon again"
 say "stop: Result=success; the next connection started the daemon again"
+
+# Redis with a password: the password reaches the daemon only as a credential file.
+secret=ci-$RANDOM-$RANDOM
+# A plain transient unit: Debian's redis-server.service does not start in this container.
+ct systemctl stop redis-server.service 2>/dev/null || true
+ct systemd-run --quiet --unit=ci-redis --property=User=redis /usr/bin/redis-server --port 6379 \
+    --bind 127.0.0.1 --save '' --maxmemory-policy noeviction --requirepass "$secret"
+for _ in $(seq 1 100); do  # at most 10 s until it answers
+    ct redis-cli -a "$secret" --no-auth-warning ping 2>/dev/null | grep -q PONG && break
+    sleep 0.1
+done
+ct sh -c "echo REDIS_URL=redis://127.0.0.1:6379/0 >/etc/sidecar/sidecar.env"
+ct sh -c "printf '%s' '$secret' >/etc/sidecar/redis-password"
+ct systemctl restart sidecar.service
+status=$(show StatusText)
+[[ $status == "ok: mode=redis "* ]] || fail "with Redis and its password, StatusText is '$status'"
+pid=$(show MainPID)
+if ct grep -qa "$secret" "/proc/$pid/environ" "/proc/$pid/cmdline"; then
+    fail "the password is in the daemon's environment or command line"
+fi
+ct grep -qa "REDIS_PASSWORD_FILE=/run/credentials/sidecar.service/redis-password" \
+    "/proc/$pid/environ" || fail "REDIS_PASSWORD_FILE does not point at the credential"
+say "Redis: status '$status'; the password came as a credential, not in environ or argv"
 
 echo "systemd test: 1 passed, 0 failed"
