@@ -21,19 +21,9 @@ READY_TIMEOUT_S = 15.0
 class Daemon:
     """A `python -m sidecar serve` process; `logs` collects its JSON log events."""
 
-    def __init__(
-        self,
-        socket_path: str,
-        env: dict[str, str],
-        *,
-        launcher: list[str] | None = None,
-        pass_fds: tuple[int, ...] = (),
-    ) -> None:
+    def __init__(self, socket_path: str, env: dict[str, str]) -> None:
         self.socket_path = socket_path
         self.env = env
-        # A command run in front of the daemon (tests/activate.py), and the fds it inherits.
-        self.launcher = launcher or []
-        self.pass_fds = pass_fds
         self.logs: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -86,6 +76,11 @@ class Daemon:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return code
+
+    # A command run in front of the daemon (tests/activate.py, strace), and the fds it inherits;
+    # set them on an instance before start().
+    launcher: tuple[str, ...] = ()
+    pass_fds: tuple[int, ...] = ()
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

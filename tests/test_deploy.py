@@ -209,7 +209,8 @@ def test_the_daemon_makes_only_system_calls_the_unit_allows(tmp_path: Path) -> N
         env = daemon_env(
             sock, REDIS_URL=redis.url, NOTIFY_SOCKET=str(tmp / "notify"), WATCHDOG_USEC="200000"
         )
-        daemon = Daemon(sock, env, launcher=[strace, "-f", "-qq", "-o", str(trace)])
+        daemon = Daemon(sock, env)
+        daemon.launcher = (strace, "-f", "-qq", "-o", str(trace))
         daemon.start()
         try:
             with Client(sock) as client:

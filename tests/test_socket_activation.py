@@ -51,12 +51,10 @@ def listening_socket(path: Path) -> Iterator[socket.socket]:
 
 
 def activated(sock: socket.socket, path: Path, **env: str) -> Daemon:
-    return Daemon(
-        str(path),
-        daemon_env(str(path), **env),
-        launcher=[sys.executable, ACTIVATE, str(sock.fileno())],
-        pass_fds=(sock.fileno(),),
-    )
+    daemon = Daemon(str(path), daemon_env(str(path), **env))
+    daemon.launcher = (sys.executable, ACTIVATE, str(sock.fileno()))
+    daemon.pass_fds = (sock.fileno(),)
+    return daemon
 
 
 @dataclass
