@@ -160,11 +160,7 @@ class Connection(asyncio.Protocol):
                     if self.eof:
                         break
                     if self.server.draining:
-                        # A call the client sent as the drain began gets this instead of a bare
-                        # close (protocol.md, Shutdown): it knows to retry on the next daemon.
-                        err = ShuttingDown("the daemon is shutting down")
-                        append_frame(self.out, error_reply(None, err))
-                        await self._linger()
+                        await self._linger()  # everything read is answered: end cleanly
                         break
                     self._flush()
                     self.wakeup.clear()
@@ -204,10 +200,12 @@ class Connection(asyncio.Protocol):
             self.out = bytearray()  # the transport may keep the old buffer; never reuse it
 
     async def _linger(self) -> None:
-        """After the drain's goaway: half-close, and give the client a moment to close first.
+        """Draining, all read answered: half-close, and give the client a moment to close first.
 
-        Closing with a request of the client's still unread resets the connection, and a reset
-        can discard the goaway in the client's buffer before the client reads it.
+        The client reads a clean end of stream: a call left without a reply was not processed,
+        and a client that survives restarts sends it again to the next daemon. Closing with a
+        request of the client's still unread would reset the connection instead, and a reset
+        can discard replies the client has not read yet.
         """
         self._flush()
         transport = self.transport

@@ -4,7 +4,7 @@
 
 Clients keep opening connections (one hello each) and four keep one connection busy while
 `systemctl restart sidecar` runs. Prints the counts as JSON; exits 1 if any connection was
-refused, closed without a reply, or left hanging. Standard library only.
+refused, reset, or left hanging. Standard library only.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ async def call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: in
         body = await asyncio.wait_for(reader.readexactly(size), HANG_S)
     except TimeoutError:
         return "hung"
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return "closed"
+    except asyncio.IncompleteReadError:
+        return "eof"  # the drain's clean end of stream: this call was never read
+    except ConnectionError:
+        return "reset"
     if b"shutting_down" in body:
         return "shutting_down"
     return "answered" if b"\xa2ok\xc3" in body else "error"
@@ -111,7 +113,7 @@ async def main(path: str) -> int:
         "busy_connection_calls": dict(busy_calls),
     }
     print(json.dumps(summary))
-    bad = {"refused", "closed", "hung", "error"}
+    bad = {"refused", "reset", "hung", "error"}
     return 1 if (set(every) | set(busy_calls)) & bad or not during else 0
 
 
