@@ -86,10 +86,30 @@ say "booting it with systemd-nspawn"
 systemd-nspawn --directory="$root" --register=no --keep-unit --boot --quiet --console=pipe \
     >"$work/boot.log" 2>&1 &
 nspawn_pid=$!
+# The container's PID 1: a descendant of nspawn that is PID 1 in its own PID namespace and
+# runs systemd (nspawn's intermediate processes come and go first).
+container_init() {
+    local pid
+    for pid in $(ps -e -o pid= --forest); do
+        [ "$pid" != "$nspawn_pid" ] || continue
+        grep -qs "^NSpid:.*[[:space:]]1$" "/proc/$pid/status" || continue
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ] || continue
+        pstree_has_parent "$pid" && { echo "$pid"; return; }
+    done
+}
+pstree_has_parent() {  # is $1 a descendant of nspawn?
+    local p=$1
+    while [ -n "$p" ] && [ "$p" -gt 1 ]; do
+        [ "$p" = "$nspawn_pid" ] && return 0
+        p=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null)
+    done
+    return 1
+}
 init=
-for _ in $(seq 1 100); do
-    init=$({ ps -o pid= --ppid "$nspawn_pid" || true; } | tr -d ' ' | head -1)
+for _ in $(seq 1 300); do  # at most 30 s
+    init=$(container_init)
     [ -n "$init" ] && break
+    kill -0 "$nspawn_pid" 2>/dev/null || break
     sleep 0.1
 done
 [ -n "$init" ] || { cat "$work/boot.log" >&2; skip "systemd-nspawn could not boot a container"; }
@@ -101,7 +121,7 @@ done
 state=$(timeout 120 nsenter --target "$init" --all systemctl is-system-running --wait || true)
 case "$state" in
     running | degraded) ;;
-    *) cat "$work/boot.log" >&2; skip "the container's systemd did not come up ($state)" ;;
+    *) cat "$work/boot.log" >&2; fail "the container's systemd did not come up ($state)" ;;
 esac
 show() { ct systemctl show --property="$1" --value sidecar.service; }
 
