@@ -42,10 +42,10 @@ from sidecar.protocol import (
 
 log = structlog.get_logger("sidecar.server")
 
-# How long a draining connection waits for its client to close after the goaway: a client
-# that reads it closes at once; an idle one that does not read must not hold the drain long.
+# How long a draining connection waits for its client to close after the daemon's end of
+# stream: a client that reads it closes at once; an idle one must not hold the drain long.
 LINGER_S = 1.0
-# Loop passes between closing the listener and the goaways (see SidecarServer.drain).
+# Loop passes between closing the listener and ending the connections (SidecarServer.drain).
 DRAIN_SETTLE_PASSES = 2
 # Stop reading a connection whose unanswered requests pile up past this, resume at a quarter:
 # a client that sends faster than it reads cannot grow the daemon's memory without bound.
@@ -279,8 +279,8 @@ class SidecarServer:
         self.ops.stopping.set()
         if self._server is not None:
             self._server.close()
-        # Loop passes before the goaways: requests already in the kernel's buffers are read
-        # (and then answered), not met with shutting_down.
+        # Loop passes before the connections end: requests already in the kernel's buffers are
+        # read and answered, not left unanswered.
         for _ in range(DRAIN_SETTLE_PASSES):
             await asyncio.sleep(0)
         for conn in list(self.connections):
