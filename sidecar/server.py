@@ -45,6 +45,11 @@ from sidecar.socket_dir import prepare_folder
 
 log = structlog.get_logger("sidecar.server")
 
+# How long a draining connection waits for its client to close after the daemon's end of
+# stream: a client that reads it closes at once; an idle one must not hold the drain long.
+LINGER_S = 1.0
+# Loop passes between closing the listener and ending the connections (SidecarServer.drain).
+DRAIN_SETTLE_PASSES = 2
 # Stop reading a connection whose unanswered requests pile up past this, resume at a quarter:
 # a client that sends faster than it reads cannot grow the daemon's memory without bound.
 INBOX_HIGH = 1024
@@ -189,9 +194,12 @@ class Connection(asyncio.Protocol):
         try:
             while True:
                 if not self.inbox:
-                    self._flush()
-                    if self.eof or self.server.draining:
+                    if self.eof:
                         break
+                    if self.server.draining:
+                        await self._linger()  # everything read is answered: end cleanly
+                        break
+                    self._flush()
                     self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
@@ -234,6 +242,25 @@ class Connection(asyncio.Protocol):
             self.transport.write(self.out)
             self.out = bytearray()  # the transport may keep the old buffer; never reuse it
             self.last_active = self.server.loop.time()
+
+    async def _linger(self) -> None:
+        """Draining, all read answered: half-close, and give the client a moment to close first.
+
+        The client reads a clean end of stream: a call left without a reply was not processed,
+        and a client that survives restarts sends it again to the next daemon. Closing with a
+        request of the client's still unread would reset the connection instead, and a reset
+        can discard replies the client has not read yet.
+        """
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while not self.eof:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
 
     def _fail(self, err: SidecarError) -> None:
         """A framing error: answer what came before it, then the error, then close."""
@@ -332,6 +359,8 @@ class SidecarServer:
         settings = ops.settings
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
+        # Served a socket inherited from systemd (sidecar.socket): it is never unlinked.
+        self.inherited = False
         self.draining = False
         self._server: asyncio.Server | None = None
         # Bytes of partial frames and unanswered requests across every connection.
@@ -426,6 +455,18 @@ class SidecarServer:
             os.umask(old)
         os.chmod(self.path, SOCKET_MODE)
 
+    async def start_inherited(self, sock: socket.socket) -> None:
+        """Serve a listening socket passed by systemd (socket activation) instead of binding.
+
+        systemd owns the path, its mode and the backlog; connections made while no daemon runs
+        wait in that backlog for the next one, so the path is left in place on exit.
+        """
+        self.inherited = True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=1024
+        )
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let connections answer what they have, then close what is left."""
         self.draining = True
@@ -435,6 +476,10 @@ class SidecarServer:
         self.ops.stopping.set()
         if self._server is not None:
             self._server.close()
+        # Loop passes before the connections end: requests already in the kernel's buffers are
+        # read and answered, not left unanswered.
+        for _ in range(DRAIN_SETTLE_PASSES):
+            await asyncio.sleep(0)
         for conn in list(self.connections):
             conn.wakeup.set()
         tasks = [c.task for c in self.connections if c.task is not None]
@@ -447,8 +492,9 @@ class SidecarServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.inherited:  # an inherited socket stays for the next daemon
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _peer_ids(transport: asyncio.Transport) -> tuple[int, int] | None:
