@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import structlog
 import uvloop
 
-from sidecar import __version__
+from sidecar import __version__, systemd
 from sidecar.config import Settings
 from sidecar.handlers import Ops
 from sidecar.queue.base import QueueManager
@@ -19,6 +21,57 @@ from sidecar.queue.local import Journal, JournalError, LocalQueue
 from sidecar.server import SidecarServer, StartupError
 
 log = structlog.get_logger("sidecar")
+
+# The exit code of a daemon stopped by a second signal before its drain finished.
+EXIT_FORCED = 1
+# Bounds the look at what is left before a forced exit: "at once" must stay at once.
+FORCED_EXIT_STATS_TIMEOUT_S = 0.5
+
+
+async def status_line(queue: QueueManager) -> str:
+    """The one-line STATUS= for systemctl status: health, mode, counts, why degraded."""
+    report = await queue.health()
+    stats = await queue.stats()
+    line = (
+        f"{report.status}: mode={report.mode} queued={stats.queued} "
+        f"processing={stats.processing}"
+    )
+    return f"{line} ({'; '.join(report.reasons)})" if report.reasons else line
+
+
+def exit_on_next_signal(
+    loop: asyncio.AbstractEventLoop, server: SidecarServer, queue: QueueManager
+) -> None:
+    """Once the drain starts, a second SIGTERM/SIGINT exits at once."""
+    forced: list[asyncio.Task[None]] = []  # holds the task so it is not collected mid-run
+
+    def on_signal(signame: str) -> None:
+        if not forced:
+            forced.append(loop.create_task(_exit_now(signame, server, queue)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) -> None:
+    """Log what the drain leaves behind, then end the process without waiting for it."""
+    left: dict[str, object] = {
+        "connections": len(server.connections),
+        "unanswered": sum(len(c.inbox) for c in server.connections),
+    }
+    try:
+        stats = await asyncio.wait_for(queue.stats(), FORCED_EXIT_STATS_TIMEOUT_S)
+    except Exception as exc:  # a store that cannot answer now must not delay the exit
+        left["store_error"] = type(exc).__name__
+    else:
+        local = stats.stores.get("local", stats)
+        left["local_queued"] = local.queued
+        left["local_processing"] = local.processing
+    log.warning("forced_exit", signal=signame, **left)
+    sys.stderr.flush()
+    # os._exit, not an exception: the operator asked not to wait for the drain or the
+    # hand-over, and unwinding would run them; the log line above says what they left.
+    os._exit(EXIT_FORCED)
 
 
 def build_local_queue(
@@ -65,6 +118,12 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     Returns how many acknowledged requests could not be kept (0 after a clean stop).
     """
     loop = asyncio.get_running_loop()
+    supervisor = systemd.Supervisor(
+        systemd.Notifier.from_env(), watchdog_s=systemd.watchdog_interval_s()
+    )
+    if os.environ.get("SIDECAR_DEBUG_HOOKS") == "1":  # test-only, never a documented setting
+        systemd.install_debug_hooks(loop, float(os.environ.get("SIDECAR_DEBUG_BLOCK_SECONDS", "3")))
+    own_signals = shutdown is None
     if shutdown is None:
         shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,9 +137,10 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     # The drain of connections and the hand-over to Redis share one deadline.
     deadline = loop.time() + settings.drain_timeout_s
     try:
+        listen_sock = systemd.inherited_socket(settings.socket_path)
         ops = Ops(settings, queue, connections=lambda: len(server.connections) if server else 0)
         server = SidecarServer(ops)
-        await server.start()
+        await (server.start_inherited(listen_sock) if listen_sock else server.start())
         report = await queue.health()
         log.info(
             "serving",
@@ -88,11 +148,18 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
             mode=report.mode,
             version=__version__,
             redis=settings.redacted_redis_url(),
+            socket_activated=listen_sock is not None,
         )
+        supervisor.ready(await status_line(queue))
+        supervisor.start_status(lambda: status_line(queue))
         await shutdown.wait()
         deadline = loop.time() + settings.drain_timeout_s
         log.info("draining", connections=len(server.connections))
+        if own_signals:
+            exit_on_next_signal(loop, server, queue)
+        supervisor.stopping(settings.drain_timeout_s)
         await server.drain(settings.drain_timeout_s)
+        supervisor.close()  # the watchdog does not apply to a stopping service
     finally:
         await _close_queue(queue, max(0.0, deadline - loop.time()))
     unkept = local.unkept_at_close

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import msgspec
 
 from sidecar.client import Client, decode_payload
+from sidecar.client_conn import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import SidecarError, SidecarUnavailable
 from sidecar.models import QueueStats
@@ -18,6 +20,7 @@ from sidecar.models import QueueStats
 EXIT_OK = 0
 EXIT_ERROR = 1  # a command failed (or health: degraded)
 EXIT_UNAVAILABLE = 2  # bad configuration, or the daemon is unreachable / unhealthy
+CLI_TIMEOUT_S = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,9 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    # A probe answers sooner than a service call: 5 s unless the flag or the environment says.
+    timeout = args.timeout or (None if os.environ.get(TIMEOUT_ENV) else CLI_TIMEOUT_S)
     try:
-        with Client(args.socket, timeout_s=args.timeout) as client:
+        with Client(args.socket, timeout_s=timeout) as client:
             return int(args.run(client, args))
+    except ConfigError as err:  # a bad SIDECAR_CLIENT_* variable
+        print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except SidecarUnavailable as err:
         if args.command == "health" and args.json:
             print(json.dumps({"status": "unreachable", "reasons": [err.message]}))
@@ -40,8 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     if args.socket:
         os.environ["SIDECAR_SOCKET"] = args.socket
     try:
@@ -51,13 +57,16 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     from sidecar.app import serve
     from sidecar.logs import configure_logging
-    from sidecar.server import StartupError
+    from sidecar.server import StartupError, UnsafeSocketFolder
 
     configure_logging(settings.environment, settings.log_level)
     try:
         unkept = serve(settings)
     except ConfigError as err:  # found while building the daemon (an unreadable password file)
         print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except UnsafeSocketFolder as err:  # another user could take the socket: a setup problem
+        print(f"sidecar: cannot start: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except StartupError as err:
         print(f"sidecar: cannot start: {err}", file=sys.stderr)
@@ -162,7 +171,12 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
     parser.add_argument("--socket", help="the daemon's socket (default: $SIDECAR_SOCKET)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds to wait for a reply (default: {TIMEOUT_ENV}, else {CLI_TIMEOUT_S:g})",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the daemon (configured by environment variables)")
     for name, func, text in (

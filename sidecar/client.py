@@ -12,28 +12,37 @@ import itertools
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import structlog
 
+from sidecar.client_conn import (
+    CLIENT_MAX_FRAME,
+    CONNECT_TIMEOUT_ENV,
+    CONNECT_TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
+    TIMEOUT_ENV,
+    ClientConnection,
+    decode_reply,
+    decode_result,
+    ends_connection,
+    env_seconds,
+    lost,
+    observe,
+    raise_for,
+)
 from sidecar.config import default_socket_path
 from sidecar.errors import (
     BackendUnavailable,
-    BadFrame,
-    FrameTooLarge,
-    InternalError,
-    ShuttingDown,
     SidecarError,
     SidecarUnavailable,
-    TooManyConnections,
     error_from_code,
 )
 from sidecar.models import QueueStats
 from sidecar.protocol import (
-    DECODE_ERRORS,
-    MAX_FRAME_LIMIT,
     Cancel,
     Complete,
     Dequeue,
@@ -55,25 +64,18 @@ from sidecar.protocol import (
     RequestInfo,
     Stats,
     Status,
-    append_frame,
     encode_frame,
 )
+from sidecar.socket_dir import check_socket_folder
 
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.client")
 
-CONNECT_TIMEOUT_S = 1.0
-REQUEST_TIMEOUT_S = 10.0
-# A dequeue reply can exceed the daemon's request-frame limit (max_batch x max_payload_bytes);
-# the daemon is trusted, so the client accepts up to the wire maximum.
-_CLIENT_MAX_FRAME = MAX_FRAME_LIMIT
-# Errors that end the connection; any other reply without an id is about one request.
-_CONNECTION_ERRORS = frozenset(
-    cls.code for cls in (FrameTooLarge, BadFrame, TooManyConnections, ShuttingDown)
-)
 # Past this many unsent bytes in the transport, a call waits for the daemon to read.
 _WRITE_HIGH_BYTES = 1 << 20
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
+# Ops that change nothing, or nothing twice: safe to send again after a lost connection.
+# An enqueue is safe only when every item names its queue_id (the client names them).
+_RETRY_SAFE = (Hello, Status, Stats, Health)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -102,78 +104,94 @@ def decode_payload(job: Job, type: type[T] | Any = Any) -> Any:
     return msgspec.msgpack.decode(job.payload, type=type)
 
 
-def _decode_reply(body: bytes) -> Reply:
-    try:
-        return _reply_decoder.decode(body)
-    except DECODE_ERRORS as exc:
-        raise InternalError(f"malformed reply from the sidecar: {exc}") from exc
+def _retry_safe(req: Request) -> bool:
+    """Whether sending req twice has the effect of sending it once."""
+    if isinstance(req, Enqueue):
+        return all(i.queue_id is not None for i in req.items)
+    return isinstance(req, _RETRY_SAFE)
 
 
-def _decode_result(reply: Reply, result_type: type[T]) -> T:
-    try:
-        return msgspec.msgpack.decode(reply.result or b"\xc0", type=result_type)
-    except DECODE_ERRORS as exc:
-        raise InternalError(f"malformed result from the sidecar: {exc}") from exc
-
-
-def _ends_connection(reply: Reply) -> bool:
-    return reply.error is not None and reply.error.code in _CONNECTION_ERRORS
-
-
-def _raise_for(reply: Reply) -> None:
-    if not reply.ok:
-        err = reply.error
-        if err is None:
-            raise SidecarError("error reply without an error body")
-        raise error_from_code(err.code, err.message, err.details)
+def _named(items: Sequence[EnqueueItem]) -> list[EnqueueItem]:
+    """Items with a queue_id each (32 hex digits, as the daemon's), so a resend cannot duplicate."""
+    return [i if i.queue_id is not None else msgspec.structs.replace(i, queue_id=uuid.uuid4().hex)
+            for i in items]
 
 
 class AsyncClient:
-    """One connection to the daemon; safe to share between tasks (requests are pipelined)."""
+    """A connection to the daemon shared by tasks (requests are pipelined); reconnects on need.
 
-    def __init__(self, path: str | None = None, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+    Every call has a deadline: `connect_timeout_s` to connect (default 1 s, or
+    SIDECAR_CLIENT_CONNECT_TIMEOUT_SECONDS) and `timeout_s` for its reply (default 10 s, or
+    SIDECAR_CLIENT_TIMEOUT_SECONDS), plus the wait of a long-polling dequeue. Calls that change
+    nothing, and enqueues (whose items the client names), are resent once after a lost connection.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> None:
         self.path = socket_path(path)
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s or env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
+        self.connect_timeout_s = connect_timeout_s or env_seconds(
+            CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
+        )
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._closed_error: SidecarError | None = None
-        self._outbox = bytearray()
-        self._flush_scheduled = False
+        self._conn: ClientConnection | None = None
+        self._connecting: asyncio.Task[ClientConnection] | None = None
 
-    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncClient:
+    async def connect(self, timeout_s: float | None = None) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
+        if timeout_s is not None:
+            self.connect_timeout_s = timeout_s
+        await self._connection()
+        return self
+
+    async def _connection(self) -> ClientConnection:
+        """The live connection, or one attempt to open it shared by every call that waits."""
+        conn = self._conn
+        if conn is not None and conn.error is None:
+            return conn
+        if self._connecting is None:
+            task = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(self._connect_done)
+            self._connecting = task
+        # shield: one caller giving up must not cancel the attempt the others wait on.
+        return await asyncio.shield(self._connecting)
+
+    def _connect_done(self, task: asyncio.Task[ClientConnection]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        observe(task)
+
+    async def _open(self) -> ClientConnection:
+        check_socket_folder(self.path)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path), timeout_s
+                asyncio.open_unix_connection(self.path), self.connect_timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise SidecarUnavailable(
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
-                {"path": self.path},
+                {"path": self.path, "sent": False},
             ) from exc
-        self._writer = writer
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
-        return self
-
-    async def _drop_connection(self) -> None:
-        writer, self._writer, self._closed_error = self._writer, None, None
-        self._outbox = bytearray()
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        old, self._conn = self._conn, ClientConnection(reader, writer, self.timeout_s)
+        if old is not None:
+            old.close(lost("replaced by a new connection", "connection_lost"))
+        return self._conn
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):  # reset by the peer: closed either way
-                await self._writer.wait_closed()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
-        self._fail_pending(SidecarUnavailable("client closed"))
+        """Close the connection; calls still waiting fail with SidecarUnavailable."""
+        if self._connecting is not None:
+            # Let a connect in flight finish (within connect_timeout_s), so that its connection
+            # is closed here rather than left open behind a closed client.
+            await asyncio.gather(asyncio.shield(self._connecting), return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))
+            await asyncio.gather(conn.reader_task, return_exceptions=True)
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -192,8 +210,12 @@ class AsyncClient:
         return res
 
     async def enqueue_many(self, items: Sequence[EnqueueItem]) -> list[EnqueuedItem]:
-        """Enqueue a batch, all or none; build items with `sidecar.client.item`."""
-        res = await self._call(Enqueue(id=0, items=list(items)), EnqueueResult)
+        """Enqueue a batch, all or none; build items with `sidecar.client.item`.
+
+        Items without a queue_id get one here, so a resend after a lost connection finds the
+        stored request instead of storing it twice.
+        """
+        res = await self._call(Enqueue(id=0, items=_named(items)), EnqueueResult)
         return res.items
 
     async def dequeue(
@@ -234,74 +256,42 @@ class AsyncClient:
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _call(self, req: Request, result_type: type[T], extra_timeout_s: float = 0) -> T:
-        if self._closed_error is not None:
-            # The connection ended (the daemon restarted, say): the next call reconnects,
-            # and fails fast with SidecarUnavailable if the daemon is still away.
-            await self._drop_connection()
-        if self._writer is None:
-            await self.connect()
-        assert self._writer is not None
+        try:
+            reply = await self._exchange(req, extra_timeout_s)
+        except SidecarUnavailable as lost:
+            # Only a connection that dropped under the call is worth one more try (a restart);
+            # a timeout has used the deadline, and a failed connect says the daemon is away.
+            if lost.details.get("reason") != "connection_lost" or not _retry_safe(req):
+                raise
+            log.info("call_resent", op=type(req).__name__.lower(), error=lost.message)
+            try:
+                reply = await self._exchange(req, extra_timeout_s)
+            except SidecarUnavailable as again:
+                if again.details.get("sent"):
+                    raise
+                raise lost from again  # the first attempt's outcome is still unknown
+        raise_for(reply)
+        return decode_result(reply, result_type)
+
+    async def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
+        conn = await self._connection()
         req.id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Reply] = loop.create_future()
-        self._pending[req.id] = fut
-        # Frames from every task that calls in this loop iteration leave in one write.
-        append_frame(self._outbox, req)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_outbox)
+        fut = conn.send(req, extra_timeout_s)
         try:
-            if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
-                await self._writer.drain()  # the daemon reads slower than we write: wait
-            async with asyncio.timeout(self.timeout_s + extra_timeout_s):
-                reply = await fut
-        except TimeoutError as exc:
-            raise SidecarUnavailable(f"no reply from the sidecar within {self.timeout_s}s") from exc
-        except OSError as exc:
-            raise SidecarUnavailable(f"connection to the sidecar failed: {exc}") from exc
+            if conn.writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
+                # The daemon reads slower than we write: wait (the deadline timer aborts the
+                # connection if it never reads, which ends this wait too).
+                with contextlib.suppress(OSError):
+                    await conn.writer.drain()
+            return await fut
         finally:
-            self._pending.pop(req.id, None)
-        _raise_for(reply)
-        return _decode_result(reply, result_type)
-
-    def _flush_outbox(self) -> None:
-        self._flush_scheduled = False
-        if self._outbox and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(self._outbox)
-            self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
-
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        frames = FrameReader(_CLIENT_MAX_FRAME)
-        error: SidecarError = SidecarUnavailable("the sidecar closed the connection")
-        try:
-            while data := await reader.read(65536):
-                for body in frames.feed(data):
-                    reply = _decode_reply(body)
-                    if reply.id is None and _ends_connection(reply):
-                        # An error about the connection itself (a framing error, or too many
-                        # connections): it ends the connection for every pending call.
-                        _raise_for(reply)
-                    fut = self._pending.get(reply.id) if reply.id is not None else None
-                    if fut is not None and not fut.done():
-                        fut.set_result(reply)
-        except SidecarError as err:
-            error = err
-        except OSError as exc:
-            error = SidecarUnavailable(f"connection to the sidecar failed: {exc}")
-        finally:
-            self._closed_error = error
-            self._fail_pending(error)
-
-    def _fail_pending(self, error: SidecarError) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-        self._pending.clear()
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # observed even when this caller was cancelled meanwhile
 
 
-async def connect(path: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncClient:
+async def connect(path: str | None = None, timeout_s: float | None = None) -> AsyncClient:
     """Open an AsyncClient connection to the daemon."""
-    return await AsyncClient(path).connect(timeout_s)
+    return await AsyncClient(path, connect_timeout_s=timeout_s).connect()
 
 
 class Client:
@@ -311,19 +301,22 @@ class Client:
         self,
         path: str | None = None,
         *,
-        connect_timeout_s: float = CONNECT_TIMEOUT_S,
-        timeout_s: float = REQUEST_TIMEOUT_S,
+        connect_timeout_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.path = socket_path(path)
-        self.connect_timeout_s = connect_timeout_s
-        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s or env_seconds(
+            CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S
+        )
+        self.timeout_s = timeout_s or env_seconds(TIMEOUT_ENV, REQUEST_TIMEOUT_S)
         self._sock: socket.socket | None = None
-        self._frames = FrameReader(_CLIENT_MAX_FRAME)
+        self._frames = FrameReader(CLIENT_MAX_FRAME)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
     def connect(self) -> Client:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
+        check_socket_folder(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout_s)
         try:
@@ -332,10 +325,10 @@ class Client:
             sock.close()
             raise SidecarUnavailable(
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
-                {"path": self.path},
+                {"path": self.path, "sent": False},
             ) from exc
         self._sock = sock
-        self._frames = FrameReader(_CLIENT_MAX_FRAME)
+        self._frames = FrameReader(CLIENT_MAX_FRAME)
         return self
 
     def close(self) -> None:
@@ -357,7 +350,7 @@ class Client:
         return res
 
     def enqueue_many(self, items: Sequence[EnqueueItem]) -> list[EnqueuedItem]:
-        return self._call(Enqueue(id=0, items=list(items)), EnqueueResult).items
+        return self._call(Enqueue(id=0, items=_named(items)), EnqueueResult).items
 
     def dequeue(
         self, max_items: int = 1, *, lease_s: float | None = None, wait_s: float = 0.0
@@ -392,19 +385,64 @@ class Client:
 
     def _call(self, req: Request, result_type: type[T], extra_timeout_s: float = 0) -> T:
         with self._lock:
-            if self._sock is None:
-                self.connect()
-            assert self._sock is not None
-            req.id = next(self._ids)
+            # A connection kept from an earlier call may have been closed by a daemon restart:
+            # a call that is safe to repeat gets one more try on a new connection.
+            reused = self._sock is not None
             try:
-                self._sock.settimeout(self.timeout_s + extra_timeout_s)
-                self._sock.sendall(encode_frame(req))
-                reply = self._read_reply(req.id)
-            except OSError as exc:  # includes socket timeouts
-                self.close()
-                raise SidecarUnavailable(f"connection to the sidecar failed: {exc}") from exc
-        _raise_for(reply)
-        return _decode_result(reply, result_type)
+                reply = self._exchange(req, extra_timeout_s)
+            except SidecarUnavailable as err:
+                if not (reused and err.details.get("reason") == "connection_lost"):
+                    raise
+                if not _retry_safe(req):
+                    raise
+                reply = self._exchange(req, extra_timeout_s)
+        raise_for(reply)
+        return decode_result(reply, result_type)
+
+    def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self.close()  # the daemon restarted while we idled: nothing was sent on this one
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        req.id = next(self._ids)
+        try:
+            self._sock.settimeout(self.timeout_s + extra_timeout_s)
+            self._sock.sendall(encode_frame(req))
+            return self._read_reply(req.id)
+        except TimeoutError as exc:
+            self.close()
+            raise lost(f"no reply from the sidecar within {self.timeout_s}s", "timeout") from exc
+        except OSError as exc:
+            refused = self._refusal_sent()
+            self.close()
+            if refused is not None:
+                raise refused from exc
+            raise lost(f"connection to the sidecar failed: {exc}", "connection_lost") from exc
+
+    def _refusal_sent(self) -> SidecarError | None:
+        """The connection error the daemon sent before closing on us, if it can still be read.
+
+        A refused connection (permission_denied, too_many_connections) is closed at once; a
+        send can then fail before the reply that says why was read.
+        """
+        sock = self._sock
+        if sock is None:
+            return None
+        frames = FrameReader(CLIENT_MAX_FRAME)
+        sock.setblocking(False)
+        try:
+            while data := sock.recv(65536):
+                for body in frames.feed(data):
+                    reply = decode_reply(body)
+                    if reply.id is None and ends_connection(reply):
+                        assert reply.error is not None
+                        return error_from_code(
+                            reply.error.code, reply.error.message, reply.error.details
+                        )
+        except OSError:
+            pass
+        return None
 
     def _read_reply(self, request_id: int) -> Reply:
         assert self._sock is not None
@@ -412,15 +450,28 @@ class Client:
             data = self._sock.recv(65536)
             if not data:
                 self.close()
-                raise SidecarUnavailable("the sidecar closed the connection")
+                raise lost("the sidecar closed the connection", "connection_lost")
             for body in self._frames.feed(data):
-                reply = _decode_reply(body)
-                if reply.id is None and _ends_connection(reply):
+                reply = decode_reply(body)
+                if reply.id is None and ends_connection(reply):
                     self.close()
-                    _raise_for(reply)
+                    raise_for(reply)
                 if reply.id in (request_id, None):  # one request at a time: nil is ours too
 
                     return reply
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle connection was closed by the daemon (EOF or reset waiting to be read)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read: the usual case
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
 
 
 # -- worker helper ----------------------------------------------------------------------------
@@ -480,6 +531,7 @@ async def run_worker(
             )
             running.add(task)
             task.add_done_callback(running.discard)
+            task.add_done_callback(observe)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
@@ -489,17 +541,29 @@ async def _run_job(
 ) -> None:
     keeper = asyncio.get_running_loop().create_task(_keep_lease(client, job, lease_s))
     try:
-        await handler(job)
-    except PermanentFailure as exc:
-        await client.fail(job.queue_id, job.lease_id, f"{exc}", retry=False)
-    except Exception as exc:
-        await client.fail(job.queue_id, job.lease_id, f"{type(exc).__name__}: {exc}", retry=True)
-    else:
-        await client.complete(job.queue_id, job.lease_id)
+        try:
+            await handler(job)
+        except PermanentFailure as exc:
+            await _settle(client.fail(job.queue_id, job.lease_id, f"{exc}", retry=False), job)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            await _settle(client.fail(job.queue_id, job.lease_id, why, retry=True), job)
+        else:
+            await _settle(client.complete(job.queue_id, job.lease_id), job)
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
         slots.release()
+
+
+async def _settle(call: Awaitable[RequestInfo], job: Job) -> None:
+    """Report a job's outcome; a settle that fails is logged, never left to an unread task."""
+    try:
+        await call
+    except SidecarError as exc:
+        # The daemon restarted, or the lease lapsed: if the settle did not take effect the
+        # lease lapses and the request is handed out again (delivery is at least once).
+        log.warning("settle_failed", queue_id=job.queue_id, code=exc.code, error=exc.message)
 
 
 async def _keep_lease(client: AsyncClient, job: Job, lease_s: float) -> None:
@@ -508,5 +572,8 @@ async def _keep_lease(client: AsyncClient, job: Job, lease_s: float) -> None:
         await asyncio.sleep(lease_s / 3)
         try:
             await client.extend(job.queue_id, job.lease_id, lease_s)
-        except BackendUnavailable:
-            continue  # the store is briefly away; the next round tries again
+        except (BackendUnavailable, SidecarUnavailable):
+            continue  # the store or the daemon is briefly away; the next round tries again
+        except SidecarError as exc:
+            log.warning("lease_lost", queue_id=job.queue_id, code=exc.code, error=exc.message)
+            return  # lapsed or settled elsewhere: extending again cannot help

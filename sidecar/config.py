@@ -99,6 +99,21 @@ class Settings:
     # Snapshot plus segments; about ten times the default memory limit, so the journal only
     # refuses work when the disk is much smaller than the queue it has to hold.
     journal_max_mb: float = 1024.0
+    # A group whose members may connect: the socket folder is then 0750 and setgid to it.
+    socket_group: int | None = None
+    # Peers allowed by SO_PEERCRED (uid or primary gid); both empty: anyone who can reach the
+    # socket file.
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    # A started frame must finish this soon, and replies may stay unread this long: a local
+    # client moves a whole 8 MiB frame in milliseconds, so 10 s only cuts off a stalled one.
+    frame_timeout_s: float = 10.0
+    # Close connections idle this long; 0 keeps them (a service's shared client idles for
+    # hours between bursts, and reconnecting is its only cost).
+    idle_timeout_s: float = 0.0
+    # Bytes of partial frames and unanswered requests held across all connections: 64 MB is
+    # eight maximal frames, far above what well-behaved clients hold at once.
+    max_buffered_mb: float = 64.0
 
     @property
     def journal_max_bytes(self) -> int:
@@ -107,6 +122,10 @@ class Settings:
     @property
     def queue_max_memory_bytes(self) -> int:
         return int(self.queue_max_memory_mb * 1024 * 1024)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return int(self.max_buffered_mb * 1024 * 1024)
 
     @property
     def request_ttl_s(self) -> float:
@@ -143,6 +162,13 @@ class Settings:
                 problems.append(
                     f"QUEUE_LOW_WATERMARK={low!r} is invalid: expected a number below "
                     f"QUEUE_HIGH_WATERMARK ({high!r})"
+                )
+            budget = values.get("max_buffered_mb", cls.max_buffered_mb) * 1024 * 1024
+            frame = values.get("max_frame_bytes", cls.max_frame_bytes)
+            if budget < frame:
+                problems.append(
+                    f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
+                    f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
                 )
         if not problems:
             problems += _redis_layout(values)
@@ -266,6 +292,25 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _ids(raw: str) -> tuple[int, ...]:
+    values = tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
+    if not values or any(v < 0 for v in values):
+        raise ValueError(raw)
+    return values
+
+
+def _group(raw: str) -> int:
+    import grp
+
+    raw = raw.strip()
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return grp.getgrnam(raw).gr_gid
+    except KeyError:
+        raise ValueError(raw) from None
+
+
 def _redis_url(raw: str) -> str:
     if raw.startswith("redis+sentinel://"):
         parse_sentinel_url(raw)
@@ -316,6 +361,12 @@ ENV_NAMES: dict[str, str] = {
     "state_dir": "SIDECAR_STATE_DIR",
     "journal_fsync": "SIDECAR_JOURNAL_FSYNC",
     "journal_max_mb": "SIDECAR_JOURNAL_MAX_MB",
+    "socket_group": "SIDECAR_SOCKET_GROUP",
+    "allowed_uids": "SIDECAR_ALLOWED_UIDS",
+    "allowed_gids": "SIDECAR_ALLOWED_GIDS",
+    "frame_timeout_s": "SIDECAR_FRAME_TIMEOUT_SECONDS",
+    "idle_timeout_s": "SIDECAR_IDLE_TIMEOUT_SECONDS",
+    "max_buffered_mb": "SIDECAR_MAX_BUFFERED_MB",
 }
 
 _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -365,4 +416,10 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "state_dir": (_text, "a folder path"),
     "journal_fsync": (_choice("always", "off"), "always or off"),
     "journal_max_mb": (_number(1), "a number of megabytes >= 1"),
+    "socket_group": (_group, "a group name or numeric gid"),
+    "allowed_uids": (_ids, "comma-separated numeric uids"),
+    "allowed_gids": (_ids, "comma-separated numeric gids"),
+    "frame_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "idle_timeout_s": (_number(0), "a number of seconds >= 0 (0: never)"),
+    "max_buffered_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
 }

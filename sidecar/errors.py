@@ -92,10 +92,24 @@ class ShuttingDown(SidecarError):
     code = "shutting_down"
 
 
+class PermissionDenied(SidecarError):
+    """The peer's uid and gid are not in the daemon's allowlist; the connection is closed."""
+
+    code = "permission_denied"
+
+
 class SidecarUnavailable(SidecarError):
-    """Client side only: the daemon could not be reached (not running, wrong path, timed out)."""
+    """Client side only: the daemon could not be reached (not running, wrong path, timed out).
+
+    details["sent"] is False when the call never reached the daemon (nothing was stored), True
+    when it was sent and no reply came (its outcome is unknown).
+    """
 
     code = "sidecar_unavailable"
+
+
+class UnsafeSocket(SidecarUnavailable):
+    """Client side only: the socket's folder could be written by another user; not connected."""
 
 
 ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
@@ -116,6 +130,7 @@ ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
         StorageUnavailable,
         TooManyConnections,
         ShuttingDown,
+        PermissionDenied,
         SidecarUnavailable,
     )
 }

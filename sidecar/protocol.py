@@ -8,7 +8,6 @@ normative description of everything here.
 from __future__ import annotations
 
 import sys
-from types import FrameType
 from typing import Annotated, Any, cast
 
 import msgspec
@@ -303,9 +302,9 @@ _DURATION_PATHS = (".ttl_s`", ".lease_s`", ".wait_s`")
 # a number that moves with the build and the call stack. Refusing past 256 makes it exact.
 MAX_PAYLOAD_DEPTH = 256
 
+# The bytes that open a map or an array: fixmap, fixarray, array16/32, map16/32.
+_CONTAINER_BYTES = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
 _skip_decoder = msgspec.msgpack.Decoder(msgspec.Raw)  # reads a value's extent, builds nothing
-# The deepest nesting the decoder reads, by recursion limit and call stack (a handful of keys).
-_reach: dict[tuple[object, ...], int] = {}
 
 
 def _skips(data: bytes) -> bool:
@@ -320,31 +319,23 @@ def _skips(data: bytes) -> bool:
 def payload_depth_exceeds(data: bytes, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
     """Whether the MessagePack value in data nests arrays and maps more than limit deep.
 
-    Exact and at the decoder's speed: the recursion limit is lowered for one read so that the
-    decoder's own reach from here is exactly `limit` levels, then restored. That reach is the
-    interpreter's recursion limit minus the current depth, which the frames alone do not give
-    exactly (C entries count too), so it is measured once per call stack, from this frame.
+    Exact, and cheap for nearly every payload: each level opens with one of _CONTAINER_BYTES,
+    so a payload with at most `limit` of them (counted in C) cannot be too deep. Past that, the
+    decoder itself decides, with the recursion limit lowered for one read so that its reach from
+    here is exactly `limit` levels. That reach is the interpreter's limit minus the current
+    depth, which C calls on the stack also consume, so it is measured each time from this frame
+    (a cache keyed by the Python frames was off by a level now and then).
     """
-    if len(data) <= limit:
-        return False  # every level takes at least one byte
+    if len(data) - len(data.translate(None, _CONTAINER_BYTES)) <= limit:
+        return False
     recursion_limit = sys.getrecursionlimit()
-    key: list[object] = [recursion_limit]
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        key.append(frame.f_code)
-        frame = frame.f_back
-    reach = _reach.get(tuple(key))
-    if reach is None:
-        lo, hi = 0, recursion_limit
-        while lo < hi:  # the deepest array nesting _skips reads when called from here
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if _skips(b"\x91" * mid + b"\xc0") else (lo, mid - 1)
-        if len(_reach) >= 64:  # the daemon has a handful of stacks; never grow without bound
-            _reach.clear()
-        reach = _reach[tuple(key)] = lo
-    if reach <= limit:
+    lo, hi = 0, recursion_limit
+    while lo < hi:  # the deepest array nesting _skips reads when called from here
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _skips(b"\x91" * mid + b"\xc0") else (lo, mid - 1)
+    if lo <= limit:
         return not _skips(data)  # a stack this deep cannot read `limit` levels anyway
-    sys.setrecursionlimit(recursion_limit - (reach - limit))
+    sys.setrecursionlimit(recursion_limit - (lo - limit))
     try:
         return not _skips(data)
     finally:

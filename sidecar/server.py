@@ -14,6 +14,7 @@ import itertools
 import os
 import socket
 import stat
+import struct
 from collections import deque
 from pathlib import Path
 from typing import cast
@@ -23,6 +24,7 @@ import structlog
 from sidecar.errors import (
     BadFrame,
     InternalError,
+    PermissionDenied,
     ShuttingDown,
     SidecarError,
     TooManyConnections,
@@ -39,18 +41,32 @@ from sidecar.protocol import (
     error_reply,
     request_id_of,
 )
+from sidecar.socket_dir import prepare_folder
 
 log = structlog.get_logger("sidecar.server")
 
+# How long a draining connection waits for its client to close after the daemon's end of
+# stream: a client that reads it closes at once; an idle one must not hold the drain long.
+LINGER_S = 1.0
+# Loop passes between closing the listener and ending the connections (SidecarServer.drain).
+DRAIN_SETTLE_PASSES = 2
 # Stop reading a connection whose unanswered requests pile up past this, resume at a quarter:
 # a client that sends faster than it reads cannot grow the daemon's memory without bound.
 INBOX_HIGH = 1024
 INBOX_LOW = 256
 SOCKET_MODE = 0o660
+# Timeouts are checked by one sweep over the connections, at this fraction of the shortest.
+_SWEEP_FRACTION = 0.25
+_SWEEP_MIN_S = 0.05
+_SWEEP_MAX_S = 1.0
 
 
 class StartupError(Exception):
     """The server cannot start (socket path held by a live daemon, or unusable)."""
+
+
+class UnsafeSocketFolder(StartupError):
+    """The socket's folder belongs to another user or others can write it."""
 
 
 class _Fatal:
@@ -63,16 +79,24 @@ class _Fatal:
 
 
 _conn_ids = itertools.count(1)
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: frames in, replies out in request order."""
+    """One client connection: frames in, replies out in request order.
+
+    Bytes held for it (its partial frame plus its unanswered requests) count against the
+    server's budget; reading pauses rather than buffer past a bound, and resumes as it drains.
+    """
 
     def __init__(self, server: SidecarServer) -> None:
         self.server = server
         self.conn_id = next(_conn_ids)
         self.reader = FrameReader(server.ops.settings.max_frame_bytes)
-        self.inbox: deque[AnyRequest | SidecarError | _Fatal] = deque()
+        # Each entry keeps the size of its frame, released from the budget once answered.
+        self.inbox: deque[tuple[AnyRequest | SidecarError | _Fatal, int]] = deque()
+        self.inbox_bytes = 0
+        self.held = 0  # bytes this connection counts in server.buffered
         self.out = bytearray()
         self.wakeup = asyncio.Event()
         self.writable = asyncio.Event()
@@ -80,7 +104,13 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.eof = False
+        self.fatal = False
+        self.busy = False  # answering a request (a long poll included): never idle
         self.reading_paused = False
+        now = server.loop.time()
+        self.frame_started: float | None = None
+        self.write_blocked: float | None = None  # since when the client has not read replies
+        self.last_active = now
         self.log = log.bind(conn_id=self.conn_id)
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------
@@ -90,38 +120,42 @@ class Connection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         server = self.server
-        limit = server.ops.settings.max_connections
-        if len(server.connections) >= limit or server.draining:
-            err: SidecarError = (
-                ShuttingDown("the daemon is shutting down")
-                if server.draining
-                else TooManyConnections(f"the daemon is at its limit of {limit} connections")
-            )
+        err = server.refusal(transport)
+        if err is not None:
             transport.write(encode_frame(error_reply(None, err)))
             transport.close()
-            self.log.warning("connection_refused", reason=err.message)
             return
         server.connections.add(self)
+        server.arm_sweep()
         self.task = asyncio.get_running_loop().create_task(self._run())
         self.log.debug("connection_opened")
 
     def data_received(self, data: bytes) -> None:
-        if self.reader.error is not None or self.eof:
+        if self.fatal or self.eof:
             return
-        for body in self.reader.feed(data):
+        now = self.last_active = self.server.loop.time()
+        bodies = self.reader.feed(data)
+        for body in bodies:
             try:
-                self.inbox.append(decode_request(body))
+                req: AnyRequest | SidecarError = decode_request(body)
             except SidecarError as err:
-                self.inbox.append(err)
+                req = err
+            self.inbox.append((req, len(body)))
+            self.inbox_bytes += len(body)
+        partial = self.reader.partial
+        if bodies or not partial:  # a new frame (if any) started in this read
+            self.frame_started = now if partial else None
+        elif self.frame_started is None:
+            self.frame_started = now
         if self.reader.error is not None:
             self._fail(self.reader.error)
-        elif len(self.inbox) >= INBOX_HIGH and not self.reading_paused:
-            self._pause_reading()
+        self._account()
+        self._update_reading()
         self.wakeup.set()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.reader.partial and self.reader.error is None:
+        if self.reader.partial and not self.fatal:
             self._fail(
                 BadFrame(
                     f"connection closed inside a frame ({self.reader.partial} bytes of it read)",
@@ -132,7 +166,13 @@ class Connection(asyncio.Protocol):
         return True  # keep the write side open until the replies are out
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        server = self.server
+        server.connections.discard(self)
+        server.budget_paused.discard(self)
+        self.inbox.clear()
+        self.inbox_bytes = 0
+        self.reader = FrameReader(self.reader.max_frame_bytes)
+        self._account()
         self.writable.set()
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -140,9 +180,11 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable.clear()
+        self.write_blocked = self.server.loop.time()
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self.write_blocked = None
 
     # -- the answering task ------------------------------------------------------------------
 
@@ -152,22 +194,31 @@ class Connection(asyncio.Protocol):
         try:
             while True:
                 if not self.inbox:
-                    self._flush()
-                    if self.eof or self.server.draining:
+                    if self.eof:
                         break
+                    if self.server.draining:
+                        await self._linger()  # everything read is answered: end cleanly
+                        break
+                    self._flush()
                     self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
-                item = self.inbox.popleft()
+                item, size = self.inbox[0]
                 if isinstance(item, _Fatal):
                     append_frame(self.out, error_reply(None, item.error))
                     break
                 if isinstance(item, Dequeue) and item.wait_s > 0:
                     self._flush()  # replies already made must not wait behind a long poll
-                append_frame(self.out, await self._answer(item))
-                if self.reading_paused and len(self.inbox) <= INBOX_LOW:
-                    self.reading_paused = False
-                    transport.resume_reading()
+                self.busy = True
+                try:
+                    append_frame(self.out, await self._answer(item))
+                finally:
+                    self.busy = False
+                # Popped only once answered: its bytes count as held until then.
+                self.inbox.popleft()
+                self.inbox_bytes -= size
+                self._account()
+                self._update_reading()
                 if not self.writable.is_set():
                     self._flush()
                     await self.writable.wait()
@@ -190,13 +241,69 @@ class Connection(asyncio.Protocol):
         if self.out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(self.out)
             self.out = bytearray()  # the transport may keep the old buffer; never reuse it
+            self.last_active = self.server.loop.time()
+
+    async def _linger(self) -> None:
+        """Draining, all read answered: half-close, and give the client a moment to close first.
+
+        The client reads a clean end of stream: a call left without a reply was not processed,
+        and a client that survives restarts sends it again to the next daemon. Closing with a
+        request of the client's still unread would reset the connection instead, and a reset
+        can discard replies the client has not read yet.
+        """
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while not self.eof:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
 
     def _fail(self, err: SidecarError) -> None:
         """A framing error: answer what came before it, then the error, then close."""
-        self.inbox.append(_Fatal(err))
+        self.fatal = True
+        self.inbox.append((_Fatal(err), 0))
         self.log.info("bad_frame", code=err.code, reason=err.message)
         if self.transport is not None and not self.reading_paused:
             self._pause_reading()
+
+    # -- bounds: bytes held, timeouts --------------------------------------------------------
+
+    def _account(self) -> None:
+        """Bring this connection's share of the server's buffered bytes up to date."""
+        held = self.reader.partial + self.inbox_bytes
+        if held != self.held:
+            freed = held < self.held
+            self.server.buffered += held - self.held
+            self.held = held
+            if freed:
+                self.server.resume_waiting()
+
+    def _update_reading(self) -> None:
+        """Pause past a bound (own requests or bytes, or the server's budget); resume below."""
+        if self.fatal or self.transport is None:
+            return
+        server = self.server
+        own_bound = server.max_inbox_bytes
+        if self.reading_paused:
+            if len(self.inbox) > INBOX_LOW or self.inbox_bytes > own_bound // 4:
+                return  # its own answers bring it back here as they drain its inbox
+            if server.buffered > server.buffer_low:
+                server.budget_paused.add(self)  # the server resumes it when the budget drains
+                return
+            self.reading_paused = False
+            server.budget_paused.discard(self)
+            with contextlib.suppress(RuntimeError):  # closing
+                self.transport.resume_reading()
+        elif len(self.inbox) >= INBOX_HIGH or self.inbox_bytes >= own_bound:
+            self._pause_reading()
+        elif server.buffered >= server.max_buffered:
+            self._pause_reading()
+            server.budget_paused.add(self)
+            server.log_budget_full()
 
     def _pause_reading(self) -> None:
         assert self.transport is not None
@@ -204,15 +311,131 @@ class Connection(asyncio.Protocol):
         with contextlib.suppress(RuntimeError):  # already closing
             self.transport.pause_reading()
 
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's sweep: end a stalled frame or reply; close an idle connection."""
+        if self.transport is None:
+            return
+        limit = self.server.frame_timeout_s
+        blocked = self.write_blocked
+        if blocked is not None and now - blocked >= limit:
+            # A client that stops reading its replies holds a slot as surely as a half frame.
+            self.log.info("connection_write_timeout", blocked_s=round(now - blocked, 1))
+            self.transport.abort()
+            return
+        if self.fatal:
+            return
+        started = self.frame_started
+        if started is not None and now - started >= limit:
+            partial = self.reader.partial
+            # Drop the partial bytes at once; nothing more is read from this connection.
+            self.reader = FrameReader(self.reader.max_frame_bytes)
+            self.frame_started = None
+            self._fail(
+                BadFrame(
+                    f"frame not completed within {limit}s ({partial} bytes of it read)",
+                    {"partial_bytes": partial, "frame_timeout_s": limit},
+                )
+            )
+            self._account()
+            self.wakeup.set()
+            return
+        idle = self.server.idle_timeout_s
+        if (
+            idle > 0
+            and not self.busy
+            and not self.inbox
+            and started is None
+            and now - self.last_active >= idle
+        ):
+            self.log.info("connection_idle_closed", idle_s=round(now - self.last_active, 1))
+            self.transport.close()
+
 
 class SidecarServer:
     """Owns the listening socket and every live connection."""
 
     def __init__(self, ops: Ops) -> None:
         self.ops = ops
+        settings = ops.settings
+        self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
+        # Served a socket inherited from systemd (sidecar.socket): it is never unlinked.
+        self.inherited = False
         self.draining = False
         self._server: asyncio.Server | None = None
+        # Bytes of partial frames and unanswered requests across every connection.
+        self.buffered = 0
+        self.max_buffered = settings.max_buffered_bytes
+        self.buffer_low = self.max_buffered * 3 // 4
+        # One connection's unanswered requests: a frame's worth (besides its partial frame).
+        self.max_inbox_bytes = settings.max_frame_bytes
+        self.budget_paused: set[Connection] = set()
+        self._budget_full_logged = False
+        self.frame_timeout_s = settings.frame_timeout_s
+        self.idle_timeout_s = settings.idle_timeout_s
+        self._allowed_uids = frozenset(settings.allowed_uids)
+        self._allowed_gids = frozenset(settings.allowed_gids)
+        timeouts = [settings.frame_timeout_s] + [settings.idle_timeout_s] * (
+            settings.idle_timeout_s > 0
+        )
+        self._sweep_s = min(max(min(timeouts) * _SWEEP_FRACTION, _SWEEP_MIN_S), _SWEEP_MAX_S)
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def refusal(self, transport: asyncio.Transport) -> SidecarError | None:
+        """Why a new connection is refused (peer not allowed, at the limit, draining), or None."""
+        limit = self.ops.settings.max_connections
+        err: SidecarError | None = None
+        peer: tuple[int, int] | None = None
+        if self._allowed_uids or self._allowed_gids:
+            peer = _peer_ids(transport)
+            if peer is None or not (
+                peer[0] in self._allowed_uids or peer[1] in self._allowed_gids
+            ):
+                err = PermissionDenied(
+                    "this user may not use the daemon (not in SIDECAR_ALLOWED_UIDS or "
+                    "SIDECAR_ALLOWED_GIDS)"
+                )
+        if err is None and self.draining:
+            err = ShuttingDown("the daemon is shutting down")
+        elif err is None and len(self.connections) >= limit:
+            err = TooManyConnections(f"the daemon is at its limit of {limit} connections")
+        if err is not None:
+            uid, gid = peer if peer is not None else (None, None)
+            log.warning(
+                "connection_refused", code=err.code, reason=err.message, peer_uid=uid, peer_gid=gid
+            )
+        return err
+
+    def arm_sweep(self) -> None:
+        """Check stalled frames and idle connections every so often while any is open."""
+        if self._sweep is None and not self.draining:
+            self._sweep = self.loop.call_later(self._sweep_s, self._run_sweep)
+
+    def _run_sweep(self) -> None:
+        self._sweep = None
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        if self.connections:
+            self.arm_sweep()
+
+    def resume_waiting(self) -> None:
+        """Bytes were freed: resume the connections paused for the budget once it has room."""
+        if self.buffered > self.buffer_low:
+            return
+        self._budget_full_logged = False
+        for conn in list(self.budget_paused):
+            conn._update_reading()
+
+    def log_budget_full(self) -> None:
+        if not self._budget_full_logged:  # once per episode, not once per paused connection
+            self._budget_full_logged = True
+            log.warning(
+                "buffer_budget_full",
+                buffered_bytes=self.buffered,
+                max_buffered_bytes=self.max_buffered,
+                connections=len(self.connections),
+            )
 
     @property
     def path(self) -> str:
@@ -220,7 +443,7 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Bind the socket (mode 0660), replacing a stale file but never a live daemon's."""
-        prepare_socket_path(self.path)
+        prepare_socket_path(self.path, self.ops.settings.socket_group)
         loop = asyncio.get_running_loop()
         # umask closes the window between bind and chmod in which the file has looser modes.
         old = os.umask(0o117)
@@ -232,12 +455,31 @@ class SidecarServer:
             os.umask(old)
         os.chmod(self.path, SOCKET_MODE)
 
+    async def start_inherited(self, sock: socket.socket) -> None:
+        """Serve a listening socket passed by systemd (socket activation) instead of binding.
+
+        systemd owns the path, its mode and the backlog; connections made while no daemon runs
+        wait in that backlog for the next one, so the path is left in place on exit.
+        """
+        self.inherited = True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=1024
+        )
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let connections answer what they have, then close what is left."""
         self.draining = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self.ops.stopping.set()
         if self._server is not None:
             self._server.close()
+        # Loop passes before the connections end: requests already in the kernel's buffers are
+        # read and answered, not left unanswered.
+        for _ in range(DRAIN_SETTLE_PASSES):
+            await asyncio.sleep(0)
         for conn in list(self.connections):
             conn.wakeup.set()
         tasks = [c.task for c in self.connections if c.task is not None]
@@ -250,14 +492,29 @@ class SidecarServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.inherited:  # an inherited socket stays for the next daemon
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
-def prepare_socket_path(path: str) -> None:
-    """Make the parent folder; remove a stale socket file; refuse a path held by a live daemon."""
+def _peer_ids(transport: asyncio.Transport) -> tuple[int, int] | None:
+    """The connecting process's uid and gid (SO_PEERCRED), or None when unreadable."""
+    sock = transport.get_extra_info("socket")
+    try:
+        _, uid, gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+    except (AttributeError, OSError):
+        return None
+    return uid, gid
+
+
+def prepare_socket_path(path: str, group: int | None = None) -> None:
+    """Make a safe folder; remove a stale socket file; refuse a path held by a live daemon."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    problem = prepare_folder(path, group)
+    if problem is not None:
+        raise UnsafeSocketFolder(problem)
     try:
         mode = p.lstat().st_mode
     except FileNotFoundError:

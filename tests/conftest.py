@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import gc
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,33 @@ redis_cluster = redis_cluster_fixture
 # Retention and lease used by the contract suite; short enough to step past with the fake clock.
 CONTRACT_RETENTION_S = 600.0
 CONTRACT_LEASE_S = 30.0
+
+
+class _UnobservedErrors(logging.Handler):
+    """Collects asyncio's reports of a task or future whose exception nobody retrieved."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "never retrieved" in message:
+            self.reports.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_unobserved_task_exceptions() -> Iterator[None]:
+    """Fail a test that leaves a task's exception unobserved (asyncio only logs it)."""
+    handler = _UnobservedErrors()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+        gc.collect()  # a dropped task reports its exception when it is collected
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.reports, "task exceptions never retrieved:\n" + "\n".join(handler.reports)
 
 
 @pytest.fixture

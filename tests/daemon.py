@@ -37,8 +37,9 @@ class Daemon:
     def start(self) -> Daemon:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve"],
+            [*self.launcher, sys.executable, "-m", "sidecar", "serve"],
             env=self.env,
+            pass_fds=self.pass_fds,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -89,6 +90,11 @@ class Daemon:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return code
+
+    # A command run in front of the daemon (tests/activate.py, strace), and the fds it inherits;
+    # set them on an instance before start().
+    launcher: tuple[str, ...] = ()
+    pass_fds: tuple[int, ...] = ()
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
