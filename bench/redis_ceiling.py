@@ -48,7 +48,9 @@ BACKLOG_CALLS_PER_PIPELINE = 4
 def client_for(url: str, timeout_s: float = 1.0) -> Redis:
     """A redis.asyncio client built exactly as the daemon builds its own."""
     settings = Settings(redis_url=url, redis_connect_timeout_s=timeout_s, redis_timeout_s=timeout_s)
-    return redis_client(settings)
+    client = redis_client(settings)
+    assert isinstance(client, Redis)  # a single-server URL: never a cluster client
+    return client
 
 
 Call = tuple[tuple[str, ...], list[Arg]]

@@ -32,14 +32,14 @@ def redis_socket(folder: Path) -> str:
 class RedisProcess:
     """One redis-server process; its socket path stays the same across restarts."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, extra_args: list[str] | None = None) -> None:
         self.socket_path = socket_path
         folder = Path(socket_path).parent
         self.log_path = folder / "redis.log"
         self.argv = ["redis-server", "--port", "0", "--unixsocket", socket_path]
         self.argv += ["--unixsocketperm", "700", "--dir", str(folder), "--logfile"]
         self.argv += [str(self.log_path), "--daemonize", "no", "--save", "", "--appendonly", "no"]
-        self.argv += ["--maxmemory-policy", "noeviction"]
+        self.argv += ["--maxmemory-policy", "noeviction", *(extra_args or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -26,6 +26,7 @@ import uvloop
 from bench.failover import add_failover_args, quick_failover, run_failover
 from bench.growth import add_growth_args, quick_growth, run_growth
 from bench.journal import quick_replay, run_replay
+from bench.layouts import layout_env, replicated
 from bench.lean import LeanSession
 from bench.measure import Measurement, Workload, combine, compare, dequeue_complete, enqueue
 from bench.redis_ceiling import RedisCeiling
@@ -114,6 +115,17 @@ def redis_ceiling_target(folder: Path) -> Iterator[SessionFactory]:
     yield RedisCeiling(f"unix://{redis_socket(folder)}").factory()
 
 
+def layout_target(how: str, client: str, socket_name: str) -> TargetStarter:
+    """The daemon on the replicated layout (bench/layouts.py): single, sentinel or wait1."""
+
+    def start(folder: Path) -> contextlib.AbstractContextManager[SessionFactory]:
+        return sidecar_target({**QUEUE_ROOM, **layout_env(folder, how)}, client, socket_name)(
+            folder
+        )
+
+    return start
+
+
 def standard_workloads(in_flight: int, connections: int) -> list[Workload]:
     """Enqueue, and dequeue+complete, with one request in flight and with many."""
     return [
@@ -149,7 +161,15 @@ def modes(args: argparse.Namespace) -> list[Mode]:
              client, "off.sock"), journal_workloads(args.in_flight, args.connections))
         for client in args.client[:1]
     ]  # fmt: skip
-    return local + redis + journal
+    # The production layouts, each beside the daemon on the same primary by its plain URL.
+    # One client: the ratio is between two daemons.
+    layouts = [
+        Mode(name, client, layout_target(how, client, f"{how}.sock"), "single URL",
+             layout_target("single", client, "single.sock"), workloads, backend=replicated)
+        for client in args.client[:1]
+        for name, how in (("sentinel", "sentinel"), ("replica-ack", "wait1"))
+    ]  # fmt: skip
+    return local + redis + journal + layouts
 
 
 def journal_workloads(in_flight: int, connections: int) -> list[Workload]:
@@ -251,7 +271,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(head, body)
 
 
-SECTIONS = ("local", "redis", "journal", "replay", "growth", "failover")
+SECTIONS = ("local", "redis", "journal", "replay", "growth", "failover", "sentinel", "replica-ack")
+# The layout sections start five more servers: run only when named with --mode.
+OPTIONAL_SECTIONS = ("sentinel", "replica-ack")
+RATIO_SECTIONS = ("local", "redis", "journal", *OPTIONAL_SECTIONS)
+TITLES = {
+    "journal": "journal: fsync always beside off (local store, ratio = always / off)",
+    "sentinel": "sentinel: through Sentinel beside the plain URL (ratio = sentinel / single)",
+    "replica-ack": "replica-ack: WAIT 1 after enqueues beside no WAIT (ratio = wait / single)",
+}
 
 
 def _sections(values: Sequence[str] | None) -> list[str]:
@@ -262,7 +290,9 @@ def _sections(values: Sequence[str] | None) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown mode {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}"
         )
-    return [s for s in SECTIONS if not picked or s in picked]
+    if not picked:
+        return [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]
+    return [s for s in SECTIONS if s in picked]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -306,13 +336,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for section in args.sections:
-        if section in ("local", "redis", "journal"):
+        if section in RATIO_SECTIONS:
             selected = [m for m in modes(args) if m.name == section]
-            title = (
-                "journal: fsync always beside off (local store, ratio = always / off)"
-                if section == "journal"
-                else f"{section}: the daemon beside its ceiling"
-            )
+            title = TITLES.get(section, f"{section}: the daemon beside its ceiling")
             print_section(title, format_table(run_all(selected, args)))
         elif section == "replay":
             print_section("replay: restart time of the local store's backlog", run_replay(args))

@@ -70,6 +70,17 @@ class Settings:
     # About a second: a frozen Redis must fail over quickly, not hold a caller for a minute.
     redis_connect_timeout_s: float = 1.0
     redis_timeout_s: float = 1.0
+    # Sentinel: the sentinels (host:port,...) and the name of the primary they watch. Set
+    # both, or write REDIS_URL=redis+sentinel://host:port,host:port/master[/db].
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = None
+    # REDIS_URL names one node of a Redis Cluster; the client finds the others.
+    redis_cluster: bool = False
+    # 0: an enqueue is acknowledged once the primary has it (async replication may lose it in
+    # a failover). N: only once N replicas confirm (WAIT); else it is answered locally.
+    redis_min_replicas_ack: int = 0
+    # Half the default command timeout: a lagging replica fails the write over quickly.
+    redis_replicas_ack_timeout_ms: int = 500
     # 8 MiB frames carry a batch of large prompts; 1 MiB per payload is far above a normal request.
     max_frame_bytes: int = 8 * 1024 * 1024
     max_payload_bytes: int = 1024 * 1024
@@ -159,6 +170,8 @@ class Settings:
                     f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
                     f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
                 )
+        if not problems:
+            problems += _redis_layout(values)
         if problems:
             raise ConfigError("\n".join(problems))
         return cls(**values)
@@ -183,6 +196,49 @@ class Settings:
         # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
         url = f"{parts.scheme}://{netloc}{parts.path}"
         return f"{url}?{urlencode(query, safe='*')}" if query else url
+
+
+def _redis_layout(values: dict[str, Any]) -> list[str]:
+    """Check the Sentinel and Cluster settings together; fill REDIS_URL from the sentinels."""
+    sentinels = values.get("redis_sentinels")
+    master = values.get("redis_sentinel_master")
+    url = values.get("redis_url")
+    if (sentinels is None) != (master is None):
+        return ["REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: set both or neither"]
+    if sentinels is not None:
+        if url is not None:
+            return ["REDIS_URL is invalid with REDIS_SENTINELS: set one or the other"]
+        url = values["redis_url"] = f"redis+sentinel://{sentinels}/{master}"
+    if values.get("redis_cluster") and (url is None or not url.startswith("redis")):
+        return ["REDIS_CLUSTER is invalid without a redis:// REDIS_URL naming one cluster node"]
+    if values.get("redis_cluster") and url is not None and url.startswith("redis+sentinel"):
+        return ["REDIS_CLUSTER is invalid with Sentinel: a cluster fails over by itself"]
+    return []
+
+
+def sentinel_hosts(raw: str) -> list[tuple[str, int]]:
+    """host:port,host:port as pairs; ValueError when one is malformed."""
+    hosts: list[tuple[str, int]] = []
+    for part in raw.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(raw)
+        hosts.append((host, int(port)))
+    return hosts
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """redis+sentinel://host:port,.../master[/db] as (sentinels, master, db); ValueError."""
+    rest = url.removeprefix("redis+sentinel://")
+    hosts, _, path = rest.partition("/")
+    master, _, db = path.partition("/")
+    if not master or (db and not db.isdigit()):
+        raise ValueError(url)
+    return sentinel_hosts(hosts), master, int(db or 0)
+
+
+def _sentinels(raw: str) -> str:
+    return ",".join(f"{host}:{port}" for host, port in sentinel_hosts(raw))
 
 
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[
@@ -256,6 +312,9 @@ def _group(raw: str) -> int:
 
 
 def _redis_url(raw: str) -> str:
+    if raw.startswith("redis+sentinel://"):
+        parse_sentinel_url(raw)
+        return raw
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(raw)
     return raw
@@ -287,6 +346,11 @@ ENV_NAMES: dict[str, str] = {
     "redis_key_prefix": "REDIS_KEY_PREFIX",
     "redis_connect_timeout_s": "REDIS_CONNECT_TIMEOUT_SECONDS",
     "redis_timeout_s": "REDIS_TIMEOUT_SECONDS",
+    "redis_sentinels": "REDIS_SENTINELS",
+    "redis_sentinel_master": "REDIS_SENTINEL_MASTER",
+    "redis_cluster": "REDIS_CLUSTER",
+    "redis_min_replicas_ack": "REDIS_MIN_REPLICAS_ACK",
+    "redis_replicas_ack_timeout_ms": "REDIS_REPLICAS_ACK_TIMEOUT_MS",
     "max_frame_bytes": "SIDECAR_MAX_FRAME_BYTES",
     "max_payload_bytes": "SIDECAR_MAX_PAYLOAD_BYTES",
     "max_batch": "SIDECAR_MAX_BATCH",
@@ -329,11 +393,19 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "record_llm_responses": (_bool, "true or false"),
     "environment": (_choice("development", "production"), "development or production"),
     "socket_path": (_text, "a filesystem path"),
-    "redis_url": (_redis_url, "a redis://, rediss:// or unix:// URL"),
+    "redis_url": (
+        _redis_url,
+        "a redis://, rediss://, unix:// or redis+sentinel://host:port,.../master[/db] URL",
+    ),
     "redis_password_file": (_text, "a file path"),
     "redis_key_prefix": (_prefix, "a non-empty name without braces or spaces"),
     "redis_connect_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
     "redis_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "redis_sentinels": (_sentinels, "host:port[,host:port...]"),
+    "redis_sentinel_master": (_text, "the name the sentinels monitor the primary under"),
+    "redis_cluster": (_bool, "true or false"),
+    "redis_min_replicas_ack": (_whole(0), "a whole number of replicas >= 0"),
+    "redis_replicas_ack_timeout_ms": (_whole(1), "a whole number of milliseconds >= 1"),
     "max_frame_bytes": (_whole(1024), "a whole number of bytes >= 1024"),
     "max_payload_bytes": (_whole(1), "a whole number of bytes >= 1"),
     "max_batch": (_whole(1), "a whole number >= 1"),

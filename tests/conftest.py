@@ -14,6 +14,10 @@ from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
 from tests.helpers import FakeClock
 from tests.redis_server import make_fakeredis_contract_store, make_redis_contract_store
+from tests.redis_topology import make_cluster_contract_store, redis_cluster_fixture
+
+# The session's Redis Cluster (three primaries), started on first use only.
+redis_cluster = redis_cluster_fixture
 
 # Retention and lease used by the contract suite; short enough to step past with the fake clock.
 CONTRACT_RETENTION_S = 600.0
@@ -79,7 +83,7 @@ def make_local(
     )
 
 
-@pytest.fixture(params=["local", "local_fsync", "redis", "fakeredis", "resilient"])
+@pytest.fixture(params=["local", "local_fsync", "redis", "fakeredis", "resilient", "cluster"])
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[QueueRepository]:
@@ -97,6 +101,8 @@ async def store(
         repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
     elif request.param == "fakeredis":
         repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
+    elif request.param == "cluster":
+        repo = make_cluster_contract_store(request, clock, CONTRACT_RETENTION_S)
     elif request.param == "resilient":
         redis = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
         repo = ResilientQueue(redis, make_local(clock, tmp_path / "state"))

@@ -115,3 +115,12 @@ def test_quick_bench_prints_every_section() -> None:
     _check_failover(
         _section(tables, "failover: the switch"), _section(tables, "failover: the move")
     )
+
+
+def test_layout_sections_run_only_when_named() -> None:
+    default = parse_args([])
+    assert "sentinel" not in default.sections and "replica-ack" not in default.sections
+    named = parse_args(["--mode", "sentinel,replica-ack"])
+    assert named.sections == ["sentinel", "replica-ack"]
+    layouts = {m.name: m.ceiling_name for m in modes(named) if m.backend is not None}
+    assert layouts["sentinel"] == layouts["replica-ack"] == "single URL"

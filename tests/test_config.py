@@ -6,7 +6,13 @@ import os
 
 import pytest
 
-from sidecar.config import ConfigError, Settings, default_socket_path, default_state_dir
+from sidecar.config import (
+    ConfigError,
+    Settings,
+    default_socket_path,
+    default_state_dir,
+    parse_sentinel_url,
+)
 from tests.daemon import serve_expecting_refusal
 
 
@@ -97,12 +103,49 @@ def test_redis_passwords_are_redacted_in_every_url_form() -> None:
         ),
         ({"SIDECAR_JOURNAL_MAX_MB": "0.5"}, "SIDECAR_JOURNAL_MAX_MB='0.5' is invalid"),
         ({"SIDECAR_STATE_DIR": "  "}, "SIDECAR_STATE_DIR='  ' is invalid: expected a folder"),
+        ({"REDIS_SENTINELS": "h1:1,h2"}, "REDIS_SENTINELS='h1:1,h2' is invalid: expected host"),
+        ({"REDIS_SENTINELS": "h1:99999"}, "REDIS_SENTINELS='h1:99999' is invalid"),
+        ({"REDIS_SENTINELS": "h1:26379"}, "set both or neither"),
+        ({"REDIS_SENTINEL_MASTER": "q"}, "set both or neither"),
+        (
+            {"REDIS_SENTINELS": "h:1", "REDIS_SENTINEL_MASTER": "q", "REDIS_URL": "redis://h"},
+            "REDIS_URL is invalid with REDIS_SENTINELS",
+        ),
+        ({"REDIS_URL": "redis+sentinel://h:1/"}, "REDIS_URL='redis+sentinel://h:1/' is invalid"),
+        ({"REDIS_URL": "redis+sentinel://h/q"}, "REDIS_URL='redis+sentinel://h/q' is invalid"),
+        ({"REDIS_URL": "redis+sentinel://h:1/q/x"}, "is invalid"),
+        ({"REDIS_CLUSTER": "true"}, "REDIS_CLUSTER is invalid without a redis:// REDIS_URL"),
+        (
+            {"REDIS_CLUSTER": "true", "REDIS_URL": "unix:///r.sock"},
+            "REDIS_CLUSTER is invalid without a redis:// REDIS_URL",
+        ),
+        (
+            {"REDIS_CLUSTER": "1", "REDIS_URL": "redis+sentinel://h:1/q"},
+            "REDIS_CLUSTER is invalid with Sentinel",
+        ),
+        ({"REDIS_MIN_REPLICAS_ACK": "-1"}, "REDIS_MIN_REPLICAS_ACK='-1' is invalid"),
+        ({"REDIS_REPLICAS_ACK_TIMEOUT_MS": "0"}, "REDIS_REPLICAS_ACK_TIMEOUT_MS='0' is invalid"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert message in str(info.value)
+
+
+def test_sentinel_and_cluster_layouts_are_parsed() -> None:
+    env = {"REDIS_SENTINELS": "10.0.0.1:26379, s2:26380", "REDIS_SENTINEL_MASTER": "q"}
+    s = Settings.from_env(env)
+    # One form for the rest of the daemon: the sentinels become a redis+sentinel:// URL.
+    assert s.redis_url == "redis+sentinel://10.0.0.1:26379,s2:26380/q"
+    assert parse_sentinel_url(s.redis_url) == ([("10.0.0.1", 26379), ("s2", 26380)], "q", 0)
+    assert parse_sentinel_url("redis+sentinel://a:1/m/3") == ([("a", 1)], "m", 3)
+    assert s.redacted_redis_url() == s.redis_url
+    c = Settings.from_env({"REDIS_URL": "redis://n1:7000", "REDIS_CLUSTER": "yes"})
+    assert c.redis_cluster is True
+    w = Settings.from_env({"REDIS_MIN_REPLICAS_ACK": "1", "REDIS_REPLICAS_ACK_TIMEOUT_MS": "250"})
+    assert (w.redis_min_replicas_ack, w.redis_replicas_ack_timeout_ms) == (1, 250)
+    assert (Settings().redis_min_replicas_ack, Settings().redis_cluster) == (0, False)
 
 
 def test_every_bad_variable_is_reported() -> None:
@@ -123,3 +166,16 @@ def test_daemon_refuses_to_start_with_a_bad_value() -> None:
         "below QUEUE_HIGH_WATERMARK (0.8)"
     ]
     assert not os.path.exists("/tmp/never-bound.sock")
+
+
+def test_daemon_refuses_a_sentinel_list_without_the_master_name() -> None:
+    env = dict(os.environ, REDIS_SENTINELS="127.0.0.1:1", SIDECAR_SOCKET="/tmp/never-bound2.sock")
+    env.pop("REDIS_SENTINEL_MASTER", None)
+    env.pop("REDIS_URL", None)
+    proc = serve_expecting_refusal(env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sidecar: configuration error: REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: "
+        "set both or neither"
+    ]
+    assert not os.path.exists("/tmp/never-bound2.sock")

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import msgspec
 import structlog
-from redis.asyncio import Redis
 
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
@@ -28,8 +27,10 @@ from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStat
 from sidecar.queue.base import new_lease_id
 from sidecar.queue.redis_io import (
     Arg,
+    Client,
     ScriptRunner,
     as_text,
+    check_one_slot,
     redis_client,
     redis_errors,
     translate_error,
@@ -90,7 +91,7 @@ class RedisQueue:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         *,
         retention_s: float,
         prefix: str = "sidecar",
@@ -100,13 +101,21 @@ class RedisQueue:
         poll_interval_s: float = 0.2,
         check_eviction_policy: bool = True,
         url_for_logs: str | None = None,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 500,
     ) -> None:
         self.keys = RedisKeys.for_prefix(prefix)
+        check_one_slot(self.keys)
         self.retention_s = retention_s
         self.warnings: list[str] = []
         self.generation: str | None = None
         self._redis = client
-        self._runner = ScriptRunner(client, log.bind(redis=url_for_logs, prefix=prefix))
+        self._runner = ScriptRunner(
+            client,
+            log.bind(redis=url_for_logs, prefix=prefix),
+            min_replicas=min_replicas_ack,
+            replicas_timeout_ms=replicas_ack_timeout_ms,
+        )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
@@ -374,10 +383,9 @@ class RedisQueue:
         """One write round trip; raises BackendUnavailable unless Redis takes writes now.
 
         A write, not PING: a Redis out of memory or turned read-only answers PING but would
-        refuse every enqueue.
+        refuse every enqueue. With min_replicas_ack, the replicas must confirm it too.
         """
-        with redis_errors():
-            await self._redis.set(self.keys.probe, b"1", px=10_000)
+        await self._runner.probe(self.keys.probe)
 
     async def check_generation(self) -> str | None:
         """Why this Redis lost its data since we last looked (its marker changed), or None.
@@ -478,6 +486,8 @@ def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQ
         prefix=settings.redis_key_prefix,
         clock=clock,
         url_for_logs=settings.redacted_redis_url(),
+        min_replicas_ack=settings.redis_min_replicas_ack,
+        replicas_ack_timeout_ms=settings.redis_replicas_ack_timeout_ms,
     )
 
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SlaveNotFoundError
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -33,11 +35,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.config import ConfigError, Settings
+from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
-from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS
+from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
 
 Arg = str | bytes | int | float
+# One server (or the primary Sentinel names) or a cluster: the calls used here exist on both.
+Client = Redis | RedisCluster
+# The scripts whose success is an acknowledgement of durability to a producer: with
+# REDIS_MIN_REPLICAS_ACK their pipeline ends with WAIT (settles are not waited on: one lost in
+# a failover shows as a redelivery, which at-least-once delivery already covers).
+ACKED_SCRIPTS = frozenset({"enqueue"})
 
 # Error replies that mean "this Redis cannot take the call now", by redis-py class, in the order
 # they are tested (subclasses first); BUSY (a script running too long) has no class of its own.
@@ -45,6 +53,10 @@ _UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
     (RedisTimeoutError, "timeout"),
     (BusyLoadingError, "loading"),
     (AuthenticationError, "authentication"),
+    # Sentinel knows no primary (the window of a failover) or no replica: both subclass
+    # ConnectionError, named here so the log says which.
+    (MasterNotFoundError, "no_primary"),
+    (SlaveNotFoundError, "no_replica"),
     (RedisConnectionError, "connection"),
     (ReadOnlyError, "read_only"),
     (OutOfMemoryError, "out_of_memory"),
@@ -107,8 +119,12 @@ class _Call:
 class ScriptRunner:
     """Runs the scripts of lua/: loads them, folds concurrent calls into shared pipelines."""
 
-    def __init__(self, client: Redis, log: Any) -> None:
+    def __init__(
+        self, client: Client, log: Any, *, min_replicas: int = 0, replicas_timeout_ms: int = 0
+    ) -> None:
         self.client = client
+        self.min_replicas = min_replicas
+        self.replicas_timeout_ms = replicas_timeout_ms
         # Counters for tests and metrics: pipelines sent, and SCRIPT LOAD rounds.
         self.flushes = 0
         self.script_loads = 0
@@ -131,6 +147,10 @@ class ScriptRunner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.aclose()
+        # A Sentinel-managed client keeps one client per sentinel, which its aclose leaves open.
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
     async def call(self, script: str, keys: tuple[str, ...], args: tuple[Arg, ...]) -> list[Any]:
         """Run one script in the next shared pipeline and return its reply."""
@@ -184,23 +204,114 @@ class ScriptRunner:
         return replies
 
     async def _send(self, batch: list[_Call]) -> list[Any]:
+        acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
+        wait = self.min_replicas > 0 and bool(acked)
         async with self.client.pipeline(transaction=False) as pipe:
             for call in batch:
-                pipe.evalsha(SCRIPT_SHAS[call.script], len(call.keys), *call.keys, *call.args)
+                # execute_command, not evalsha(): the cluster pipeline refuses the helper,
+                # but routes a raw EVALSHA by its keys (all in one slot: check_one_slot).
+                sha = SCRIPT_SHAS[call.script]
+                pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+            if wait:
+                # In the same round trip, on the same connection: WAIT counts the replicas
+                # that have every write this connection made so far.
+                self._wait(pipe, batch[acked[0]].keys[0])
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if wait:
+            confirmed = replies.pop()
+            short = self._short_of_replicas(confirmed, "enqueue")
+            if short is not None:
+                for i in acked:
+                    if not isinstance(replies[i], Exception):
+                        replies[i] = short
         return replies
+
+    def _wait(self, pipe: Any, key: str) -> None:
+        """Queue WAIT min_replicas timeout; on a cluster, on the node that owns the key."""
+        args = ("WAIT", self.min_replicas, self.replicas_timeout_ms)
+        if isinstance(self.client, RedisCluster):
+            pipe.execute_command(*args, target_nodes=self.client.get_node_from_key(key))
+        else:
+            pipe.execute_command(*args)
+
+    def _short_of_replicas(self, confirmed: Any, op: str) -> BackendUnavailable | None:
+        """None when WAIT's reply reaches min_replicas, else the error its writes get."""
+        if isinstance(confirmed, int) and confirmed >= self.min_replicas:
+            return None
+        # Not durable as asked: the producer must not hear "stored". The write stays on the
+        # primary, so the caller answers from the local queue and reconciles the two copies
+        # as after a timed-out write.
+        # A warning when it turns the daemon to the local queue; the probe's repeats (every
+        # backoff step while replicas lag) at debug, like the probe's other failures.
+        level = self._log.debug if op == "probe" else self._log.warning
+        level("redis_replicas_short", op=op, confirmed=repr(confirmed), needed=self.min_replicas)
+        return BackendUnavailable(
+            "redis replicas did not confirm the write", {"kind": "replicas"}
+        )
+
+    async def probe(self, key: str) -> None:
+        """One write (and WAIT, when replicas must confirm); BackendUnavailable unless it holds."""
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(key, b"1", px=10_000)
+                if self.min_replicas > 0:
+                    self._wait(pipe, key)
+                replies: list[Any] = await pipe.execute(raise_on_error=True)
+        if self.min_replicas > 0:
+            short = self._short_of_replicas(replies[-1], "probe")
+            if short is not None:
+                raise short
 
 
 # -- building a client from Settings ------------------------------------------------------------
 
 
-def redis_client(settings: Settings) -> Redis:
-    """A redis.asyncio client for settings.redis_url with timeouts that suit a queue."""
+def redis_client(settings: Settings) -> Client:
+    """A client for the layout the settings name: one server, Sentinel's primary, or a cluster."""
+    options = _client_options(settings)
+    sentinel = sentinel_spec(settings)
+    if sentinel is not None:
+        hosts, master, db = sentinel
+        sentinel_options = {
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+            "socket_timeout": settings.redis_timeout_s,
+            # No retry with backoff per sentinel (redis-py's default): the pool already asks
+            # the next sentinel, and a window without a primary must fail over at once.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        # redis-py leaves Sentinel.__init__ unannotated.
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_options, **options
+        )
+        # The pool asks the sentinels for the primary at every new connection, and drops its
+        # connections when the primary it reached turns out to be a replica (READONLY), so the
+        # client follows a failover by itself; until one completes, calls fail as unavailable.
+        client: Client = manager.master_for(master, redis_class=Redis, db=db)
+        return client
     if settings.redis_url is None:
         raise ConfigError("REDIS_URL is not set")
+    if settings.redis_cluster:
+        # The cluster client routes each call (EVALSHA included, by its keys) to the node
+        # that owns the slot, and follows MOVED and ASK replies during a resharding.
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return Redis.from_url(settings.redis_url, **options)
+
+
+def sentinel_spec(settings: Settings) -> tuple[list[tuple[str, int]], str, int] | None:
+    """(sentinels, master name, db) when the settings name a Sentinel layout, else None."""
+    if settings.redis_sentinels and settings.redis_sentinel_master:
+        return sentinel_hosts(settings.redis_sentinels), settings.redis_sentinel_master, 0
+    if settings.redis_url is not None and settings.redis_url.startswith("redis+sentinel://"):
+        return parse_sentinel_url(settings.redis_url)
+    return None
+
+
+def _client_options(settings: Settings) -> dict[str, Any]:
+    # A WAIT holds the reply up to its own timeout: the socket waits that long on top.
+    wait_s = settings.redis_replicas_ack_timeout_ms / 1000 if settings.redis_min_replicas_ack else 0
     options: dict[str, Any] = {
         "socket_connect_timeout": settings.redis_connect_timeout_s,
-        "socket_timeout": settings.redis_timeout_s,
+        "socket_timeout": settings.redis_timeout_s + wait_s,
         # One immediate retry, on a fresh connection, for a connection error only: a pooled
         # connection that died with a restarted Redis fails on first use. Never on a timeout:
         # the timed-out write may still run, and the failover manager, not the client
@@ -212,7 +323,21 @@ def redis_client(settings: Settings) -> Redis:
     }
     if settings.redis_password_file:
         options["password"] = _read_password(settings.redis_password_file)
-    return Redis.from_url(settings.redis_url, **options)
+    return options
+
+
+def check_one_slot(keys: RedisKeys) -> None:
+    """ConfigError unless every key the store builds hashes to one cluster slot.
+
+    A script's keys must share a slot on a cluster; checked at start for every kind of key,
+    so a change to the key layout fails loudly here rather than on the first call.
+    """
+    sample = "00000000-0000-0000-0000-000000000000"
+    names = [*keys.script_keys(), keys.request(sample), keys.discarded(sample), keys.probe]
+    slots = {name: key_slot(name.encode()) for name in names}
+    if len(set(slots.values())) > 1:
+        listed = ", ".join(f"{name} -> {slot}" for name, slot in slots.items())
+        raise ConfigError(f"the queue's Redis keys span several cluster slots: {listed}")
 
 
 def _read_password(path: str) -> str:

@@ -1,0 +1,174 @@
+"""Redis Cluster: one queue's keys in one slot, scripts routed by the cluster client, and a
+migration of the queue's slot under load with nothing lost.
+
+The contract suite runs against the session's cluster too (the `cluster` param of the `store`
+fixture in conftest.py); this module covers what only a cluster has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis.crc import key_slot
+
+from sidecar.config import ConfigError
+from sidecar.errors import BackendUnavailable
+from sidecar.models import QueuedRequest
+from sidecar.queue.redis import RedisQueue
+from sidecar.queue.redis_io import check_one_slot
+from sidecar.queue.redis_keys import RedisKeys
+from sidecar.queue.resilient import ResilientQueue
+from tests.conftest import make_local
+from tests.helpers import make_request
+from tests.redis_topology import ClusterLayout, cluster_queue
+
+LOAD_TIMEOUT_S = 60.0
+# Short: a lease whose complete met the migration comes back within the test.
+LEASE_S = 2.0
+
+
+def test_every_key_of_a_queue_hashes_to_one_slot() -> None:
+    keys = RedisKeys.for_prefix("sidecar")
+    check_one_slot(keys)  # does not raise
+    assert key_slot(keys.pending.encode()) == key_slot(keys.request("x").encode())
+
+
+def test_keys_in_two_slots_are_refused_at_start_with_the_slots_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = RedisKeys.for_prefix("q")
+    # A key builder that lost the hash tag on one key: the scripts would span two slots.
+    bad = RedisKeys(**{**{f: getattr(good, f) for f in good.__dataclass_fields__},
+                       "stats": "q:stats"})  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        check_one_slot(bad)
+    message = str(info.value)
+    assert "span several cluster slots" in message
+    assert f"q:stats -> {key_slot(b'q:stats')}" in message
+    monkeypatch.setattr(RedisKeys, "for_prefix", classmethod(lambda cls, prefix: bad))
+    with pytest.raises(ConfigError):
+        RedisQueue(object(), retention_s=1.0)  # type: ignore[arg-type]
+
+
+async def test_queue_keys_live_on_the_node_that_owns_the_slot(
+    redis_cluster: ClusterLayout,
+) -> None:
+    queue = cluster_queue(redis_cluster, time.time, retention_s=60.0, sweep_interval_s=None)
+    await queue.start()
+    try:
+        [res] = await queue.enqueue([make_request(time.time)])
+        slot = key_slot(queue.keys.pending.encode())
+        owner = redis_cluster.owner(slot)
+        key = queue.keys.request(res.request.queue_id)
+        assert owner.info("keyspace").get("db0", "").startswith("keys=")
+        for node in redis_cluster.nodes:
+            held = _exists(node.port, key)
+            assert held == (node is owner), f"{key} on port {node.port}: {held}"
+        assert (await queue.health()).status == "ok"
+    finally:
+        await queue.close()
+
+
+def _exists(port: int, key: str) -> bool:
+    from tests.redis_topology import cli
+
+    return cli(port, "EXISTS", key) == "1"
+
+
+async def _produce(
+    queue: ResilientQueue, acked: list[str], grew: asyncio.Condition, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        batch: list[QueuedRequest] = [make_request(time.time) for _ in range(5)]
+        results = await queue.enqueue(batch)
+        async with grew:
+            acked += [r.request.queue_id for r in results if r.created]
+            grew.notify_all()
+
+
+async def _work(queue: ResilientQueue, completed: dict[str, int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for job in await queue.dequeue(5, LEASE_S):
+            try:
+                await queue.complete(job.queue_id, job.lease_id or "")
+            except BackendUnavailable:
+                continue  # its lease lapses and it comes back: counted if it runs twice
+            completed[job.queue_id] = completed.get(job.queue_id, 0) + 1
+        await asyncio.sleep(0)
+
+
+@pytest.mark.slow
+async def test_slot_migration_under_load_loses_nothing(
+    redis_cluster: ClusterLayout, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    redis = cluster_queue(redis_cluster, time.time, retention_s=600.0, sweep_interval_s=0.2)
+    local = make_local(time.time, tmp_path / "state")  # type: ignore[arg-type]
+    queue = ResilientQueue(redis, local, probe_max_s=0.2)
+    await queue.start()
+    acked: list[str] = []
+    completed: dict[str, int] = {}
+    stop = asyncio.Event()
+    grew = asyncio.Condition()
+    tasks = [asyncio.create_task(_produce(queue, acked, grew, stop)) for _ in range(2)]
+    tasks += [asyncio.create_task(_work(queue, completed, stop)) for _ in range(2)]
+    try:
+        async with asyncio.timeout(LOAD_TIMEOUT_S):
+            async with grew:
+                await grew.wait_for(lambda: len(acked) >= 500)  # the load is under way
+            slot = key_slot(redis.keys.pending.encode())
+            source = redis_cluster.owner(slot)
+            target = next(n for n in redis_cluster.nodes if n is not source)
+            before_move = len(acked)
+            moved = await asyncio.to_thread(redis_cluster.migrate_slot, slot, target)
+            assert redis_cluster.owner(slot) is target
+            at_move = len(acked)
+            async with grew:  # the load goes on against the new owner
+                await grew.wait_for(lambda: len(acked) >= at_move + 500)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        await queue.wait_until(queue.backlog_moved, LOAD_TIMEOUT_S)
+        async with asyncio.timeout(LOAD_TIMEOUT_S):
+            while (stats := await queue.stats()).queued or stats.processing:
+                for job in await queue.dequeue(100, 30.0):
+                    await queue.complete(job.queue_id, job.lease_id or "")
+                    completed[job.queue_id] = completed.get(job.queue_id, 0) + 1
+                await queue.wait_for_work(0.2)  # leases lapsing during the move come back
+        lost = [q for q in acked if q not in completed]
+        twice = [q for q, n in completed.items() if n > 1]
+        counts = {"acknowledged": len(acked), "keys_moved": moved, "lost": len(lost),
+                  "acked_while_moving": at_move - before_move,
+                  "settled_twice": len(twice), "failovers": queue.failovers}  # fmt: skip
+        for k, v in counts.items():
+            record_property(k, v)
+        print("cluster slot migration:", counts)
+        assert moved > 0
+        assert at_move > before_move, "no load ran while the slot moved"
+        assert lost == []
+    finally:
+        await queue.close()
+
+
+async def test_replica_ack_on_a_cluster_waits_on_the_slot_owner(
+    redis_cluster: ClusterLayout,
+) -> None:
+    # These primaries have no replicas: WAIT 1, sent to the node that owns the queue's slot,
+    # can never be met, so the enqueue is refused as not durable (and the probe too).
+    queue = cluster_queue(
+        redis_cluster, time.time, retention_s=60.0, sweep_interval_s=None,
+        min_replicas_ack=1, replicas_ack_timeout_ms=50,
+    )  # fmt: skip
+    await queue.start()
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            await queue.enqueue([make_request(time.time)])
+        assert info.value.details["kind"] == "replicas"
+        with pytest.raises(BackendUnavailable):
+            await queue.probe()
+    finally:
+        await queue.close()
