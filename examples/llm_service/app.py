@@ -12,6 +12,7 @@ provider answers by default in development. Run it with `examples/llm_service/ru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
+from sidecar.errors import SidecarError
 from sidecar.llm.breaker import Breaker
 from sidecar.llm.gateway import Gateway, GatewayResult, LLMRequest
 from sidecar.llm.providers import build_provider
@@ -41,6 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(s.environment, s.log_level)
         provider = build_provider(s, build_recorder(s))
         sidecar = AsyncClient(s.socket_path)
+        # Connect before the first requests arrive: concurrent first calls on a fresh client
+        # would each open a connection. A daemon not up yet is fine: calls connect lazily.
+        with contextlib.suppress(SidecarError):
+            await sidecar.connect()
         breaker = Breaker(failures=s.llm_breaker_failures, reset_s=s.llm_breaker_reset_s)
         app.state.gateway = Gateway(provider, sidecar, breaker=breaker,
                                     queue_enabled=s.llm_queue_enabled,

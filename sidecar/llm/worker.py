@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -78,11 +79,30 @@ class LLMWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """`concurrency` loops of dequeue → provider → settle, until stop is set."""
-        async with asyncio.TaskGroup() as tg:
-            for n in range(self.opts.concurrency):
-                tg.create_task(self._loop(stop), name=f"llm-worker-{n}")
+        if self.opts.concurrency == 1:
+            await self._serve(stop)
+            return
+        # One connection per loop: on main, concurrent first calls on one fresh AsyncClient
+        # each open a connection and the later one breaks the earlier one's calls, so a
+        # shared client would fail its first calls after every (re)connect.
+        loops = [self._sibling() for _ in range(self.opts.concurrency)]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for n, loop in enumerate(loops):
+                    tg.create_task(loop._serve(stop), name=f"llm-worker-{n}")
+        finally:
+            for loop in loops:
+                await loop.sidecar.close()
 
-    async def _loop(self, stop: asyncio.Event) -> None:
+    def _sibling(self) -> LLMWorker:
+        """A one-loop worker on its own connection, sharing provider, breaker and counts."""
+        opts = dataclasses.replace(self.opts, concurrency=1)
+        client = AsyncClient(self.sidecar.path, timeout_s=self.sidecar.timeout_s)
+        sib = LLMWorker(client, self.provider, breaker=self.breaker, options=opts, http=self._http)
+        sib.counts = self.counts
+        return sib
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             wait = self.breaker.retry_in()
             if wait > 0:
