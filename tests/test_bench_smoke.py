@@ -115,3 +115,23 @@ def test_quick_bench_prints_every_section() -> None:
     _check_failover(
         _section(tables, "failover: the switch"), _section(tables, "failover: the move")
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_llm_bench_prints_its_ratios() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.llm", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = _section(_sections(proc.stdout), "llm:")
+    assert [r["way"] for r in rows] == ["direct", "gateway fresh", "gateway queued"]
+    assert _number(rows[0]["ratio over direct"]) == 1.0
+    for row in rows:
+        assert _number(row["ratio over direct"]) > 0 and _number(row["median µs per call"]) > 0
+    assert "llm_" not in proc.stdout  # the decision log lines stay out of the tables
