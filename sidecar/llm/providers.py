@@ -64,7 +64,8 @@ class MockProvider:
     def __init__(self, model: str = "mock-1", *, slow_s: float = 0.0) -> None:
         self.model = model
         self.slow_s = slow_s
-        self.failing = False  # answers as a 503 would: unavailable
+        self.failing = False  # answers as a 503 (or a 429 with retry_after_s) would: unavailable
+        self.retry_after_s: float | None = None
         self.down = False  # as if the connection were refused: unavailable
         self.reject_status: int | None = None  # answers this 4xx: the request's fault
         self.calls = 0
@@ -77,7 +78,8 @@ class MockProvider:
         if self.down:
             raise ProviderUnavailable("mock provider down (connection refused)")
         if self.failing:
-            raise ProviderUnavailable("mock provider answered 503")
+            wait = self.retry_after_s
+            raise ProviderUnavailable("mock provider answered 503", retry_after_s=wait)
         if self.reject_status is not None:
             raise ProviderRejected(self.reject_status, {"error": {"message": "mock rejection"}})
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
