@@ -174,3 +174,21 @@ def test_the_daemon_never_imports_the_llm_side() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)  # fmt: skip
     assert out.stdout.strip() == ""
+
+
+class BrokenProvider(MockProvider):
+    async def complete(self, request: dict[str, object]) -> object:  # type: ignore[override]
+        raise RuntimeError("a bug in the provider")
+
+
+async def test_a_provider_bug_puts_the_request_back_and_the_worker_carries_on(
+    client: AsyncClient,
+) -> None:
+    await client.enqueue({"request": BODY, "callback_url": None}, queue_id="bug1")
+    worker = _worker(client, BrokenProvider())
+    with structlog.testing.capture_logs() as logs:
+        await _take_one(client, worker)
+    assert [e["event"] for e in logs].count("llm_worker_error") == 1
+    info = await client.status("bug1")
+    assert info.status == "queued" and info.reason == "worker_error"
+    await worker.aclose()

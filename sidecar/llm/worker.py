@@ -135,6 +135,10 @@ class LLMWorker:
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(job))
         try:
             await self._call_and_settle(job, queued, bound)
+        except Exception:
+            # A bug in a provider must not stop the worker: the request goes back, delayed.
+            bound.exception("llm_worker_error")
+            await self._retry(job, "worker_error", backoff_s(job.attempts, self.opts), bound)
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
