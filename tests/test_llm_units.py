@@ -287,3 +287,19 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left behind
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
+
+
+async def test_breaker_wait_ends_when_a_probe_settles_or_on_stop() -> None:
+    b = Breaker(failures=1, reset_s=3600)
+    b.failure()  # open for an hour: only a notice (or stop) can end the wait
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(b.wait(stop))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    b.success()
+    await asyncio.wait_for(waiter, 5)
+    b.failure()
+    waiter = asyncio.create_task(b.wait(stop))
+    await asyncio.sleep(0)
+    stop.set()
+    await asyncio.wait_for(waiter, 5)

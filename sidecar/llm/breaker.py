@@ -6,6 +6,8 @@ workers wait for the probe time. Nothing here awaits; the clock is injected for 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ class Breaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._changed: asyncio.Event | None = None  # made by the first waiter
 
     @property
     def state(self) -> BreakerState:
@@ -63,6 +66,30 @@ class Breaker:
         self._probing = True
         return True
 
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until a call may be allowed again: the open period ends, or a probe settles."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        changed = asyncio.ensure_future(self._changed.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        # Open: until it turns half-open. A probe in flight: until it settles (success,
+        # failure or release notify), bounded so a lost notice cannot stall a worker.
+        timeout = self.retry_in() or self.reset_s
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.wait((changed, stopped), return_when=asyncio.FIRST_COMPLETED),
+                    timeout,
+                )
+        finally:
+            changed.cancel()
+            stopped.cancel()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
     def success(self) -> None:
         """The provider answered (a 4xx included: it is up)."""
         if self._opened_at is not None:
@@ -70,6 +97,7 @@ class Breaker:
         self._failures = 0
         self._opened_at = None
         self._probing = False
+        self._notify()
 
     def failure(self) -> None:
         """The provider was unavailable; a failed probe opens the breaker again for reset_s."""
@@ -78,7 +106,10 @@ class Breaker:
             log.warning("llm_breaker_opened", failures=self._failures, reset_s=self.reset_s)
             self._opened_at = self._clock()
         self._probing = False
+        self._notify()
 
     def release(self) -> None:
-        """A probe ended without telling anything (cancelled): let another probe go."""
-        self._probing = False
+        """A probe ended without telling anything (cancelled, no work): let another go."""
+        if self._probing:
+            self._probing = False
+            self._notify()

@@ -104,37 +104,40 @@ class LLMWorker:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            wait = self.breaker.retry_in()
-            if wait > 0:
-                # The provider is known to be down: leave the requests queued (no lease
-                # taken) until the breaker lets a probe through.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
+            # The call slot is claimed before a lease is taken: while the provider is known
+            # to be down (or one probe is out), requests stay queued and keep their attempts.
+            if not self.breaker.allow():
+                await self.breaker.wait(stop)
                 continue
             try:
                 jobs = await self.sidecar.dequeue(1, lease_s=self.opts.lease_s,
                                                   wait_s=self.opts.wait_s)  # fmt: skip
             except SidecarError as exc:
+                self.breaker.release()
                 log.warning("llm_worker_dequeue_failed", code=exc.code, error=str(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
                 continue
+            if not jobs:
+                self.breaker.release()
             for job in jobs:
-                await self.process(job)
+                await self.process(job, allowed=True)
 
-    async def process(self, job: Job) -> None:
+    async def process(self, job: Job, *, allowed: bool = False) -> None:
         """Call the provider for one leased job and settle it; the lease is kept alive meanwhile."""
         bound = log.bind(queue_id=job.queue_id, attempts=job.attempts)
         try:
             queued = decode_payload(job, QueuedLLMRequest)
         except msgspec.ValidationError as exc:
             bound.error("llm_failed", reason="bad_payload", error=str(exc))
+            if allowed:
+                self.breaker.release()
             await self._settle(self.sidecar.fail(job.queue_id, job.lease_id, "bad payload",
                                                  retry=False), bound)  # fmt: skip
             return
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(job))
         try:
-            await self._call_and_settle(job, queued, bound)
+            await self._call_and_settle(job, queued, bound, allowed)
         except Exception:
             # A bug in a provider must not stop the worker: the request goes back, delayed.
             bound.exception("llm_worker_error")
@@ -144,9 +147,9 @@ class LLMWorker:
             await asyncio.gather(keeper, return_exceptions=True)
 
     async def _call_and_settle(
-        self, job: Job, queued: QueuedLLMRequest, bound: Any
+        self, job: Job, queued: QueuedLLMRequest, bound: Any, allowed: bool
     ) -> None:
-        if not self.breaker.allow():
+        if not allowed and not self.breaker.allow():
             delay = max(self.breaker.retry_in(), self.opts.backoff_base_s)
             await self._retry(job, "breaker_open", delay, bound)
             return
