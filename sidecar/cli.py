@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "work":
+        return _work(args)
     # A probe answers sooner than a service call: 5 s unless the flag or the environment says.
     timeout = args.timeout or (None if os.environ.get(TIMEOUT_ENV) else CLI_TIMEOUT_S)
     try:
@@ -76,6 +78,35 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     # Acknowledged requests that could not be kept: never report success.
     return EXIT_ERROR if unkept else EXIT_OK
+
+
+def _work(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    if args.socket:
+        os.environ["SIDECAR_SOCKET"] = args.socket
+    try:
+        settings = Settings.from_env()
+    except ConfigError as err:
+        print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        # Imported here: the LLM side is an optional extra, and the daemon never needs it.
+        from sidecar.llm.worker import serve_worker
+    except ImportError as err:
+        print(f"sidecar work needs the llm extra (pip install 'sidecar[llm]'): {err}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_UNAVAILABLE
+    from sidecar.logs import configure_logging
+
+    configure_logging(settings.environment, settings.log_level)
+    try:
+        asyncio.run(serve_worker(settings, concurrency=args.concurrency))
+    except OSError as err:  # an unreadable LLM_API_KEY_FILE
+        print(f"sidecar work: cannot start: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -159,7 +190,10 @@ def _complete(client: Client, args: argparse.Namespace) -> int:
 
 
 def _fail(client: Client, args: argparse.Namespace) -> int:
-    print(client.fail(args.queue_id, args.lease_id, args.reason, retry=not args.no_retry).status)
+    info = client.fail(
+        args.queue_id, args.lease_id, args.reason, retry=not args.no_retry, delay_s=args.delay_s
+    )
+    print(info.status)
     return EXIT_OK
 
 
@@ -179,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the daemon (configured by environment variables)")
+    p = sub.add_parser("work", help="run an LLM worker: queued requests -> provider -> callback")
+    p.add_argument("--concurrency", type=int, default=4, help="requests handled at once")
     for name, func, text in (
         ("health", _health, "probe: exit 0 ok, 1 degraded, 2 unreachable or unhealthy"),
         ("stats", _stats, "queue counts, usage and breaker state"),
@@ -214,5 +250,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("lease_id")
     p.add_argument("--reason", default="failed by operator")
     p.add_argument("--no-retry", action="store_true", help="fail it for good")
+    p.add_argument("--delay-s", type=float, default=0.0, help="hand it out again after this")
     p.set_defaults(run=_fail)
     return parser

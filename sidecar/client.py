@@ -236,9 +236,17 @@ class AsyncClient:
         return await self._call(Complete(id=0, queue_id=queue_id, lease_id=lease_id), RequestInfo)
 
     async def fail(
-        self, queue_id: str, lease_id: str, reason: str = "", *, retry: bool = True
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str = "",
+        *,
+        retry: bool = True,
+        delay_s: float = 0.0,
     ) -> RequestInfo:
-        req = Fail(id=0, queue_id=queue_id, lease_id=lease_id, reason=reason, retry=retry)
+        req = Fail(
+            id=0, queue_id=queue_id, lease_id=lease_id, reason=reason, retry=retry, delay_s=delay_s
+        )
         return await self._call(req, RequestInfo)
 
     async def cancel(self, queue_id: str) -> RequestInfo:
@@ -366,9 +374,17 @@ class Client:
         return self._call(Complete(id=0, queue_id=queue_id, lease_id=lease_id), RequestInfo)
 
     def fail(
-        self, queue_id: str, lease_id: str, reason: str = "", *, retry: bool = True
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str = "",
+        *,
+        retry: bool = True,
+        delay_s: float = 0.0,
     ) -> RequestInfo:
-        req = Fail(id=0, queue_id=queue_id, lease_id=lease_id, reason=reason, retry=retry)
+        req = Fail(
+            id=0, queue_id=queue_id, lease_id=lease_id, reason=reason, retry=retry, delay_s=delay_s
+        )
         return self._call(req, RequestInfo)
 
     def cancel(self, queue_id: str) -> RequestInfo:

@@ -114,6 +114,29 @@ class Settings:
     # Bytes of partial frames and unanswered requests held across all connections: 64 MB is
     # eight maximal frames, far above what well-behaved clients hold at once.
     max_buffered_mb: float = 64.0
+    # -- the LLM side (sidecar.llm; the daemon itself never reads these) --
+    # On by default: a provider outage queues requests (202) instead of failing them; off gives
+    # the old behaviour (503) so a service can be deployed first and switched per environment.
+    llm_queue_enabled: bool = True
+    # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
+    # so an outage of minutes must not exhaust them (the daemon's default of 3 would).
+    llm_queue_max_attempts: int = 10
+    # "": the mock in development, the OpenAI-compatible provider in production.
+    llm_provider: str = ""
+    llm_base_url: str = "https://api.openai.com/v1"
+    llm_model: str = "gpt-4o-mini"
+    # The API key comes from LLM_API_KEY or this file; it is never kept in Settings or logged.
+    llm_api_key_file: str | None = None
+    # A refused or silent provider must send the request to the queue quickly; a completion
+    # itself may take a while to stream back.
+    llm_connect_timeout_s: float = 2.0
+    llm_read_timeout_s: float = 60.0
+    # Five failures in a row open the breaker; after 10 s one probe may close it again.
+    llm_breaker_failures: int = 5
+    llm_breaker_reset_s: float = 10.0
+    llm_response_log_dir: str = "llm_response_logs"
+    # The recorder stops writing (with one log line) once its folder holds this much.
+    llm_response_log_max_mb: float = 100.0
 
     @property
     def journal_max_bytes(self) -> int:
@@ -367,6 +390,18 @@ ENV_NAMES: dict[str, str] = {
     "frame_timeout_s": "SIDECAR_FRAME_TIMEOUT_SECONDS",
     "idle_timeout_s": "SIDECAR_IDLE_TIMEOUT_SECONDS",
     "max_buffered_mb": "SIDECAR_MAX_BUFFERED_MB",
+    "llm_queue_enabled": "LLM_QUEUE_ENABLED",
+    "llm_queue_max_attempts": "LLM_QUEUE_MAX_ATTEMPTS",
+    "llm_provider": "LLM_PROVIDER",
+    "llm_base_url": "LLM_BASE_URL",
+    "llm_model": "LLM_MODEL",
+    "llm_api_key_file": "LLM_API_KEY_FILE",
+    "llm_connect_timeout_s": "LLM_CONNECT_TIMEOUT_SECONDS",
+    "llm_read_timeout_s": "LLM_READ_TIMEOUT_SECONDS",
+    "llm_breaker_failures": "LLM_BREAKER_FAILURES",
+    "llm_breaker_reset_s": "LLM_BREAKER_RESET_SECONDS",
+    "llm_response_log_dir": "LLM_RESPONSE_LOG_DIR",
+    "llm_response_log_max_mb": "LLM_RESPONSE_LOG_MAX_MB",
 }
 
 _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -422,4 +457,16 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "frame_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
     "idle_timeout_s": (_number(0), "a number of seconds >= 0 (0: never)"),
     "max_buffered_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
+    "llm_queue_enabled": (_bool, "true or false"),
+    "llm_queue_max_attempts": (_whole(1), "a whole number >= 1 and <= 1000"),
+    "llm_provider": (_choice("mock", "openai"), "mock or openai"),
+    "llm_base_url": (_text, "an http:// or https:// URL"),
+    "llm_model": (_text, "a model name"),
+    "llm_api_key_file": (_text, "a file path"),
+    "llm_connect_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "llm_read_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "llm_breaker_failures": (_whole(1), "a whole number >= 1"),
+    "llm_breaker_reset_s": (_number(0, lo_open=True), "a number of seconds > 0"),
+    "llm_response_log_dir": (_text, "a folder path"),
+    "llm_response_log_max_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
 }

@@ -22,6 +22,9 @@ MAX_TTL_S = 30 * 24 * 3600.0
 MAX_LEASE_S = 24 * 3600.0
 MAX_WAIT_S = 24 * 3600.0
 MAX_RETENTION_S = 365 * 24 * 3600.0
+# A fail's delay before the request is handed out again: past the longest TTL it would expire
+# first anyway.
+MAX_DELAY_S = MAX_TTL_S
 
 
 class QueueStatus(enum.StrEnum):

@@ -14,6 +14,7 @@ import msgspec
 
 from sidecar.errors import FrameTooLarge, InvalidMessage, SidecarError, UnknownOp
 from sidecar.models import (
+    MAX_DELAY_S,
     MAX_LEASE_S,
     MAX_TTL_S,
     MAX_WAIT_S,
@@ -34,6 +35,7 @@ Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
 TtlSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_TTL_S)]
 LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
 WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)]
+DelaySeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_DELAY_S)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 
 
@@ -86,6 +88,7 @@ class Fail(Request, tag="fail"):
     lease_id: str
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
     retry: bool = True
+    delay_s: DelaySeconds = 0.0
 
 
 class Cancel(Request, tag="cancel"):

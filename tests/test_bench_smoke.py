@@ -124,3 +124,23 @@ def test_layout_sections_run_only_when_named() -> None:
     assert named.sections == ["sentinel", "replica-ack"]
     layouts = {m.name: m.ceiling_name for m in modes(named) if m.backend is not None}
     assert layouts["sentinel"] == layouts["replica-ack"] == "single URL"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_llm_bench_prints_its_ratios() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.llm", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = _section(_sections(proc.stdout), "llm:")
+    assert [r["way"] for r in rows] == ["direct", "gateway fresh", "gateway queued"]
+    assert _number(rows[0]["ratio over direct"]) == 1.0
+    for row in rows:
+        assert _number(row["ratio over direct"]) > 0 and _number(row["median µs per call"]) > 0
+    assert "llm_" not in proc.stdout  # the decision log lines stay out of the tables

@@ -374,3 +374,110 @@ async def test_wait_for_work_wakes_on_enqueue(store: QueueRepository, clock: Fak
 async def test_health_is_ok_when_fresh(store: QueueRepository) -> None:
     report = await store.health()
     assert report.status == "ok"
+
+
+# -- fail with delay_s: back to queued, held back until now + delay_s ---------------------------
+
+
+async def _failed_with_delay(
+    store: QueueRepository, clock: FakeClock, delay_s: float, ttl_s: float = 3600.0
+) -> str:
+    req = make_request(clock, queue_id="delayed", ttl_s=ttl_s)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None
+    back = await store.fail(job.queue_id, job.lease_id, "provider 429", True, delay_s)
+    assert back.status is QueueStatus.QUEUED and back.reason == "provider 429"
+    return req.queue_id
+
+
+async def test_delayed_retry_is_held_back_until_its_time(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    qid = await _failed_with_delay(store, clock, 10.0)
+    st = await store.status(qid)
+    assert st is not None and st.status is QueueStatus.QUEUED
+    assert await store.dequeue(1, LEASE) == []
+    clock.advance(9.5)
+    assert await store.dequeue(1, LEASE) == []
+    stats = await store.stats()
+    assert stats.queued == 1 and stats.balanced, stats
+    clock.advance(1)
+    [again] = await store.dequeue(1, LEASE)
+    assert again.queue_id == qid and again.attempts == 2
+
+
+async def test_delayed_retry_keeps_its_place_among_equals(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    first = make_request(clock, queue_id="first")
+    clock.advance(0.01)
+    second = make_request(clock, queue_id="second")
+    clock.advance(0.01)
+    third = make_request(clock, queue_id="third")
+    await store.enqueue([first, second, third])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.queue_id == "first" and job.lease_id is not None
+    await store.fail(job.queue_id, job.lease_id, "busy", True, 5.0)
+    clock.advance(6)
+    got = await store.dequeue(2, LEASE)
+    assert [j.queue_id for j in got] == ["first", "second"]
+
+
+async def test_delayed_retry_still_expires_on_its_ttl(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    qid = await _failed_with_delay(store, clock, 50.0, ttl_s=10)
+    clock.advance(11)
+    st = await store.status(qid)
+    assert st is not None and st.status is QueueStatus.EXPIRED
+    clock.advance(50)
+    assert await store.dequeue(1, LEASE) == []
+    stats = await store.stats()
+    assert (stats.queued, stats.expired) == (0, 1) and stats.balanced, stats
+
+
+async def test_delayed_retry_can_be_cancelled_while_it_waits(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    qid = await _failed_with_delay(store, clock, 10.0)
+    gone = await store.cancel(qid)
+    assert gone.status is QueueStatus.FAILED and gone.reason == "cancelled"
+    clock.advance(11)
+    assert await store.dequeue(1, LEASE) == []
+    stats = await store.stats()
+    assert (stats.queued, stats.failed) == (0, 1) and stats.balanced, stats
+
+
+async def test_delayed_fail_repeats_harmlessly(store: QueueRepository, clock: FakeClock) -> None:
+    req = make_request(clock)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None
+    await store.fail(job.queue_id, job.lease_id, "later", True, 10.0)
+    again = await store.fail(job.queue_id, job.lease_id, "later", True, 10.0)
+    assert again.status is QueueStatus.QUEUED
+    assert await store.dequeue(1, LEASE) == []
+    clock.advance(11)
+    assert len(await store.dequeue(5, LEASE)) == 1
+
+
+async def test_a_delay_without_retry_fails_at_once(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    req = make_request(clock, max_attempts=5)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None
+    final = await store.fail(job.queue_id, job.lease_id, "bad prompt", False, 10.0)
+    assert final.status is QueueStatus.FAILED and final.reason == "bad prompt"
+
+
+async def test_wait_for_work_wakes_when_a_delay_ends(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    await _failed_with_delay(store, clock, 5.0)
+    clock.advance(6)
+    # The delay ended without any enqueue or requeue: the store must notice by itself.
+    await asyncio.wait_for(store.wait_for_work(30), 10)
+    assert len(await store.dequeue(1, LEASE)) == 1

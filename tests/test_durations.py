@@ -147,3 +147,26 @@ def test_daemon_refuses_to_start_with_a_lease_past_the_maximum() -> None:
     assert proc.returncode == 2
     assert "QUEUE_LEASE_SECONDS='1e16' is invalid" in proc.stderr
     assert not os.path.exists("/tmp/never-bound-2.sock")
+
+
+@pytest.mark.parametrize(
+    "delay_s", [-1.0, INF, NAN, HUGE, MAX_TTL_S * 1.001], ids=["neg", "inf", "nan", "huge", "over"]
+)
+def test_a_bad_fail_delay_is_refused_and_the_lease_stays(
+    daemon: Daemon, raw: Raw, delay_s: float
+) -> None:
+    with Client(daemon.socket_path) as worker:
+        qid = worker.enqueue({"n": 1}).queue_id
+        [job] = worker.dequeue(max_items=1)
+        raw.msg({"op": "fail", "id": 1, "queue_id": qid, "lease_id": job.lease_id,
+                 "reason": "r", "delay_s": delay_s})  # fmt: skip
+        reply = raw.reply()
+        assert error_of(reply) == (1, "invalid_message")
+        assert "$.delay_s" in reply["error"]["message"]
+        # A rejected command never changes state: the lease still settles, the books balance.
+        assert worker.status(qid).status == "processing"
+        held = worker.fail(qid, job.lease_id, "later", delay_s=MAX_TTL_S)
+        assert held.status == "queued"
+        assert worker.dequeue(max_items=1) == []
+        worker.cancel(qid)
+        assert worker.stats().balanced

@@ -302,3 +302,22 @@ async def test_a_snapshot_moved_aside_loses_its_requests_but_the_start_goes_on(
     assert [e["count"] for e in logs if e["event"] == "journal_changes_skipped"] == [1]
     assert await again.status("late") is not None and await again.status("s1") is None
     await again.close()
+
+
+async def test_a_delayed_retry_stays_delayed_across_a_crash_and_a_snapshot(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    q = await reopen(clock, tmp_path)
+    await q.enqueue([make_request(clock, queue_id="a")])
+    [job] = await q.dequeue(1, 30)
+    await q.fail("a", job.lease_id or "", "provider 429", True, 20.0)
+    crash(q)
+    again = await reopen(clock, tmp_path)  # replays the Requeued event with its not_before
+    assert await again.dequeue(1, 30) == []
+    await again.close()  # a clean stop: the snapshot's Held record carries not_before
+    third = await reopen(clock, tmp_path)
+    assert await third.dequeue(1, 30) == []
+    clock.advance(21)
+    [retry] = await third.dequeue(1, 30)
+    assert retry.queue_id == "a" and retry.attempts == 2
+    await third.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueueStatus
@@ -378,3 +379,25 @@ async def test_idle_waiters_share_one_watch_and_wake_on_another_hosts_enqueue(
     await producer.enqueue([make_request(clock, "from another host")])
     await asyncio.wait_for(asyncio.gather(*waiters), 5)
     assert len(await waiting.dequeue(5, LEASE_S)) == 1
+
+
+async def test_a_delayed_fail_parks_the_request_in_the_delayed_zset(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="d")])
+    [job] = await queue.dequeue(1, LEASE_S)
+    assert job.lease_id is not None
+    await queue.fail("d", job.lease_id, "provider 429", True, 30.0)
+    keys = queue.keys
+    assert await raw.zscore(keys.delayed, "d") == pytest.approx(clock() + 30.0)
+    assert await raw.zscore(keys.pending, "d") is None
+    assert await raw.hget(keys.request("d"), "not_before") is not None
+    # A bad not_before from a caller below RedisQueue is refused before anything changes.
+    with pytest.raises(ResponseError, match=r"not_before"):
+        await _raw_eval(raw, queue, "fail", clock(), "d", "l", "r", "1", "nan")
+    clock.advance(31)
+    [again] = await queue.dequeue(1, LEASE_S)
+    assert again.queue_id == "d"
+    assert await raw.zcard(keys.delayed) == 0
+    assert await raw.hget(keys.request("d"), "not_before") is None

@@ -100,12 +100,13 @@ class Model:
     lease_id: str | None = None
     lease_expires_at: float | None = None
     finished_at: float | None = None  # earliest moment it can have become terminal
+    not_before: float | None = None  # a fail with delay_s holds it back until then
 
     def settle_due(self, now: float) -> None:
         """Apply the lapses and expiry that are due at now (protocol.md section 6)."""
         lapse = self.lease_expires_at
         if self.status == "processing" and lapse is not None and now >= lapse:
-            self.lease_id = self.lease_expires_at = None
+            self.lease_id = self.lease_expires_at = self.not_before = None
             if lapse >= self.expires_at or now >= self.expires_at:
                 self.finish("expired", max(lapse, self.expires_at))
             elif self.attempts >= self.max_attempts:
@@ -121,7 +122,7 @@ class Model:
 
     def near_edge(self, now: float, retention_s: float) -> bool:
         """Whether now is so close to one of its deadlines that either side is correct."""
-        edges = [self.expires_at, self.lease_expires_at]
+        edges = [self.expires_at, self.lease_expires_at, self.not_before]
         if self.finished_at is not None:
             edges.append(self.finished_at + retention_s)
         return any(e is not None and abs(now - e) < EDGE_S for e in edges)
@@ -289,7 +290,9 @@ class QueueMachine(RuleBasedStateMachine):
             return
         assert isinstance(result, DequeueResult), result
         queued = sorted(
-            (r.priority, r.order, qid) for qid, r in self.model.items() if r.status == "queued"
+            (r.priority, r.order, qid)
+            for qid, r in self.model.items()
+            if r.status == "queued" and (r.not_before is None or r.not_before <= now)
         )
         got = [j.queue_id for j in result.items]
         assert len(set(got)) == len(got)
@@ -302,7 +305,9 @@ class QueueMachine(RuleBasedStateMachine):
             if rec is None:
                 continue
             assert rec.status == "queued" or edgy or self.redis_down, (job, rec)
-            rec.status, rec.attempts = "processing", job.attempts
+            held = rec.not_before is not None and now < rec.not_before
+            assert not held or edgy or self.redis_down, ("handed out early", job, rec)
+            rec.status, rec.attempts, rec.not_before = "processing", job.attempts, None
             rec.lease_id, rec.lease_expires_at = job.lease_id, job.lease_expires_at
             assert job.lease_expires_at == pytest.approx(now + (lease_s or DEFAULT_LEASE_S))
 
@@ -355,17 +360,25 @@ class QueueMachine(RuleBasedStateMachine):
             rec.finish("completed", self.clock.now)
             rec.lease_id = lease_id  # a repeat with this lease answers completed again
 
-    @rule(data=st.data(), retry=st.booleans(), reason=st.sampled_from(["", "503"]))
-    def fail(self, data: st.DataObject, retry: bool, reason: str) -> None:
+    @rule(
+        data=st.data(),
+        retry=st.booleans(),
+        reason=st.sampled_from(["", "503"]),
+        delay_s=st.sampled_from([0.0, 0.0, 3.0, 60.0]),
+    )
+    def fail(self, data: st.DataObject, retry: bool, reason: str, delay_s: float) -> None:
         qid, lease_id = self.pick_lease(data)
         rec = self.live(qid)
-        result = self.call(Fail(id=5, queue_id=qid, lease_id=lease_id, reason=reason, retry=retry))
+        req = Fail(id=5, queue_id=qid, lease_id=lease_id, reason=reason, retry=retry,
+                   delay_s=delay_s)  # fmt: skip
+        result = self.call(req)
         self.check_settle(qid, lease_id, result, {"queued", "failed", "expired"})
         if not isinstance(result, RequestInfo) or rec is None:
             return
         if result.status == "queued":
             assert retry and result.reason == (reason or "unspecified"), result
             rec.status, rec.lease_id, rec.lease_expires_at = "queued", None, None
+            rec.not_before = self.clock.now + delay_s if delay_s else None
         else:
             rec.finish(result.status, self.clock.now)
             if result.status == "failed" and not retry:

@@ -53,8 +53,10 @@ class QueueRepository(Protocol):
         """Mark a leased request completed (repeating it with the same lease is harmless)."""
         ...
 
-    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
-        """End a lease with a failure: queued again if retry and attempts remain, else failed."""
+    async def fail(
+        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+    ) -> QueuedRequest:
+        """End a lease with a failure: queued again (not before now + delay_s) or failed."""
         ...
 
     async def cancel(self, queue_id: str) -> QueuedRequest:

@@ -275,15 +275,20 @@ class RedisQueue:
         )
         return self._settled(reply, "complete", queue_id, lease_id)
 
-    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
+    async def fail(
+        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+    ) -> QueuedRequest:
         """End a lease with a failure; requeue while attempts remain and retry is asked.
 
-        A repeat with the same lease returns the record as it is now, like complete.
+        With delay_s > 0 the requeued request is not handed out before now + delay_s. A repeat
+        with the same lease returns the record as it is now, like complete.
         """
-        args = (queue_id, lease_id, reason, "1" if retry else "0")
-        reply = await self._call("fail", self._clock(), *args, keys=self._req(queue_id))
+        now = self._clock()
+        not_before = bounded_time(now + delay_s, "not_before") if delay_s > 0 else 0.0
+        args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
+        reply = await self._call("fail", now, *args, keys=self._req(queue_id))
         rec = self._settled(reply, "fail", queue_id, lease_id)
-        if rec.status is QueueStatus.QUEUED:
+        if rec.status is QueueStatus.QUEUED and not delay_s:
             self._notify_work()
         return rec
 
@@ -358,6 +363,10 @@ class RedisQueue:
             try:
                 with redis_errors():
                     queued = await self._redis.zcard(self.keys.pending)
+                    if not queued:
+                        # A delayed request whose time has come: the next dequeue promotes it.
+                        due = bounded_time(self._clock(), "now")
+                        queued = await self._redis.zcount(self.keys.delayed, "-inf", due)
             except BackendUnavailable:
                 queued = 1  # let the waiters try, and meet the outage in their own call
             if queued:
@@ -467,7 +476,7 @@ class RedisQueue:
     ) -> list[Any]:
         """Run one script in the next shared pipeline and return its reply.
 
-        KEYS are the eight of every script, then the request hashes the call names.
+        KEYS are the nine of every script, then the request hashes the call names.
         """
         if self._closing.is_set():
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})

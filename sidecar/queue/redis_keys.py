@@ -9,6 +9,7 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:pending` | zset | queued queue_ids by `priority * 2**48 + seq` (exact in a double) |
 | `{sidecar}:leases` | zset | processing queue_ids by lease end (epoch seconds) |
 | `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch seconds) |
+| `{sidecar}:delayed` | zset | queued queue_ids held back by a `fail` with delay_s, by not_before |
 | `{sidecar}:retained` | zset | terminal queue_ids by the end of their retention |
 | `{sidecar}:seq` | string | the arrival counter that assigns `seq` |
 | `{sidecar}:stats` | hash | counters shared by every daemon (accepted, completed, failed, |
@@ -17,12 +18,14 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:probe` | string | a daemon checks that Redis takes writes again (10 s TTL) |
 | `{sidecar}:discarded:<token>` | string | one discard call did its work (60 s TTL) |
 | `{sidecar}:req:` | (prefix) | declared to every script as KEYS[8]: ids read from an index |
-| | | become keys under it; the hashes a call names are declared one by one after it |
+| | | become keys under it; the hashes a call names are declared one by one after delayed |
+| | | (KEYS[9]) |
 
 A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
 max_attempts, updated_at, size_bytes, payload (until terminal), lease_id, lease_expires_at,
-reason, purge_at (once terminal) and settled_by (which op and lease ended it, so the same
-settle run twice is recognised); times are epoch seconds as decimal text, at most MAX_TIME_S.
+reason, not_before (while delayed), purge_at (once terminal) and settled_by (which op and lease
+ended it, so the same settle run twice is recognised); times are epoch seconds as decimal
+text, at most MAX_TIME_S.
 
 An operator finds a request with `redis-cli HGETALL '{sidecar}:req:<queue_id>'`, the next
 requests to be handed out with `redis-cli ZRANGE '{sidecar}:pending' 0 9`, and the books with
@@ -85,6 +88,7 @@ class RedisKeys:
     generation: str
     probe: str
     request_prefix: str
+    delayed: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> RedisKeys:
@@ -103,6 +107,7 @@ class RedisKeys:
             generation=tag + "generation",
             probe=tag + "probe",
             request_prefix=tag + "req:",
+            delayed=tag + "delayed",
         )
 
     def request(self, queue_id: str) -> str:
@@ -114,7 +119,7 @@ class RedisKeys:
         return f"{{{self.prefix}}}:discarded:{token}"
 
     def script_keys(self) -> tuple[str, ...]:
-        """KEYS[1..8] of every script, in the order lua/common.lua names them."""
+        """KEYS[1..9] of every script, in the order lua/common.lua names them."""
         return (
             self.pending,
             self.leases,
@@ -124,6 +129,7 @@ class RedisKeys:
             self.stats,
             self.generation,
             self.request_prefix,
+            self.delayed,
         )
 
 

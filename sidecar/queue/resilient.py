@@ -233,11 +233,13 @@ class ResilientQueue:
             return await self.local.complete(queue_id, lease_id)
         return await self._on_redis(lambda: self.redis.complete(queue_id, lease_id), queue_id)
 
-    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
+    async def fail(
+        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+    ) -> QueuedRequest:
         if self.local.holds(queue_id):
-            return await self.local.fail(queue_id, lease_id, reason, retry)
+            return await self.local.fail(queue_id, lease_id, reason, retry, delay_s)
         return await self._on_redis(
-            lambda: self.redis.fail(queue_id, lease_id, reason, retry), queue_id
+            lambda: self.redis.fail(queue_id, lease_id, reason, retry, delay_s), queue_id
         )
 
     async def cancel(self, queue_id: str) -> QueuedRequest:

@@ -44,6 +44,8 @@ class Requeued(Event, tag="req"):
     reason: str | None
     # The lease of the `fail` that asked for it (None for a lapse), kept to recognise a repeat.
     failed_lease: str | None = None
+    # A `fail` with delay_s: not handed out before this time (epoch seconds).
+    not_before: float | None = None
 
 
 class Finished(Event, tag="fin"):
@@ -110,6 +112,7 @@ class Held(Event, tag="held"):
     rec: QueuedRequest
     uncertain: bool
     purge_at: float | None
+    not_before: float | None = None
 
 
 AnyEvent = (

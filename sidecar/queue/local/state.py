@@ -110,6 +110,10 @@ class LocalState:
         self.expiry: list[tuple[float, int, str]] = []
         # (lease_expires_at, lease_id, queue_id) of leases; stale once the lease changes.
         self.leases: list[tuple[float, str, str]] = []
+        # (not_before, seq, queue_id) of queued requests held back by a fail with delay_s; a
+        # request is in `not_before` while it waits, and tick moves it into ready when due.
+        self.delayed: list[tuple[float, int, str]] = []
+        self.not_before: dict[str, float] = {}
         # (purge_at, queue_id) of terminal records, in the order they became terminal.
         self.purge: deque[tuple[float, str]] = deque()
         # Queued requests taken for the hand-over to Redis: they read queued, are never
@@ -150,9 +154,22 @@ class LocalState:
         self._emit(Extended(qid=rec.queue_id, until=now + lease_s, at=now))
 
     def requeue(
-        self, rec: QueuedRequest, now: float, reason: str | None, failed_lease: str | None = None
+        self,
+        rec: QueuedRequest,
+        now: float,
+        reason: str | None,
+        failed_lease: str | None = None,
+        not_before: float | None = None,
     ) -> None:
-        self._emit(Requeued(qid=rec.queue_id, at=now, reason=reason, failed_lease=failed_lease))
+        self._emit(
+            Requeued(
+                qid=rec.queue_id,
+                at=now,
+                reason=reason,
+                failed_lease=failed_lease,
+                not_before=not_before,
+            )
+        )
 
     def finish(
         self,
@@ -239,7 +256,7 @@ class LocalState:
             case SnapshotHead():
                 self._restore_head(event)
             case Held(rec=rec, uncertain=uncertain, purge_at=purge_at):
-                self._restore(rec, uncertain, purge_at)
+                self._restore(rec, uncertain, purge_at, event.not_before)
         self._update_breaker()
 
     def _lease(self, event: Leased) -> None:
@@ -265,10 +282,13 @@ class LocalState:
         rec.failed_lease = event.failed_lease
         self.processing -= 1
         self.queued += 1
-        self.requeues += 1
-        self._push_ready(rec)
+        if event.not_before is None:
+            self.requeues += 1
+            self._push_ready(rec)
+        else:
+            self._push_delayed(rec, event.not_before)
 
-    def _add(self, rec: QueuedRequest, uncertain: bool) -> None:
+    def _add(self, rec: QueuedRequest, uncertain: bool, not_before: float | None = None) -> None:
         self.next_seq = max(self.next_seq, rec.seq + 1)
         self.records[rec.queue_id] = rec
         self.items += 1
@@ -276,13 +296,17 @@ class LocalState:
         self.queued += 1
         if uncertain:
             self.uncertain.add(rec.queue_id)
-        self._push_ready(rec)
+        if not_before is None:
+            self._push_ready(rec)
+        else:
+            self._push_delayed(rec, not_before)
 
     def _finish(
         self, rec: QueuedRequest, status: QueueStatus, reason: str | None, at: float
     ) -> None:
         if rec.status is QueueStatus.QUEUED:
             self.queued -= 1
+            self.not_before.pop(rec.queue_id, None)
         else:
             self.processing -= 1
         if status is QueueStatus.EXPIRED:
@@ -315,6 +339,7 @@ class LocalState:
 
     def _remove_queued(self, rec: QueuedRequest) -> None:
         del self.records[rec.queue_id]
+        self.not_before.pop(rec.queue_id, None)
         self.taken.discard(rec.queue_id)
         self.uncertain.discard(rec.queue_id)
         self.queued -= 1
@@ -350,7 +375,8 @@ class LocalState:
         for qid, rec in self.records.items():
             if rec.status in (QueueStatus.QUEUED, QueueStatus.PROCESSING):
                 uncertain = qid in self.uncertain or qid in self.taken
-                yield Held(rec=rec, uncertain=uncertain, purge_at=None)
+                nb = self.not_before.get(qid)
+                yield Held(rec=rec, uncertain=uncertain, purge_at=None, not_before=nb)
         for purge_at, qid in self.purge:
             done = self.records.get(qid)
             if done is not None:
@@ -363,7 +389,13 @@ class LocalState:
         self.max_expired_age_s = head.max_expired_age_s
         self.rejections = dict(head.rejections)
 
-    def _restore(self, rec: QueuedRequest, uncertain: bool, purge_at: float | None) -> None:
+    def _restore(
+        self,
+        rec: QueuedRequest,
+        uncertain: bool,
+        purge_at: float | None,
+        not_before: float | None = None,
+    ) -> None:
         if purge_at is not None:
             self.records[rec.queue_id] = rec
             self._retain(rec, purge_at)
@@ -371,7 +403,9 @@ class LocalState:
                 self.uncertain.add(rec.queue_id)
             return
         status = rec.status
-        self._add(rec, uncertain)  # counted as queued; a lease moves it to processing
+        if status is not QueueStatus.QUEUED:
+            not_before = None
+        self._add(rec, uncertain, not_before)  # counted as queued; a lease moves it to processing
         if status is QueueStatus.PROCESSING:
             assert rec.lease_expires_at is not None and rec.lease_id is not None
             self.queued -= 1
@@ -384,8 +418,9 @@ class LocalState:
         """Apply every expiry, lease lapse and retention end that is due."""
         while self.expiry and self.expiry[0][0] <= now:
             _, seq, qid = heapq.heappop(self.expiry)
-            if self.is_ready_entry(seq, qid):
+            if self.is_queued_entry(seq, qid):
                 self.finish(self.records[qid], now, QueueStatus.EXPIRED, REASON_TTL)
+        self._promote_delayed(now)
         while self.leases and self.leases[0][0] <= now:
             _, lease_id, qid = heapq.heappop(self.leases)
             rec = self.records.get(qid)
@@ -403,14 +438,16 @@ class LocalState:
         # Both heaps keep entries of requests that left the queued state; rebuild them once
         # the stale entries outnumber the live ones, so they stay within twice the backlog.
         stale_bound = 64 + 2 * self.queued
-        if len(self.ready) > stale_bound or len(self.expiry) > stale_bound:
+        if max(len(self.ready), len(self.expiry), len(self.delayed)) > stale_bound:
             self._compact_heaps()
 
     def _compact_heaps(self) -> None:
         self.ready = [e for e in self.ready if self.is_ready_entry(e[1], e[2])]
         heapq.heapify(self.ready)
-        self.expiry = [e for e in self.expiry if self.is_ready_entry(e[1], e[2])]
+        self.expiry = [e for e in self.expiry if self.is_queued_entry(e[1], e[2])]
         heapq.heapify(self.expiry)
+        self.delayed = [e for e in self.delayed if self.not_before.get(e[2]) == e[0]]
+        heapq.heapify(self.delayed)
 
     def pop_ready(self, max_items: int, now: float) -> Iterator[QueuedRequest]:
         """Pop up to max_items live queued requests, most urgent first; expire the stale ones.
@@ -433,7 +470,30 @@ class LocalState:
         heapq.heappush(self.ready, (rec.priority, rec.seq, rec.queue_id))
         heapq.heappush(self.expiry, (rec.expires_at, rec.seq, rec.queue_id))
 
-    def is_ready_entry(self, seq: int, qid: str) -> bool:
+    def _push_delayed(self, rec: QueuedRequest, not_before: float) -> None:
+        # It still expires on its TTL while it waits; it joins ready only when due.
+        self.not_before[rec.queue_id] = not_before
+        heapq.heappush(self.delayed, (not_before, rec.seq, rec.queue_id))
+        heapq.heappush(self.expiry, (rec.expires_at, rec.seq, rec.queue_id))
+
+    def _promote_delayed(self, now: float) -> None:
+        """Delayed requests whose time has come join ready with their seq (their old place).
+
+        Not an event: the time it happens follows from the journaled not_before, so replay
+        and the next tick reach the same state.
+        """
+        while self.delayed and self.delayed[0][0] <= now:
+            not_before, seq, qid = heapq.heappop(self.delayed)
+            if self.is_queued_entry(seq, qid) and self.not_before.get(qid) == not_before:
+                del self.not_before[qid]
+                heapq.heappush(self.ready, (self.records[qid].priority, seq, qid))
+                self.requeues += 1  # wakes waiting dequeues
+
+    def next_ready_at(self) -> float | None:
+        """When the earliest delayed request may be handed out, if any waits."""
+        return self.delayed[0][0] if self.delayed else None
+
+    def is_queued_entry(self, seq: int, qid: str) -> bool:
         """Whether a heap entry stands for a request that is queued here and not being moved."""
         rec = self.records.get(qid)
         return (
@@ -442,6 +502,10 @@ class LocalState:
             and rec.seq == seq
             and qid not in self.taken
         )
+
+    def is_ready_entry(self, seq: int, qid: str) -> bool:
+        """Whether a ready entry may be handed out: queued here, not moved, not held back."""
+        return self.is_queued_entry(seq, qid) and qid not in self.not_before
 
     def oldest_queued_created_at(self) -> float | None:
         ready = (qid for _, seq, qid in self.ready if self.is_ready_entry(seq, qid))

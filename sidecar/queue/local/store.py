@@ -183,15 +183,19 @@ class LocalQueue:
         self._state.finish(rec, now, QueueStatus.COMPLETED, None)
         return await self._done(rec)
 
-    async def fail(self, queue_id: str, lease_id: str, reason: str, retry: bool) -> QueuedRequest:
-        """End a lease with a failure; requeue while attempts remain and retry is asked."""
+    async def fail(
+        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+    ) -> QueuedRequest:
+        """End a lease with a failure; requeue (not before now + delay_s) while attempts remain."""
         now = self._tick()
         rec = self._get(queue_id)
         if rec.failed_lease == lease_id and rec.status is not QueueStatus.PROCESSING:
             return await self._done(rec)  # a repeat: answer the record as it is now
         rec = self._leased(queue_id, lease_id)
         if retry and rec.attempts < rec.max_attempts:
-            self._state.requeue(rec, now, reason, failed_lease=lease_id)
+            not_before = now + delay_s if delay_s > 0 else None
+            self._state.requeue(rec, now, reason, lease_id, not_before)
+            # Wakes waiting dequeues: they lease it now, or shorten their wait to not_before.
             self._notify_work()
         else:
             final = reason if not retry else f"{REASON_ATTEMPTS_EXHAUSTED}: {reason}"
@@ -275,12 +279,15 @@ class LocalQueue:
         )
 
     async def wait_for_work(self, timeout: float) -> None:
-        """Wait for an enqueue or requeue here, or for the next lease to lapse."""
+        """Wait for an enqueue or requeue here, the next lease to lapse or delay to end."""
         now = self._tick()
         if self._state.ready:
             return
         if self._state.leases:
             timeout = min(timeout, max(0.0, self._state.leases[0][0] - now))
+        ready_at = self._state.next_ready_at()
+        if ready_at is not None:
+            timeout = min(timeout, max(0.0, ready_at - now))
         event = self._work
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)

@@ -1,11 +1,11 @@
 -- cancel.lua: fail a queued request with the reason "cancelled".
--- KEYS: the eight of common.lua; 9 the request's hash.
+-- KEYS: the nine of common.lua; 10 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 a token fresh for each cancel call, so the same
 --   call run twice (a resent pipeline) answers the cancelled record, while a second cancel
 --   call answers invalid_state.
 -- Returns: {0, record}; {-1} not found; {-2, status} not queued.
 local token = 'cancel:' .. arg_text(4, 'token')
-local r = load_live(ARGV[3], KEYS[9])
+local r = load_live(ARGV[3], KEYS[NKEYS + 1])
 if repeated(r, token) then
   return {OK, record(r)}
 end

@@ -6,7 +6,8 @@
 --   5 seq (string counter)   6 stats (hash of counters)   7 generation (string marker)
 --   8 the request key prefix, e.g. "{sidecar}:req:" (declared, so the only keys a script builds
 --     itself are those of ids it reads from an index, in the same slot)
---   9.. the request hashes the call names (one per queue_id in ARGV, in the same order)
+--   9 delayed (zset: queued queue_id by the time a `fail` with delay_s lets it be handed out)
+--   10.. the request hashes the call names (one per queue_id in ARGV, in the same order)
 -- ARGV (the same first two for every script):
 --   1 now, epoch seconds from the caller's clock: every expiry, lease and retention decision
 --     uses it, so hosts sharing one Redis need synchronised clocks
@@ -27,7 +28,9 @@
 --   (settled_by) and answer a repeat with the record as it is.
 
 local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_SEQ, K_STATS, K_REQ = KEYS[5], KEYS[6], KEYS[8]
+local K_SEQ, K_STATS, K_REQ, K_DELAYED = KEYS[5], KEYS[6], KEYS[8], KEYS[9]
+-- The fixed keys before the request hashes a call names.
+local NKEYS = 9
 
 local OK, ERR_NOT_FOUND, ERR_INVALID_STATE, ERR_LEASE_MISMATCH = 0, -1, -2, -3
 local SHIFT = 281474976710656 -- 2^48: priority sits above the 48 bits of seq
@@ -121,6 +124,7 @@ end
 -- version): count it as expired once. Its size is unknown, so `bytes` cannot be reduced.
 local function drop_orphan(id, was_pending)
   local removed = redis.call('ZREM', K_PENDING, id) + redis.call('ZREM', K_LEASES, id)
+    + redis.call('ZREM', K_DELAYED, id)
   redis.call('ZREM', K_EXPIRY, id)
   if was_pending or removed > 0 then
     redis.call('HINCRBY', K_STATS, 'expired', 1)
@@ -137,7 +141,9 @@ end
 local function to_terminal(r, status, reason, settled_by)
   if r.status == 'queued' then
     redis.call('ZREM', K_PENDING, r.id)
+    redis.call('ZREM', K_DELAYED, r.id)
     redis.call('ZREM', K_EXPIRY, r.id)
+    redis.call('HDEL', r.key, 'not_before')
   else
     redis.call('ZREM', K_LEASES, r.id)
   end
@@ -175,17 +181,42 @@ local function to_expired(r)
   to_terminal(r, 'expired', 'ttl_elapsed', false)
 end
 
--- Back in line with its original seq, ahead of younger requests of the same priority.
-local function to_requeued(r, reason, settled_by)
+local function pending_add(r)
+  redis.call('ZADD', K_PENDING, string.format('%d', r.priority * SHIFT + r.seq), r.id)
+end
+
+-- Back in line with its original seq, ahead of younger requests of the same priority; with a
+-- not_before time (text) after NOW, held in the delayed zset until then (promote_delayed).
+local function to_requeued(r, reason, settled_by, not_before)
   redis.call('ZREM', K_LEASES, r.id)
   redis.call('HDEL', r.key, 'lease_id', 'lease_expires_at')
   redis.call('HSET', r.key, 'status', 'queued', 'updated_at', NOW_S, 'reason', reason)
   if settled_by then
     redis.call('HSET', r.key, 'settled_by', settled_by)
   end
-  redis.call('ZADD', K_PENDING, string.format('%d', r.priority * SHIFT + r.seq), r.id)
+  if not_before and tonumber(not_before) > NOW then
+    redis.call('HSET', r.key, 'not_before', not_before)
+    redis.call('ZADD', K_DELAYED, not_before, r.id)
+  else
+    pending_add(r)
+  end
   redis.call('ZADD', K_EXPIRY, r.expires_s, r.id)
   r.status = 'queued'
+end
+
+-- Move up to `limit` delayed requests whose time has come into pending, keeping their seq, so
+-- they take their old place in line. Idempotent: a second run finds nothing due.
+local function promote_delayed(limit)
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_S, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', K_DELAYED, id)
+    local r = load(id)
+    if r and r.status == 'queued' then
+      redis.call('HDEL', r.key, 'not_before')
+      pending_add(r)
+    end
+  end
+  return #due
 end
 
 -- A lease ran out: expired if past its TTL, queued again while attempts remain, else failed.
@@ -304,6 +335,7 @@ end
 -- One full sweep step; returns {expired, requeued, failed, purged}.
 local function sweep(limit)
   local expired = expire_queued(limit)
+  promote_delayed(limit)
   local leases = reclaim_leases(limit)
   local purged = purge_retained(limit)
   return {expired + leases.expired, leases.requeued, leases.failed, purged}

@@ -1,7 +1,7 @@
 -- dequeue.lua: lease up to N of the most urgent queued requests (lowest score first), after
--- reclaiming lapsed leases; expired requests met on the way are expired, never handed out,
+-- reclaiming lapsed leases and moving delayed requests whose time has come into pending; expired requests met on the way are expired, never handed out,
 -- and an index entry whose hash is gone is dropped.
--- KEYS: the eight of common.lua.
+-- KEYS: the nine of common.lua.
 -- ARGV: 1-2 as in common.lua; 3 lease_until (epoch seconds); 4 sweep_limit (lapsed leases
 --   reclaimed first, at most); 5.. one fresh lease_id per request wanted (their count is N).
 -- Returns: {0, records}, each record the HGETALL field/value pairs of a leased request.
@@ -39,6 +39,7 @@ if #again > 0 then
   return {OK, again}
 end
 reclaim_leases(limit)
+promote_delayed(limit)
 local out = {}
 while #out < want do
   local top = redis.call('ZPOPMIN', K_PENDING)

@@ -1,6 +1,6 @@
 -- enqueue.lua: store a batch of new requests (status queued); an existing queue_id is returned
 -- as it is, never stored twice, so a retried write or a repeated migration is harmless.
--- KEYS: the eight of common.lua, then 9.. the hash of each request in the batch, in order.
+-- KEYS: the nine of common.lua, then 10.. the hash of each request in the batch, in order.
 -- ARGV: 1-2 as in common.lua; 3 n (requests in the batch); then seven per request, starting at
 --   4 + (i - 1) * 7: queue_id, priority, created_at, expires_at, max_attempts, payload
 --   (opaque bytes, never decoded here), attempts (0 for a new request; the deliveries a
@@ -12,8 +12,8 @@
 --   apart would need a per-call marker; one copy is what matters, so it is left so.
 -- Raises (before any write) when an argument is not what the contract allows.
 local n = arg_int(3, 'n', 0, 1000000)
-if #KEYS ~= 8 + n then
-  error({err = 'ERR sidecar: enqueue of ' .. n .. ' requests needs ' .. (8 + n) .. ' keys'})
+if #KEYS ~= NKEYS + n then
+  error({err = 'ERR sidecar: enqueue of ' .. n .. ' requests needs ' .. (NKEYS + n) .. ' keys'})
 end
 local checked = {}
 for i = 1, n do
@@ -32,7 +32,7 @@ end
 local items = {}
 for i = 1, n do
   local base = 4 + (i - 1) * 7
-  local id, key, c = ARGV[base], KEYS[8 + i], checked[i]
+  local id, key, c = ARGV[base], KEYS[NKEYS + i], checked[i]
   local r = load_live(id, key)
   if r then
     items[i] = {0, record(r)}

@@ -1,9 +1,9 @@
 -- extend.lua: push a live lease's end to lease_until (run twice, it sets the same end).
--- KEYS: the eight of common.lua; 9 the request's hash.
+-- KEYS: the nine of common.lua; 10 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 lease_until (epoch seconds).
 -- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
 local lease_until_s = select(2, arg_time(5, 'lease_until'))
-local r = load_live(ARGV[3], KEYS[9])
+local r = load_live(ARGV[3], KEYS[NKEYS + 1])
 local err = check_leased(r, ARGV[4])
 if err then
   return err

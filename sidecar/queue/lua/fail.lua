@@ -2,13 +2,20 @@
 -- attempts remain, else failed ("attempts_exhausted: <reason>" when retry was asked).
 -- Repeating it with the same lease (a client's retry, or a resent pipeline) returns the record
 -- as it is now, like complete.
--- KEYS: the eight of common.lua; 9 the request's hash.
--- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0").
+-- KEYS: the nine of common.lua; 10 the request's hash.
+-- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0");
+--   7 not_before (optional; epoch seconds; with retry, the request is not handed out before it: it waits
+--   in the delayed zset, and dequeue or the sweep moves it back into pending, keeping its seq).
 -- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
 local token = 'fail:' .. arg_text(4, 'lease_id')
 local reason = arg_text(5, 'reason')
 local retry = arg_text(6, 'retry') == '1'
-local r = load_live(ARGV[3], KEYS[9])
+-- Optional, so a caller that predates delay_s keeps working: absent means no delay.
+local not_before = nil
+if ARGV[7] then
+  not_before = select(2, arg_time(7, 'not_before'))
+end
+local r = load_live(ARGV[3], KEYS[NKEYS + 1])
 if repeated(r, token) then
   return {OK, record(r)}
 end
@@ -18,7 +25,7 @@ if err then
 end
 if retry then
   if r.attempts < r.max_attempts then
-    to_requeued(r, reason, token)
+    to_requeued(r, reason, token, not_before)
   else
     to_terminal(r, 'failed', 'attempts_exhausted: ' .. reason, token)
   end

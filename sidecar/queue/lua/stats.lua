@@ -1,5 +1,5 @@
 -- stats.lua: one bounded sweep step, then a consistent snapshot of the books.
--- KEYS: the eight of common.lua.
+-- KEYS: the nine of common.lua.
 -- ARGV: 1-2 as in common.lua; 3 sweep limit.
 -- Returns: {0, {expired, requeued, failed, purged}, queued, processing, retained,
 --   {accepted, completed, failed, expired, bytes, max_expired_age_s}, oldest_created_at | nil}.
@@ -24,5 +24,5 @@ if oldest_id then
 end
 local counters = redis.call('HMGET', K_STATS, 'accepted', 'completed', 'failed', 'expired',
   'bytes', 'max_expired_age_s')
-return {OK, swept, redis.call('ZCARD', K_PENDING), redis.call('ZCARD', K_LEASES),
+return {OK, swept, redis.call('ZCARD', K_PENDING) + redis.call('ZCARD', K_DELAYED), redis.call('ZCARD', K_LEASES),
   redis.call('ZCARD', K_RETAINED), counters, oldest_created}

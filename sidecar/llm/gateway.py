@@ -1,0 +1,153 @@
+"""The production flow: a fresh call answers 200; an unavailable provider queues the request (202).
+
+`await gateway.handle(request)` never drops a request silently: the caller gets the result
+(200), the provider's own 4xx, a `queue_id` to poll (202), or a 503 that says so (the sidecar
+full, with Retry-After, or unreachable; or queueing switched off with LLM_QUEUE_ENABLED=false).
+The queue holds requests only: the payload is the request body and its callback_url.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from sidecar.client import AsyncClient
+from sidecar.errors import NotFound, QueueFull, SidecarError, SidecarUnavailable
+from sidecar.llm.breaker import Breaker
+from sidecar.llm.errors import ProviderRejected, ProviderUnavailable
+from sidecar.llm.providers import Body, Provider
+
+log = structlog.get_logger("sidecar.llm.gateway")
+
+# A caller told to come back later without a hint from the sidecar waits this long.
+DEFAULT_RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMRequest:
+    """One chat request as a service receives it; queue_id makes a retried call idempotent."""
+
+    body: Body
+    callback_url: str | None = None
+    queue_id: str | None = None
+    priority: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayResult:
+    """What the service answers its caller: HTTP status, JSON body and extra headers."""
+
+    status: int
+    body: Body
+    headers: dict[str, str] = field(default_factory=dict)
+    queue_id: str | None = None
+    # fresh | queued | refused: what the books count (sent = fresh + queued + refused).
+    decision: str = "fresh"
+
+
+def queued_payload(req: LLMRequest) -> Body:
+    """What the queue stores for a request: the body and where to deliver the result."""
+    return {"request": req.body, "callback_url": req.callback_url}
+
+
+class Gateway:
+    """Fresh call through the breaker, else the sidecar's queue; see the module docstring."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        sidecar: AsyncClient,
+        *,
+        breaker: Breaker | None = None,
+        queue_enabled: bool = True,
+        ttl_s: float | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        self.provider = provider
+        self.sidecar = sidecar
+        self.breaker = breaker or Breaker()
+        self.queue_enabled = queue_enabled
+        self.ttl_s = ttl_s
+        self.max_attempts = max_attempts
+
+    async def handle(self, req: LLMRequest) -> GatewayResult:
+        """200 with the result, the provider's 4xx, 202 with a queue_id, or 503."""
+        queue_id = req.queue_id or uuid.uuid4().hex
+        bound = log.bind(queue_id=queue_id)
+        retry_after: float | None = None
+        if not self.breaker.allow():
+            reason = "breaker_open"
+        else:
+            try:
+                reply = await self.provider.complete(req.body)
+            except ProviderRejected as exc:
+                self.breaker.success()  # it answered: it is up
+                bound.info("llm_refused", status=exc.status, reason="provider_rejected")
+                return GatewayResult(status=exc.status, body=exc.body, queue_id=queue_id,
+                                     decision="refused")  # fmt: skip
+            except ProviderUnavailable as exc:
+                self.breaker.failure()
+                reason, retry_after = exc.reason, exc.retry_after_s
+            except BaseException:
+                self.breaker.release()
+                raise
+            else:
+                self.breaker.success()
+                bound.info("llm_fresh", provider=self.provider.name)
+                return GatewayResult(status=200, body=reply.body, queue_id=queue_id)
+        if not self.queue_enabled:
+            bound.warning("llm_refused", status=503, reason=reason, queue_enabled=False)
+            wait = str(round(retry_after or DEFAULT_RETRY_AFTER_S))
+            return GatewayResult(status=503, body={"error": "provider_unavailable"},
+                                 headers={"Retry-After": wait}, queue_id=queue_id,
+                                 decision="refused")  # fmt: skip
+        return await self._enqueue(req, queue_id, reason)
+
+    async def _enqueue(self, req: LLMRequest, queue_id: str, reason: str) -> GatewayResult:
+        bound = log.bind(queue_id=queue_id)
+        options: dict[str, Any] = {"queue_id": queue_id}
+        if req.priority is not None:
+            options["priority"] = req.priority
+        if self.ttl_s is not None:
+            options["ttl_s"] = self.ttl_s
+        if self.max_attempts is not None:
+            options["max_attempts"] = self.max_attempts
+        try:
+            try:
+                item = await self.sidecar.enqueue(queued_payload(req), **options)
+            except SidecarUnavailable:
+                # Once more with the same queue_id: if the first write landed, this one
+                # returns it instead of storing a second copy.
+                item = await self.sidecar.enqueue(queued_payload(req), **options)
+        except QueueFull as exc:
+            wait = exc.details.get("retry_after_s", DEFAULT_RETRY_AFTER_S)
+            bound.warning("llm_refused", status=503, reason="queue_full", retry_after_s=wait)
+            return GatewayResult(status=503, body={"error": "queue_full"},
+                                 headers={"Retry-After": str(max(1, round(float(wait))))},
+                                 queue_id=queue_id, decision="refused")  # fmt: skip
+        except SidecarError as exc:
+            bound.error("llm_refused", status=503, reason="sidecar_unavailable", code=exc.code)
+            return GatewayResult(status=503, body={"error": "sidecar_unavailable"},
+                                 headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)},
+                                 queue_id=queue_id, decision="refused")  # fmt: skip
+        bound.info("llm_queued", reason=reason, created=item.created)
+        return GatewayResult(status=202, body={"queue_id": item.queue_id, "status": item.status},
+                             queue_id=item.queue_id, decision="queued")  # fmt: skip
+
+    async def status(self, queue_id: str) -> GatewayResult:
+        """The request's progress from the sidecar: 200 with its info, 404, or 503."""
+        try:
+            info = await self.sidecar.status(queue_id)
+        except NotFound:
+            return GatewayResult(status=404, body={"error": "not_found"}, queue_id=queue_id)
+        except SidecarError as exc:
+            log.error("llm_status_failed", queue_id=queue_id, code=exc.code)
+            return GatewayResult(status=503, body={"error": "sidecar_unavailable"},
+                                 headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)},
+                                 queue_id=queue_id)  # fmt: skip
+        body = {"queue_id": info.queue_id, "status": info.status, "attempts": info.attempts,
+                "reason": info.reason, "updated_at": info.updated_at}  # fmt: skip
+        return GatewayResult(status=200, body=body, queue_id=queue_id)
