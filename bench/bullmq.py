@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -85,39 +86,62 @@ def run_bullmq(args: argparse.Namespace) -> str | None:
     with tempfile.TemporaryDirectory(prefix="sc-bullmq-") as tmp:
         folder = Path(tmp)
         sock = redis_socket(folder)
-        with redis_running(sock):
+        with redis_running(sock) as server:
+            assert server.proc is not None
+            redis_pid = server.proc.pid
             env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
             path = str(folder / "sidecar.sock")
-            with running(daemon_spec(path, env)):
+            with running(daemon_spec(path, env)) as daemon:
                 note("bullmq: the sidecar's rows")
-                ours = uvloop.run(_sidecar_rates(path, sock, args))
+                ours = Meter(daemon.pid, redis_pid)
+                uvloop.run(_sidecar_rates(path, sock, args, ours))
             payload_file = folder / "payload.json"
             payload_file.write_text(json.dumps(llm_request()))
             note("bullmq: BullMQ's rows")
-            theirs = _bullmq_rates(sock, args, payload_file)
+            theirs = _bullmq_rates(sock, redis_pid, args, payload_file)
     return _table(ours, theirs, args.in_flight)
 
 
-def _bullmq_rates(sock: str, args: argparse.Namespace, payload: Path) -> dict[str, float]:
+def _bullmq_rates(
+    sock: str, redis_pid: int, args: argparse.Namespace, payload: Path
+) -> dict[str, dict[str, float]]:
     argv = ["node", "bench.mjs", sock, str(args.ops), str(args.in_flight)]
-    argv += [str(args.memory_jobs), str(payload)]
+    argv += [str(args.memory_jobs), str(payload), str(redis_pid)]
     proc = subprocess.run(
         argv, cwd=NODE_DIR, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=True
     )
-    rates: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return rates
+    rows: dict[str, dict[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows
 
 
-async def _timed(n: int, run: Callable[[], Awaitable[object]]) -> float:
-    start = time.perf_counter()
-    await run()
-    return n / (time.perf_counter() - start)
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _sidecar_rates(path: str, sock: str, args: argparse.Namespace) -> dict[str, float]:
+class Meter:
+    """Jobs per second of each row, and the CPU µs per job of the daemon, Redis and the client."""
+
+    def __init__(self, daemon_pid: int, redis_pid: int) -> None:
+        self.pids = {"daemon": daemon_pid, "redis": redis_pid}
+        self.rates: dict[str, float] = {}
+        self.cpu: dict[str, dict[str, float]] = {}
+
+    async def timed(self, key: str, n: int, run: Callable[[], Awaitable[object]]) -> None:
+        before = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        mine = time.process_time()
+        start = time.perf_counter()
+        await run()
+        self.rates[key] = n / (time.perf_counter() - start)
+        used = {name: cpu_s(pid) - before[name] for name, pid in self.pids.items()}
+        used["client"] = time.process_time() - mine
+        self.cpu[key] = {name: s * 1e6 / n for name, s in used.items()}
+
+
+async def _sidecar_rates(path: str, sock: str, args: argparse.Namespace, meter: Meter) -> None:
     ops, n = args.ops, args.in_flight
     payload = llm_request()
-    out: dict[str, float] = {}
     async with AsyncClient(path) as client:
 
         async def one(i: int) -> None:
@@ -142,17 +166,16 @@ async def _sidecar_rates(path: str, sock: str, args: argparse.Namespace) -> dict
                 [job] = await client.dequeue(1)
                 await client.complete(job.queue_id, job.lease_id)
 
-        out["enqueue_1"] = await _timed(ops, sequential)
-        out["enqueue_many"] = await _timed(-(-ops // n) * n, shared)
-        out["enqueue_batches"] = await _timed(-(-ops // BATCH) * BATCH, batches)
+        await meter.timed("enqueue_1", ops, sequential)
+        await meter.timed("enqueue_many", -(-ops // n) * n, shared)
+        await meter.timed("enqueue_batches", -(-ops // BATCH) * BATCH, batches)
         await _drain(client)
         await _prefill(client, payload, ops)
-        out["dequeue_complete_1"] = await _timed(ops, dequeue_complete)
+        await meter.timed("dequeue_complete_1", ops, dequeue_complete)
         await _prefill(client, payload, ops)
-        out["worker"] = await _timed(ops, lambda: _worker(path, ops, n))
+        await meter.timed("worker", ops, lambda: _worker(path, ops, n))
         await _drain(client)
-        out["memory_bytes_per_job"] = await _memory(client, sock, payload, args.memory_jobs)
-    return out
+        meter.rates["memory"] = await _memory(client, sock, payload, args.memory_jobs)
 
 
 async def _loop(op: Callable[[int], Awaitable[None]], count: int) -> None:
@@ -198,23 +221,39 @@ async def _memory(client: AsyncClient, sock: str, payload: object, count: int) -
     return (after - before) / count
 
 
-def _table(ours: dict[str, float], theirs: dict[str, float], n: int) -> str:
-    head = ("workload", "sidecar-redis jobs/s", "BullMQ jobs/s", "ratio", "goal", "met")
+def _cpu(per_job: dict[str, float], client: str) -> str:
+    return f"{per_job[client]:.0f} / {per_job['redis']:.0f}"
+
+
+def _table(ours: Meter, theirs: dict[str, dict[str, float]], n: int) -> str:
+    head = (
+        "workload",
+        "sidecar-redis jobs/s",
+        "BullMQ jobs/s",
+        "ratio",
+        "goal",
+        "met",
+        "sidecar CPU µs/job: daemon / client / redis",
+        "BullMQ CPU µs/job: node / redis",
+    )
     body = []
     for key, label, goal in ROWS:
-        ratio = ours[key] / theirs[key]
-        met = "-" if goal is None else ("yes" if ratio >= goal else "no")
+        mine, bull = ours.rates[key], theirs[key]["rate"]
+        ratio = mine / bull
+        cpu = ours.cpu[key]
         body.append(
             (
                 label.format(n=n),
-                f"{ours[key]:,.0f}",
-                f"{theirs[key]:,.0f}",
+                f"{mine:,.0f}",
+                f"{bull:,.0f}",
                 f"{ratio:.2f}",
                 "-" if goal is None else f">= {goal:.1f}",
-                met,
+                "-" if goal is None else ("yes" if ratio >= goal else "no"),
+                f"{cpu['daemon']:.0f} / {cpu['client']:.0f} / {cpu['redis']:.0f}",
+                _cpu(theirs[key], "node"),
             )
         )
-    mine, bull = ours["memory_bytes_per_job"], theirs["memory_bytes_per_job"]
+    mine, bull = ours.rates["memory"], theirs["memory"]["bytes_per_job"]
     body.append(
         (
             "Redis used_memory per queued request (bytes)",
@@ -223,6 +262,8 @@ def _table(ours: dict[str, float], theirs: dict[str, float], n: int) -> str:
             f"{mine / bull:.2f}",
             "<= 1.0",
             "yes" if mine <= bull else "no",
+            "-",
+            "-",
         )
     )
     return markdown_table(head, body)

@@ -155,8 +155,8 @@ def modes(args: argparse.Namespace) -> list[Mode]:
 
 def journal_workloads(in_flight: int, connections: int) -> list[Workload]:
     """Enqueue one at a time, and with in_flight outstanding: over the usual connections, and
-    over one connection each (the server answers a connection's requests one after another, so
-    only concurrent connections can share one fsync)."""
+    over one connection each (both share one fsync among all requests of a loop pass, since a
+    connection's requests run concurrently)."""
     return [
         Workload("enqueue", enqueue),
         Workload("enqueue", enqueue, in_flight, connections),

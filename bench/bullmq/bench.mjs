@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
 
-const [socketPath, opsArg, inFlightArg, memArg, payloadFile] = process.argv.slice(2);
+const [socketPath, opsArg, inFlightArg, memArg, payloadFile, redisPid] = process.argv.slice(2);
 const OPS = Number(opsArg);
 const IN_FLIGHT = Number(inFlightArg);
 const MEMORY_JOBS = Number(memArg);
@@ -22,10 +22,22 @@ function freshQueue() {
   return new Queue(`bench${queueNo}`, { connection });
 }
 
+// CPU seconds redis-server has used so far (utime + stime; clock ticks of 100 Hz).
+function redisCpuS() {
+  const stat = readFileSync(`/proc/${redisPid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+// Jobs per second, and CPU µs per job of this process and of redis-server.
 async function timed(n, fn) {
+  const redis0 = redisCpuS();
+  const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   await fn();
-  return (n * 1e9) / Number(process.hrtime.bigint() - t0);
+  const rate = (n * 1e9) / Number(process.hrtime.bigint() - t0);
+  const cpu = process.cpuUsage(cpu0);
+  return { rate, node: (cpu.user + cpu.system) / n, redis: ((redisCpuS() - redis0) * 1e6) / n };
 }
 
 async function prefill(queue, n) {
@@ -91,15 +103,16 @@ async function workerConcurrent() {
   await prefill(q, OPS);
   let done = 0;
   let finish;
+  let worker;
   const finished = new Promise((resolve) => { finish = resolve; });
-  const t0 = process.hrtime.bigint();
-  const worker = new Worker(q.name, async () => {}, { connection, concurrency: IN_FLIGHT });
-  worker.on('completed', () => {
-    done += 1;
-    if (done === OPS) finish();
+  const rate = await timed(OPS, async () => {
+    worker = new Worker(q.name, async () => {}, { connection, concurrency: IN_FLIGHT });
+    worker.on('completed', () => {
+      done += 1;
+      if (done === OPS) finish();
+    });
+    await finished;
   });
-  await finished;
-  const rate = (OPS * 1e9) / Number(process.hrtime.bigint() - t0);
   await worker.close();
   await q.close();
   return rate;
@@ -113,7 +126,7 @@ async function memoryPerJob() {
   const after = await used();
   await q.obliterate({ force: true });
   await q.close();
-  return (after - before) / MEMORY_JOBS;
+  return { bytes_per_job: (after - before) / MEMORY_JOBS };
 }
 
 const out = {
@@ -122,7 +135,7 @@ const out = {
   enqueue_batches: await enqueueBatches(),
   dequeue_complete_1: await dequeueCompleteOne(),
   worker: await workerConcurrent(),
-  memory_bytes_per_job: await memoryPerJob(),
+  memory: await memoryPerJob(),
 };
 await connection.quit();
 process.stdout.write(JSON.stringify(out) + '\n');
