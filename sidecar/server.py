@@ -124,6 +124,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.eof = False
+        self.closed = False
         self.fatal = False
         self.reading_paused = False
         now = server.loop.time()
@@ -183,6 +184,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         server.budget_paused.discard(self)
+        self.closed = True
         for task in self.running:
             task.cancel()
         self.inbox.clear()
@@ -223,6 +225,8 @@ class Connection(asyncio.Protocol):
 
     async def _serve(self, slot: _Slot, req: AnyRequest) -> None:
         frame = slot.frame = _frame(await self._answer(req))
+        if self.closed:
+            return  # an op that ignored its cancellation: its bytes were released already
         if len(frame) > slot.size:
             self.inbox_bytes += len(frame) - slot.size
             slot.size = len(frame)
