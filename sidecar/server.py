@@ -224,7 +224,17 @@ class Connection(asyncio.Protocol):
         task.add_done_callback(self.running.discard)
 
     async def _serve(self, slot: _Slot, req: AnyRequest) -> None:
-        frame = slot.frame = _frame(await self._answer(req))
+        try:
+            reply = await self._answer(req)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.closed or (task is not None and task.cancelling()):
+                raise
+            # A cancellation from inside the op (a shared future cancelled under it): the
+            # slot must still get a reply, or every later reply would wait behind it forever.
+            self.log.error("op_cancelled_inside", op=type(req).__name__.lower())
+            reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
+        frame = slot.frame = _frame(reply)
         if self.closed:
             return  # an op that ignored its cancellation: its bytes were released already
         if len(frame) > slot.size:

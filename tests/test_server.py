@@ -75,6 +75,8 @@ class GatedStatus:
             self.slow_done = True
         elif queue_id == "fast":
             self.fast_started.set()
+        elif queue_id == "cancelled":
+            raise asyncio.CancelledError  # as a cancelled shared future inside a store would
         return None
 
 
@@ -122,3 +124,31 @@ async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
     await server.drain(0.1)  # the gate never opens: the drain gives up on it
     assert op.cancelled() and not store.slow_done
     writer.close()
+
+
+async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_follow(
+    settings: Settings,
+) -> None:
+    store = GatedStatus(build_local_queue(settings))
+    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(settings.socket_path)
+    try:
+        writer.write(
+            encode_frame({"op": "status", "id": 1, "queue_id": "cancelled"})
+            + encode_frame({"op": "status", "id": 2, "queue_id": "fast"})
+        )
+        frames = FrameReader(1 << 20)
+        replies: list[Reply] = []
+        while len(replies) < 2:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the daemon closed the connection"
+            replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+        assert [r.id for r in replies] == [1, 2]
+        assert [r.error.code if r.error else None for r in replies] == [
+            "internal_error",
+            "not_found",
+        ]
+    finally:
+        writer.close()
+        await server.drain(5.0)
