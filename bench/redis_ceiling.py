@@ -27,6 +27,7 @@ from bench.payload import llm_request
 from bench.sessions import EmptyQueue, Session, SessionFactory
 from sidecar.config import Settings
 from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX
+from sidecar.queue.base import JOB_FIXED_BYTES
 from sidecar.queue.redis import redis_client
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
 
@@ -153,7 +154,9 @@ class RedisSession:
     async def dequeue_complete(self) -> None:
         now = time.time()
         lease_id = uuid.uuid4().hex
-        args: list[Arg] = [now, RETENTION_S, now + LEASE_S, SWEEP_LIMIT, lease_id]
+        # -1: no byte budget; the job overhead the budget would count (dequeue.lua's header).
+        args: list[Arg] = [now, RETENTION_S, now + LEASE_S, SWEEP_LIMIT, -1, JOB_FIXED_BYTES]
+        args.append(lease_id)
         reply = await self.coalescer.call("dequeue", (SCRIPT_KEYS, args))
         if not reply[1]:
             raise EmptyQueue("dequeue found no request")

@@ -1,8 +1,8 @@
 """Run the benchmarks and print the daemon's numbers beside its ceilings', as ratios.
 
 Usage (from the repository root): `.venv/bin/python -m bench.run [--quick] [--mode a,b]`.
-Sections, in order: local, redis, journal (ratio tables, here), replay (journal.py), growth
-(growth.py), failover (failover.py); see README.md.
+Sections, in order: local, redis, journal (ratio tables, here), bullmq (bullmq.py), replay
+(journal.py), growth (growth.py), failover (failover.py); see README.md.
 
 Each mode starts the daemon and its ceiling as processes of their own (the load generator is a
 third), then runs every workload against both, alternating slices of it between them. Absolute
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench.bullmq import add_bullmq_args, quick_bullmq, run_bullmq
 from bench.failover import add_failover_args, quick_failover, run_failover
 from bench.growth import add_growth_args, quick_growth, run_growth
 from bench.journal import quick_replay, run_replay
@@ -174,8 +175,8 @@ def modes(args: argparse.Namespace) -> list[Mode]:
 
 def journal_workloads(in_flight: int, connections: int) -> list[Workload]:
     """Enqueue one at a time, and with in_flight outstanding: over the usual connections, and
-    over one connection each (the server answers a connection's requests one after another, so
-    only concurrent connections can share one fsync)."""
+    over one connection each (both share one fsync among all requests of a loop pass, since a
+    connection's requests run concurrently)."""
     return [
         Workload("enqueue", enqueue),
         Workload("enqueue", enqueue, in_flight, connections),
@@ -271,7 +272,18 @@ def format_table(rows: Sequence[Row]) -> str:
     return markdown_table(head, body)
 
 
-SECTIONS = ("local", "redis", "journal", "replay", "growth", "failover", "sentinel", "replica-ack")
+BULLMQ_TITLE = "bullmq: issue 9's goals, Redis mode beside BullMQ (ratio = sidecar / BullMQ)"
+SECTIONS = (
+    "local",
+    "redis",
+    "journal",
+    "bullmq",
+    "replay",
+    "growth",
+    "failover",
+    "sentinel",
+    "replica-ack",
+)
 # The layout sections start five more servers: run only when named with --mode.
 OPTIONAL_SECTIONS = ("sentinel", "replica-ack")
 RATIO_SECTIONS = ("local", "redis", "journal", *OPTIONAL_SECTIONS)
@@ -310,6 +322,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_growth_args(p)
     add_failover_args(p)
+    add_bullmq_args(p)
     p.add_argument("--quick", action="store_true", help="a smoke run of every section")
     args = p.parse_args(argv)
     try:
@@ -322,6 +335,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         quick_growth(args)
         quick_replay(args)
         quick_failover(args)
+        quick_bullmq(args)
     if args.warmup is None:
         args.warmup = args.ops // 10
     if min(args.ops, args.slices, args.in_flight, args.connections) < 1:
@@ -340,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             selected = [m for m in modes(args) if m.name == section]
             title = TITLES.get(section, f"{section}: the daemon beside its ceiling")
             print_section(title, format_table(run_all(selected, args)))
+        elif section == "bullmq":
+            table = run_bullmq(args)
+            if table is not None:  # skipped (node missing): run_bullmq said why on stderr
+                print_section(BULLMQ_TITLE, table)
         elif section == "replay":
             print_section("replay: restart time of the local store's backlog", run_replay(args))
         elif section == "growth":

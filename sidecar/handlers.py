@@ -54,12 +54,6 @@ log = structlog.get_logger("sidecar.ops")
 # The protocol numbers a hello may name; any other is refused (protocol.md 8.1, 11).
 SUPPORTED_PROTOCOLS = (PROTOCOL_VERSION,)
 REASON_UNSPECIFIED = "unspecified"
-# What a job adds to a dequeue reply beyond its payload, queue_id and lease_id: nine keys (96
-# bytes), their headers, three float64s and three ints (135 bytes at most), rounded up.
-JOB_FIXED_BYTES = 160
-# The same with the longest queue_id (128) and a lease_id of up to 64 characters: the bound
-# used before a job's real ids are known.
-JOB_OVERHEAD_BYTES = JOB_FIXED_BYTES + 128 + 64
 # The reply's own envelope around the jobs (id, ok, result, items), rounded up.
 REPLY_OVERHEAD_BYTES = 64
 
@@ -232,27 +226,12 @@ class Ops:
     async def _lease_within_frame(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
         """Up to max_items leases whose reply fits in max_frame_bytes; the rest stay queued.
 
-        A store leases what it is asked for, so it is asked only for as many as surely fit:
-        room // (largest payload + job overhead). Small payloads leave room for another round.
-        One job is always allowed, so a payload that was accepted can always be handed out (its
-        reply passes max_frame_bytes by at most JOB_OVERHEAD_BYTES + REPLY_OVERHEAD_BYTES).
+        One store call with the frame's room as its byte budget. One job is always allowed, so
+        a payload that was accepted can always be handed out (its reply passes max_frame_bytes
+        by at most the job's overhead and REPLY_OVERHEAD_BYTES).
         """
-        s = self.settings
-        worst = min(s.max_payload_bytes, s.max_frame_bytes) + JOB_OVERHEAD_BYTES
-        room = s.max_frame_bytes - REPLY_OVERHEAD_BYTES
-        leased: list[QueuedRequest] = []
-        while len(leased) < max_items:
-            ask = min(max_items - len(leased), room // worst)
-            if ask <= 0:
-                if leased:
-                    break
-                ask = 1
-            got = await self.queue.dequeue(ask, lease_s)
-            leased += got
-            room -= sum(_job_bytes(r) for r in got)
-            if len(got) < ask:
-                break
-        return leased
+        room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
+        return await self.queue.dequeue(max_items, lease_s, max_bytes=room)
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""
@@ -263,11 +242,6 @@ class Ops:
         finally:
             work.cancel()
             stop.cancel()
-
-
-def _job_bytes(rec: QueuedRequest) -> int:
-    """An upper bound of what rec costs in a dequeue reply."""
-    return rec.size_bytes + JOB_FIXED_BYTES + len(rec.queue_id) + len(rec.lease_id or "")
 
 
 def info(rec: QueuedRequest) -> RequestInfo:

@@ -1,8 +1,10 @@
 """The Unix-socket server: one asyncio.Protocol per connection, limits, ordered replies.
 
-Decoding happens in data_received (it never awaits); each connection has one task that answers
-its requests in order, so a pipelining client gets its replies in request order, and all the
-replies ready at once leave in one write. Only broken framing closes a connection.
+Decoding happens in data_received (it never awaits), which also starts each request's op at once:
+the requests of one connection run concurrently, so one shared client gets the throughput of
+many connections (and the stores can fold the calls of one loop pass). Each connection keeps an
+ordered queue of reply slots; its one writer task sends every ready prefix of replies in one
+write, so replies leave in request order. Only broken framing closes a connection.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from sidecar.errors import (
 from sidecar.handlers import Ops
 from sidecar.protocol import (
     AnyRequest,
-    Dequeue,
     FrameReader,
     OkReply,
     append_frame,
@@ -69,6 +70,22 @@ class UnsafeSocketFolder(StartupError):
     """The socket's folder belongs to another user or others can write it."""
 
 
+class _Slot:
+    """One request's place in the reply order: its reply frame once made, the bytes it holds."""
+
+    __slots__ = ("frame", "size")
+
+    def __init__(self, size: int, frame: bytearray | None = None) -> None:
+        self.frame = frame
+        self.size = size
+
+
+def _frame(message: object) -> bytearray:
+    buf = bytearray()
+    append_frame(buf, message)
+    return buf
+
+
 class _Fatal:
     """Queued after the requests that preceded a framing error: reply with it, then close."""
 
@@ -93,9 +110,12 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.conn_id = next(_conn_ids)
         self.reader = FrameReader(server.ops.settings.max_frame_bytes)
-        # Each entry keeps the size of its frame, released from the budget once answered.
-        self.inbox: deque[tuple[AnyRequest | SidecarError | _Fatal, int]] = deque()
+        # Reply slots in request order, until written. A slot holds its request's bytes, or its
+        # reply's once made if larger, in inbox_bytes until written: replies made behind a long
+        # poll are bounded like the requests they answer.
+        self.inbox: deque[_Slot | _Fatal] = deque()
         self.inbox_bytes = 0
+        self.running: set[asyncio.Task[None]] = set()  # ops that suspended, not yet answered
         self.held = 0  # bytes this connection counts in server.buffered
         self.out = bytearray()
         self.wakeup = asyncio.Event()
@@ -104,8 +124,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.eof = False
+        self.closed = False
         self.fatal = False
-        self.busy = False  # answering a request (a long poll included): never idle
         self.reading_paused = False
         now = server.loop.time()
         self.frame_started: float | None = None
@@ -136,12 +156,7 @@ class Connection(asyncio.Protocol):
         now = self.last_active = self.server.loop.time()
         bodies = self.reader.feed(data)
         for body in bodies:
-            try:
-                req: AnyRequest | SidecarError = decode_request(body)
-            except SidecarError as err:
-                req = err
-            self.inbox.append((req, len(body)))
-            self.inbox_bytes += len(body)
+            self._start(body)
         partial = self.reader.partial
         if bodies or not partial:  # a new frame (if any) started in this read
             self.frame_started = now if partial else None
@@ -169,6 +184,9 @@ class Connection(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         server.budget_paused.discard(self)
+        self.closed = True
+        for task in self.running:
+            task.cancel()
         self.inbox.clear()
         self.inbox_bytes = 0
         self.reader = FrameReader(self.reader.max_frame_bytes)
@@ -186,37 +204,71 @@ class Connection(asyncio.Protocol):
         self.writable.set()
         self.write_blocked = None
 
-    # -- the answering task ------------------------------------------------------------------
+    # -- the requests and the writer ---------------------------------------------------------
+
+    def _start(self, body: bytes) -> None:
+        """Give the request its reply slot and start its op now (it needs no other request)."""
+        try:
+            req = decode_request(body)
+        except SidecarError as err:
+            frame = _frame(error_reply(request_id_of(err), err))
+            self.inbox.append(_Slot(len(frame), frame))
+            self.inbox_bytes += len(frame)
+            return
+        slot = _Slot(len(body))
+        self.inbox.append(slot)
+        self.inbox_bytes += slot.size
+        # A task per request: ops reach the stores through asyncio.timeout, which needs a task.
+        task = self.server.loop.create_task(self._serve(slot, req))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _serve(self, slot: _Slot, req: AnyRequest) -> None:
+        try:
+            reply = await self._answer(req)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.closed or (task is not None and task.cancelling()):
+                raise
+            # A cancellation from inside the op (a shared future cancelled under it): the
+            # slot must still get a reply, or every later reply would wait behind it forever.
+            self.log.error("op_cancelled_inside", op=type(req).__name__.lower())
+            reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
+        frame = slot.frame = _frame(reply)
+        if self.closed:
+            return  # an op that ignored its cancellation: its bytes were released already
+        if len(frame) > slot.size:
+            self.inbox_bytes += len(frame) - slot.size
+            slot.size = len(frame)
+            self._account()
+            self._update_reading()
+        self.wakeup.set()
 
     async def _run(self) -> None:
+        """The writer: every ready prefix of replies, in request order, in one write."""
         assert self.transport is not None
         transport = self.transport
         try:
             while True:
-                if not self.inbox:
-                    if self.eof:
+                head = self.inbox[0] if self.inbox else None
+                if isinstance(head, _Fatal):
+                    append_frame(self.out, error_reply(None, head.error))
+                    break
+                if head is None or head.frame is None:
+                    if head is None and self.eof:
                         break
-                    if self.server.draining:
+                    if head is None and self.server.draining:
                         await self._linger()  # everything read is answered: end cleanly
                         break
+                    # Replies already made never wait behind a slow op (a long poll included).
                     self._flush()
                     self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
-                item, size = self.inbox[0]
-                if isinstance(item, _Fatal):
-                    append_frame(self.out, error_reply(None, item.error))
-                    break
-                if isinstance(item, Dequeue) and item.wait_s > 0:
-                    self._flush()  # replies already made must not wait behind a long poll
-                self.busy = True
-                try:
-                    append_frame(self.out, await self._answer(item))
-                finally:
-                    self.busy = False
-                # Popped only once answered: its bytes count as held until then.
+                self.out += head.frame
+                # Popped only once written: its bytes count against the bounds until then.
                 self.inbox.popleft()
-                self.inbox_bytes -= size
+                self.inbox_bytes -= head.size
                 self._account()
                 self._update_reading()
                 if not self.writable.is_set():
@@ -225,10 +277,17 @@ class Connection(asyncio.Protocol):
             self._flush()
         finally:
             transport.close()
+            await self._stop_ops()
 
-    async def _answer(self, item: AnyRequest | SidecarError) -> object:
-        if isinstance(item, SidecarError):
-            return error_reply(request_id_of(item), item)
+    async def _stop_ops(self) -> None:
+        """The connection ended: cancel the ops still running and wait until they have ended."""
+        running = set(self.running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+
+    async def _answer(self, item: AnyRequest) -> object:
         try:
             return OkReply(id=item.id, result=await self.server.ops.handle(item))
         except SidecarError as err:
@@ -265,7 +324,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, err: SidecarError) -> None:
         """A framing error: answer what came before it, then the error, then close."""
         self.fatal = True
-        self.inbox.append((_Fatal(err), 0))
+        self.inbox.append(_Fatal(err))
         self.log.info("bad_frame", code=err.code, reason=err.message)
         if self.transport is not None and not self.reading_paused:
             self._pause_reading()
@@ -342,7 +401,6 @@ class Connection(asyncio.Protocol):
         idle = self.server.idle_timeout_s
         if (
             idle > 0
-            and not self.busy
             and not self.inbox
             and started is None
             and now - self.last_active >= idle

@@ -5,6 +5,7 @@ It asserts nothing about speed; the numbers of a few-second run on a shared mach
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,31 @@ def test_quick_llm_bench_prints_its_ratios() -> None:
     for row in rows:
         assert _number(row["ratio over direct"]) > 0 and _number(row["median µs per call"]) > 0
     assert "llm_" not in proc.stdout  # the decision log lines stay out of the tables
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 30)
+def test_quick_bullmq_section_prints_every_goal() -> None:
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the BullMQ row needs {' and '.join(missing)}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--mode", "bullmq"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    if "bullmq: skipped" in proc.stderr:  # node is here but the install failed (no registry)
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    rows = _section(_sections(proc.stdout), "bullmq:")
+    assert [r["workload"].split(",")[0] for r in rows] == [
+        "enqueue", "enqueue", "enqueue", "dequeue + complete", "run_worker(concurrency=64) / "
+        "Worker(concurrency=64)", "Redis used_memory per queued request (bytes)",
+    ]  # fmt: skip
+    for row in rows:
+        assert _number(row["sidecar-redis jobs/s"]) > 0, row
+        assert _number(row["BullMQ jobs/s"]) > 0, row
+        assert row["met"] in ("yes", "no", "-"), row

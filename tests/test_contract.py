@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueueStatus
-from sidecar.queue.base import QueueRepository
+from sidecar.queue.base import QueueRepository, job_bytes
 from tests.conftest import CONTRACT_LEASE_S, CONTRACT_RETENTION_S
 from tests.helpers import FakeClock, make_request
 
@@ -54,6 +54,25 @@ async def test_dequeue_takes_at_most_n_and_empty_gives_nothing(
     assert len(first) == 3
     assert len(second) == 1
     assert await store.dequeue(3, LEASE) == []
+
+
+async def test_dequeue_stops_before_the_job_that_would_pass_max_bytes(
+    store: QueueRepository, clock: FakeClock
+) -> None:
+    reqs = [make_request(clock, "x" * 900, queue_id=f"b-{i}") for i in range(5)]
+    await store.enqueue(reqs)
+    one = job_bytes(reqs[0].size_bytes, "b-0", "l" * 16)  # lease ids are 16 characters
+    got = await store.dequeue(5, LEASE, max_bytes=2 * one + one // 2)
+    assert [r.queue_id for r in got] == ["b-0", "b-1"]  # the third would pass the budget
+    assert sum(job_bytes(r.size_bytes, r.queue_id, r.lease_id or "") for r in got) <= 2 * one
+    # A budget smaller than one job still hands out one; the rest stay first in line, in order.
+    [third] = await store.dequeue(5, LEASE, max_bytes=1)
+    assert third.queue_id == "b-2"
+    rest = await store.dequeue(5, LEASE, max_bytes=10 * one)
+    assert [r.queue_id for r in rest] == ["b-3", "b-4"]
+    for r in [*got, third, *rest]:
+        rec = await store.status(r.queue_id)
+        assert rec is not None and rec.status is QueueStatus.PROCESSING
 
 
 async def test_dequeue_leases_the_request(store: QueueRepository, clock: FakeClock) -> None:

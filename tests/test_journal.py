@@ -6,6 +6,7 @@ no final snapshot, the lock released by the closed descriptor.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -321,3 +322,24 @@ async def test_a_delayed_retry_stays_delayed_across_a_crash_and_a_snapshot(
     [retry] = await third.dequeue(1, 30)
     assert retry.queue_id == "a" and retry.attempts == 2
     await third.close()
+
+
+async def test_a_cancelled_waiter_leaves_its_group_commit_to_the_others(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    # Before the fix, a cancelled waiter (its client went away) cancelled the shared future
+    # of its fsync group: every other request of that group failed with CancelledError, and
+    # the journal's close failed with it.
+    q = make_local(clock, tmp_path, fsync=True)
+    await q.start()
+    try:
+        gone = asyncio.create_task(q.enqueue([make_request(clock, 1, queue_id="gone")]))
+        kept = asyncio.create_task(q.enqueue([make_request(clock, 2, queue_id="kept")]))
+        await asyncio.sleep(0)  # both appended in this pass, both waiting for its one fsync
+        gone.cancel()
+        [res] = await asyncio.wait_for(kept, 10)
+        assert res.created and res.request.queue_id == "kept"
+        assert gone.cancelled()
+    finally:
+        await q.close()
+    assert q.unkept_at_close == 0  # the close's own wait on the journal did not fail

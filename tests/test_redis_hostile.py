@@ -142,7 +142,7 @@ async def test_scripts_clamp_huge_times_on_their_own(
         assert reply[1][0][0] == 1
     lease = ("l0", "l1", "l2")
     reply = await raw.evalsha(
-        SCRIPT_SHAS["dequeue"], len(keys), *keys, now, RETENTION_S, "inf", 10, *lease
+        SCRIPT_SHAS["dequeue"], len(keys), *keys, now, RETENTION_S, "inf", 10, -1, 160, *lease
     )
     assert len(reply[1]) == 3
     assert await _books(queue, raw) == (0, 3)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import cast
 
+import msgspec
 import pytest
 
 from sidecar.app import build_local_queue
@@ -12,6 +14,9 @@ from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import ShuttingDown
 from sidecar.handlers import Ops
+from sidecar.models import QueuedRequest
+from sidecar.protocol import FrameReader, Reply, encode_frame
+from sidecar.queue.base import QueueManager
 from sidecar.server import SidecarServer
 from tests.daemon import short_tmpdir
 
@@ -50,3 +55,100 @@ async def test_shutdown_answers_a_waiting_dequeue_then_closes(settings: Settings
     await server.drain(10.0)
     assert await asyncio.wait_for(waiting, 5) == []  # answered at once, not after 30 s
     await worker.close()
+
+
+class GatedStatus:
+    """The local store, except that status of "slow" waits for a gate and "fast" signals."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.gate = asyncio.Event()
+        self.fast_started = asyncio.Event()
+        self.slow_done = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def status(self, queue_id: str) -> QueuedRequest | None:
+        if queue_id == "slow":
+            await self.gate.wait()
+            self.slow_done = True
+        elif queue_id == "fast":
+            self.fast_started.set()
+        elif queue_id == "cancelled":
+            raise asyncio.CancelledError  # as a cancelled shared future inside a store would
+        return None
+
+
+async def test_one_connections_requests_run_concurrently_replies_in_order(
+    settings: Settings,
+) -> None:
+    store = GatedStatus(build_local_queue(settings))
+    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(settings.socket_path)
+    try:
+        writer.write(
+            encode_frame({"op": "status", "id": 1, "queue_id": "slow"})
+            + encode_frame({"op": "status", "id": 2, "queue_id": "fast"})
+        )
+        # A server that answered one request after another would never start the second.
+        await asyncio.wait_for(store.fast_started.wait(), 10)
+        assert not store.slow_done
+        store.gate.set()
+        frames = FrameReader(1 << 20)
+        replies: list[Reply] = []
+        while len(replies) < 2:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the daemon closed the connection"
+            replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+        assert [r.id for r in replies] == [1, 2]
+        assert [r.error.code if r.error else None for r in replies] == ["not_found"] * 2
+    finally:
+        writer.close()
+        await server.drain(5.0)
+
+
+async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
+    settings: Settings,
+) -> None:
+    store = GatedStatus(build_local_queue(settings))
+    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    await server.start()
+    _, writer = await asyncio.open_unix_connection(settings.socket_path)
+    writer.write(encode_frame({"op": "status", "id": 1, "queue_id": "slow"}))
+    writer.write(encode_frame({"op": "status", "id": 2, "queue_id": "fast"}))
+    await asyncio.wait_for(store.fast_started.wait(), 10)
+    [conn] = server.connections
+    [op] = conn.running  # the fast one has answered; the slow one waits for the gate
+    await server.drain(0.1)  # the gate never opens: the drain gives up on it
+    assert op.cancelled() and not store.slow_done
+    writer.close()
+
+
+async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_follow(
+    settings: Settings,
+) -> None:
+    store = GatedStatus(build_local_queue(settings))
+    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(settings.socket_path)
+    try:
+        writer.write(
+            encode_frame({"op": "status", "id": 1, "queue_id": "cancelled"})
+            + encode_frame({"op": "status", "id": 2, "queue_id": "fast"})
+        )
+        frames = FrameReader(1 << 20)
+        replies: list[Reply] = []
+        while len(replies) < 2:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the daemon closed the connection"
+            replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+        assert [r.id for r in replies] == [1, 2]
+        assert [r.error.code if r.error else None for r in replies] == [
+            "internal_error",
+            "not_found",
+        ]
+    finally:
+        writer.close()
+        await server.drain(5.0)

@@ -41,8 +41,14 @@ class QueueRepository(Protocol):
         """
         ...
 
-    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
-        """Lease up to max_items of the most urgent queued requests, oldest first among equals."""
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
+        """Lease up to max_items of the most urgent queued requests, oldest first among equals.
+
+        With max_bytes, stop before the request whose job_bytes would take the total past it
+        (that request stays queued, first in line); at least one is always handed out.
+        """
         ...
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
@@ -82,6 +88,15 @@ class QueueRepository(Protocol):
 # The manager the server talks to has the same shape as a store; ResilientQueue implements it
 # over two stores, and in local-only mode the LocalQueue serves directly.
 QueueManager = QueueRepository
+
+# What a job adds to a dequeue reply beyond its payload, queue_id and lease_id: nine keys (96
+# bytes), their headers, three float64s and three ints (135 bytes at most), rounded up.
+JOB_FIXED_BYTES = 160
+
+
+def job_bytes(size_bytes: int, queue_id: str, lease_id: str) -> int:
+    """An upper bound of what one leased request costs in a dequeue reply (max_bytes counts it)."""
+    return size_bytes + JOB_FIXED_BYTES + len(queue_id) + len(lease_id)
 
 
 # 80 random bits per process, then a 48-bit counter: unique across hosts and restarts like a

@@ -24,7 +24,7 @@ import structlog
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
 from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats, QueueStatus
-from sidecar.queue.base import new_lease_id
+from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
 from sidecar.queue.redis_io import (
     Arg,
     Client,
@@ -247,8 +247,10 @@ class RedisQueue:
             self._notify_work()
         return results
 
-    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
-        """Lease up to max_items of the most urgent queued requests, in one script call.
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
+        """Lease up to max_items of the most urgent queued requests within max_bytes, in one call.
 
         The lease ids are chosen here and passed in, so a resent pipeline gets the same
         requests back instead of a second set of leases (lua/dequeue.lua).
@@ -258,7 +260,10 @@ class RedisQueue:
         now = self._clock()
         until = lease_end(now, lease_s)
         lease_ids = [new_lease_id() for _ in range(max_items)]
-        reply = await self._call("dequeue", now, until, self._sweep_limit, *lease_ids)
+        budget = -1 if max_bytes is None else max_bytes
+        reply = await self._call(
+            "dequeue", now, until, self._sweep_limit, budget, JOB_FIXED_BYTES, *lease_ids
+        )
         return [decode_record(pairs) for pairs in reply[1]]
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:

@@ -205,13 +205,18 @@ class ResilientQueue:
                 return await self.local.enqueue(requests, uncertain=True)
         return await self.local.enqueue(requests)
 
-    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
         """The local backlog first (it only exists because of an outage), then Redis."""
-        out = await self.local.dequeue(max_items, lease_s)
+        out = await self.local.dequeue(max_items, lease_s, max_bytes)
         self._maybe_move()
-        if len(out) < max_items and self.redis_up:
+        # With a byte budget, Redis is asked only when the local store gave nothing: a store
+        # always hands out one job, which could take the reply past the budget the local ones
+        # left.
+        if len(out) < max_items and self.redis_up and (max_bytes is None or not out):
             try:
-                out += await self.redis.dequeue(max_items - len(out), lease_s)
+                out += await self.redis.dequeue(max_items - len(out), lease_s, max_bytes)
             except BackendUnavailable as exc:
                 self._mark_down(exc, "dequeue")
             except Exception:

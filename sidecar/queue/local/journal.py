@@ -211,7 +211,7 @@ class Journal:
         """Return once everything appended so far is on disk; StorageUnavailable if it failed."""
         if self._buf and not self.fsync and self._inflight is None:
             # Without fsync nothing is worth waiting for: write now, so the reply needs no
-            # extra loop pass (a connection's requests are answered one after another).
+            # extra loop pass.
             self._flush()
             if self.failed is not None and self.last_error is not None:
                 raise self.last_error
@@ -220,9 +220,11 @@ class Journal:
             if self._waiter is None:
                 assert self._loop is not None
                 self._waiter = self._loop.create_future()
-            err = await self._waiter
+            # Shielded: the group's future is shared by every waiter of the pass, and a waiter
+            # that is cancelled (its client went away) must not cancel it for the others.
+            err = await asyncio.shield(self._waiter)
         elif self._inflight is not None:
-            err = await self._inflight
+            err = await asyncio.shield(self._inflight)
         else:
             return
         if err is not None:

@@ -449,20 +449,36 @@ class LocalState:
         self.delayed = [e for e in self.delayed if self.not_before.get(e[2]) == e[0]]
         heapq.heapify(self.delayed)
 
-    def pop_ready(self, max_items: int, now: float) -> Iterator[QueuedRequest]:
+    def pop_ready(
+        self,
+        max_items: int,
+        now: float,
+        max_bytes: int | None = None,
+        cost: Callable[[QueuedRequest], int] | None = None,
+    ) -> Iterator[QueuedRequest]:
         """Pop up to max_items live queued requests, most urgent first; expire the stale ones.
 
-        The caller moves each one out of the ready state before asking for the next.
+        With max_bytes, stop before (and leave queued) the first whose cost would pass it; the
+        first one is always taken. The caller moves each one out of the ready state before
+        asking for the next.
         """
         taken = 0
+        room = max_bytes
         while self.ready and taken < max_items:
-            _, seq, qid = heapq.heappop(self.ready)
+            _, seq, qid = self.ready[0]
             if not self.is_ready_entry(seq, qid):
+                heapq.heappop(self.ready)
                 continue
             rec = self.records[qid]
             if rec.expires_at <= now:
+                heapq.heappop(self.ready)
                 self.finish(rec, now, QueueStatus.EXPIRED, REASON_TTL)
                 continue
+            if room is not None and cost is not None:
+                room -= cost(rec)
+                if room < 0 and taken:
+                    return  # left in the heap, first in line
+            heapq.heappop(self.ready)
             taken += 1
             yield rec
 

@@ -26,7 +26,7 @@ from sidecar.models import (
     QueueStats,
     QueueStatus,
 )
-from sidecar.queue.base import new_lease_id
+from sidecar.queue.base import job_bytes, new_lease_id
 from sidecar.queue.local.journal import Journal
 from sidecar.queue.local.state import LocalState, held_cost
 
@@ -156,12 +156,19 @@ class LocalQueue:
             self._notify_work()
         return results
 
-    async def dequeue(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
-        """Lease the most urgent queued requests, skipping any that expired."""
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
+        """Lease the most urgent queued requests, skipping any that expired, within max_bytes."""
         now = self._tick()
         out: list[QueuedRequest] = []
-        for rec in self._state.pop_ready(max_items, now):
-            self._state.lease(rec, now, lease_s, new_lease_id())
+        lease_ids = [new_lease_id() for _ in range(max(max_items, 0))]
+
+        def cost(rec: QueuedRequest) -> int:
+            return job_bytes(rec.size_bytes, rec.queue_id, lease_ids[len(out)])
+
+        for rec in self._state.pop_ready(max_items, now, max_bytes, cost):
+            self._state.lease(rec, now, lease_s, lease_ids[len(out)])
             out.append(msgspec.structs.replace(rec))
         await self._commit()
         return out

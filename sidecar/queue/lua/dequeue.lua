@@ -3,17 +3,24 @@
 -- and an index entry whose hash is gone is dropped.
 -- KEYS: the nine of common.lua.
 -- ARGV: 1-2 as in common.lua; 3 lease_until (epoch seconds); 4 sweep_limit (lapsed leases
---   reclaimed first, at most); 5.. one fresh lease_id per request wanted (their count is N).
+--   reclaimed first, at most); 5 max_bytes (-1: no bound): stop before the request whose cost
+--   (size_bytes + #queue_id + #lease_id + job_fixed) would take the total past it, leaving it
+--   first in line, but always hand out one; 6 job_fixed (bytes); 7.. one fresh lease_id per
+--   request wanted (their count is N).
 -- Returns: {0, records}, each record the HGETALL field/value pairs of a leased request.
 -- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
 -- run leased, and leases nothing more: every request a run leases carries one of the call's
 -- lease ids and sits in the leases zset at exactly lease_until.
 local lease_until, lease_until_s = arg_time(3, 'lease_until')
 local limit = arg_int(4, 'sweep_limit', 0, 1000000)
-local want = #ARGV - 4
+local room = arg_int(5, 'max_bytes', -1, 1e15)
+local bounded = room >= 0 -- room itself goes below 0 after a first job over the budget
+local job_fixed = arg_int(6, 'job_fixed', 0, 1e9)
+local FIRST_LEASE = 7
+local want = #ARGV - (FIRST_LEASE - 1)
 local mine = {}
 for i = 1, want do
-  mine[ARGV[4 + i]] = i
+  mine[ARGV[FIRST_LEASE - 1 + i]] = i
 end
 
 local function leased_before()
@@ -54,10 +61,17 @@ while #out < want do
     redis.call('ZREM', K_EXPIRY, id) -- stale entry: the request moved on
   elseif r.expires_at <= NOW then
     to_expired(r)
+  elseif bounded and #out > 0
+      and (r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed > room then
+    redis.call('ZADD', K_PENDING, top[2], id) -- over the budget: first in line again
+    break
   else
+    if bounded then
+      room = room - ((r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed)
+    end
     redis.call('ZREM', K_EXPIRY, id)
     redis.call('HINCRBY', r.key, 'attempts', 1)
-    redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[5 + #out],
+    redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
       'lease_expires_at', lease_until_s, 'updated_at', NOW_S)
     redis.call('ZADD', K_LEASES, lease_until_s, id)
     -- Leased means it must stay: drop a native TTL that an older version may have set.

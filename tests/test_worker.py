@@ -1,0 +1,107 @@
+"""run_worker in-process: how many jobs it asks for, and one lease keeper for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import pytest
+
+from sidecar.app import build_local_queue
+from sidecar.client import AsyncClient, item, run_worker
+from sidecar.config import Settings
+from sidecar.handlers import Ops
+from sidecar.models import QueuedRequest
+from sidecar.protocol import Job
+from sidecar.queue.base import QueueManager
+from sidecar.server import SidecarServer
+from tests.daemon import short_tmpdir
+
+
+class Recording:
+    """The local store, recording the dequeue sizes asked for and the leases extended."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.asked: list[int] = []
+        self.extended: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
+        self.asked.append(max_items)
+        inner = cast(QueueManager, self._inner)
+        return await inner.dequeue(max_items, lease_s, max_bytes)
+
+    async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
+        self.extended.append(queue_id)
+        return await cast(QueueManager, self._inner).extend(queue_id, lease_id, lease_s)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[SidecarServer, Recording]]:
+    with short_tmpdir() as tmp:
+        settings = Settings.from_env({"SIDECAR_SOCKET": str(tmp / "s.sock")})
+        store = Recording(build_local_queue(settings, journaled=False))
+        server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+        await server.start()
+        try:
+            yield server, store
+        finally:
+            await server.drain(5.0)
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"timed out waiting until {what}")
+
+
+async def test_run_worker_asks_for_its_free_slots_and_keeps_every_lease(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(10)])]
+        gate = asyncio.Event()
+        started: list[Job] = []
+
+        async def handler(job: Job) -> None:
+            started.append(job)
+            await gate.wait()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=8, lease_s=1, wait_s=0.2, stop=stop)
+        )
+        try:
+            await until(lambda: len(started) == 8, "eight handlers run")
+            assert store.asked[0] == 8  # one request for all eight free slots
+            # Leases of 1 s, held past two extension rounds: every running job keeps its lease.
+            await until(
+                lambda: all(store.extended.count(j.queue_id) >= 2 for j in started),
+                "every running job's lease is extended twice",
+            )
+            gate.set()
+            await until(lambda: len(started) == 10, "the last two run as slots free")
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            gate.set()
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert max(store.asked) == 8  # never more than its slots
+
+
+async def until_completed(client: AsyncClient, queue_id: str) -> None:
+    for _ in range(1000):
+        if (await client.status(queue_id)).status == "completed":
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{queue_id} never completed")
