@@ -21,12 +21,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from sidecar.config import Settings
 from sidecar.queue.redis import RedisQueue, redis_client
@@ -201,6 +202,39 @@ def redis_server_fixture() -> Iterator[RedisServer]:
     """A fresh redis-server (noeviction, no persistence) for one test; free to kill or pause."""
     with RedisServer() as server:
         yield server
+
+
+# The retention of the stores make_queue builds unless a test names another.
+FACTORY_RETENTION_S = 600.0
+QueueFactory = Callable[..., Awaitable[RedisQueue]]
+
+
+@pytest.fixture(name="make_queue")
+async def make_queue_fixture(
+    redis_server: RedisServer, clock: Callable[[], float]
+) -> AsyncIterator[QueueFactory]:
+    """Started RedisQueues on the test's server (no background sweeper unless asked)."""
+    made: list[RedisQueue] = []
+
+    async def make(**options: Any) -> RedisQueue:
+        options.setdefault("sweep_interval_s", None)
+        options.setdefault("retention_s", FACTORY_RETENTION_S)
+        queue = redis_queue_for(redis_server.url, clock, **options)
+        await queue.start()
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        await queue.close()
+
+
+@pytest.fixture(name="raw")
+async def raw_fixture(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client on the same server, to look at keys as an operator would."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
 
 
 def redis_queue_for(

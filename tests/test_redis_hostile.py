@@ -8,7 +8,6 @@ The store is called directly, below the protocol's bounds, so the scripts must b
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -23,41 +22,16 @@ from sidecar.models import QueueStatus
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.redis_keys import MAX_TIME_S, SCRIPT_SHAS
 from tests.helpers import FakeClock, make_request
-from tests.redis_server import (
-    RedisServer,
-    redis_queue_for,
-    redis_server_fixture,  # noqa: F401 (imported for its fixture, `redis_server`)
+from tests.redis_server import (  # the fixtures are imported to be found by name
+    FACTORY_RETENTION_S,
+    QueueFactory,
+    make_queue_fixture,  # noqa: F401
+    raw_fixture,  # noqa: F401
+    redis_server_fixture,  # noqa: F401
 )
 
-RETENTION_S = 600.0
+RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
 LEASE_S = 30.0
-
-QueueFactory = Callable[..., Awaitable[RedisQueue]]
-
-
-@pytest.fixture
-async def make_queue(redis_server: RedisServer, clock: FakeClock) -> AsyncIterator[QueueFactory]:
-    made: list[RedisQueue] = []
-
-    async def make(**options: Any) -> RedisQueue:
-        options.setdefault("sweep_interval_s", None)
-        options.setdefault("retention_s", RETENTION_S)
-        queue = redis_queue_for(redis_server.url, clock, **options)
-        await queue.start()
-        made.append(queue)
-        return queue
-
-    yield make
-    for queue in made:
-        await queue.close()
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
 
 async def _members(raw: Redis, key: str) -> list[str]:
     reply: Any = await raw.zrange(key, 0, -1)

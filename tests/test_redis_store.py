@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,42 +16,18 @@ from sidecar.models import QueueStatus
 from sidecar.queue.redis import SCRIPT_ERRORS, RedisQueue, SweepCounts
 from sidecar.queue.redis_keys import SCRIPT_SHAS, ScriptCode
 from tests.helpers import FakeClock, make_request
-from tests.redis_server import (
+from tests.redis_server import (  # the fixtures are imported to be found by name
+    FACTORY_RETENTION_S,
+    QueueFactory,
     RedisServer,
+    make_queue_fixture,  # noqa: F401
+    raw_fixture,  # noqa: F401
     redis_queue_for,
-    redis_server_fixture,  # noqa: F401 (imported for its fixture, `redis_server`)
+    redis_server_fixture,  # noqa: F401
 )
 
-RETENTION_S = 600.0
+RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
 LEASE_S = 30.0
-
-QueueFactory = Callable[..., Awaitable[RedisQueue]]
-
-
-@pytest.fixture
-async def make_queue(redis_server: RedisServer, clock: FakeClock) -> AsyncIterator[QueueFactory]:
-    """Started RedisQueues on the test's server (no background sweeper unless asked)."""
-    made: list[RedisQueue] = []
-
-    async def make(**options: Any) -> RedisQueue:
-        options.setdefault("sweep_interval_s", None)
-        queue = redis_queue_for(redis_server.url, clock, retention_s=RETENTION_S, **options)
-        await queue.start()
-        made.append(queue)
-        return queue
-
-    yield make
-    for queue in made:
-        await queue.close()
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    """A plain client on the same server, to look at keys as an operator would."""
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
 
 async def test_two_instances_complete_every_request_exactly_once(
     make_queue: QueueFactory, clock: FakeClock
