@@ -162,6 +162,13 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         supervisor.close()  # the watchdog does not apply to a stopping service
     finally:
         await _close_queue(queue, max(0.0, deadline - loop.time()))
+    if own_signals:
+        # Everything is kept or handed over: a signal from here on has nothing left to cut
+        # short, and must turn a clean stop neither into the forced exit's code 1 nor, once
+        # the loop is gone, into death by the signal's default action.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     unkept = local.unkept_at_close
     if unkept:
         log.error(

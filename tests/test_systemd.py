@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -178,6 +179,20 @@ def test_first_signal_alone_drains_and_exits_zero() -> None:
         listener.receive_until(_has("READY"))
         assert daemon.stop(signal.SIGINT) == 0
         assert daemon.events("stopped") and not daemon.events("forced_exit")
+
+
+def test_a_signal_after_the_stop_finished_is_not_a_forced_exit() -> None:
+    """Once everything is kept (`stopped`), a second signal has nothing left to cut short."""
+    with notified_daemon() as (daemon, listener):
+        listener.receive_until(_has("READY"))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for_event("stopped", timeout=WAIT_S)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(WAIT_S) == 0
+        daemon.stop()
+        assert not daemon.events("forced_exit")
 
 
 # -- units ---------------------------------------------------------------------------------------
