@@ -49,13 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> Settings | None:
+    """The daemon's settings (with --socket applied), or None after printing what is wrong."""
     if args.socket:
         os.environ["SIDECAR_SOCKET"] = args.socket
     try:
-        settings = Settings.from_env()
+        return Settings.from_env()
     except ConfigError as err:
         print(f"sidecar: configuration error: {err}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
         return EXIT_UNAVAILABLE
     from sidecar.app import serve
     from sidecar.logs import configure_logging
@@ -82,14 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _work(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
-    if args.socket:
-        os.environ["SIDECAR_SOCKET"] = args.socket
-    try:
-        settings = Settings.from_env()
-    except ConfigError as err:
-        print(f"sidecar: configuration error: {err}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return EXIT_UNAVAILABLE
     try:
         # Imported here: the LLM side is an optional extra, and the daemon never needs it.
