@@ -149,7 +149,35 @@ class Sentinel:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class SentinelLayout:
+L = TypeVar("L", bound="_Layout")
+
+
+class _Layout:
+    """A set of servers started together and cleaned up together, also when start fails."""
+
+    def start(self: L) -> L:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: L) -> L:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class SentinelLayout(_Layout):
     """A primary, one replica and three sentinels that all know both and each other."""
 
     def __init__(self) -> None:
@@ -223,21 +251,6 @@ class SentinelLayout:
             if node is not None:
                 node.cleanup()
 
-    def __enter__(self) -> SentinelLayout:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
 
 def wait_replica_linked(node: TcpRedis) -> None:
     wait_until(
@@ -252,7 +265,7 @@ def _sentinel_knows_all(s: Sentinel) -> bool | None:
     return (info.get("num-other-sentinels") == "2" and info.get("num-slaves") == "1") or None
 
 
-class ClusterLayout:
+class ClusterLayout(_Layout):
     """Three cluster primaries (no replicas: the machine has two shared cores)."""
 
     def __init__(self, size: int = 3) -> None:
@@ -310,21 +323,6 @@ class ClusterLayout:
     def cleanup(self) -> None:
         for node in self.nodes:
             node.cleanup()
-
-    def __enter__(self) -> ClusterLayout:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def _cluster_ok(node: TcpRedis) -> bool | None:
