@@ -15,7 +15,7 @@ import uvloop
 
 from sidecar import __version__, systemd
 from sidecar.config import Settings
-from sidecar.handlers import Ops, no_metrics
+from sidecar.handlers import Ops
 from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueManager
 from sidecar.queue.local import Journal, JournalError, LocalQueue
@@ -113,6 +113,11 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
     return ResilientQueue(build_redis_queue(settings), local), local
 
 
+async def no_metrics() -> bytes:
+    """The metrics op's text until the daemon collects metrics: empty."""
+    return b""
+
+
 def build_server(
     settings: Settings,
     queue: QueueManager,
@@ -159,7 +164,9 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     deadline = loop.time() + settings.drain_timeout_s
     try:
         listen_sock = systemd.inherited_socket(settings.socket_path)
-        server = build_server(settings, queue)
+        server = build_server(
+            settings, queue, observer=NullObserver(), render_metrics=no_metrics
+        )
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
         report = await queue.health()
         log.info(

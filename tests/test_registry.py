@@ -18,7 +18,15 @@ from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient, Client
 from sidecar.config import Settings
 from sidecar.errors import NotFound, TooManyConnections
-from sidecar.handlers import METRICS_CONTENT_TYPE, Ops, enqueued, info, job, stats_result, view
+from sidecar.handlers import (
+    METRICS_CONTENT_TYPE,
+    Ops,
+    compile_view,
+    enqueued,
+    info,
+    job,
+    stats_result,
+)
 from sidecar.models import EnqueueOutcome, QueuedRequest, QueueStats, QueueStatus
 from sidecar.protocol import (
     REGISTRY,
@@ -137,8 +145,10 @@ def test_a_wire_field_the_record_lacks_is_an_error() -> None:
         queue_id: str
         colour: str
 
-    with pytest.raises(AttributeError, match="colour"):
-        view(Wider, _record())
+    with pytest.raises(TypeError, match=r"fields \['colour'\] are not fields of QueuedRequest"):
+        compile_view(Wider, QueuedRequest)
+    given = compile_view(Wider, QueuedRequest, "colour")
+    assert given(_record(), "red") == Wider(queue_id="q-1", colour="red")
 
 
 def test_the_stats_reply_encodes_exactly_as_the_store_s_stats() -> None:
@@ -234,8 +244,10 @@ async def test_the_server_reports_requests_and_connections(
         assert (await client.health()).connections == 2
         raw.send(encode_frame({"op": "nope", "id": 5}))
         await rec.until(lambda ev: ("request", "invalid", "unknown_op") in ev)
+        third = AsyncClient(server.path)
         with pytest.raises(TooManyConnections):
-            await AsyncClient(server.path).health()
+            await third.health()
+        await third.close()
         raw.close()
         await rec.until(lambda ev: ("closed",) in ev)
     await rec.until(lambda ev: ev.count(("closed",)) == 2)
