@@ -1,7 +1,9 @@
 """Redis I/O behind one seam: client construction, error classification, script calls.
 
 Concurrent calls share round trips: each call adds its EVALSHA to a batch, and one task per
-event-loop iteration sends the whole batch in one pipeline (ScriptRunner).
+event-loop iteration sends the whole batch in one pipeline (ScriptRunner). On a plain server
+the batch goes out on the lean connection of redis_wire.py; Sentinel and Cluster clients
+(and fakes) keep redis-py's pipeline. Everything but the scripts uses redis-py.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
+from sidecar.queue.redis_wire import Arg, WireClient, encode_command, wire_spec
 
-Arg = str | bytes | int | float
 # One server (or the primary Sentinel names) or a cluster: the calls used here exist on both.
 Client = Redis | RedisCluster
 # The scripts whose success is an acknowledgement of durability to a producer: with
@@ -132,6 +134,9 @@ class ScriptRunner:
         self._log = log
         self._batch: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        spec = wire_spec(client)
+        # The lean connection where the client reaches one plain server, else redis-py's.
+        self.wire = None if spec is None else WireClient(spec)
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script; their SHAs are known in advance (redis_keys.SCRIPT_SHAS)."""
@@ -146,6 +151,8 @@ class ScriptRunner:
         self.closed = True
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.wire is not None:
+            await self.wire.close()
         await self.client.aclose()
         # A Sentinel-managed client keeps one client per sentinel, which its aclose leaves open.
         manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
@@ -206,6 +213,35 @@ class ScriptRunner:
     async def _send(self, batch: list[_Call]) -> list[Any]:
         acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
         wait = self.min_replicas > 0 and bool(acked)
+        if self.wire is not None:
+            replies = await self._send_wire(self.wire, batch, wait)
+        else:
+            replies = await self._send_pipeline(batch, wait, acked)
+        if wait:
+            confirmed = replies.pop()
+            short = self._short_of_replicas(confirmed, "enqueue")
+            if short is not None:
+                for i in acked:
+                    if not isinstance(replies[i], Exception):
+                        replies[i] = short
+        return replies
+
+    async def _send_wire(self, wire: WireClient, batch: list[_Call], wait: bool) -> list[Any]:
+        commands = [
+            encode_command(("EVALSHA", SCRIPT_SHAS[c.script], len(c.keys), *c.keys, *c.args))
+            for c in batch
+        ]
+        if wait:
+            # On the same connection: WAIT counts the replicas that have its writes so far.
+            commands.append(encode_command(("WAIT", self.min_replicas, self.replicas_timeout_ms)))
+        try:
+            return await wire.execute(commands)
+        except RedisConnectionError:
+            # The same one retry as redis-py's (see _client_options): on a fresh connection,
+            # for a connection error only, never a timeout; every script is safe to run twice.
+            return await wire.execute(commands)
+
+    async def _send_pipeline(self, batch: list[_Call], wait: bool, acked: list[int]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for call in batch:
                 # execute_command, not evalsha(): the cluster pipeline refuses the helper,
@@ -217,13 +253,6 @@ class ScriptRunner:
                 # that have every write this connection made so far.
                 self._wait(pipe, batch[acked[0]].keys[0])
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if wait:
-            confirmed = replies.pop()
-            short = self._short_of_replicas(confirmed, "enqueue")
-            if short is not None:
-                for i in acked:
-                    if not isinstance(replies[i], Exception):
-                        replies[i] = short
         return replies
 
     def _wait(self, pipe: Any, key: str) -> None:
