@@ -442,7 +442,8 @@ def check_one_slot(keys: RedisKeys) -> None:
     so a change to the key layout fails loudly here rather than on the first call.
     """
     sample = "00000000-0000-0000-0000-000000000000"
-    names = [*keys.script_keys(), keys.request(sample), keys.discarded(sample), keys.probe]
+    names = [*keys.script_keys(), keys.request(sample), keys.payload(sample)]
+    names += [keys.discarded(sample), keys.probe]
     slots = {name: key_slot(name.encode()) for name in names}
     if len(set(slots.values())) > 1:
         listed = ", ".join(f"{name} -> {slot}" for name, slot in slots.items())
