@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fakeredis
 import pytest
+import structlog
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
@@ -23,7 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import Settings
-from sidecar.queue.redis_io import redis_client, unavailable_kind
+from sidecar.queue.redis_io import ScriptRunner, _Call, redis_client, unavailable_kind
+from sidecar.queue.redis_keys import SCRIPT_SHAS, RedisKeys
 from sidecar.queue.redis_wire import WireClient, WireSpec, encode_command, wire_spec
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (
@@ -229,3 +232,20 @@ async def test_the_store_reloads_scripts_after_a_script_flush(
     assert all(r.created for [r] in results)
     # One reload for the whole batch that met NOSCRIPT, not one per call.
     assert queue.script_loads == loads + 1
+
+
+def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:
+    keys = RedisKeys.for_prefix("sidecar").script_keys()
+    client = Redis.from_url("unix:///tmp/never-connected.sock")
+    cached = ScriptRunner(client, structlog.get_logger(), fixed_keys=keys)
+    plain = ScriptRunner(client, structlog.get_logger())
+    unused: Any = None  # _encode never touches the call's future
+    calls = [
+        _Call("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease"), unused),
+        _Call("stats", keys, (1.5, 600.0, 500), unused),
+        _Call("status", ("other", "keys"), (1.5, 600.0, "a"), unused),
+    ]
+    for call in calls:
+        sha = SCRIPT_SHAS[call.script]
+        want = encode_command(("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
+        assert cached._encode(call) == plain._encode(call) == want

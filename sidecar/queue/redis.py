@@ -115,6 +115,7 @@ class RedisQueue:
             log.bind(redis=url_for_logs, prefix=prefix),
             min_replicas=min_replicas_ack,
             replicas_timeout_ms=replicas_ack_timeout_ms,
+            fixed_keys=self.keys.script_keys(),
         )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s

@@ -40,7 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
-from sidecar.queue.redis_wire import Arg, WireClient, encode_command, wire_spec
+from sidecar.queue.redis_wire import Arg, WireClient, encode_bulks, encode_command, wire_spec
 
 # One server (or the primary Sentinel names) or a cluster: the calls used here exist on both.
 Client = Redis | RedisCluster
@@ -122,7 +122,13 @@ class ScriptRunner:
     """Runs the scripts of lua/: loads them, folds concurrent calls into shared pipelines."""
 
     def __init__(
-        self, client: Client, log: Any, *, min_replicas: int = 0, replicas_timeout_ms: int = 0
+        self,
+        client: Client,
+        log: Any,
+        *,
+        min_replicas: int = 0,
+        replicas_timeout_ms: int = 0,
+        fixed_keys: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.min_replicas = min_replicas
@@ -137,6 +143,11 @@ class ScriptRunner:
         spec = wire_spec(client)
         # The lean connection where the client reaches one plain server, else redis-py's.
         self.wire = None if spec is None else WireClient(spec)
+        # The KEYS every call starts with and each script's name, encoded once: most of a
+        # call's arguments, which the lean path would otherwise encode again every time.
+        self._fixed_keys = fixed_keys
+        self._fixed_bulks = encode_bulks(fixed_keys)
+        self._sha_bulks = {n: encode_bulks(("EVALSHA", sha)) for n, sha in SCRIPT_SHAS.items()}
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script; their SHAs are known in advance (redis_keys.SCRIPT_SHAS)."""
@@ -253,10 +264,7 @@ class ScriptRunner:
         return replies
 
     async def _send_wire(self, wire: WireClient, batch: list[_Call], wait: bool) -> list[Any]:
-        commands = [
-            encode_command(("EVALSHA", SCRIPT_SHAS[c.script], len(c.keys), *c.keys, *c.args))
-            for c in batch
-        ]
+        commands = [self._encode(call) for call in batch]
         if wait:
             # On the same connection: WAIT counts the replicas that have its writes so far.
             commands.append(encode_command(("WAIT", self.min_replicas, self.replicas_timeout_ms)))
@@ -266,6 +274,16 @@ class ScriptRunner:
             # The same one retry as redis-py's (see _client_options): on a fresh connection,
             # for a connection error only, never a timeout; every script is safe to run twice.
             return await wire.execute(commands)
+
+    def _encode(self, call: _Call) -> bytes:
+        """EVALSHA sha numkeys keys... args..., with the fixed parts encoded at start."""
+        fixed, keys, sha = self._fixed_keys, call.keys, SCRIPT_SHAS[call.script]
+        if not fixed or keys[: len(fixed)] != fixed:
+            return encode_command(("EVALSHA", sha, len(keys), *keys, *call.args))
+        header = b"*%d\r\n" % (3 + len(keys) + len(call.args))
+        count = encode_bulks((len(keys),))
+        rest = encode_bulks((*keys[len(fixed) :], *call.args))
+        return header + self._sha_bulks[call.script] + count + self._fixed_bulks + rest
 
     async def _send_pipeline(self, batch: list[_Call], wait: bool, acked: list[int]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -75,7 +75,12 @@ def wire_spec(client: Any) -> WireSpec | None:
 
 def encode_command(parts: Sequence[Arg]) -> bytes:
     """One command in RESP: an array of bulk strings (floats as repr, like redis-py)."""
-    out = [b"*%d\r\n" % len(parts)]
+    return b"*%d\r\n" % len(parts) + encode_bulks(parts)
+
+
+def encode_bulks(parts: Sequence[Arg]) -> bytes:
+    """The bulk strings of parts, without the array header (for a command built in pieces)."""
+    out: list[bytes] = []
     for part in parts:
         if isinstance(part, bytes):
             data = part
@@ -87,7 +92,7 @@ def encode_command(parts: Sequence[Arg]) -> bytes:
             data = repr(part).encode()
         else:
             raise TypeError(f"a Redis argument must be str, bytes, int or float, not {part!r}")
-        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 
