@@ -160,27 +160,33 @@ end
 -- settled_by: which op and token ended the request's last lease ('complete:<lease_id>',
 -- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
 local function to_terminal(r, status, reason, settled_by)
+  local purge_at = clamp_time(NOW + RETENTION)
+  -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
+  -- Every field that goes in one HDEL and every field that changes in one HSET: each
+  -- redis.call is a good part of what a settle costs Redis.
+  local gone = {'payload', 'lease_expires_at'}
+  local set = {'status', status, 'updated_at', NOW_S, 'purge_at', fmt(purge_at)}
   if r.status == 'queued' then
     redis.call('ZREM', K_PENDING, r.id)
     redis.call('ZREM', K_DELAYED, r.id)
     redis.call('ZREM', K_EXPIRY, r.id)
-    redis.call('HDEL', r.key, 'not_before')
+    gone[#gone + 1] = 'not_before'
   else
     redis.call('ZREM', K_LEASES, r.id)
   end
-  local purge_at = clamp_time(NOW + RETENTION)
-  -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
-  redis.call('HDEL', r.key, 'payload', 'lease_expires_at')
-  redis.call('DEL', body_key(r.key))
   if reason then
-    redis.call('HSET', r.key, 'reason', reason)
+    set[#set + 1] = 'reason'
+    set[#set + 1] = reason
   else
-    redis.call('HDEL', r.key, 'reason')
+    gone[#gone + 1] = 'reason'
   end
   if settled_by then
-    redis.call('HSET', r.key, 'settled_by', settled_by)
+    set[#set + 1] = 'settled_by'
+    set[#set + 1] = settled_by
   end
-  redis.call('HSET', r.key, 'status', status, 'updated_at', NOW_S, 'purge_at', fmt(purge_at))
+  redis.call('HDEL', r.key, unpack(gone))
+  redis.call('DEL', body_key(r.key))
+  redis.call('HSET', r.key, unpack(set))
   redis.call('HINCRBY', K_STATS, status, 1)
   redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
   r.snapshot = redis.call('HGETALL', r.key)

@@ -70,9 +70,8 @@ while #out < want do
       room = room - ((r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed)
     end
     redis.call('ZREM', K_EXPIRY, id)
-    redis.call('HINCRBY', r.key, 'attempts', 1)
     redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
-      'lease_expires_at', lease_until_s, 'updated_at', NOW_S)
+      'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
     redis.call('ZADD', K_LEASES, lease_until_s, id)
     -- Leased means it must stay: drop a native TTL that an older version may have set.
     redis.call('PERSIST', r.key)
