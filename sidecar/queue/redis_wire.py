@@ -106,14 +106,6 @@ def _error(reply: _ErrorReply) -> RedisError:
     return err
 
 
-def _convert(reply: Any) -> Any:
-    if isinstance(reply, _ErrorReply):
-        return _error(reply)
-    if isinstance(reply, list):
-        return [_convert(item) for item in reply]
-    return reply
-
-
 @dataclass(slots=True)
 class _Batch:
     """Commands written together: their replies, in order, resolve one future."""
@@ -166,7 +158,9 @@ class _WireProtocol(asyncio.Protocol):
                 self._fail(RedisConnectionError("redis sent an unexpected reply"))
                 return
             batch = waiting[0]
-            batch.replies.append(_convert(reply))
+            # Only a top-level error is converted: the commands sent here (EVALSHA, WAIT and
+            # the handshake) never answer an array holding errors, so no reply is walked.
+            batch.replies.append(_error(reply) if isinstance(reply, _ErrorReply) else reply)
             if len(batch.replies) == batch.count:
                 waiting.popleft()
                 if not batch.future.done():
