@@ -180,11 +180,20 @@ async def test_a_reset_connection_fails_its_calls_then_reconnects_once(
     assert wire.connects == 2
 
 
-async def test_a_dead_redis_is_a_connection_error(redis_server: RedisServer) -> None:
+async def test_a_dead_redis_is_one_shared_connect_attempt_and_a_connection_error(
+    redis_server: RedisServer,
+) -> None:
     wire = WireClient(_spec(redis_server.url))
     redis_server.kill()
-    with pytest.raises(RedisConnectionError):
-        await wire.execute([cmd("PING")])
+    results = await asyncio.gather(
+        *(wire.execute([cmd("PING")]) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    # The calls that found no connection waited on one attempt, not one each in turn.
+    assert wire.connect_attempts == 1
+    redis_server.start()
+    assert await wire.execute([cmd("PING")]) == [b"PONG"]
+    assert (wire.connect_attempts, wire.connects) == (2, 1)
     await wire.close()
 
 

@@ -206,8 +206,9 @@ class WireClient:
     def __init__(self, spec: WireSpec) -> None:
         self.spec = spec
         self.connects = 0
+        self.connect_attempts = 0
         self._proto: _WireProtocol | None = None
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Task[_WireProtocol] | None = None
 
     async def execute(self, commands: Sequence[bytes]) -> list[Any]:
         """Send encoded commands in one write; their replies (errors as instances), in order."""
@@ -219,22 +220,31 @@ class WireClient:
 
     async def close(self) -> None:
         """Drop the connection; calls waiting on it fail with a connection error."""
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._proto is not None:
             self._proto.close()
             self._proto = None
 
     async def _connected(self) -> _WireProtocol:
-        # One reconnect for every call that found the connection gone.
-        async with self._lock:
-            if self._proto is not None and self._proto.alive:
-                return self._proto
-            proto = await self._connect()
-            self._proto = proto
-            return proto
+        # One attempt for every call that found the connection gone, its outcome shared: a
+        # lock would let each waiter try again in turn, each waiting out the connect timeout.
+        task = self._connecting
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect())
+            task.add_done_callback(self._connect_done)
+            self._connecting = task
+        return await asyncio.shield(task)
+
+    def _connect_done(self, task: asyncio.Task[_WireProtocol]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # observed even when every waiter was cancelled
 
     async def _connect(self) -> _WireProtocol:
         loop = asyncio.get_running_loop()
         spec = self.spec
+        self.connect_attempts += 1
 
         def factory() -> _WireProtocol:
             return _WireProtocol(loop)
@@ -251,6 +261,7 @@ class WireClient:
             raise RedisConnectionError(f"cannot connect to redis: {exc.strerror}") from exc
         self.connects += 1
         await self._handshake(proto)
+        self._proto = proto
         return proto
 
     async def _handshake(self, proto: _WireProtocol) -> None:
