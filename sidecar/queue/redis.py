@@ -26,7 +26,6 @@ from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotF
 from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats, QueueStatus
 from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
 from sidecar.queue.redis_io import (
-    Arg,
     Client,
     ScriptRunner,
     as_text,
@@ -44,6 +43,7 @@ from sidecar.queue.redis_keys import (
     decode_record,
     lease_end,
 )
+from sidecar.queue.redis_wire import Arg
 
 __all__ = [
     "RedisQueue",
@@ -115,6 +115,7 @@ class RedisQueue:
             log.bind(redis=url_for_logs, prefix=prefix),
             min_replicas=min_replicas_ack,
             replicas_timeout_ms=replicas_ack_timeout_ms,
+            fixed_keys=self.keys.script_keys(),
         )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
