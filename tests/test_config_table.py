@@ -1,0 +1,116 @@
+"""The one settings table: Settings, the README's table and `sidecar serve --help` agree.
+
+Each setting is declared once (sidecar/config.py); these tests fail when an output derived
+from it drifts, when a default breaks its own validation, or when a component's own default
+differs from the setting that configures it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import SPECS, Settings
+from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
+from sidecar.queue.local import Journal, LocalQueue
+from sidecar.queue.redis import RedisQueue
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_table_is_the_generated_one() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table(readme) == markdown_table(), (
+        f"README.md's settings table differs from sidecar/config.py: run `{REGENERATE}`"
+    )
+
+
+def test_every_field_is_a_setting_with_its_own_variable_and_a_one_line_doc() -> None:
+    assert list(SPECS) == [f.name for f in fields(Settings)]
+    names = [spec.env for spec in SPECS.values()]
+    assert len(names) == len(set(names)), "two settings read one variable"
+    for name, spec in SPECS.items():
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]+", spec.env), name
+        assert spec.doc and "\n" not in spec.doc and "|" not in spec.doc, name
+        assert spec.accepted and "|" not in spec.accepted, name
+
+
+def test_markdown_defaults_read_as_an_operator_writes_them() -> None:
+    assert shown_default("queue_max_size") == "`1000`"
+    assert shown_default("queue_max_memory_mb") == "`100`"
+    assert shown_default("queue_high_watermark") == "`0.8`"
+    assert shown_default("redis_cluster") == "`false`"
+    assert shown_default("redis_url") == "unset: local store only (journaled)"
+    assert shown_default("socket_group") == "unset"
+
+
+# The settings whose default is a value (the others are unset, or computed at start).
+VALUED = [f.name for f in fields(Settings) if getattr(Settings, f.name) not in (None, "", ())]
+
+
+@pytest.mark.parametrize("name", VALUED)
+def test_every_default_passes_its_own_validation(name: str) -> None:
+    default = getattr(Settings, name)
+    raw = str(default).lower() if isinstance(default, bool) else str(default)
+    assert SPECS[name].parse(raw) == default
+    assert getattr(Settings.from_env({SPECS[name].env: raw}), name) == default
+
+
+def test_serve_help_lists_every_setting_with_its_default_and_doc() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--help"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert help_text() in proc.stdout
+    flat = " ".join(proc.stdout.split())
+    for name, spec in SPECS.items():
+        default = shown_default(name).replace("`", "")
+        assert f"{spec.env} (default: {default})" in flat, spec.env
+        doc = " ".join(spec.doc.replace("`", "").replace("**", "").split())
+        assert doc in flat, spec.env
+
+
+# Each component's own default (tests build components directly) is the setting's default.
+COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
+    (RedisQueue, "min_replicas_ack", "redis_min_replicas_ack"),
+    (RedisQueue, "replicas_ack_timeout_ms", "redis_replicas_ack_timeout_ms"),
+    (LocalQueue, "retry_after_s", "queue_retry_after_s"),
+    (LocalQueue, "max_retained", "queue_max_retained"),
+    (Journal, "max_bytes", "journal_max_bytes"),
+]
+
+
+@pytest.mark.parametrize(("component", "param", "name"), COMPONENT_DEFAULTS)
+def test_a_component_default_is_its_setting_default(component: Any, param: str, name: str) -> None:
+    default = inspect.signature(component).parameters[param].default
+    assert default == getattr(Settings(), name)
+
+
+def test_protocol_md_limits_agree_with_the_settings_table() -> None:
+    """Section 10 names real variables, with their defaults and maxima."""
+    text = (ROOT / "protocol.md").read_text()
+    section = text[text.index("## 10. Limits and defaults") : text.index("## 11.")]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]  # no header
+    by_env = {spec.env: name for name, spec in SPECS.items()}
+    checked = 0
+    for row in rows:
+        _, default_cell, env_cell, _ = row.strip("| ").split(" | ")
+        envs = re.findall(r"`([A-Z][A-Z0-9_]+)`", env_cell)
+        assert envs and all(env in by_env for env in envs), row
+        numbers = [float(n.replace(",", "")) for n in re.findall(r"\d[\d,.]*", default_cell)]
+        values = [getattr(Settings(), by_env[env]) for env in envs]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            continue  # a path, a group or a list: no number to compare
+        assert numbers[: len(values)] == values, row
+        for bound in re.findall(r"at (?:most|least) ([\d,]+)", default_cell):
+            assert bound.replace(",", "") in SPECS[by_env[envs[0]]].accepted, row
+        checked += 1
+    assert checked >= 18
