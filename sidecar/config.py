@@ -315,9 +315,10 @@ class Settings:
         "answers 503 as before",
     )  # fmt: skip
     # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
-    # so an outage of minutes must not exhaust them (the daemon's default of 3 would).
+    # so an outage of minutes must not exhaust them (the daemon's default of 3 would). At most
+    # the protocol's limit on max_attempts.
     llm_queue_max_attempts: int = setting(
-        10, "LLM_QUEUE_MAX_ATTEMPTS", p.whole(1), "a whole number >= 1 and <= 1000",
+        10, "LLM_QUEUE_MAX_ATTEMPTS", p.whole(1, 1000), "a whole number >= 1 and <= 1000",
         "deliveries of a queued LLM request (each worker probe during an outage uses one)",
     )  # fmt: skip
     # "": the mock in development, the OpenAI-compatible provider in production.
@@ -327,7 +328,7 @@ class Settings:
         shown="`mock` in development, `openai` in production",
     )  # fmt: skip
     llm_base_url: str = setting(
-        "https://api.openai.com/v1", "LLM_BASE_URL", p.text, "an http:// or https:// URL",
+        "https://api.openai.com/v1", "LLM_BASE_URL", p.http_url, "an http:// or https:// URL",
         "the provider's API",
     )  # fmt: skip
     llm_model: str = setting(

@@ -67,6 +67,12 @@ def text(raw: str) -> str:
     return raw
 
 
+def http_url(raw: str) -> str:
+    if not raw.strip().startswith(("http://", "https://")):
+        raise ValueError(raw)
+    return raw.strip()
+
+
 def ids(raw: str) -> tuple[int, ...]:
     values = tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
     if not values or any(v < 0 for v in values):

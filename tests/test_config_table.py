@@ -8,6 +8,7 @@ differs from the setting that configures it.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -17,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import SPECS, Settings
+from sidecar.config import SPECS, ConfigError, Settings
 from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue
+from tests.daemon import serve_expecting_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +78,42 @@ def test_serve_help_lists_every_setting_with_its_default_and_doc() -> None:
         assert f"{spec.env} (default: {default})" in flat, spec.env
         doc = " ".join(spec.doc.replace("`", "").replace("**", "").split())
         assert doc in flat, spec.env
+
+
+# -- values the accepted text already excluded, and the parser let through -------------------
+
+NEW_BAD_VALUES = {
+    "LLM_QUEUE_MAX_ATTEMPTS": ("1001", "a whole number >= 1 and <= 1000"),
+    "LLM_BASE_URL": ("api.openai.com", "an http:// or https:// URL"),
+}
+
+
+@pytest.mark.parametrize("env", sorted(NEW_BAD_VALUES))
+def test_a_bad_new_setting_names_its_variable(env: str) -> None:
+    raw, accepted = NEW_BAD_VALUES[env]
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({env: raw})
+    assert str(info.value).startswith(f"{env}={raw!r} is invalid: expected {accepted}")
+
+
+def test_sidecar_serve_refuses_each_bad_new_setting_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SIDECAR_"))}
+    env["SIDECAR_SOCKET"] = "/tmp/never-bound-settings.sock"
+    env.update({name: raw for name, (raw, _) in NEW_BAD_VALUES.items()})
+    proc = serve_expecting_refusal(env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("sidecar: configuration error: ")
+    lines[0] = lines[0].removeprefix("sidecar: configuration error: ")
+    assert len(lines) == len(NEW_BAD_VALUES), proc.stderr
+    for line, (name, (raw, accepted)) in zip(lines, _in_table_order(), strict=True):
+        assert line.startswith(f"{name}={raw!r} is invalid: expected {accepted}"), line
+    assert not os.path.exists(env["SIDECAR_SOCKET"])
+
+
+def _in_table_order() -> list[tuple[str, tuple[str, str]]]:
+    order = [spec.env for spec in SPECS.values()]
+    return sorted(NEW_BAD_VALUES.items(), key=lambda item: order.index(item[0]))
 
 
 # Each component's own default (tests build components directly) is the setting's default.
