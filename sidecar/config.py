@@ -160,6 +160,63 @@ class Settings:
         500, "REDIS_REPLICAS_ACK_TIMEOUT_MS", p.whole(1), "a whole number of milliseconds >= 1",
         "how long that `WAIT` waits (added to the socket timeout of those calls)",
     )  # fmt: skip
+    # The first probe comes soon (most outages are a restart of seconds); each failure doubles
+    # the wait up to the maximum, so a long outage costs one small write every 2 s.
+    redis_probe_initial_s: float = setting(
+        0.1, "REDIS_PROBE_INITIAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "during an outage, the first wait before probing Redis again; doubled after each "
+        "failed probe",
+    )  # fmt: skip
+    redis_probe_max_s: float = setting(
+        2.0, "REDIS_PROBE_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0, at least REDIS_PROBE_INITIAL_SECONDS",
+        "the longest wait between two probes: how late, at worst, the daemon notices that "
+        "Redis is back",
+    )  # fmt: skip
+    # One small write can pass while a Redis at its memory limit refuses the next batch (the
+    # store then flapped many times a second): two in a row before Redis serves again.
+    redis_probe_successes: int = setting(
+        2, "REDIS_PROBE_SUCCESSES", p.whole(1, 100), "a whole number from 1 to 100",
+        "successful probe writes in a row before Redis serves again",
+    )  # fmt: skip
+    redis_flap_window_s: float = setting(
+        30.0, "REDIS_FLAP_WINDOW_SECONDS", p.number(0), "a number of seconds >= 0",
+        "failing again this soon after a recovery is a flap: the probe keeps its backoff "
+        "instead of starting again from `REDIS_PROBE_INITIAL_SECONDS`",
+    )  # fmt: skip
+    # A Redis that restarts quickly never fails a call, so only this check notices that it
+    # came back empty (and an idle outage, and a changed maxmemory-policy).
+    redis_watch_interval_s: float = setting(
+        1.0, "REDIS_WATCH_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "while Redis serves, how often its generation marker and eviction policy are checked "
+        "(data loss and a wrong `maxmemory-policy` are noticed this soon)",
+    )  # fmt: skip
+    # A few hundred requests per script keeps each one short: Redis runs nothing else meanwhile.
+    redis_handover_batch: int = setting(
+        100, "REDIS_HANDOVER_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
+        "requests moved from the local queue to Redis per script call after an outage",
+    )  # fmt: skip
+    redis_sweep_interval_s: float = setting(
+        1.0, "REDIS_SWEEP_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "how often each daemon sweeps Redis: expires requests, takes back lapsed leases, "
+        "forgets records past retention (a dequeue also sweeps before it takes)",
+    )  # fmt: skip
+    redis_sweep_batch: int = setting(
+        500, "REDIS_SWEEP_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
+        "most requests one sweep step moves of each kind; a sweep that fills it goes on at once",
+    )  # fmt: skip
+    # Another host's enqueue does not wake this daemon's long polls: one O(1) look per
+    # interval while anyone waits, so a request from elsewhere waits at most this long.
+    redis_poll_interval_s: float = setting(
+        0.2, "REDIS_POLL_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "while a dequeue long-polls, how often Redis is checked for requests other daemons "
+        "enqueued",
+    )  # fmt: skip
+    redis_log_repeat_s: float = setting(
+        60.0, "REDIS_LOG_REPEAT_SECONDS", p.number(0), "a number of seconds >= 0",
+        "at most one `redis_down`, `redis_recovered` or `redis_probe_failed` line per this "
+        "interval (the next says how many were skipped; skipped ones go out at debug level)",
+    )  # fmt: skip
     # Local queue limits. 1000 items / 100 MB fit a host's spare memory during an outage of
     # tens of minutes at typical LLM request sizes (a few KB each).
     queue_max_size: int = setting(
@@ -291,6 +348,20 @@ class Settings:
         "most disk the journal (snapshot + segments) may take; beyond it `enqueue` answers "
         "`queue_full` (`max_journal`)",
     )  # fmt: skip
+    # A snapshot writes the whole queue: 64 MB of segments between two keeps replay short
+    # without rewriting a large queue often.
+    journal_compact_mb: float = setting(
+        64.0, "SIDECAR_JOURNAL_COMPACT_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "the segments written since the last snapshot that trigger a new one (replay time "
+        "grows with it); at most a quarter of `SIDECAR_JOURNAL_MAX_MB` is used",
+    )  # fmt: skip
+    # One snapshot attempt a second while the disk is full: a freed disk is noticed quickly,
+    # and a still-full one is not hammered by every refused enqueue.
+    journal_recover_interval_s: float = setting(
+        1.0, "SIDECAR_JOURNAL_RECOVER_INTERVAL_SECONDS", p.number(0), "a number of seconds >= 0",
+        "while the journal cannot write, an enqueue retries it (with a snapshot) at most this "
+        "often; the refused ones answer `storage_unavailable`",
+    )  # fmt: skip
     log_level: str = setting(
         "info", "SIDECAR_LOG_LEVEL", p.choice("debug", "info", "warning", "error"),
         "debug, info, warning or error",
@@ -375,6 +446,10 @@ class Settings:
         return int(self.journal_max_mb * 1024 * 1024)
 
     @property
+    def journal_compact_bytes(self) -> int:
+        return int(self.journal_compact_mb * 1024 * 1024)
+
+    @property
     def queue_max_memory_bytes(self) -> int:
         return int(self.queue_max_memory_mb * 1024 * 1024)
 
@@ -454,6 +529,13 @@ def _pairs(cls: type[Settings], values: dict[str, Any]) -> list[str]:
         problems.append(
             f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
             f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
+        )
+    first = values.get("redis_probe_initial_s", cls.redis_probe_initial_s)
+    most = values.get("redis_probe_max_s", cls.redis_probe_max_s)
+    if first > most:
+        problems.append(
+            f"REDIS_PROBE_INITIAL_SECONDS={first!r} is invalid: expected at most "
+            f"REDIS_PROBE_MAX_SECONDS ({most!r})"
         )
     return problems
 

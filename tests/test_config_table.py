@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
+from sidecar.app import build_queue
 from sidecar.config import SPECS, ConfigError, Settings
 from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue
+from sidecar.queue.resilient import ResilientQueue
 from tests.daemon import serve_expecting_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +49,7 @@ def test_every_field_is_a_setting_with_its_own_variable_and_a_one_line_doc() -> 
 def test_markdown_defaults_read_as_an_operator_writes_them() -> None:
     assert shown_default("queue_max_size") == "`1000`"
     assert shown_default("queue_max_memory_mb") == "`100`"
-    assert shown_default("queue_high_watermark") == "`0.8`"
+    assert shown_default("redis_probe_initial_s") == "`0.1`"
     assert shown_default("redis_cluster") == "`false`"
     assert shown_default("redis_url") == "unset: local store only (journaled)"
     assert shown_default("socket_group") == "unset"
@@ -80,9 +82,21 @@ def test_serve_help_lists_every_setting_with_its_default_and_doc() -> None:
         assert doc in flat, spec.env
 
 
-# -- values the accepted text already excluded, and the parser let through -------------------
+# -- the settings that were module constants, and two whose parser was looser than its text ---
 
 NEW_BAD_VALUES = {
+    "REDIS_PROBE_INITIAL_SECONDS": ("0", "a number of seconds > 0"),
+    "REDIS_PROBE_MAX_SECONDS": ("-1", "a number of seconds > 0, at least REDIS_PROBE_INITIAL"),
+    "REDIS_PROBE_SUCCESSES": ("0", "a whole number from 1 to 100"),
+    "REDIS_FLAP_WINDOW_SECONDS": ("soon", "a number of seconds >= 0"),
+    "REDIS_WATCH_INTERVAL_SECONDS": ("0", "a number of seconds > 0"),
+    "REDIS_HANDOVER_BATCH": ("100001", "a whole number from 1 to 100000"),
+    "REDIS_SWEEP_INTERVAL_SECONDS": ("inf", "a number of seconds > 0"),
+    "REDIS_SWEEP_BATCH": ("0", "a whole number from 1 to 100000"),
+    "REDIS_POLL_INTERVAL_SECONDS": ("0", "a number of seconds > 0"),
+    "REDIS_LOG_REPEAT_SECONDS": ("-5", "a number of seconds >= 0"),
+    "SIDECAR_JOURNAL_COMPACT_MB": ("0", "a number of megabytes > 0"),
+    "SIDECAR_JOURNAL_RECOVER_INTERVAL_SECONDS": ("nan", "a number of seconds >= 0"),
     "LLM_QUEUE_MAX_ATTEMPTS": ("1001", "a whole number >= 1 and <= 1000"),
     "LLM_BASE_URL": ("api.openai.com", "an http:// or https:// URL"),
 }
@@ -116,12 +130,34 @@ def _in_table_order() -> list[tuple[str, tuple[str, str]]]:
     return sorted(NEW_BAD_VALUES.items(), key=lambda item: order.index(item[0]))
 
 
+def test_the_probe_backoff_must_not_start_above_its_maximum() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"REDIS_PROBE_INITIAL_SECONDS": "5", "REDIS_PROBE_MAX_SECONDS": "2"})
+    assert str(info.value) == (
+        "REDIS_PROBE_INITIAL_SECONDS=5.0 is invalid: expected at most REDIS_PROBE_MAX_SECONDS (2.0)"
+    )
+    ok = Settings.from_env({"REDIS_PROBE_INITIAL_SECONDS": "2", "REDIS_PROBE_MAX_SECONDS": "2"})
+    assert ok.redis_probe_initial_s == ok.redis_probe_max_s == 2.0
+
+
 # Each component's own default (tests build components directly) is the setting's default.
 COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
+    (ResilientQueue, "probe_initial_s", "redis_probe_initial_s"),
+    (ResilientQueue, "probe_max_s", "redis_probe_max_s"),
+    (ResilientQueue, "probe_successes", "redis_probe_successes"),
+    (ResilientQueue, "flap_window_s", "redis_flap_window_s"),
+    (ResilientQueue, "watch_interval_s", "redis_watch_interval_s"),
+    (ResilientQueue, "migrate_batch", "redis_handover_batch"),
+    (ResilientQueue, "log_repeat_s", "redis_log_repeat_s"),
+    (RedisQueue, "sweep_interval_s", "redis_sweep_interval_s"),
+    (RedisQueue, "sweep_limit", "redis_sweep_batch"),
+    (RedisQueue, "poll_interval_s", "redis_poll_interval_s"),
     (RedisQueue, "min_replicas_ack", "redis_min_replicas_ack"),
     (RedisQueue, "replicas_ack_timeout_ms", "redis_replicas_ack_timeout_ms"),
+    (LocalQueue, "recover_every_s", "journal_recover_interval_s"),
     (LocalQueue, "retry_after_s", "queue_retry_after_s"),
     (LocalQueue, "max_retained", "queue_max_retained"),
+    (Journal, "compact_max_bytes", "journal_compact_bytes"),
     (Journal, "max_bytes", "journal_max_bytes"),
 ]
 
@@ -130,6 +166,46 @@ COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
 def test_a_component_default_is_its_setting_default(component: Any, param: str, name: str) -> None:
     default = inspect.signature(component).parameters[param].default
     assert default == getattr(Settings(), name)
+
+
+async def test_app_wires_every_new_setting_into_its_component(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "unix:///nonexistent/redis.sock",
+            "SIDECAR_STATE_DIR": str(tmp_path),
+            "SIDECAR_JOURNAL_MAX_MB": "4096",
+            "REDIS_PROBE_INITIAL_SECONDS": "0.3",
+            "REDIS_PROBE_MAX_SECONDS": "7",
+            "REDIS_PROBE_SUCCESSES": "4",
+            "REDIS_FLAP_WINDOW_SECONDS": "90",
+            "REDIS_WATCH_INTERVAL_SECONDS": "2.5",
+            "REDIS_HANDOVER_BATCH": "17",
+            "REDIS_SWEEP_INTERVAL_SECONDS": "3",
+            "REDIS_SWEEP_BATCH": "50",
+            "REDIS_POLL_INTERVAL_SECONDS": "0.7",
+            "REDIS_LOG_REPEAT_SECONDS": "5",
+            "SIDECAR_JOURNAL_COMPACT_MB": "8",
+            "SIDECAR_JOURNAL_RECOVER_INTERVAL_SECONDS": "9",
+        }
+    )
+    queue, local = await build_queue(settings)
+    assert isinstance(queue, ResilientQueue)
+    try:
+        got = (
+            queue.probe_initial_s, queue.probe_max_s, queue.probe_successes,
+            queue.flap_window_s, queue.watch_interval_s, queue.migrate_batch,
+            queue._repeats.interval_s,
+        )  # fmt: skip
+        assert got == (0.3, 7.0, 4, 90.0, 2.5, 17, 5.0)
+        redis = queue.redis
+        assert (redis._sweep_interval_s, redis._sweep_limit, redis._poll_interval_s) == (
+            3.0, 50, 0.7,
+        )  # fmt: skip
+        assert local.recover_every_s == 9.0
+        assert local._journal is not None
+        assert local._journal.compact_bytes == 8 * 1024 * 1024
+    finally:
+        await queue.redis.close()
 
 
 def test_protocol_md_limits_agree_with_the_settings_table() -> None:
