@@ -484,9 +484,9 @@ class Settings:
         if not values.get("state_dir"):
             values["state_dir"] = default_state_dir(env)
         if not problems:
-            problems += _pairs(cls, values)
+            problems += p.bounds(values, lambda name: getattr(cls, name))
         if not problems:
-            problems += _redis_layout(values)
+            problems += p.redis_layout(values)
         if problems:
             raise ConfigError("\n".join(problems))
         return cls(**values)
@@ -511,51 +511,6 @@ class Settings:
         # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
         url = f"{parts.scheme}://{netloc}{parts.path}"
         return f"{url}?{urlencode(query, safe='*')}" if query else url
-
-
-def _pairs(cls: type[Settings], values: dict[str, Any]) -> list[str]:
-    """Check the settings that bound one another (each alone was valid)."""
-    problems: list[str] = []
-    low = values.get("queue_low_watermark", cls.queue_low_watermark)
-    high = values.get("queue_high_watermark", cls.queue_high_watermark)
-    if low >= high:
-        problems.append(
-            f"QUEUE_LOW_WATERMARK={low!r} is invalid: expected a number below "
-            f"QUEUE_HIGH_WATERMARK ({high!r})"
-        )
-    budget = values.get("max_buffered_mb", cls.max_buffered_mb) * 1024 * 1024
-    frame = values.get("max_frame_bytes", cls.max_frame_bytes)
-    if budget < frame:
-        problems.append(
-            f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
-            f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
-        )
-    first = values.get("redis_probe_initial_s", cls.redis_probe_initial_s)
-    most = values.get("redis_probe_max_s", cls.redis_probe_max_s)
-    if first > most:
-        problems.append(
-            f"REDIS_PROBE_INITIAL_SECONDS={first!r} is invalid: expected at most "
-            f"REDIS_PROBE_MAX_SECONDS ({most!r})"
-        )
-    return problems
-
-
-def _redis_layout(values: dict[str, Any]) -> list[str]:
-    """Check the Sentinel and Cluster settings together; fill REDIS_URL from the sentinels."""
-    sentinels = values.get("redis_sentinels")
-    master = values.get("redis_sentinel_master")
-    url = values.get("redis_url")
-    if (sentinels is None) != (master is None):
-        return ["REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: set both or neither"]
-    if sentinels is not None:
-        if url is not None:
-            return ["REDIS_URL is invalid with REDIS_SENTINELS: set one or the other"]
-        url = values["redis_url"] = f"redis+sentinel://{sentinels}/{master}"
-    if values.get("redis_cluster") and (url is None or not url.startswith("redis")):
-        return ["REDIS_CLUSTER is invalid without a redis:// REDIS_URL naming one cluster node"]
-    if values.get("redis_cluster") and url is not None and url.startswith("redis+sentinel"):
-        return ["REDIS_CLUSTER is invalid with Sentinel: a cluster fails over by itself"]
-    return []
 
 
 # The table itself: every field of Settings is a setting (a field without one fails here, at

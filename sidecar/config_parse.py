@@ -1,4 +1,4 @@
-"""The parsers of the settings table: each turns one environment value into a typed one.
+"""The parsers of the settings table, and the checks of settings that bound one another.
 
 A parser raises ValueError for a value it does not accept; `Settings.from_env` turns that into
 a line naming the variable, the value and the setting's accepted text.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[
@@ -131,3 +132,51 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
     if not master or (db and not db.isdigit()):
         raise ValueError(url)
     return sentinel_hosts(hosts), master, int(db or 0)
+
+
+# -- checks across settings ---------------------------------------------------------------
+
+
+def bounds(values: dict[str, Any], default: Callable[[str], Any]) -> list[str]:
+    """Check the settings that bound one another (each alone was valid); `default` of a name."""
+    problems: list[str] = []
+    low = values.get("queue_low_watermark", default("queue_low_watermark"))
+    high = values.get("queue_high_watermark", default("queue_high_watermark"))
+    if low >= high:
+        problems.append(
+            f"QUEUE_LOW_WATERMARK={low!r} is invalid: expected a number below "
+            f"QUEUE_HIGH_WATERMARK ({high!r})"
+        )
+    budget = values.get("max_buffered_mb", default("max_buffered_mb")) * 1024 * 1024
+    frame = values.get("max_frame_bytes", default("max_frame_bytes"))
+    if budget < frame:
+        problems.append(
+            f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
+            f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
+        )
+    first = values.get("redis_probe_initial_s", default("redis_probe_initial_s"))
+    most = values.get("redis_probe_max_s", default("redis_probe_max_s"))
+    if first > most:
+        problems.append(
+            f"REDIS_PROBE_INITIAL_SECONDS={first!r} is invalid: expected at most "
+            f"REDIS_PROBE_MAX_SECONDS ({most!r})"
+        )
+    return problems
+
+
+def redis_layout(values: dict[str, Any]) -> list[str]:
+    """Check the Sentinel and Cluster settings together; fill REDIS_URL from the sentinels."""
+    sentinels = values.get("redis_sentinels")
+    master = values.get("redis_sentinel_master")
+    url = values.get("redis_url")
+    if (sentinels is None) != (master is None):
+        return ["REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: set both or neither"]
+    if sentinels is not None:
+        if url is not None:
+            return ["REDIS_URL is invalid with REDIS_SENTINELS: set one or the other"]
+        url = values["redis_url"] = f"redis+sentinel://{sentinels}/{master}"
+    if values.get("redis_cluster") and (url is None or not url.startswith("redis")):
+        return ["REDIS_CLUSTER is invalid without a redis:// REDIS_URL naming one cluster node"]
+    if values.get("redis_cluster") and url is not None and url.startswith("redis+sentinel"):
+        return ["REDIS_CLUSTER is invalid with Sentinel: a cluster fails over by itself"]
+    return []
