@@ -431,6 +431,28 @@ class Settings:
         10.0, "LLM_BREAKER_RESET_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
         "how long the open breaker waits before one probe may close it",
     )  # fmt: skip
+    # A failed provider call is retried after 1 s, then 2, 4, ... per delivery: quick for a
+    # blip, and at most a minute apart during a long outage.
+    llm_retry_backoff_base_s: float = setting(
+        1.0, "LLM_RETRY_BACKOFF_BASE_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: the delay before a request whose provider call failed is handed out "
+        "again, doubled per delivery (unless the provider sent `Retry-After`)",
+    )  # fmt: skip
+    llm_retry_backoff_max_s: float = setting(
+        60.0, "LLM_RETRY_BACKOFF_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0, at least LLM_RETRY_BACKOFF_BASE_SECONDS",
+        "`sidecar work`: the longest such delay",
+    )  # fmt: skip
+    # Three tries a few hundred milliseconds apart ride out a restart of the service's handler.
+    llm_callback_attempts: int = setting(
+        3, "LLM_CALLBACK_ATTEMPTS", p.whole(1, 100), "a whole number from 1 to 100",
+        "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
+        "`llm_callback_failed`)",
+    )  # fmt: skip
+    llm_callback_timeout_s: float = setting(
+        5.0, "LLM_CALLBACK_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: how long one callback delivery may take",
+    )  # fmt: skip
     llm_response_log_dir: str = setting(
         "llm_response_logs", "LLM_RESPONSE_LOG_DIR", p.text, "a folder path",
         "where the recorder writes",

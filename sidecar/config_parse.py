@@ -161,6 +161,13 @@ def bounds(values: dict[str, Any], default: Callable[[str], Any]) -> list[str]:
             f"REDIS_PROBE_INITIAL_SECONDS={first!r} is invalid: expected at most "
             f"REDIS_PROBE_MAX_SECONDS ({most!r})"
         )
+    first = values.get("llm_retry_backoff_base_s", default("llm_retry_backoff_base_s"))
+    most = values.get("llm_retry_backoff_max_s", default("llm_retry_backoff_max_s"))
+    if first > most:
+        problems.append(
+            f"LLM_RETRY_BACKOFF_BASE_SECONDS={first!r} is invalid: expected at most "
+            f"LLM_RETRY_BACKOFF_MAX_SECONDS ({most!r})"
+        )
     return problems
 
 

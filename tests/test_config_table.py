@@ -21,6 +21,7 @@ import pytest
 from sidecar.app import build_queue
 from sidecar.config import SPECS, ConfigError, Settings
 from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
+from sidecar.llm.worker import WorkerOptions, worker_options
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.resilient import ResilientQueue
@@ -99,6 +100,10 @@ NEW_BAD_VALUES = {
     "SIDECAR_JOURNAL_RECOVER_INTERVAL_SECONDS": ("nan", "a number of seconds >= 0"),
     "LLM_QUEUE_MAX_ATTEMPTS": ("1001", "a whole number >= 1 and <= 1000"),
     "LLM_BASE_URL": ("api.openai.com", "an http:// or https:// URL"),
+    "LLM_RETRY_BACKOFF_BASE_SECONDS": ("0", "a number of seconds > 0"),
+    "LLM_RETRY_BACKOFF_MAX_SECONDS": ("-1", "a number of seconds > 0, at least LLM_RETRY_BACKOFF"),
+    "LLM_CALLBACK_ATTEMPTS": ("0", "a whole number from 1 to 100"),
+    "LLM_CALLBACK_TIMEOUT_SECONDS": ("never", "a number of seconds > 0"),
 }
 
 
@@ -140,6 +145,15 @@ def test_the_probe_backoff_must_not_start_above_its_maximum() -> None:
     assert ok.redis_probe_initial_s == ok.redis_probe_max_s == 2.0
 
 
+def test_the_worker_backoff_must_not_start_above_its_maximum() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"LLM_RETRY_BACKOFF_BASE_SECONDS": "90"})
+    assert str(info.value) == (
+        "LLM_RETRY_BACKOFF_BASE_SECONDS=90.0 is invalid: expected at most "
+        "LLM_RETRY_BACKOFF_MAX_SECONDS (60.0)"
+    )
+
+
 # Each component's own default (tests build components directly) is the setting's default.
 COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
     (ResilientQueue, "probe_initial_s", "redis_probe_initial_s"),
@@ -159,6 +173,11 @@ COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
     (LocalQueue, "max_retained", "queue_max_retained"),
     (Journal, "compact_max_bytes", "journal_compact_bytes"),
     (Journal, "max_bytes", "journal_max_bytes"),
+    (WorkerOptions, "backoff_base_s", "llm_retry_backoff_base_s"),
+    (WorkerOptions, "backoff_max_s", "llm_retry_backoff_max_s"),
+    (WorkerOptions, "callback_attempts", "llm_callback_attempts"),
+    (WorkerOptions, "callback_timeout_s", "llm_callback_timeout_s"),
+    (WorkerOptions, "lease_s", "queue_lease_s"),
 ]
 
 
@@ -206,6 +225,22 @@ async def test_app_wires_every_new_setting_into_its_component(tmp_path: Path) ->
         assert local._journal.compact_bytes == 8 * 1024 * 1024
     finally:
         await queue.redis.close()
+
+
+def test_sidecar_work_takes_its_options_from_the_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "QUEUE_LEASE_SECONDS": "45",
+            "LLM_RETRY_BACKOFF_BASE_SECONDS": "0.5",
+            "LLM_RETRY_BACKOFF_MAX_SECONDS": "8",
+            "LLM_CALLBACK_ATTEMPTS": "6",
+            "LLM_CALLBACK_TIMEOUT_SECONDS": "1.5",
+        }
+    )
+    assert worker_options(settings, 3) == WorkerOptions(
+        concurrency=3, lease_s=45.0, backoff_base_s=0.5, backoff_max_s=8.0,
+        callback_attempts=6, callback_timeout_s=1.5,
+    )  # fmt: skip
 
 
 def test_protocol_md_limits_agree_with_the_settings_table() -> None:
