@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar import config_parse as p
-from sidecar.config_parse import parse_sentinel_url, sentinel_hosts
+from sidecar.config_parse import (
+    default_socket_path,
+    default_state_dir,
+    parse_sentinel_url,
+    sentinel_hosts,
+)
 from sidecar.models import MAX_LEASE_S, MAX_RETENTION_S, MAX_TTL_S, MAX_WAIT_S
 
 __all__ = [
@@ -28,25 +32,6 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A bad setting; the message names the variable, the value and what is accepted."""
-
-
-def default_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """A path an unprivileged user can bind: $XDG_RUNTIME_DIR, else a per-uid folder in /tmp."""
-    env = os.environ if env is None else env
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return str(Path(runtime) / "sidecar" / "sidecar.sock")
-    return f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
-
-
-def default_state_dir(env: Mapping[str, str] | None = None) -> str:
-    """Where the local journal lives: $XDG_STATE_HOME/sidecar, else ~/.local/state/sidecar."""
-    env = os.environ if env is None else env
-    state = env.get("XDG_STATE_HOME")
-    if state:
-        return str(Path(state) / "sidecar")
-    home = env.get("HOME") or str(Path.home())
-    return str(Path(home) / ".local" / "state" / "sidecar")
 
 
 @dataclass(frozen=True)
@@ -515,24 +500,7 @@ class Settings:
 
     def redacted_redis_url(self) -> str | None:
         """The Redis URL with any password (user part or query) replaced, safe for logs."""
-        if self.redis_url is None:
-            return None
-        from urllib.parse import parse_qsl, urlencode, urlsplit
-
-        parts = urlsplit(self.redis_url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            netloc = f"{parts.username or ''}:***@{host}"
-        query = [
-            (k, "***" if k.lower() == "password" else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
-        url = f"{parts.scheme}://{netloc}{parts.path}"
-        return f"{url}?{urlencode(query, safe='*')}" if query else url
+        return None if self.redis_url is None else p.redacted_url(self.redis_url)
 
 
 # The table itself: every field of Settings is a setting (a field without one fails here, at

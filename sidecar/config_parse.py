@@ -1,4 +1,5 @@
-"""The parsers of the settings table, and the checks of settings that bound one another.
+"""The parsers of the settings table, the defaults computed at start, the checks of settings
+that bound one another, and the Redis URL as logs may show it.
 
 A parser raises ValueError for a value it does not accept; `Settings.from_env` turns that into
 a line naming the variable, the value and the setting's accepted text.
@@ -7,7 +8,9 @@ a line naming the variable, the value and the setting's accepted text.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -132,6 +135,45 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
     if not master or (db and not db.isdigit()):
         raise ValueError(url)
     return sentinel_hosts(hosts), master, int(db or 0)
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password (user part or query) replaced, safe for logs."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = [
+        (k, "***" if k.lower() == "password" else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
+    base = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{base}?{urlencode(query, safe='*')}" if query else base
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> str:
+    """A path an unprivileged user can bind: $XDG_RUNTIME_DIR, else a per-uid folder in /tmp."""
+    env = os.environ if env is None else env
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "sidecar" / "sidecar.sock")
+    return f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where the local journal lives: $XDG_STATE_HOME/sidecar, else ~/.local/state/sidecar."""
+    env = os.environ if env is None else env
+    state = env.get("XDG_STATE_HOME")
+    if state:
+        return str(Path(state) / "sidecar")
+    home = env.get("HOME") or str(Path.home())
+    return str(Path(home) / ".local" / "state" / "sidecar")
 
 
 # -- checks across settings ---------------------------------------------------------------
