@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sidecar.app import build_queue
+from sidecar.client_conn import CONNECT_TIMEOUT_ENV, TIMEOUT_ENV
 from sidecar.config import SPECS, ConfigError, Settings
 from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
 from sidecar.llm.worker import WorkerOptions, worker_options
@@ -263,3 +264,16 @@ def test_protocol_md_limits_agree_with_the_settings_table() -> None:
             assert bound.replace(",", "") in SPECS[by_env[envs[0]]].accepted, row
         checked += 1
     assert checked >= 18
+
+
+# Variables the docs may name that are not the daemon's settings: the clients' own, and the
+# API key the LLM side reads from the environment only (never kept in Settings).
+NOT_SETTINGS = {CONNECT_TIMEOUT_ENV, TIMEOUT_ENV, "LLM_API_KEY"}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "protocol.md", "systemd/README.md"])
+def test_every_variable_the_docs_name_exists(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    named = set(re.findall(r"\b(?:SIDECAR|QUEUE|REDIS|LLM)_[A-Z0-9_]*[A-Z0-9]\b", text))
+    known = {spec.env for spec in SPECS.values()} | NOT_SETTINGS
+    assert named - known == set(), f"{doc} names variables no setting reads"
