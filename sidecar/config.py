@@ -164,6 +164,8 @@ class Settings:
         2, "REDIS_PROBE_SUCCESSES", p.whole(1, 100), "a whole number from 1 to 100",
         "successful probe writes in a row before Redis serves again",
     )  # fmt: skip
+    # Half a minute: a Redis at its memory limit refuses the next batch within seconds of a
+    # recovery; a failure minutes later is a new outage, worth probing quickly again.
     redis_flap_window_s: float = setting(
         30.0, "REDIS_FLAP_WINDOW_SECONDS", p.number(0), "a number of seconds >= 0",
         "failing again this soon after a recovery is a flap: the probe keeps its backoff "
@@ -181,11 +183,14 @@ class Settings:
         100, "REDIS_HANDOVER_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
         "requests moved from the local queue to Redis per script call after an outage",
     )  # fmt: skip
+    # A second: lapsed leases and expiries are acted on about that soon, for one short script
+    # per daemon per second.
     redis_sweep_interval_s: float = setting(
         1.0, "REDIS_SWEEP_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
         "how often each daemon sweeps Redis: expires requests, takes back lapsed leases, "
         "forgets records past retention (a dequeue also sweeps before it takes)",
     )  # fmt: skip
+    # 500 per step keeps one script run short; a backlog is swept in steps one after another.
     redis_sweep_batch: int = setting(
         500, "REDIS_SWEEP_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
         "most requests one sweep step moves of each kind; a sweep that fills it goes on at once",
@@ -197,6 +202,7 @@ class Settings:
         "while a dequeue long-polls, how often Redis is checked for requests other daemons "
         "enqueued",
     )  # fmt: skip
+    # A minute: an outage shows in the log at once and then once a minute, not per failed call.
     redis_log_repeat_s: float = setting(
         60.0, "REDIS_LOG_REPEAT_SECONDS", p.number(0), "a number of seconds >= 0",
         "at most one `redis_down`, `redis_recovered` or `redis_probe_failed` line per this "
@@ -434,6 +440,7 @@ class Settings:
         "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
         "`llm_callback_failed`)",
     )  # fmt: skip
+    # A callback is the service's own handler: 5 s is far above a healthy answer.
     llm_callback_timeout_s: float = setting(
         5.0, "LLM_CALLBACK_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
         "`sidecar work`: how long one callback delivery may take",
