@@ -81,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(markdown_table())
         return 0
     path = Path(args.write)
-    path.write_text(with_table(path.read_text()))
+    try:
+        path.write_text(with_table(path.read_text()))
+    except ValueError:
+        print(f"{path}: no settings table to replace: mark its place with the lines\n{BEGIN}\n"
+              f"{END}", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

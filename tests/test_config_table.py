@@ -21,7 +21,15 @@ import pytest
 from sidecar.app import build_queue
 from sidecar.client_conn import CONNECT_TIMEOUT_ENV, TIMEOUT_ENV
 from sidecar.config import SPECS, ConfigError, Settings
-from sidecar.config_docs import REGENERATE, help_text, markdown_table, readme_table, shown_default
+from sidecar.config_docs import (
+    BEGIN,
+    END,
+    REGENERATE,
+    help_text,
+    markdown_table,
+    readme_table,
+    shown_default,
+)
 from sidecar.llm.worker import WorkerOptions, worker_options
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue
@@ -36,6 +44,20 @@ def test_the_readme_table_is_the_generated_one() -> None:
     assert readme_table(readme) == markdown_table(), (
         f"README.md's settings table differs from sidecar/config.py: run `{REGENERATE}`"
     )
+
+
+def test_regenerating_a_file_without_the_markers_says_what_is_missing(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no table here\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar.config_docs", "--write", str(readme)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"{readme}: no settings table to replace: mark its place with the lines", BEGIN, END,
+    ]  # fmt: skip
+    assert readme.read_text() == "# no table here\n"
 
 
 def test_every_field_is_a_setting_with_its_own_variable_and_a_one_line_doc() -> None:
