@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from sidecar.client import Client
 from sidecar.errors import BackendUnavailable
@@ -132,6 +133,30 @@ def test_the_daemon_hands_its_backlog_over_in_batches_of_the_setting() -> None:
             stats = client.stats()
             assert stats.mode == "redis" and stats.stores["redis"].queued == 20, stats
             assert all(client.status(i).status == "queued" for i in ids)
+
+
+def _polls(server: RedisServer) -> int:
+    """ZCOUNT calls so far: only the long-poll watcher sends it (on an empty pending set)."""
+    with redis.Redis.from_url(server.url) as admin:
+        stats = admin.info("commandstats")
+    return int(stats.get("cmdstat_zcount", {}).get("calls", 0))
+
+
+def test_a_long_poll_looks_at_redis_no_more_often_than_the_poll_interval() -> None:
+    wait_s, interval_s = 2.0, 0.5
+    with (
+        RedisServer() as server,
+        running_daemon(REDIS_URL=server.url, REDIS_POLL_INTERVAL_SECONDS=str(interval_s)) as d,
+        Client(d.socket_path) as client,
+    ):
+        before = _polls(server)
+        began = time.monotonic()
+        assert client.dequeue(1, wait_s=wait_s) == []
+        waited = time.monotonic() - began
+        polls = _polls(server) - before
+    # The watcher sleeps a whole interval before each look, whatever the machine's speed: at
+    # the default 0.2 s this wait would have taken about ten.
+    assert 1 <= polls <= waited / interval_s, (polls, waited)
 
 
 def test_the_journal_compacts_at_the_setting_capped_by_a_quarter_of_its_disk(
