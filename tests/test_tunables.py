@@ -1,7 +1,8 @@
 """The tunables that were module constants take effect when set.
 
 The failover manager's probe (backoff, successes in a row, flap window) on a real
-redis-server; the hand-over batch through the real daemon; the journal's compaction bound.
+redis-server; through the real daemon, the hand-over batch, and the long poll's and the
+generation watch's pace (counted in Redis's own commandstats); the journal's compaction bound.
 (test_config_table.py checks that app.py passes each setting into its component.)
 """
 
@@ -135,28 +136,48 @@ def test_the_daemon_hands_its_backlog_over_in_batches_of_the_setting() -> None:
             assert all(client.status(i).status == "queued" for i in ids)
 
 
-def _polls(server: RedisServer) -> int:
-    """ZCOUNT calls so far: only the long-poll watcher sends it (on an empty pending set)."""
+def _calls(server: RedisServer, command: str) -> int:
+    """How many times Redis has run `command` so far (its own INFO commandstats)."""
     with redis.Redis.from_url(server.url) as admin:
         stats = admin.info("commandstats")
-    return int(stats.get("cmdstat_zcount", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-def test_a_long_poll_looks_at_redis_no_more_often_than_the_poll_interval() -> None:
-    wait_s, interval_s = 2.0, 0.5
+def _count_during_long_poll(command: str, wait_s: float, **env: str) -> tuple[int, float]:
+    """Calls of `command` while the real daemon long-polls an empty queue, and the wait."""
     with (
         RedisServer() as server,
-        running_daemon(REDIS_URL=server.url, REDIS_POLL_INTERVAL_SECONDS=str(interval_s)) as d,
-        Client(d.socket_path) as client,
+        running_daemon(REDIS_URL=server.url, **env) as daemon,
+        Client(daemon.socket_path) as client,
     ):
-        before = _polls(server)
+        before = _calls(server, command)
         began = time.monotonic()
         assert client.dequeue(1, wait_s=wait_s) == []
         waited = time.monotonic() - began
-        polls = _polls(server) - before
+        return _calls(server, command) - before, waited
+
+
+def test_a_long_poll_looks_at_redis_no_more_often_than_the_poll_interval() -> None:
+    # Only the long poll's watcher sends ZCOUNT (on an empty pending set).
+    polls, waited = _count_during_long_poll(
+        "zcount", 2.0, REDIS_POLL_INTERVAL_SECONDS="0.5"
+    )
     # The watcher sleeps a whole interval before each look, whatever the machine's speed: at
     # the default 0.2 s this wait would have taken about ten.
-    assert 1 <= polls <= waited / interval_s, (polls, waited)
+    assert 1 <= polls <= waited / 0.5, (polls, waited)
+
+
+@pytest.mark.parametrize("interval_s", [0.25, 60.0])
+def test_the_generation_watch_runs_at_its_interval(interval_s: float) -> None:
+    # Only the watch (and the start, before this count) GETs the generation marker.
+    checks, waited = _count_during_long_poll(
+        "get", 2.0, REDIS_WATCH_INTERVAL_SECONDS=str(interval_s)
+    )
+    # Never more often than the interval (the default 1 s would check about twice in a
+    # minute's setting); and it does run when the interval is shorter than the wait.
+    assert checks <= waited / interval_s, (checks, waited)
+    if interval_s < waited:
+        assert checks >= 1, (checks, waited)
 
 
 def test_the_journal_compacts_at_the_setting_capped_by_a_quarter_of_its_disk(
