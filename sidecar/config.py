@@ -1,4 +1,7 @@
-"""Settings from the environment, validated once at start with errors that name the variable."""
+"""The settings table: each setting once (variable, parser, default, doc), read into Settings.
+
+Validated once at start, with errors that name the variable.
+"""
 
 from __future__ import annotations
 
@@ -65,8 +68,8 @@ def setting(
 class Settings:
     """Every tunable of the daemon, each declared once with its variable, parser and doc.
 
-    The README's settings table and `sidecar serve --help` are generated from these fields
-    (`python -m sidecar.config --markdown`).
+    The README's settings table (`python -m sidecar.config_docs --write README.md`) and
+    `sidecar serve --help` are generated from these fields (sidecar/config_docs.py).
     """
 
     socket_path: str = setting(
