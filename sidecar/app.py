@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -16,6 +16,7 @@ import uvloop
 from sidecar import __version__, systemd
 from sidecar.config import Settings
 from sidecar.handlers import Ops
+from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueManager
 from sidecar.queue.local import Journal, JournalError, LocalQueue
 from sidecar.server import SidecarServer, StartupError
@@ -124,6 +125,31 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
     ), local
 
 
+async def no_metrics() -> bytes:
+    """The metrics op's text until the daemon collects metrics: empty."""
+    return b""
+
+
+def build_server(
+    settings: Settings,
+    queue: QueueManager,
+    *,
+    observer: Observer | None = None,
+    render_metrics: Callable[[], Awaitable[bytes]] = no_metrics,
+) -> SidecarServer:
+    """The server and its ops, sharing the state this function owns: the stopping event (the
+    server's drain sets it, the ops' long polls end on it) and the open-connection count (the
+    server keeps it, health reports it)."""
+    stopping = asyncio.Event()
+    count = ConnectionCount()
+    ops = Ops(
+        settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics
+    )
+    return SidecarServer(
+        settings, ops, stopping=stopping, count=count, observer=observer or NullObserver()
+    )
+
+
 async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> int:
     """Serve until `shutdown` is set (by SIGTERM/SIGINT when none is given), then drain.
 
@@ -150,8 +176,9 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     deadline = loop.time() + settings.drain_timeout_s
     try:
         listen_sock = systemd.inherited_socket(settings.socket_path)
-        ops = Ops(settings, queue, connections=lambda: len(server.connections) if server else 0)
-        server = SidecarServer(ops)
+        server = build_server(
+            settings, queue, observer=NullObserver(), render_metrics=no_metrics
+        )
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
         report = await queue.health()
         log.info(

@@ -16,7 +16,7 @@ from sidecar.client_conn import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
 from sidecar.config_docs import help_text
 from sidecar.errors import SidecarError, SidecarUnavailable
-from sidecar.models import QueueStats
+from sidecar.protocol import StatsResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a command failed (or health: degraded)
@@ -137,7 +137,12 @@ def _stats(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_stats(stats: QueueStats) -> str:
+def _metrics(client: Client, args: argparse.Namespace) -> int:
+    sys.stdout.write(client.metrics().text)  # the exposition ends its own lines
+    return EXIT_OK
+
+
+def format_stats(stats: StatsResult) -> str:
     """A readable two-column table of the stats."""
     rows: list[tuple[str, Any]] = []
     for name in stats.__struct_fields__:
@@ -231,6 +236,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
         p.set_defaults(run=func)
+    p = sub.add_parser("metrics", help="the daemon's metrics as Prometheus text")
+    p.set_defaults(run=_metrics)
     p = sub.add_parser("enqueue", help="enqueue a JSON payload (argument or stdin); prints its id")
     p.add_argument("payload", nargs="?", help="the payload as JSON; '-' or none reads stdin")
     p.add_argument("--priority", type=int, help="0 (most urgent) to 9; default 5")

@@ -222,6 +222,34 @@ def test_cli_health_and_stats(daemon: Daemon) -> None:
     assert stats["store"] == "local"
 
 
+def test_metrics_through_both_clients_and_the_cli(daemon: Daemon) -> None:
+    """The metrics op end to end (the daemon renders no families yet: the text is empty)."""
+    with Client(daemon.socket_path) as c:
+        sync = c.metrics()
+    assert sync.content_type.startswith("text/plain; version=0.0.4")
+
+    async def via_async() -> str:
+        async with AsyncClient(daemon.socket_path) as a:
+            return (await a.metrics()).text
+
+    assert asyncio.run(via_async()) == sync.text
+    proc = cli(daemon, "metrics")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, sync.text, "")
+
+
+def test_cli_metrics_unreachable_exits_2() -> None:
+    with short_tmpdir() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidecar", "--socket", str(tmp / "x.sock"), "metrics"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith("unreachable: sidecar unavailable")
+
+
 def test_cli_health_unreachable_exits_2() -> None:
     with short_tmpdir() as tmp:
         proc = subprocess.run(

@@ -23,7 +23,7 @@ import structlog
 
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
-from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats, QueueStatus
+from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats, QueueStatus
 from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
 from sidecar.queue.redis_io import (
     Arg,
@@ -213,7 +213,7 @@ class RedisQueue:
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Store new requests all-or-none; existing queue_ids come back unchanged.
 
         Times past MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
@@ -230,7 +230,7 @@ class RedisQueue:
             args += [req.max_attempts, payload, req.attempts]
         keys = tuple(self.keys.request(r.queue_id) for r in requests)
         reply = await self._call("enqueue", now, *args, keys=keys)
-        results: list[EnqueueResult] = []
+        results: list[EnqueueOutcome] = []
         for req, (created, data) in zip(requests, reply[1], strict=True):
             if created:
                 payload = req.payload if req.payload is not None else b""
@@ -242,7 +242,7 @@ class RedisQueue:
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
-            results.append(EnqueueResult(request=rec, created=bool(created)))
+            results.append(EnqueueOutcome(request=rec, created=bool(created)))
         if any(r.created for r in results):
             self._notify_work()
         return results
