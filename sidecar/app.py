@@ -85,6 +85,7 @@ def build_local_queue(
             Path(settings.state_dir),
             fsync=settings.journal_fsync == "always",
             max_bytes=settings.journal_max_bytes,
+            compact_max_bytes=settings.journal_compact_bytes,
         )
     return LocalQueue(
         max_items=settings.queue_max_size,
@@ -96,6 +97,7 @@ def build_local_queue(
         max_retained=settings.queue_max_retained,
         clock=clock,
         journal=journal,
+        recover_every_s=settings.journal_recover_interval_s,
     )
 
 
@@ -110,7 +112,17 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
 
     # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
     # still starts, on the local queue, and moves to Redis when it answers.
-    return ResilientQueue(build_redis_queue(settings), local), local
+    return ResilientQueue(
+        build_redis_queue(settings),
+        local,
+        probe_initial_s=settings.redis_probe_initial_s,
+        probe_max_s=settings.redis_probe_max_s,
+        probe_successes=settings.redis_probe_successes,
+        flap_window_s=settings.redis_flap_window_s,
+        watch_interval_s=settings.redis_watch_interval_s,
+        migrate_batch=settings.redis_handover_batch,
+        log_repeat_s=settings.redis_log_repeat_s,
+    ), local
 
 
 async def no_metrics() -> bytes:

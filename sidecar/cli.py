@@ -14,6 +14,7 @@ import msgspec
 from sidecar.client import Client, decode_payload
 from sidecar.client_conn import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
+from sidecar.config_docs import help_text
 from sidecar.errors import SidecarError, SidecarUnavailable
 from sidecar.protocol import StatsResult
 
@@ -219,7 +220,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for a reply (default: {TIMEOUT_ENV}, else {CLI_TIMEOUT_S:g})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the daemon (configured by environment variables)")
+    sub.add_parser(
+        "serve",
+        help="run the daemon (configured by environment variables)",
+        description="Run the daemon. Every setting is an environment variable, listed below.",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p = sub.add_parser("work", help="run an LLM worker: queued requests -> provider -> callback")
     p.add_argument("--concurrency", type=int, default=4, help="requests handled at once")
     for name, func, text in (

@@ -1,15 +1,34 @@
-"""Settings from the environment, validated once at start with errors that name the variable."""
+"""The settings table: each setting once (variable, parser, default, doc), read into Settings.
+
+Validated once at start, with errors that name the variable.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from sidecar import config_parse as p
+from sidecar.config_parse import (
+    default_socket_path,
+    default_state_dir,
+    parse_sentinel_url,
+    sentinel_hosts,
+)
 from sidecar.models import MAX_LEASE_S, MAX_RETENTION_S, MAX_TTL_S, MAX_WAIT_S
+
+__all__ = [
+    "SPECS",
+    "ConfigError",
+    "Settings",
+    "Spec",
+    "default_socket_path",
+    "default_state_dir",
+    "parse_sentinel_url",
+    "sentinel_hosts",
+]
 
 T = TypeVar("T")
 
@@ -18,129 +37,434 @@ class ConfigError(ValueError):
     """A bad setting; the message names the variable, the value and what is accepted."""
 
 
-def default_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """A path an unprivileged user can bind: $XDG_RUNTIME_DIR, else a per-uid folder in /tmp."""
-    env = os.environ if env is None else env
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return str(Path(runtime) / "sidecar" / "sidecar.sock")
-    return f"/tmp/sidecar-{os.getuid()}/sidecar.sock"
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is read and shown: its variable, parser, accepted values and doc."""
+
+    env: str
+    parse: Callable[[str], Any]
+    accepted: str
+    doc: str
+    # The default as the README and --help show it, when the value alone would mislead (a
+    # default computed at start, or an empty string that means "chosen by another setting").
+    shown: str | None = None
 
 
-def default_state_dir(env: Mapping[str, str] | None = None) -> str:
-    """Where the local journal lives: $XDG_STATE_HOME/sidecar, else ~/.local/state/sidecar."""
-    env = os.environ if env is None else env
-    state = env.get("XDG_STATE_HOME")
-    if state:
-        return str(Path(state) / "sidecar")
-    home = env.get("HOME") or str(Path.home())
-    return str(Path(home) / ".local" / "state" / "sidecar")
+def setting(
+    default: T,
+    env: str,
+    parse: Callable[[str], T],
+    accepted: str,
+    doc: str,
+    *,
+    shown: str | None = None,
+) -> T:
+    """A Settings field carrying its row of the settings table (see SPECS)."""
+    spec = Spec(env, parse, accepted, doc, shown)
+    return field(default=default, metadata={"setting": spec})
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Every tunable of the daemon; the environment variable of each is in ENV_NAMES."""
+    """Every tunable of the daemon, each declared once with its variable, parser and doc.
 
-    # Local queue limits. 1000 items / 100 MB fit a host's spare memory during an outage of
-    # tens of minutes at typical LLM request sizes (a few KB each).
-    queue_max_size: int = 1000
-    queue_max_memory_mb: float = 100.0
-    # The breaker opens at the high watermark and closes at the low one; the gap stops it
-    # flapping on every enqueue/dequeue pair near the limit.
-    queue_high_watermark: float = 0.8
-    queue_low_watermark: float = 0.6
-    queue_request_ttl_hours: float = 4.0
-    # A lease long enough for one slow LLM call; the worker helper extends it while it runs.
-    queue_lease_s: float = 60.0
-    # Three deliveries ride out a worker crash or a transient provider error without looping.
-    queue_max_attempts: int = 3
-    # Terminal statuses stay readable for a day: long enough for a service to poll an outcome.
-    queue_retention_hours: float = 24.0
-    # The local queue's cap on finished records kept for status reads (~330 B each): 100k is
-    # about 33 MB, a day of retention at about one request a second.
-    queue_max_retained: int = 100_000
-    # What a queue_full reply suggests as a wait before retrying.
-    queue_retry_after_s: float = 5.0
-    record_llm_responses: bool = False
-    environment: str = "development"
-    socket_path: str = ""
-    redis_url: str | None = None
-    redis_password_file: str | None = None
-    redis_key_prefix: str = "sidecar"
-    # About a second: a frozen Redis must fail over quickly, not hold a caller for a minute.
-    redis_connect_timeout_s: float = 1.0
-    redis_timeout_s: float = 1.0
-    # Sentinel: the sentinels (host:port,...) and the name of the primary they watch. Set
-    # both, or write REDIS_URL=redis+sentinel://host:port,host:port/master[/db].
-    redis_sentinels: str | None = None
-    redis_sentinel_master: str | None = None
-    # REDIS_URL names one node of a Redis Cluster; the client finds the others.
-    redis_cluster: bool = False
-    # 0: an enqueue is acknowledged once the primary has it (async replication may lose it in
-    # a failover). N: only once N replicas confirm (WAIT); else it is answered locally.
-    redis_min_replicas_ack: int = 0
-    # Half the default command timeout: a lagging replica fails the write over quickly.
-    redis_replicas_ack_timeout_ms: int = 500
-    # 8 MiB frames carry a batch of large prompts; 1 MiB per payload is far above a normal request.
-    max_frame_bytes: int = 8 * 1024 * 1024
-    max_payload_bytes: int = 1024 * 1024
-    max_batch: int = 1000
-    max_connections: int = 1024
-    # The longest a dequeue may wait for work before answering with nothing.
-    max_wait_s: float = 30.0
-    # How long shutdown waits for in-flight requests before closing connections.
-    drain_timeout_s: float = 5.0
-    log_level: str = "info"
-    # The local store's journal. systemd's StateDirectory=sidecar sets /var/lib/sidecar.
-    state_dir: str = ""
-    # always: an enqueue is acknowledged once its record is synced (one fsync per loop pass);
-    # off: written but not synced, so kept on a crash of the daemon, lost on one of the machine.
-    journal_fsync: str = "always"
-    # Snapshot plus segments; about ten times the default memory limit, so the journal only
-    # refuses work when the disk is much smaller than the queue it has to hold.
-    journal_max_mb: float = 1024.0
+    The README's settings table (`python -m sidecar.config_docs --write README.md`) and
+    `sidecar serve --help` are generated from these fields (sidecar/config_docs.py).
+    """
+
+    socket_path: str = setting(
+        "", "SIDECAR_SOCKET", p.text, "a filesystem path",
+        "the Unix socket (mode 0660); its folder is created 0700, and the daemon refuses "
+        "(exit 2) a folder another user owns or others can write",
+        shown="`$XDG_RUNTIME_DIR/sidecar/sidecar.sock`, else `/tmp/sidecar-<uid>/sidecar.sock`",
+    )  # fmt: skip
     # A group whose members may connect: the socket folder is then 0750 and setgid to it.
-    socket_group: int | None = None
+    socket_group: int | None = setting(
+        None, "SIDECAR_SOCKET_GROUP", p.group, "a group name or numeric gid",
+        "a group whose members may connect: the folder is created 0750, setgid to it",
+    )  # fmt: skip
     # Peers allowed by SO_PEERCRED (uid or primary gid); both empty: anyone who can reach the
     # socket file.
-    allowed_uids: tuple[int, ...] = ()
-    allowed_gids: tuple[int, ...] = ()
+    allowed_uids: tuple[int, ...] = setting(
+        (), "SIDECAR_ALLOWED_UIDS", p.ids, "comma-separated numeric uids",
+        "uids allowed to connect (checked with `SO_PEERCRED`); others get `permission_denied`. "
+        "Do not combine with systemd's `PrivateUsers=yes` (peers read as 65534)",
+        shown="unset: anyone who can open the socket",
+    )  # fmt: skip
+    allowed_gids: tuple[int, ...] = setting(
+        (), "SIDECAR_ALLOWED_GIDS", p.ids, "comma-separated numeric gids",
+        "primary gids allowed to connect, as `SIDECAR_ALLOWED_UIDS` (a peer passes if either "
+        "list has it)",
+        shown="unset: anyone who can open the socket",
+    )  # fmt: skip
+    redis_url: str | None = setting(
+        None, "REDIS_URL", p.redis_url,
+        "a redis://, rediss://, unix:// or redis+sentinel://host:port,.../master[/db] URL",
+        "the primary store",
+        shown="unset: local store only (journaled)",
+    )  # fmt: skip
+    redis_password_file: str | None = setting(
+        None, "REDIS_PASSWORD_FILE", p.text, "a file path",
+        "read the Redis password from this file instead of the URL",
+    )  # fmt: skip
+    redis_key_prefix: str = setting(
+        "sidecar", "REDIS_KEY_PREFIX", p.key_prefix, "a non-empty name without braces or spaces",
+        "prefix of every key (inside a `{hash tag}`)",
+    )  # fmt: skip
+    # About a second: a frozen Redis must fail over quickly, not hold a caller for a minute.
+    redis_connect_timeout_s: float = setting(
+        1.0, "REDIS_CONNECT_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "fail fast on a Redis that does not accept the connection",
+    )  # fmt: skip
+    redis_timeout_s: float = setting(
+        1.0, "REDIS_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "fail fast on a frozen Redis: a call waits this long for its reply, then fails over",
+    )  # fmt: skip
+    # Sentinel: the sentinels (host:port,...) and the name of the primary they watch. Set
+    # both, or write REDIS_URL=redis+sentinel://host:port,host:port/master[/db].
+    redis_sentinels: str | None = setting(
+        None, "REDIS_SENTINELS", p.sentinels, "host:port[,host:port...]",
+        "Sentinel: the sentinels (set `REDIS_SENTINEL_MASTER` too, and no `REDIS_URL`; or "
+        "write `REDIS_URL=redis+sentinel://host:port,.../name[/db]`)",
+    )  # fmt: skip
+    redis_sentinel_master: str | None = setting(
+        None, "REDIS_SENTINEL_MASTER", p.text, "the name the sentinels monitor the primary under",
+        "Sentinel: the name the sentinels monitor the primary under",
+    )  # fmt: skip
+    # REDIS_URL names one node of a Redis Cluster; the client finds the others.
+    redis_cluster: bool = setting(
+        False, "REDIS_CLUSTER", p.boolean, "true or false",
+        "`true`: `REDIS_URL` (a `redis://` URL) names one node of a Redis Cluster",
+    )  # fmt: skip
+    # 0: an enqueue is acknowledged once the primary has it (async replication may lose it in
+    # a failover). N: only once N replicas confirm (WAIT); else it is answered locally.
+    redis_min_replicas_ack: int = setting(
+        0, "REDIS_MIN_REPLICAS_ACK", p.whole(0), "a whole number of replicas >= 0",
+        "acknowledge an enqueue from Redis only once this many replicas confirm it (`WAIT`); "
+        "else it is answered from the local queue",
+    )  # fmt: skip
+    # Half the default command timeout: a lagging replica fails the write over quickly.
+    redis_replicas_ack_timeout_ms: int = setting(
+        500, "REDIS_REPLICAS_ACK_TIMEOUT_MS", p.whole(1), "a whole number of milliseconds >= 1",
+        "how long that `WAIT` waits (added to the socket timeout of those calls)",
+    )  # fmt: skip
+    # The first probe comes soon (most outages are a restart of seconds); each failure doubles
+    # the wait up to the maximum, so a long outage costs one small write every 2 s.
+    redis_probe_initial_s: float = setting(
+        0.1, "REDIS_PROBE_INITIAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "during an outage, the first wait before probing Redis again; doubled after each "
+        "failed probe",
+    )  # fmt: skip
+    redis_probe_max_s: float = setting(
+        2.0, "REDIS_PROBE_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0, at least REDIS_PROBE_INITIAL_SECONDS",
+        "the longest wait between two probes: how late, at worst, the daemon notices that "
+        "Redis is back",
+    )  # fmt: skip
+    # One small write can pass while a Redis at its memory limit refuses the next batch (the
+    # store then flapped many times a second): two in a row before Redis serves again.
+    redis_probe_successes: int = setting(
+        2, "REDIS_PROBE_SUCCESSES", p.whole(1, 100), "a whole number from 1 to 100",
+        "successful probe writes in a row before Redis serves again",
+    )  # fmt: skip
+    # Half a minute: a Redis at its memory limit refuses the next batch within seconds of a
+    # recovery; a failure minutes later is a new outage, worth probing quickly again.
+    redis_flap_window_s: float = setting(
+        30.0, "REDIS_FLAP_WINDOW_SECONDS", p.number(0), "a number of seconds >= 0",
+        "failing again this soon after a recovery is a flap: the probe keeps its backoff "
+        "instead of starting again from `REDIS_PROBE_INITIAL_SECONDS`",
+    )  # fmt: skip
+    # A Redis that restarts quickly never fails a call, so only this check notices that it
+    # came back empty (and an idle outage, and a changed maxmemory-policy).
+    redis_watch_interval_s: float = setting(
+        1.0, "REDIS_WATCH_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "while Redis serves, how often its generation marker and eviction policy are checked "
+        "(data loss and a wrong `maxmemory-policy` are noticed this soon)",
+    )  # fmt: skip
+    # A few hundred requests per script keeps each one short: Redis runs nothing else meanwhile.
+    redis_handover_batch: int = setting(
+        100, "REDIS_HANDOVER_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
+        "requests moved from the local queue to Redis per script call after an outage",
+    )  # fmt: skip
+    # A second: lapsed leases and expiries are acted on about that soon, for one short script
+    # per daemon per second.
+    redis_sweep_interval_s: float = setting(
+        1.0, "REDIS_SWEEP_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "how often each daemon sweeps Redis: expires requests, takes back lapsed leases, "
+        "forgets records past retention (a dequeue also sweeps before it takes)",
+    )  # fmt: skip
+    # 500 per step keeps one script run short; a backlog is swept in steps one after another.
+    redis_sweep_batch: int = setting(
+        500, "REDIS_SWEEP_BATCH", p.whole(1, 100_000), "a whole number from 1 to 100000",
+        "most requests one sweep step moves of each kind; a sweep that fills it goes on at once",
+    )  # fmt: skip
+    # Another host's enqueue does not wake this daemon's long polls: one O(1) look per
+    # interval while anyone waits, so a request from elsewhere waits at most this long.
+    redis_poll_interval_s: float = setting(
+        0.2, "REDIS_POLL_INTERVAL_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "while a dequeue long-polls, how often Redis is checked for requests other daemons "
+        "enqueued",
+    )  # fmt: skip
+    # A minute: an outage shows in the log at once and then once a minute, not per failed call.
+    redis_log_repeat_s: float = setting(
+        60.0, "REDIS_LOG_REPEAT_SECONDS", p.number(0), "a number of seconds >= 0",
+        "at most one `redis_down`, `redis_recovered` or `redis_probe_failed` line per this "
+        "interval (the next says how many were skipped; skipped ones go out at debug level)",
+    )  # fmt: skip
+    # Local queue limits. 1000 items / 100 MB fit a host's spare memory during an outage of
+    # tens of minutes at typical LLM request sizes (a few KB each).
+    queue_max_size: int = setting(
+        1000, "QUEUE_MAX_SIZE", p.whole(1), "a whole number >= 1",
+        "local queue: most requests held (queued + processing)",
+    )  # fmt: skip
+    queue_max_memory_mb: float = setting(
+        100.0, "QUEUE_MAX_MEMORY_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "local queue: most heap memory held by queued and processing requests (finished "
+        "records are bounded apart, by `QUEUE_MAX_RETAINED`)",
+    )  # fmt: skip
+    # The breaker opens at the high watermark and closes at the low one; the gap stops it
+    # flapping on every enqueue/dequeue pair near the limit.
+    queue_high_watermark: float = setting(
+        0.8, "QUEUE_HIGH_WATERMARK", p.number(0, 1, lo_open=True), "a fraction in (0, 1]",
+        "local queue: refuse new requests from this share of either limit",
+    )  # fmt: skip
+    queue_low_watermark: float = setting(
+        0.6, "QUEUE_LOW_WATERMARK", p.number(0, 1),
+        "a fraction in [0, 1) below QUEUE_HIGH_WATERMARK",
+        "... until usage falls back to this share",
+    )  # fmt: skip
+    # The duration maxima are the protocol's (sidecar.models): every store can represent them.
+    queue_request_ttl_hours: float = setting(
+        4.0, "QUEUE_REQUEST_TTL_HOURS", p.number(0, MAX_TTL_S / 3600, lo_open=True),
+        f"a number of hours > 0 and <= {MAX_TTL_S / 3600:g}",
+        "default time to live of a request",
+    )  # fmt: skip
+    # A lease long enough for one slow LLM call; the worker helper extends it while it runs.
+    queue_lease_s: float = setting(
+        60.0, "QUEUE_LEASE_SECONDS", p.number(0, MAX_LEASE_S, lo_open=True),
+        f"a number of seconds > 0 and <= {MAX_LEASE_S:g}",
+        "default lease of a dequeued request",
+    )  # fmt: skip
+    # Three deliveries ride out a worker crash or a transient provider error without looping.
+    queue_max_attempts: int = setting(
+        3, "QUEUE_MAX_ATTEMPTS", p.whole(1), "a whole number >= 1",
+        "deliveries before a request fails for good",
+    )  # fmt: skip
+    # Terminal statuses stay readable for a day: long enough for a service to poll an outcome.
+    queue_retention_hours: float = setting(
+        24.0, "QUEUE_RETENTION_HOURS", p.number(0, MAX_RETENTION_S / 3600),
+        f"a number of hours >= 0 and <= {MAX_RETENTION_S / 3600:g}",
+        "how long a completed, failed or expired status stays readable",
+    )  # fmt: skip
+    # The local queue's cap on finished records kept for status reads (~330 B each): 100k is
+    # about 33 MB, a day of retention at about one request a second.
+    queue_max_retained: int = setting(
+        100_000, "QUEUE_MAX_RETAINED", p.whole(0), "a whole number >= 0",
+        "local queue: most finished records kept for status reads; past it the oldest go "
+        "early, counted in `stats` as `retention_cut`. These records (about 440 bytes each: "
+        "44 MB per 100k) are bounded by this count only, **not** counted in "
+        "`QUEUE_MAX_MEMORY_MB`",
+    )  # fmt: skip
+    queue_retry_after_s: float = setting(
+        5.0, "QUEUE_RETRY_AFTER_SECONDS", p.number(0), "a number of seconds >= 0",
+        "the retry hint in `queue_full` replies",
+    )  # fmt: skip
+    # 8 MiB frames carry a batch of large prompts; 1 MiB per payload is far above a normal request.
+    max_frame_bytes: int = setting(
+        8 * 1024 * 1024, "SIDECAR_MAX_FRAME_BYTES", p.whole(1024),
+        "a whole number of bytes >= 1024",
+        "largest frame accepted",
+    )  # fmt: skip
+    max_payload_bytes: int = setting(
+        1024 * 1024, "SIDECAR_MAX_PAYLOAD_BYTES", p.whole(1), "a whole number of bytes >= 1",
+        "largest request payload",
+    )  # fmt: skip
+    max_batch: int = setting(
+        1000, "SIDECAR_MAX_BATCH", p.whole(1), "a whole number >= 1",
+        "most items in one enqueue or dequeue",
+    )  # fmt: skip
+    max_connections: int = setting(
+        1024, "SIDECAR_MAX_CONNECTIONS", p.whole(1), "a whole number >= 1",
+        "concurrent client connections",
+    )  # fmt: skip
+    # The longest a dequeue may wait for work before answering with nothing.
+    max_wait_s: float = setting(
+        30.0, "SIDECAR_MAX_WAIT_SECONDS", p.number(0, MAX_WAIT_S),
+        f"a number of seconds >= 0 and <= {MAX_WAIT_S:g}",
+        "longest long-poll of a dequeue",
+    )  # fmt: skip
+    # How long shutdown waits for in-flight requests before closing connections.
+    drain_timeout_s: float = setting(
+        5.0, "SIDECAR_DRAIN_TIMEOUT_SECONDS", p.number(0), "a number of seconds >= 0",
+        "on SIGTERM, one deadline for in-flight requests to finish and the local backlog to "
+        "move to Redis",
+    )  # fmt: skip
     # A started frame must finish this soon, and replies may stay unread this long: a local
     # client moves a whole 8 MiB frame in milliseconds, so 10 s only cuts off a stalled one.
-    frame_timeout_s: float = 10.0
+    frame_timeout_s: float = setting(
+        10.0, "SIDECAR_FRAME_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "a frame that has started must arrive whole this soon, else `bad_frame` and the "
+        "connection closes; a client that leaves its replies unread this long is disconnected too",
+    )  # fmt: skip
     # Close connections idle this long; 0 keeps them (a service's shared client idles for
     # hours between bursts, and reconnecting is its only cost).
-    idle_timeout_s: float = 0.0
+    idle_timeout_s: float = setting(
+        0.0, "SIDECAR_IDLE_TIMEOUT_SECONDS", p.number(0), "a number of seconds >= 0 (0: never)",
+        "close connections with no traffic for this long (a waiting dequeue is not idle)",
+        shown="`0` (never)",
+    )  # fmt: skip
     # Bytes of partial frames and unanswered requests held across all connections: 64 MB is
     # eight maximal frames, far above what well-behaved clients hold at once.
-    max_buffered_mb: float = 64.0
+    max_buffered_mb: float = setting(
+        64.0, "SIDECAR_MAX_BUFFERED_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "bytes of partial frames and unanswered requests held across all connections; past it "
+        "the daemon stops reading (backpressure) until it drains. Each connection also pauses "
+        "at `SIDECAR_MAX_FRAME_BYTES` of unanswered requests",
+    )  # fmt: skip
+    # The local store's journal. systemd's StateDirectory=sidecar sets /var/lib/sidecar.
+    state_dir: str = setting(
+        "", "SIDECAR_STATE_DIR", p.text, "a folder path",
+        "the local store's journal (created 0700); one daemon per folder",
+        shown="`$XDG_STATE_HOME/sidecar`, else `~/.local/state/sidecar` (the unit sets "
+        "`/var/lib/sidecar`)",
+    )  # fmt: skip
+    # always: an enqueue is acknowledged once its record is synced (one fsync per loop pass);
+    # off: written but not synced, so kept on a crash of the daemon, lost on one of the machine.
+    journal_fsync: str = setting(
+        "always", "SIDECAR_JOURNAL_FSYNC", p.choice("always", "off"), "always or off",
+        "`always`: a reply waits for its record's fsync (one per loop pass); `off`: written, "
+        "not synced, so kept on a crash of the daemon and lost on a crash of the machine",
+    )  # fmt: skip
+    # Snapshot plus segments; about ten times the default memory limit, so the journal only
+    # refuses work when the disk is much smaller than the queue it has to hold.
+    journal_max_mb: float = setting(
+        1024.0, "SIDECAR_JOURNAL_MAX_MB", p.number(1), "a number of megabytes >= 1",
+        "most disk the journal (snapshot + segments) may take; beyond it `enqueue` answers "
+        "`queue_full` (`max_journal`)",
+    )  # fmt: skip
+    # A snapshot writes the whole queue: 64 MB of segments between two keeps replay short
+    # without rewriting a large queue often.
+    journal_compact_mb: float = setting(
+        64.0, "SIDECAR_JOURNAL_COMPACT_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "the segments written since the last snapshot that trigger a new one (replay time "
+        "grows with it); at most a quarter of `SIDECAR_JOURNAL_MAX_MB` is used",
+    )  # fmt: skip
+    # One snapshot attempt a second while the disk is full: a freed disk is noticed quickly,
+    # and a still-full one is not hammered by every refused enqueue.
+    journal_recover_interval_s: float = setting(
+        1.0, "SIDECAR_JOURNAL_RECOVER_INTERVAL_SECONDS", p.number(0), "a number of seconds >= 0",
+        "while the journal cannot write, an enqueue retries it (with a snapshot) at most this "
+        "often; the refused ones answer `storage_unavailable`",
+    )  # fmt: skip
+    log_level: str = setting(
+        "info", "SIDECAR_LOG_LEVEL", p.choice("debug", "info", "warning", "error"),
+        "debug, info, warning or error",
+        "the least severe log lines written",
+    )  # fmt: skip
+    environment: str = setting(
+        "development", "ENVIRONMENT", p.choice("development", "production"),
+        "development or production",
+        "`production` logs JSON lines; `development` readable lines",
+    )  # fmt: skip
     # -- the LLM side (sidecar.llm; the daemon itself never reads these) --
+    record_llm_responses: bool = setting(
+        False, "RECORD_LLM_RESPONSES", p.boolean, "true or false",
+        "the development response recorder (`sidecar.llm`): only with "
+        "`ENVIRONMENT=development`; refused with a warning in production",
+    )  # fmt: skip
     # On by default: a provider outage queues requests (202) instead of failing them; off gives
     # the old behaviour (503) so a service can be deployed first and switched per environment.
-    llm_queue_enabled: bool = True
+    llm_queue_enabled: bool = setting(
+        True, "LLM_QUEUE_ENABLED", p.boolean, "true or false",
+        "the gateway queues a request (202) when the provider is unavailable; `false`: "
+        "answers 503 as before",
+    )  # fmt: skip
     # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
-    # so an outage of minutes must not exhaust them (the daemon's default of 3 would).
-    llm_queue_max_attempts: int = 10
+    # so an outage of minutes must not exhaust them (the daemon's default of 3 would). At most
+    # the protocol's limit on max_attempts.
+    llm_queue_max_attempts: int = setting(
+        10, "LLM_QUEUE_MAX_ATTEMPTS", p.whole(1, 1000), "a whole number >= 1 and <= 1000",
+        "deliveries of a queued LLM request (each worker probe during an outage uses one)",
+    )  # fmt: skip
     # "": the mock in development, the OpenAI-compatible provider in production.
-    llm_provider: str = ""
-    llm_base_url: str = "https://api.openai.com/v1"
-    llm_model: str = "gpt-4o-mini"
+    llm_provider: str = setting(
+        "", "LLM_PROVIDER", p.choice("mock", "openai"), "mock or openai",
+        "`mock` or `openai` (any OpenAI-compatible chat-completions API)",
+        shown="`mock` in development, `openai` in production",
+    )  # fmt: skip
+    llm_base_url: str = setting(
+        "https://api.openai.com/v1", "LLM_BASE_URL", p.http_url, "an http:// or https:// URL",
+        "the provider's API",
+    )  # fmt: skip
+    llm_model: str = setting(
+        "gpt-4o-mini", "LLM_MODEL", p.text, "a model name",
+        "the provider's default model",
+    )  # fmt: skip
     # The API key comes from LLM_API_KEY or this file; it is never kept in Settings or logged.
-    llm_api_key_file: str | None = None
+    llm_api_key_file: str | None = setting(
+        None, "LLM_API_KEY_FILE", p.text, "a file path",
+        "a file holding the provider's API key (or set `LLM_API_KEY` itself); never logged "
+        "or recorded",
+    )  # fmt: skip
     # A refused or silent provider must send the request to the queue quickly; a completion
     # itself may take a while to stream back.
-    llm_connect_timeout_s: float = 2.0
-    llm_read_timeout_s: float = 60.0
+    llm_connect_timeout_s: float = setting(
+        2.0, "LLM_CONNECT_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "provider connect timeout (a timeout counts as unavailable)",
+    )  # fmt: skip
+    llm_read_timeout_s: float = setting(
+        60.0, "LLM_READ_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "provider read timeout (a timeout counts as unavailable)",
+    )  # fmt: skip
     # Five failures in a row open the breaker; after 10 s one probe may close it again.
-    llm_breaker_failures: int = 5
-    llm_breaker_reset_s: float = 10.0
-    llm_response_log_dir: str = "llm_response_logs"
+    llm_breaker_failures: int = setting(
+        5, "LLM_BREAKER_FAILURES", p.whole(1), "a whole number >= 1",
+        "failures in a row that open the provider breaker",
+    )  # fmt: skip
+    llm_breaker_reset_s: float = setting(
+        10.0, "LLM_BREAKER_RESET_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "how long the open breaker waits before one probe may close it",
+    )  # fmt: skip
+    # A failed provider call is retried after 1 s, then 2, 4, ... per delivery: quick for a
+    # blip, and at most a minute apart during a long outage.
+    llm_retry_backoff_base_s: float = setting(
+        1.0, "LLM_RETRY_BACKOFF_BASE_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: the delay before a request whose provider call failed is handed out "
+        "again, doubled per delivery (unless the provider sent `Retry-After`)",
+    )  # fmt: skip
+    llm_retry_backoff_max_s: float = setting(
+        60.0, "LLM_RETRY_BACKOFF_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0, at least LLM_RETRY_BACKOFF_BASE_SECONDS",
+        "`sidecar work`: the longest such delay",
+    )  # fmt: skip
+    # Three tries a few hundred milliseconds apart ride out a restart of the service's handler.
+    llm_callback_attempts: int = setting(
+        3, "LLM_CALLBACK_ATTEMPTS", p.whole(1, 100), "a whole number from 1 to 100",
+        "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
+        "`llm_callback_failed`)",
+    )  # fmt: skip
+    # A callback is the service's own handler: 5 s is far above a healthy answer.
+    llm_callback_timeout_s: float = setting(
+        5.0, "LLM_CALLBACK_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: how long one callback delivery may take",
+    )  # fmt: skip
+    llm_response_log_dir: str = setting(
+        "llm_response_logs", "LLM_RESPONSE_LOG_DIR", p.text, "a folder path",
+        "where the recorder writes",
+    )  # fmt: skip
     # The recorder stops writing (with one log line) once its folder holds this much.
-    llm_response_log_max_mb: float = 100.0
+    llm_response_log_max_mb: float = setting(
+        100.0, "LLM_RESPONSE_LOG_MAX_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "the size at which the recorder stops (logging `llm_recorder_cap_reached`)",
+    )  # fmt: skip
 
     @property
     def journal_max_bytes(self) -> int:
         return int(self.journal_max_mb * 1024 * 1024)
+
+    @property
+    def journal_compact_bytes(self) -> int:
+        return int(self.journal_compact_mb * 1024 * 1024)
 
     @property
     def queue_max_memory_bytes(self) -> int:
@@ -164,309 +488,31 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         problems: list[str] = []
-        for f in fields(cls):
-            name = ENV_NAMES[f.name]
-            raw = env.get(name)
+        for name, spec in SPECS.items():
+            raw = env.get(spec.env)
             if raw is None or raw == "":
                 continue
-            parse, accepted = _PARSERS[f.name]
             try:
-                values[f.name] = parse(raw)
+                values[name] = spec.parse(raw)
             except ValueError:
-                problems.append(f"{name}={raw!r} is invalid: expected {accepted}")
+                problems.append(f"{spec.env}={raw!r} is invalid: expected {spec.accepted}")
         if not values.get("socket_path"):
             values["socket_path"] = default_socket_path(env)
         if not values.get("state_dir"):
             values["state_dir"] = default_state_dir(env)
         if not problems:
-            low = values.get("queue_low_watermark", cls.queue_low_watermark)
-            high = values.get("queue_high_watermark", cls.queue_high_watermark)
-            if low >= high:
-                problems.append(
-                    f"QUEUE_LOW_WATERMARK={low!r} is invalid: expected a number below "
-                    f"QUEUE_HIGH_WATERMARK ({high!r})"
-                )
-            budget = values.get("max_buffered_mb", cls.max_buffered_mb) * 1024 * 1024
-            frame = values.get("max_frame_bytes", cls.max_frame_bytes)
-            if budget < frame:
-                problems.append(
-                    f"SIDECAR_MAX_BUFFERED_MB={budget / 1024 / 1024!r} is invalid: expected at "
-                    f"least one whole frame (SIDECAR_MAX_FRAME_BYTES={frame})"
-                )
+            problems += p.bounds(values, lambda name: getattr(cls, name))
         if not problems:
-            problems += _redis_layout(values)
+            problems += p.redis_layout(values)
         if problems:
             raise ConfigError("\n".join(problems))
         return cls(**values)
 
     def redacted_redis_url(self) -> str | None:
         """The Redis URL with any password (user part or query) replaced, safe for logs."""
-        if self.redis_url is None:
-            return None
-        from urllib.parse import parse_qsl, urlencode, urlsplit
-
-        parts = urlsplit(self.redis_url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            netloc = f"{parts.username or ''}:***@{host}"
-        query = [
-            (k, "***" if k.lower() == "password" else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        # Built by hand: urlunsplit drops the empty host of unix:///path URLs.
-        url = f"{parts.scheme}://{netloc}{parts.path}"
-        return f"{url}?{urlencode(query, safe='*')}" if query else url
+        return None if self.redis_url is None else p.redacted_url(self.redis_url)
 
 
-def _redis_layout(values: dict[str, Any]) -> list[str]:
-    """Check the Sentinel and Cluster settings together; fill REDIS_URL from the sentinels."""
-    sentinels = values.get("redis_sentinels")
-    master = values.get("redis_sentinel_master")
-    url = values.get("redis_url")
-    if (sentinels is None) != (master is None):
-        return ["REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid: set both or neither"]
-    if sentinels is not None:
-        if url is not None:
-            return ["REDIS_URL is invalid with REDIS_SENTINELS: set one or the other"]
-        url = values["redis_url"] = f"redis+sentinel://{sentinels}/{master}"
-    if values.get("redis_cluster") and (url is None or not url.startswith("redis")):
-        return ["REDIS_CLUSTER is invalid without a redis:// REDIS_URL naming one cluster node"]
-    if values.get("redis_cluster") and url is not None and url.startswith("redis+sentinel"):
-        return ["REDIS_CLUSTER is invalid with Sentinel: a cluster fails over by itself"]
-    return []
-
-
-def sentinel_hosts(raw: str) -> list[tuple[str, int]]:
-    """host:port,host:port as pairs; ValueError when one is malformed."""
-    hosts: list[tuple[str, int]] = []
-    for part in raw.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(raw)
-        hosts.append((host, int(port)))
-    return hosts
-
-
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
-    """redis+sentinel://host:port,.../master[/db] as (sentinels, master, db); ValueError."""
-    rest = url.removeprefix("redis+sentinel://")
-    hosts, _, path = rest.partition("/")
-    master, _, db = path.partition("/")
-    if not master or (db and not db.isdigit()):
-        raise ValueError(url)
-    return sentinel_hosts(hosts), master, int(db or 0)
-
-
-def _sentinels(raw: str) -> str:
-    return ",".join(f"{host}:{port}" for host, port in sentinel_hosts(raw))
-
-
-def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[
-    [str], float
-]:
-    def parse(raw: str) -> float:
-        value = float(raw)
-        if math.isnan(value) or math.isinf(value):
-            raise ValueError(raw)
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise ValueError(raw)
-        if hi is not None and value > hi:
-            raise ValueError(raw)
-        return value
-
-    return parse
-
-
-def _whole(lo: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw.strip())
-        if value < lo:
-            raise ValueError(raw)
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
-            raise ValueError(raw)
-        return value
-
-    return parse
-
-
-def _text(raw: str) -> str:
-    if not raw.strip():
-        raise ValueError(raw)
-    return raw
-
-
-def _ids(raw: str) -> tuple[int, ...]:
-    values = tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
-    if not values or any(v < 0 for v in values):
-        raise ValueError(raw)
-    return values
-
-
-def _group(raw: str) -> int:
-    import grp
-
-    raw = raw.strip()
-    if raw.isdigit():
-        return int(raw)
-    try:
-        return grp.getgrnam(raw).gr_gid
-    except KeyError:
-        raise ValueError(raw) from None
-
-
-def _redis_url(raw: str) -> str:
-    if raw.startswith("redis+sentinel://"):
-        parse_sentinel_url(raw)
-        return raw
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(raw)
-    return raw
-
-
-def _prefix(raw: str) -> str:
-    # Braces would break the {prefix} hash tag that keeps every key in one cluster slot.
-    if not raw or any(c in raw for c in "{} \t\n"):
-        raise ValueError(raw)
-    return raw
-
-
-ENV_NAMES: dict[str, str] = {
-    "queue_max_size": "QUEUE_MAX_SIZE",
-    "queue_max_memory_mb": "QUEUE_MAX_MEMORY_MB",
-    "queue_high_watermark": "QUEUE_HIGH_WATERMARK",
-    "queue_low_watermark": "QUEUE_LOW_WATERMARK",
-    "queue_request_ttl_hours": "QUEUE_REQUEST_TTL_HOURS",
-    "queue_lease_s": "QUEUE_LEASE_SECONDS",
-    "queue_max_attempts": "QUEUE_MAX_ATTEMPTS",
-    "queue_retention_hours": "QUEUE_RETENTION_HOURS",
-    "queue_max_retained": "QUEUE_MAX_RETAINED",
-    "queue_retry_after_s": "QUEUE_RETRY_AFTER_SECONDS",
-    "record_llm_responses": "RECORD_LLM_RESPONSES",
-    "environment": "ENVIRONMENT",
-    "socket_path": "SIDECAR_SOCKET",
-    "redis_url": "REDIS_URL",
-    "redis_password_file": "REDIS_PASSWORD_FILE",
-    "redis_key_prefix": "REDIS_KEY_PREFIX",
-    "redis_connect_timeout_s": "REDIS_CONNECT_TIMEOUT_SECONDS",
-    "redis_timeout_s": "REDIS_TIMEOUT_SECONDS",
-    "redis_sentinels": "REDIS_SENTINELS",
-    "redis_sentinel_master": "REDIS_SENTINEL_MASTER",
-    "redis_cluster": "REDIS_CLUSTER",
-    "redis_min_replicas_ack": "REDIS_MIN_REPLICAS_ACK",
-    "redis_replicas_ack_timeout_ms": "REDIS_REPLICAS_ACK_TIMEOUT_MS",
-    "max_frame_bytes": "SIDECAR_MAX_FRAME_BYTES",
-    "max_payload_bytes": "SIDECAR_MAX_PAYLOAD_BYTES",
-    "max_batch": "SIDECAR_MAX_BATCH",
-    "max_connections": "SIDECAR_MAX_CONNECTIONS",
-    "max_wait_s": "SIDECAR_MAX_WAIT_SECONDS",
-    "drain_timeout_s": "SIDECAR_DRAIN_TIMEOUT_SECONDS",
-    "log_level": "SIDECAR_LOG_LEVEL",
-    "state_dir": "SIDECAR_STATE_DIR",
-    "journal_fsync": "SIDECAR_JOURNAL_FSYNC",
-    "journal_max_mb": "SIDECAR_JOURNAL_MAX_MB",
-    "socket_group": "SIDECAR_SOCKET_GROUP",
-    "allowed_uids": "SIDECAR_ALLOWED_UIDS",
-    "allowed_gids": "SIDECAR_ALLOWED_GIDS",
-    "frame_timeout_s": "SIDECAR_FRAME_TIMEOUT_SECONDS",
-    "idle_timeout_s": "SIDECAR_IDLE_TIMEOUT_SECONDS",
-    "max_buffered_mb": "SIDECAR_MAX_BUFFERED_MB",
-    "llm_queue_enabled": "LLM_QUEUE_ENABLED",
-    "llm_queue_max_attempts": "LLM_QUEUE_MAX_ATTEMPTS",
-    "llm_provider": "LLM_PROVIDER",
-    "llm_base_url": "LLM_BASE_URL",
-    "llm_model": "LLM_MODEL",
-    "llm_api_key_file": "LLM_API_KEY_FILE",
-    "llm_connect_timeout_s": "LLM_CONNECT_TIMEOUT_SECONDS",
-    "llm_read_timeout_s": "LLM_READ_TIMEOUT_SECONDS",
-    "llm_breaker_failures": "LLM_BREAKER_FAILURES",
-    "llm_breaker_reset_s": "LLM_BREAKER_RESET_SECONDS",
-    "llm_response_log_dir": "LLM_RESPONSE_LOG_DIR",
-    "llm_response_log_max_mb": "LLM_RESPONSE_LOG_MAX_MB",
-}
-
-_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "queue_max_size": (_whole(1), "a whole number >= 1"),
-    "queue_max_memory_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
-    "queue_high_watermark": (_number(0, 1, lo_open=True), "a fraction in (0, 1]"),
-    "queue_low_watermark": (_number(0, 1), "a fraction in [0, 1) below QUEUE_HIGH_WATERMARK"),
-    # The duration maxima are the protocol's (sidecar.models): every store can represent them.
-    "queue_request_ttl_hours": (
-        _number(0, MAX_TTL_S / 3600, lo_open=True),
-        f"a number of hours > 0 and <= {MAX_TTL_S / 3600:g}",
-    ),
-    "queue_lease_s": (
-        _number(0, MAX_LEASE_S, lo_open=True),
-        f"a number of seconds > 0 and <= {MAX_LEASE_S:g}",
-    ),
-    "queue_max_attempts": (_whole(1), "a whole number >= 1"),
-    "queue_retention_hours": (
-        _number(0, MAX_RETENTION_S / 3600),
-        f"a number of hours >= 0 and <= {MAX_RETENTION_S / 3600:g}",
-    ),
-    "queue_max_retained": (_whole(0), "a whole number >= 0"),
-    "queue_retry_after_s": (_number(0), "a number of seconds >= 0"),
-    "record_llm_responses": (_bool, "true or false"),
-    "environment": (_choice("development", "production"), "development or production"),
-    "socket_path": (_text, "a filesystem path"),
-    "redis_url": (
-        _redis_url,
-        "a redis://, rediss://, unix:// or redis+sentinel://host:port,.../master[/db] URL",
-    ),
-    "redis_password_file": (_text, "a file path"),
-    "redis_key_prefix": (_prefix, "a non-empty name without braces or spaces"),
-    "redis_connect_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "redis_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "redis_sentinels": (_sentinels, "host:port[,host:port...]"),
-    "redis_sentinel_master": (_text, "the name the sentinels monitor the primary under"),
-    "redis_cluster": (_bool, "true or false"),
-    "redis_min_replicas_ack": (_whole(0), "a whole number of replicas >= 0"),
-    "redis_replicas_ack_timeout_ms": (_whole(1), "a whole number of milliseconds >= 1"),
-    "max_frame_bytes": (_whole(1024), "a whole number of bytes >= 1024"),
-    "max_payload_bytes": (_whole(1), "a whole number of bytes >= 1"),
-    "max_batch": (_whole(1), "a whole number >= 1"),
-    "max_connections": (_whole(1), "a whole number >= 1"),
-    "max_wait_s": (_number(0, MAX_WAIT_S), f"a number of seconds >= 0 and <= {MAX_WAIT_S:g}"),
-    "drain_timeout_s": (_number(0), "a number of seconds >= 0"),
-    "log_level": (_choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
-    "state_dir": (_text, "a folder path"),
-    "journal_fsync": (_choice("always", "off"), "always or off"),
-    "journal_max_mb": (_number(1), "a number of megabytes >= 1"),
-    "socket_group": (_group, "a group name or numeric gid"),
-    "allowed_uids": (_ids, "comma-separated numeric uids"),
-    "allowed_gids": (_ids, "comma-separated numeric gids"),
-    "frame_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "idle_timeout_s": (_number(0), "a number of seconds >= 0 (0: never)"),
-    "max_buffered_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
-    "llm_queue_enabled": (_bool, "true or false"),
-    "llm_queue_max_attempts": (_whole(1), "a whole number >= 1 and <= 1000"),
-    "llm_provider": (_choice("mock", "openai"), "mock or openai"),
-    "llm_base_url": (_text, "an http:// or https:// URL"),
-    "llm_model": (_text, "a model name"),
-    "llm_api_key_file": (_text, "a file path"),
-    "llm_connect_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "llm_read_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "llm_breaker_failures": (_whole(1), "a whole number >= 1"),
-    "llm_breaker_reset_s": (_number(0, lo_open=True), "a number of seconds > 0"),
-    "llm_response_log_dir": (_text, "a folder path"),
-    "llm_response_log_max_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
-}
+# The table itself: every field of Settings is a setting (a field without one fails here, at
+# import, rather than silently never reading its variable).
+SPECS: dict[str, Spec] = {f.name: f.metadata["setting"] for f in fields(Settings)}

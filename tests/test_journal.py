@@ -18,7 +18,6 @@ import structlog
 from sidecar.errors import QueueFull, StorageUnavailable
 from sidecar.models import QueueStats, QueueStatus
 from sidecar.queue.local import Journal, JournalError, LocalQueue
-from sidecar.queue.local import store as store_module
 from tests.conftest import make_local
 from tests.crash import crash_local as crash
 from tests.daemon import running_daemon, serve_expecting_refusal
@@ -214,11 +213,11 @@ class FailingDisk:
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 async def test_a_failed_write_refuses_the_enqueue_and_loses_nothing_acknowledged(
-    clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+    clock: FakeClock, tmp_path: Path, err: int
 ) -> None:
-    monkeypatch.setattr(store_module, "RECOVER_EVERY_S", 0.0)
     disk = FailingDisk(err)
     q = await reopen(clock, tmp_path, write=disk.write)
+    q.recover_every_s = 0.0  # every enqueue retries the journal: no wait between attempts
     for i in range(5):
         await q.enqueue([make_request(clock, queue_id=f"ok{i}")])
     disk.full = True

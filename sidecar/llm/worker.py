@@ -253,6 +253,18 @@ def build_recorder(settings: Settings) -> DevelopmentResponseRecorder | None:
     )
 
 
+def worker_options(settings: Settings, concurrency: int) -> WorkerOptions:
+    """The options `sidecar work` runs with: its --concurrency and the LLM_* settings."""
+    return WorkerOptions(
+        concurrency=concurrency,
+        lease_s=settings.queue_lease_s,
+        backoff_base_s=settings.llm_retry_backoff_base_s,
+        backoff_max_s=settings.llm_retry_backoff_max_s,
+        callback_attempts=settings.llm_callback_attempts,
+        callback_timeout_s=settings.llm_callback_timeout_s,
+    )
+
+
 async def serve_worker(
     settings: Settings, *, concurrency: int = 4, stop: asyncio.Event | None = None
 ) -> dict[str, int]:
@@ -263,7 +275,7 @@ async def serve_worker(
         loop.add_signal_handler(sig, stop.set)
     provider = build_provider(settings, build_recorder(settings))
     breaker = Breaker(failures=settings.llm_breaker_failures, reset_s=settings.llm_breaker_reset_s)
-    options = WorkerOptions(concurrency=concurrency, lease_s=settings.queue_lease_s)
+    options = worker_options(settings, concurrency)
     sidecar = AsyncClient(settings.socket_path)
     worker = LLMWorker(sidecar, provider, breaker=breaker, options=options)
     log.info("llm_worker_started", provider=provider.name, concurrency=concurrency,

@@ -503,6 +503,9 @@ def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQ
         url_for_logs=settings.redacted_redis_url(),
         min_replicas_ack=settings.redis_min_replicas_ack,
         replicas_ack_timeout_ms=settings.redis_replicas_ack_timeout_ms,
+        sweep_interval_s=settings.redis_sweep_interval_s,
+        sweep_limit=settings.redis_sweep_batch,
+        poll_interval_s=settings.redis_poll_interval_s,
     )
 
 

@@ -83,11 +83,15 @@ class ResilientQueue:
         watch_interval_s: float = 1.0,
         migrate_batch: int = 100,
         log_repeat_s: float = 60.0,
+        probe_successes: int = PROBE_SUCCESSES,
+        flap_window_s: float = FLAP_WINDOW_S,
     ) -> None:
         self.redis = redis
         self.local = local
         self.probe_initial_s = probe_initial_s
         self.probe_max_s = probe_max_s
+        self.probe_successes = probe_successes
+        self.flap_window_s = flap_window_s
         self.migrate_batch = migrate_batch
         self.watch_interval_s = watch_interval_s
         self.redis_up = False
@@ -288,7 +292,7 @@ class ResilientQueue:
         now = time.monotonic()
         if self.redis_up:
             self.failovers += 1
-            flapped = self._up_since is not None and now - self._up_since < FLAP_WINDOW_S
+            flapped = self._up_since is not None and now - self._up_since < self.flap_window_s
             self.probe_delay_s = (
                 min(self.probe_delay_s * 2, self.probe_max_s) if flapped else self.probe_initial_s
             )
@@ -346,7 +350,7 @@ class ResilientQueue:
                 await self.redis.start()  # loads scripts when Redis was never reached
                 await self.redis.probe()
                 successes += 1
-                if successes < PROBE_SUCCESSES:
+                if successes < self.probe_successes:
                     continue
                 lost = await self.redis.check_generation()
                 if lost is not None:

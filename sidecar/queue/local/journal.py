@@ -85,13 +85,15 @@ class Journal:
         fsync: bool = True,
         max_bytes: int = 1024 * 1024 * 1024,
         compact_bytes: int | None = None,
+        compact_max_bytes: int = DEFAULT_COMPACT_BYTES,
         write: Writer = os.write,
         sync: Syncer = os.fdatasync,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.max_bytes = max_bytes
-        self.compact_bytes = compact_bytes or min(DEFAULT_COMPACT_BYTES, max(max_bytes // 4, 4096))
+        # At most a quarter of the disk budget: a snapshot and the segments before it must fit.
+        self.compact_bytes = compact_bytes or min(compact_max_bytes, max(max_bytes // 4, 4096))
         self._write = write  # the seam tests use to inject ENOSPC / EIO
         self._sync = sync
         self._encoder = msgspec.msgpack.Encoder()

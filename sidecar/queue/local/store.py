@@ -54,8 +54,10 @@ class LocalQueue:
         max_retained: int = 100_000,
         clock: Clock = time.time,
         journal: Journal | None = None,
+        recover_every_s: float = RECOVER_EVERY_S,
     ) -> None:
         self.retry_after_s = retry_after_s
+        self.recover_every_s = recover_every_s
         self._clock = clock
         self._journal = journal
         self._state = LocalState(
@@ -423,7 +425,7 @@ class LocalQueue:
     def _maybe_recover(self) -> bool:
         assert self._journal is not None
         now = time.monotonic()
-        if now - self._last_recover < RECOVER_EVERY_S:
+        if now - self._last_recover < self.recover_every_s:
             return False
         self._last_recover = now
         return self._journal.try_recover()
