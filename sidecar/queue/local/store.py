@@ -18,8 +18,11 @@ import structlog
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound, QueueFull, StorageUnavailable
 from sidecar.models import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     REASON_ATTEMPTS_EXHAUSTED,
     REASON_CANCELLED,
+    REASON_TTL,
     EnqueueResult,
     HealthReport,
     QueuedRequest,
@@ -27,6 +30,14 @@ from sidecar.models import (
     QueueStatus,
 )
 from sidecar.queue.base import job_bytes, new_lease_id
+from sidecar.queue.hooks import (
+    NO_HOOKS,
+    RETRY_LEASE_EXPIRED,
+    RETRY_WORKER,
+    StoreHooks,
+    failure_kind,
+)
+from sidecar.queue.local.events import AnyEvent, Finished, Leased, Requeued
 from sidecar.queue.local.journal import Journal
 from sidecar.queue.local.state import LocalState, held_cost
 
@@ -54,8 +65,10 @@ class LocalQueue:
         max_retained: int = 100_000,
         clock: Clock = time.time,
         journal: Journal | None = None,
+        hooks: StoreHooks = NO_HOOKS,
     ) -> None:
         self.retry_after_s = retry_after_s
+        self._hooks = hooks
         self._clock = clock
         self._journal = journal
         self._state = LocalState(
@@ -66,6 +79,8 @@ class LocalQueue:
             retention_s=retention_s,
             max_retained=max_retained,
         )
+        if hooks is not NO_HOOKS:
+            self._state.observer = self._observe
         self._work = asyncio.Event()
         self._last_recover = 0.0
         # Requests acknowledged but not kept on disk at close (no journal, or it failed).
@@ -299,6 +314,18 @@ class LocalQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
+    def queued_by_priority(self) -> dict[int, int]:
+        """Requests waiting in line (not delayed, not being moved) per priority.
+
+        One pass over the records: read at scrape time only, never on the request path.
+        """
+        counts = dict.fromkeys(range(PRIORITY_MIN, PRIORITY_MAX + 1), 0)
+        st = self._state
+        for qid, rec in st.records.items():
+            if rec.status is QueueStatus.QUEUED and qid not in st.not_before:
+                counts[rec.priority] += qid not in st.taken
+        return counts
+
     # -- the hand-over to Redis: taken -> confirmed | returned ------------------------------
 
     def holds(self, queue_id: str) -> bool:
@@ -396,6 +423,7 @@ class LocalQueue:
         if reason is None:
             return
         st.rejections[reason] = st.rejections.get(reason, 0) + len(fresh)
+        self._hooks.rejected(self.name, reason, len(fresh))
         raise QueueFull(
             f"local queue is full ({reason}): {st.items}/{st.max_items} items, "
             f"{st.bytes}/{st.max_bytes} bytes",
@@ -466,6 +494,23 @@ class LocalQueue:
         return msgspec.structs.replace(rec)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _observe(self, event: AnyEvent) -> None:
+        """Tell the hooks what a transition is about to do (the record is still as it was)."""
+        match event:
+            case Leased(qid=qid, at=at):
+                rec = self._state.records[qid]
+                if rec.attempts == 0:
+                    self._hooks.first_leased(self.name, at - rec.created_at)
+            case Requeued(failed_lease=lease):
+                self._hooks.retried(self.name, RETRY_LEASE_EXPIRED if lease is None
+                                    else RETRY_WORKER, 1)  # fmt: skip
+            case Finished(status=QueueStatus.EXPIRED, reason=reason):
+                self._hooks.expired(self.name, reason or REASON_TTL, 1)
+            case Finished(status=QueueStatus.FAILED, reason=reason):
+                self._hooks.failed(self.name, failure_kind(reason), 1)
+            case _:
+                pass
 
     def _tick(self) -> float:
         now = self._clock()
