@@ -16,7 +16,10 @@ import uvloop
 from sidecar import __version__, systemd
 from sidecar.config import Settings
 from sidecar.handlers import Ops
+from sidecar.metrics import Metrics
+from sidecar.metrics_http import MetricsListener
 from sidecar.queue.base import QueueManager
+from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local import Journal, JournalError, LocalQueue
 from sidecar.server import SidecarServer, StartupError
 
@@ -75,7 +78,12 @@ async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) ->
 
 
 def build_local_queue(
-    settings: Settings, clock: Callable[[], float] = time.time, *, journaled: bool = True
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    *,
+    journaled: bool = True,
+    hooks: StoreHooks = NO_HOOKS,
+    sync: Callable[[int], None] = os.fdatasync,
 ) -> LocalQueue:
     """The bounded local store sized by the QUEUE_* settings, journaled under the state dir."""
     journal = None
@@ -84,6 +92,7 @@ def build_local_queue(
             Path(settings.state_dir),
             fsync=settings.journal_fsync == "always",
             max_bytes=settings.journal_max_bytes,
+            sync=sync,
         )
     return LocalQueue(
         max_items=settings.queue_max_size,
@@ -95,12 +104,17 @@ def build_local_queue(
         max_retained=settings.queue_max_retained,
         clock=clock,
         journal=journal,
+        hooks=hooks,
     )
 
 
-async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
+async def build_queue(
+    settings: Settings, metrics: Metrics | None = None
+) -> tuple[QueueManager, LocalQueue]:
     """The one place that decides which store serves: the only wiring in the daemon."""
-    local = build_local_queue(settings)
+    hooks: StoreHooks = NO_HOOKS if metrics is None else metrics
+    sync = os.fdatasync if metrics is None else metrics.timed_sync(os.fdatasync)
+    local = build_local_queue(settings, hooks=hooks, sync=sync)
     if settings.redis_url is None:
         log.info("local_queue_only", state_dir=settings.state_dir, fsync=settings.journal_fsync)
         return local, local
@@ -109,7 +123,20 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
 
     # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
     # still starts, on the local queue, and moves to Redis when it answers.
-    return ResilientQueue(build_redis_queue(settings), local), local
+    return ResilientQueue(build_redis_queue(settings, hooks=hooks), local), local
+
+
+async def start_metrics_listener(settings: Settings, metrics: Metrics) -> MetricsListener | None:
+    """The HTTP listener for scrapers when SIDECAR_METRICS_ADDR is set."""
+    if settings.metrics_addr is None:
+        return None
+    listener = MetricsListener(metrics.render, *settings.metrics_addr)
+    try:
+        await listener.start()
+    except OSError as exc:
+        host, port = settings.metrics_addr
+        raise StartupError(f"SIDECAR_METRICS_ADDR={host}:{port} cannot be bound: {exc}") from None
+    return listener
 
 
 async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> int:
@@ -128,12 +155,16 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-    queue, local = await build_queue(settings)
+    metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
+                      low_watermark=settings.queue_low_watermark)  # fmt: skip
+    queue, local = await build_queue(settings, metrics)
+    metrics.bind(queue, local)
     try:
         await queue.start()
     except JournalError as exc:
         raise StartupError(str(exc)) from None
     server: SidecarServer | None = None
+    scrape: MetricsListener | None = None
     # The drain of connections and the hand-over to Redis share one deadline.
     deadline = loop.time() + settings.drain_timeout_s
     try:
@@ -141,6 +172,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         ops = Ops(settings, queue, connections=lambda: len(server.connections) if server else 0)
         server = SidecarServer(ops)
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
+        scrape = await start_metrics_listener(settings, metrics)
         report = await queue.health()
         log.info(
             "serving",
@@ -161,6 +193,8 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         await server.drain(settings.drain_timeout_s)
         supervisor.close()  # the watchdog does not apply to a stopping service
     finally:
+        if scrape is not None:
+            await scrape.close()
         await _close_queue(queue, max(0.0, deadline - loop.time()))
     if own_signals:
         # Everything is kept or handed over: a signal from here on has nothing left to cut

@@ -114,6 +114,9 @@ class Settings:
     # Bytes of partial frames and unanswered requests held across all connections: 64 MB is
     # eight maximal frames, far above what well-behaved clients hold at once.
     max_buffered_mb: float = 64.0
+    # The HTTP listener for Prometheus (GET /metrics): off unless set; a bare port or :port
+    # binds loopback only, since the numbers describe this host's traffic.
+    metrics_addr: tuple[str, int] | None = None
     # -- the LLM side (sidecar.llm; the daemon itself never reads these) --
     # On by default: a provider outage queues requests (202) instead of failing them; off gives
     # the old behaviour (503) so a service can be deployed first and switched per environment.
@@ -343,6 +346,19 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+def _listen_addr(raw: str) -> tuple[str, int]:
+    """host:port, [v6]:port, :port or port; without a host, 127.0.0.1."""
+    raw = raw.strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in "[]/ "):
+        raise ValueError(raw)
+    return host or "127.0.0.1", int(port)
+
+
 def _prefix(raw: str) -> str:
     # Braces would break the {prefix} hash tag that keeps every key in one cluster slot.
     if not raw or any(c in raw for c in "{} \t\n"):
@@ -390,6 +406,7 @@ ENV_NAMES: dict[str, str] = {
     "frame_timeout_s": "SIDECAR_FRAME_TIMEOUT_SECONDS",
     "idle_timeout_s": "SIDECAR_IDLE_TIMEOUT_SECONDS",
     "max_buffered_mb": "SIDECAR_MAX_BUFFERED_MB",
+    "metrics_addr": "SIDECAR_METRICS_ADDR",
     "llm_queue_enabled": "LLM_QUEUE_ENABLED",
     "llm_queue_max_attempts": "LLM_QUEUE_MAX_ATTEMPTS",
     "llm_provider": "LLM_PROVIDER",
@@ -457,6 +474,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "frame_timeout_s": (_number(0, lo_open=True), "a number of seconds > 0"),
     "idle_timeout_s": (_number(0), "a number of seconds >= 0 (0: never)"),
     "max_buffered_mb": (_number(0, lo_open=True), "a number of megabytes > 0"),
+    "metrics_addr": (_listen_addr, "host:port, :port or a port (0-65535; loopback by default)"),
     "llm_queue_enabled": (_bool, "true or false"),
     "llm_queue_max_attempts": (_whole(1), "a whole number >= 1 and <= 1000"),
     "llm_provider": (_choice("mock", "openai"), "mock or openai"),
