@@ -48,7 +48,9 @@ class MetricsListener:
         self._timeout = read_timeout_s
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._active: set[asyncio.Task[None]] = set()
+        # The open connections' tasks and writers: close() ends them by aborting the transport
+        # (a cancelled connection task would be reported by asyncio's stream callback).
+        self._active: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self) -> None:
         """Bind and listen; the bound port is in self.port afterwards."""
@@ -63,8 +65,8 @@ class MetricsListener:
         if self._server is None:
             return
         self._server.close()
-        for task in list(self._active):
-            task.cancel()
+        for writer in self._active.values():
+            writer.transport.abort()
         await asyncio.gather(*self._active, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
@@ -73,15 +75,16 @@ class MetricsListener:
         task = asyncio.current_task()
         assert task is not None
         if len(self._active) >= self._max_connections:
+            # Dropped at once, unread: a reply would cost a read of the head first.
             log.warning("metrics_connection_refused", reason="max_connections")
-            await self._reply(writer, 503, b"too many connections\n")
+            writer.transport.abort()
             return
-        self._active.add(task)
+        self._active[task] = writer
         try:
             status, body, content_type = await self._answer(reader)
-            await self._reply(writer, status, body, content_type)
         finally:
-            self._active.discard(task)
+            del self._active[task]  # the reply's write is bounded by its own timeout
+        await self._reply(writer, status, body, content_type)
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
         """Read one request head and decide the reply: (status, body, content type)."""
@@ -141,5 +144,4 @@ _REASONS = {
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
-    503: "Service Unavailable",
 }
