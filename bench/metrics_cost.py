@@ -1,0 +1,186 @@
+"""What the metrics cost on the hot path: the daemon with metrics on beside it with them off.
+
+Usage: `.venv/bin/python -m bench.run --mode metrics` (or `python -m bench.metrics_cost`).
+
+Both variants are the daemon's own server, handlers and stores, started as processes of their
+own by `python -m bench.metrics_cost serve`; the load generator drives each with enqueues, 64 in
+flight on one shared AsyncClient, alternating slices between them (bench/measure.py), in local
+mode (journal fsync off, as the `local` section) and in Redis mode (one redis-server for both).
+
+"on" is what the daemon runs: a Metrics registry whose hooks the stores call, its journal sync
+timed, a render (a scrape) every second, and, until the server calls it itself,
+`request_done` called around each request's handler here, as the server will. "off" is the same
+daemon built with no metrics at all (the stores' default no-op hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.echo_server import READY_LINE
+from bench.measure import Workload, combine, compare, enqueue
+from bench.redis_server import redis_running, redis_socket
+from bench.servers import ServerSpec, running
+from bench.sessions import SessionFactory, SidecarSession
+from bench.tables import markdown_table, note
+from sidecar import __version__
+from sidecar.app import _close_queue, build_queue
+from sidecar.config import Settings
+from sidecar.errors import SidecarError
+from sidecar.handlers import Ops
+from sidecar.metrics import Metrics
+from sidecar.protocol import AnyRequest
+from sidecar.queue.base import QueueManager
+from sidecar.server import SidecarServer
+
+METRICS_TITLE = "metrics: the daemon with metrics on beside off (ratio = on / off, target >= 0.95)"
+# The issue's bound: metrics may cost at most 5% of enqueue throughput.
+TARGET_RATIO = 0.95
+IN_FLIGHT = 64
+SCRAPE_EVERY_S = 1.0
+ROOM = {"QUEUE_MAX_SIZE": "10000000", "QUEUE_MAX_MEMORY_MB": "8192"}
+
+
+# -- the served variants ----------------------------------------------------------------------
+
+
+class TimedOps(Ops):
+    """Ops whose handle() reports each request to request_done, as the server will."""
+
+    def __init__(self, settings: Settings, queue: QueueManager, metrics: Metrics) -> None:
+        super().__init__(settings, queue)
+        self._done = metrics.request_done
+        self._names: dict[type, str] = {}
+
+    async def handle(self, req: AnyRequest) -> object:
+        kind = type(req)
+        op = self._names.get(kind)
+        if op is None:
+            op = self._names[kind] = str(req.__struct_config__.tag)
+        began = time.perf_counter()
+        try:
+            result = await super().handle(req)
+        except SidecarError as exc:
+            self._done(op, time.perf_counter() - began, exc.code)
+            raise
+        self._done(op, time.perf_counter() - began, None)
+        return result
+
+
+async def _serve(metrics_on: bool) -> None:
+    settings = Settings.from_env()
+    metrics = None
+    if metrics_on:
+        metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
+                          low_watermark=settings.queue_low_watermark)  # fmt: skip
+    queue, local = await build_queue(settings, metrics)
+    ops = Ops(settings, queue)
+    if metrics is not None:
+        metrics.bind(queue, local)
+        ops = TimedOps(settings, queue, metrics)
+    await queue.start()
+    server = SidecarServer(ops)
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(READY_LINE, flush=True)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SCRAPE_EVERY_S)
+        if metrics is not None:
+            await metrics.render()  # a scrape every second: far more often than Prometheus's
+    await server.drain(1.0)
+    await _close_queue(queue, 1.0)
+
+
+# -- the load generator -------------------------------------------------------------------------
+
+
+def _spec(socket_path: str, metrics_on: bool, env: Mapping[str, str | None]) -> ServerSpec:
+    base: dict[str, str | None] = {
+        "SIDECAR_SOCKET": socket_path,
+        "SIDECAR_STATE_DIR": str(Path(socket_path).with_suffix(".state")),
+        "ENVIRONMENT": "production",
+        "SIDECAR_LOG_LEVEL": "warning",
+        "SIDECAR_JOURNAL_FSYNC": "off",
+        **ROOM,
+    }
+    base.update(env)
+    argv = [sys.executable, "-m", "bench.metrics_cost", "serve", "on" if metrics_on else "off"]
+    return ServerSpec(name=f"metrics-{'on' if metrics_on else 'off'}", argv=argv, env=base)
+
+
+@contextlib.contextmanager
+def _variants(folder: Path, redis: bool) -> Iterator[tuple[SessionFactory, SessionFactory]]:
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str | None] = {"REDIS_URL": None}
+        if redis:
+            stack.enter_context(redis_running(redis_socket(folder)))
+            env["REDIS_URL"] = f"unix://{redis_socket(folder)}"
+        on, off = str(folder / "on.sock"), str(folder / "off.sock")
+        stack.enter_context(running(_spec(on, True, env)))
+        stack.enter_context(running(_spec(off, False, env)))
+        yield SidecarSession.factory(on), SidecarSession.factory(off)
+
+
+def run_metrics_cost(args: argparse.Namespace) -> str:
+    """The table: per mode, enqueue x64 on one AsyncClient, metrics on / off."""
+    workload = Workload("enqueue", enqueue, IN_FLIGHT, 1)
+    body = []
+    for mode in ("local", "redis"):
+        with tempfile.TemporaryDirectory(prefix="sc-metrics-") as tmp, _variants(
+            Path(tmp), redis=mode == "redis"
+        ) as (on, off):
+            note(f"metrics/{mode}: {workload.label}, on beside off")
+            with_m, without = asyncio.run(_compare(on, off, workload, args))
+        ratio = statistics.median(
+            a.ops_per_s / b.ops_per_s for a, b in zip(with_m, without, strict=True)
+        )
+        note(f"  ratio {ratio:.3f}")
+        body.append((
+            mode, workload.label + " (1 AsyncClient)", f"{combine(with_m).ops_per_s:,.0f}",
+            f"{combine(without).ops_per_s:,.0f}", f"{ratio:.3f}", f">= {TARGET_RATIO:.2f}",
+            "yes" if ratio >= TARGET_RATIO else "NO",
+        ))  # fmt: skip
+    head = ("mode", "workload", "metrics on ops/s", "metrics off ops/s", "ratio on/off",
+            "target", "met")  # fmt: skip
+    return markdown_table(head, body)
+
+
+async def _compare(
+    on: SessionFactory, off: SessionFactory, workload: Workload, args: argparse.Namespace
+) -> tuple[list[Any], list[Any]]:
+    with_m, without = await compare([on, off], workload, args.ops, args.warmup, args.slices)
+    return with_m, without
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        import uvloop
+
+        uvloop.run(_serve(argv[1:2] == ["on"]))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.metrics_cost")
+    p.add_argument("--ops", type=int, default=20_000)
+    p.add_argument("--slices", type=int, default=10)
+    args = p.parse_args(argv)
+    args.warmup = args.ops // 10
+    print(run_metrics_cost(args), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
