@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +31,12 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from sidecar.errors import BackendUnavailable
@@ -182,6 +189,48 @@ def _failover_families(snap: _Snapshot) -> Iterator[Metric]:
                               "to Redis after an outage.", value=snap.moved)
 
 
+class LoopHistogram:
+    """One histogram written only by the event loop's thread: no lock, bisect for the bucket.
+
+    prometheus_client's Histogram.observe takes a lock twice and scans its buckets in Python:
+    about 5 us a call here, against 0.5 us for this, on every request (measured: bench/).
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: the first bound >= value, Prometheus's `le`.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class LoopHistograms:
+    """A histogram family with one label, of LoopHistogram children (a custom collector)."""
+
+    def __init__(self, name: str, doc: str, label: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.label, self.bounds = name, doc, label, bounds
+        self.children: dict[str, LoopHistogram] = {}
+
+    def child(self, value: str) -> LoopHistogram:
+        found = self.children.get(value)
+        if found is None:
+            found = self.children[value] = LoopHistogram(self.bounds)
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, h in self.children.items():
+            cumulative = list(itertools.accumulate(h.counts))
+            les = [repr(float(b)) for b in h.bounds] + ["+Inf"]
+            family.add_metric([value], list(zip(les, cumulative, strict=True)), h.total)
+        yield family
+
+
 class Metrics:
     """The daemon's registry; the server and the stores report to it, render() exposes it."""
 
@@ -195,12 +244,13 @@ class Metrics:
         reg = self.registry
         Gauge("sidecar_build_info", "The running version.", ["version"],
               registry=reg).labels(version).set(1)  # fmt: skip
-        self._duration = Histogram(
+        self._duration = LoopHistograms(
             "sidecar_request_duration_seconds",
             "Requests handled, by op: from decoding the frame to the reply (its _count counts "
             "every request, errors included).",
-            ["op"], buckets=REQUEST_BUCKETS, registry=reg,
+            "op", REQUEST_BUCKETS,
         )  # fmt: skip
+        reg.register(self._duration)
         self._errors = Counter("sidecar_request_errors", "Error replies, by op and code.",
                                ["op", "code"], registry=reg)  # fmt: skip
         self._open = Gauge("sidecar_connections_open", "Client connections open now.",
@@ -220,35 +270,38 @@ class Metrics:
         self._rejected = Counter("sidecar_rejections", "Requests refused for capacity "
                                  "(queue_full), by store and reason.", ["store", "reason"],
                                  registry=reg)  # fmt: skip
-        self._wait_family = Histogram(
+        self._wait_family = LoopHistograms(
             "sidecar_first_lease_wait_seconds",
             "Time from enqueue to the first lease, by the store that handed it out.",
-            ["store"], buckets=WAIT_BUCKETS, registry=reg,
+            "store", WAIT_BUCKETS,
         )  # fmt: skip
-        self._wait: dict[str, Histogram] = {}
+        reg.register(self._wait_family)
+        self._wait: dict[str, LoopHistogram] = {}
         self._fsync = Histogram("sidecar_journal_fsync_duration_seconds", "Local journal syncs "
                                 "(one per loop pass that changed the store).",
                                 buckets=FSYNC_BUCKETS, registry=reg)  # fmt: skip
         self._scrape_errors = Counter("sidecar_metrics_refresh_errors", "Scrapes whose read of "
                                       "the stores failed (queue gauges missing).", registry=reg)
         # Pre-bound children: the request path does one dict lookup and one observe.
-        self._by_op: dict[str, Histogram] = {}
+        self._by_op: dict[str, LoopHistogram] = {}
         self._bound: dict[tuple[object, ...], Counter] = {}
 
     def bind(self, queue: QueueManager, local: LocalQueue) -> None:
         """The stores render() reads (after they are built with this object as their hooks)."""
         self._queue, self._local = queue, local
         stores = ["local"] if queue is local else ["local", "redis"]
-        self._wait = {name: self._wait_family.labels(name) for name in stores}
+        self._wait = {name: self._wait_family.child(name) for name in stores}
 
     # -- the server's calls (per request and per connection) -------------------------------------
 
     def request_done(self, op: str, seconds: float, error_code: str | None) -> None:
         """One request answered, after `seconds`; error_code when the reply was an error."""
-        child = self._by_op.get(op)
-        if child is None:
-            child = self._bind_op(op)
-        child.observe(seconds)
+        h = self._by_op.get(op)
+        if h is None:
+            h = self._bind_op(op)
+        # LoopHistogram.observe, inlined: this runs once per request.
+        h.counts[bisect_left(h.bounds, seconds)] += 1
+        h.total += seconds
         if error_code is not None:
             self._child(self._errors, op, error_code).inc()
 
@@ -330,10 +383,10 @@ class Metrics:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _bind_op(self, op: str) -> Histogram:
+    def _bind_op(self, op: str) -> LoopHistogram:
         if len(self._by_op) >= MAX_LABEL_VALUES:
-            return self._duration.labels(OTHER)  # a bug's path, so not cached
-        child = self._by_op[op] = self._duration.labels(op)
+            return self._duration.child(OTHER)  # a bug's path, so not cached
+        child = self._by_op[op] = self._duration.child(op)
         return child
 
     def _child(self, family: Counter, *values: str) -> Counter:

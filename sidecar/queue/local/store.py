@@ -22,7 +22,6 @@ from sidecar.models import (
     PRIORITY_MIN,
     REASON_ATTEMPTS_EXHAUSTED,
     REASON_CANCELLED,
-    REASON_TTL,
     EnqueueResult,
     HealthReport,
     QueuedRequest,
@@ -30,15 +29,9 @@ from sidecar.models import (
     QueueStatus,
 )
 from sidecar.queue.base import job_bytes, new_lease_id
-from sidecar.queue.hooks import (
-    NO_HOOKS,
-    RETRY_LEASE_EXPIRED,
-    RETRY_WORKER,
-    StoreHooks,
-    failure_kind,
-)
-from sidecar.queue.local.events import AnyEvent, Finished, Leased, Requeued
+from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local.journal import Journal
+from sidecar.queue.local.observe import transition_observer
 from sidecar.queue.local.state import LocalState, held_cost
 
 Clock = Callable[[], float]
@@ -80,7 +73,7 @@ class LocalQueue:
             max_retained=max_retained,
         )
         if hooks is not NO_HOOKS:
-            self._state.observer = self._observe
+            self._state.observer = transition_observer(self.name, hooks, self._state.records)
         self._work = asyncio.Event()
         self._last_recover = 0.0
         # Requests acknowledged but not kept on disk at close (no journal, or it failed).
@@ -494,23 +487,6 @@ class LocalQueue:
         return msgspec.structs.replace(rec)
 
     # -- helpers --------------------------------------------------------------------------------
-
-    def _observe(self, event: AnyEvent) -> None:
-        """Tell the hooks what a transition is about to do (the record is still as it was)."""
-        match event:
-            case Leased(qid=qid, at=at):
-                rec = self._state.records[qid]
-                if rec.attempts == 0:
-                    self._hooks.first_leased(self.name, at - rec.created_at)
-            case Requeued(failed_lease=lease):
-                self._hooks.retried(self.name, RETRY_LEASE_EXPIRED if lease is None
-                                    else RETRY_WORKER, 1)  # fmt: skip
-            case Finished(status=QueueStatus.EXPIRED, reason=reason):
-                self._hooks.expired(self.name, reason or REASON_TTL, 1)
-            case Finished(status=QueueStatus.FAILED, reason=reason):
-                self._hooks.failed(self.name, failure_kind(reason), 1)
-            case _:
-                pass
 
     def _tick(self) -> float:
         now = self._clock()
