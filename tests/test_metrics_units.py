@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, Settings
-from sidecar.errors import QueueFull
+from sidecar.errors import BackendUnavailable, QueueFull
 from sidecar.metrics import MAX_LABEL_VALUES, Metrics
 from sidecar.metrics_http import MetricsListener
-from sidecar.models import QueuedRequest
+from sidecar.models import QueuedRequest, QueueStats
 from sidecar.queue.base import new_request
 from sidecar.queue.hooks import failure_kind
 from sidecar.queue.local import LocalQueue
@@ -215,3 +215,24 @@ def test_metrics_addr_is_off_by_default_and_a_bad_one_names_the_variable() -> No
     assert Settings.from_env({}).metrics_addr is None
     with pytest.raises(ConfigError, match=r"SIDECAR_METRICS_ADDR='a:b' is invalid: expected"):
         Settings.from_env({"SIDECAR_METRICS_ADDR": "a:b"})
+
+
+class FrozenLocal(LocalQueue):
+    """A store whose stats cannot be read (as a frozen backend's)."""
+
+    async def stats(self) -> QueueStats:
+        raise BackendUnavailable("frozen", {"kind": "timeout"})
+
+
+async def test_a_failed_read_of_the_stores_is_counted_and_the_rest_still_served(
+    clock: FakeClock,
+) -> None:
+    m = make_metrics()
+    store = FrozenLocal(max_items=10, max_bytes=1 << 20, high_watermark=0.8, low_watermark=0.6,
+                        retention_s=60.0, clock=clock, hooks=m)  # fmt: skip
+    m.bind(store, store)
+    m.request_done("stats", 0.001, None)
+    text = (await m.render()).decode()
+    assert value(text, "sidecar_metrics_refresh_errors_total") == 1
+    assert value(text, "sidecar_request_duration_seconds_count", op="stats") == 1
+    assert "sidecar_queue_requests" not in text  # no stale or invented queue gauges
