@@ -85,8 +85,10 @@ def test_failover_recovery_and_data_loss_are_counted(
         server.restart()
         text = wait_scrape(
             daemon,
+            # The counter moves just after the backlog empties (once the move is on disk).
             lambda t: value(t, "sidecar_recoveries_total") == 1
-            and value(t, "sidecar_handover_backlog_requests") == 0,
+            and value(t, "sidecar_handover_backlog_requests") == 0
+            and value(t, "sidecar_handover_moved_total") == 1,
             "the daemon recovers and moves its backlog",
         )
     assert value(text, "sidecar_mode", mode="redis") == 1
