@@ -5,7 +5,9 @@ Usage: `.venv/bin/python -m bench.run --mode metrics` (or `python -m bench.metri
 Both variants are the daemon's own server, handlers and stores, started as processes of their
 own by `python -m bench.metrics_cost serve`; the load generator drives each with enqueues, 64 in
 flight on one shared AsyncClient, alternating slices between them (bench/measure.py), in local
-mode (journal fsync off, as the `local` section) and in Redis mode (one redis-server for both).
+mode (journal fsync off, as the `local` section) and in Redis mode (one redis-server for all).
+A second daemon with metrics off is the control: its ratio to the first is the noise floor of
+the run (this machine is shared), to read the on/off ratio against.
 
 "on" is what the daemon runs: a Metrics registry whose hooks the stores call, its journal sync
 timed, a render (a scrape) every 15 s, and, until the server calls it itself,
@@ -26,10 +28,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+
+import uvloop
 
 from bench.echo_server import READY_LINE
-from bench.measure import Workload, combine, compare, enqueue
+from bench.measure import Measurement, Workload, combine, compare, enqueue
 from bench.redis_server import redis_running, redis_socket
 from bench.servers import ServerSpec, running
 from bench.sessions import SessionFactory, SidecarSession
@@ -120,58 +123,61 @@ def _spec(socket_path: str, metrics_on: bool, env: Mapping[str, str | None]) -> 
     }
     base.update(env)
     argv = [sys.executable, "-m", "bench.metrics_cost", "serve", "on" if metrics_on else "off"]
-    return ServerSpec(name=f"metrics-{'on' if metrics_on else 'off'}", argv=argv, env=base)
+    return ServerSpec(name=f"metrics-{Path(socket_path).stem}", argv=argv, env=base)
+
+
+# The daemons of one mode, in the order their slices alternate: off, on, and a second "off"
+# (the control: its ratio to the first shows the noise floor and any bias of the order).
+VARIANTS = (("off", False), ("on", True), ("control", False))
 
 
 @contextlib.contextmanager
-def _variants(folder: Path, redis: bool) -> Iterator[tuple[SessionFactory, SessionFactory]]:
+def _variants(folder: Path, redis: bool) -> Iterator[list[SessionFactory]]:
     with contextlib.ExitStack() as stack:
         env: dict[str, str | None] = {"REDIS_URL": None}
         if redis:
             stack.enter_context(redis_running(redis_socket(folder)))
             env["REDIS_URL"] = f"unix://{redis_socket(folder)}"
-        on, off = str(folder / "on.sock"), str(folder / "off.sock")
-        stack.enter_context(running(_spec(on, True, env)))
-        stack.enter_context(running(_spec(off, False, env)))
-        yield SidecarSession.factory(on), SidecarSession.factory(off)
+        factories = []
+        for name, metrics_on in VARIANTS:
+            path = str(folder / f"{name}.sock")
+            stack.enter_context(running(_spec(path, metrics_on, env)))
+            factories.append(SidecarSession.factory(path))
+        yield factories
+
+
+def _ratio(a: list[Measurement], b: list[Measurement]) -> float:
+    """Median over slices of a's throughput over b's (each slice a run within seconds)."""
+    return statistics.median(x.ops_per_s / y.ops_per_s for x, y in zip(a, b, strict=True))
 
 
 def run_metrics_cost(args: argparse.Namespace) -> str:
-    """The table: per mode, enqueue x64 on one AsyncClient, metrics on / off."""
+    """The table: per mode, enqueue x64 on one AsyncClient, metrics on / off, and the control."""
     workload = Workload("enqueue", enqueue, IN_FLIGHT, 1)
     body = []
     for mode in ("local", "redis"):
         with tempfile.TemporaryDirectory(prefix="sc-metrics-") as tmp, _variants(
             Path(tmp), redis=mode == "redis"
-        ) as (on, off):
-            note(f"metrics/{mode}: {workload.label}, on beside off")
-            with_m, without = asyncio.run(_compare(on, off, workload, args))
-        ratio = statistics.median(
-            a.ops_per_s / b.ops_per_s for a, b in zip(with_m, without, strict=True)
-        )
-        note(f"  ratio {ratio:.3f}")
+        ) as targets:
+            note(f"metrics/{mode}: {workload.label}, on beside off (and off beside off)")
+            off, on, control = uvloop.run(
+                compare(targets, workload, args.ops, args.warmup, args.slices)
+            )
+        ratio = _ratio(on, off)
+        note(f"  ratio {ratio:.3f}, control {_ratio(control, off):.3f}")
         body.append((
-            mode, workload.label + " (1 AsyncClient)", f"{combine(with_m).ops_per_s:,.0f}",
-            f"{combine(without).ops_per_s:,.0f}", f"{ratio:.3f}", f">= {TARGET_RATIO:.2f}",
-            "yes" if ratio >= TARGET_RATIO else "NO",
+            mode, workload.label + " (1 AsyncClient)", f"{combine(on).ops_per_s:,.0f}",
+            f"{combine(off).ops_per_s:,.0f}", f"{ratio:.3f}", f"{_ratio(control, off):.3f}",
+            f">= {TARGET_RATIO:.2f}", "yes" if ratio >= TARGET_RATIO else "NO",
         ))  # fmt: skip
     head = ("mode", "workload", "metrics on ops/s", "metrics off ops/s", "ratio on/off",
-            "target", "met")  # fmt: skip
+            "control off/off", "target", "met")  # fmt: skip
     return markdown_table(head, body)
-
-
-async def _compare(
-    on: SessionFactory, off: SessionFactory, workload: Workload, args: argparse.Namespace
-) -> tuple[list[Any], list[Any]]:
-    with_m, without = await compare([on, off], workload, args.ops, args.warmup, args.slices)
-    return with_m, without
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        import uvloop
-
         uvloop.run(_serve(argv[1:2] == ["on"]))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.metrics_cost")

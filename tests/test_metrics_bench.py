@@ -38,5 +38,5 @@ def test_quick_metrics_bench_prints_both_modes() -> None:
     for row in rows:
         assert row["workload"] == "enqueue x64 (1 AsyncClient)", row
         assert _number(row["metrics on ops/s"]) > 0 and _number(row["metrics off ops/s"]) > 0
-        assert _number(row["ratio on/off"]) > 0, row
+        assert _number(row["ratio on/off"]) > 0 and _number(row["control off/off"]) > 0, row
         assert row["target"] == ">= 0.95" and row["met"] in ("yes", "NO"), row
