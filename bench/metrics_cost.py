@@ -9,10 +9,10 @@ mode (journal fsync off, as the `local` section) and in Redis mode (one redis-se
 A second daemon with metrics off is the control: its ratio to the first is the noise floor of
 the run (this machine is shared), to read the on/off ratio against.
 
-"on" is what the daemon runs: a Metrics registry whose hooks the stores call, its journal sync
-timed, a render (a scrape) every 15 s, and, until the server calls it itself,
-`request_done` called around each request's handler here, as the server will. "off" is the same
-daemon built with no metrics at all (the stores' default no-op hooks).
+"on" is what the daemon runs: a Metrics registry the server reports every request and
+connection to (request_done, connection_*), whose hooks the stores call, its journal sync
+timed, and a render (a scrape) every 15 s. "off" is the same daemon built with no metrics at
+all (the server's null observer, the stores' default no-op hooks).
 """
 
 from __future__ import annotations
@@ -41,14 +41,10 @@ from bench.servers import ServerSpec, running
 from bench.sessions import SessionFactory, SidecarSession
 from bench.tables import markdown_table, note
 from sidecar import __version__
-from sidecar.app import _close_queue, build_queue
+from sidecar.app import _close_queue, build_queue, build_server, no_metrics
 from sidecar.config import Settings
-from sidecar.errors import SidecarError
 from sidecar.handlers import Ops
 from sidecar.metrics import Metrics
-from sidecar.protocol import AnyRequest
-from sidecar.queue.base import QueueManager
-from sidecar.server import SidecarServer
 
 METRICS_TITLE = "metrics: the daemon with metrics on beside off (ratio = on / off, target >= 0.95)"
 # The issue's bound: metrics may cost at most 5% of enqueue throughput.
@@ -63,29 +59,6 @@ ROOM = {"QUEUE_MAX_SIZE": "10000000", "QUEUE_MAX_MEMORY_MB": "8192"}
 # -- the served variants ----------------------------------------------------------------------
 
 
-class TimedOps(Ops):
-    """Ops whose handle() reports each request to request_done, as the server will."""
-
-    def __init__(self, settings: Settings, queue: QueueManager, metrics: Metrics) -> None:
-        super().__init__(settings, queue)
-        self._done = metrics.request_done
-        self._names: dict[type, str] = {}
-
-    async def handle(self, req: AnyRequest) -> object:
-        kind = type(req)
-        op = self._names.get(kind)
-        if op is None:
-            op = self._names[kind] = str(req.__struct_config__.tag)
-        began = time.perf_counter()
-        try:
-            result = await super().handle(req)
-        except SidecarError as exc:
-            self._done(op, time.perf_counter() - began, exc.code)
-            raise
-        self._done(op, time.perf_counter() - began, None)
-        return result
-
-
 async def _serve(metrics_on: bool) -> None:
     settings = Settings.from_env()
     metrics = None
@@ -93,12 +66,12 @@ async def _serve(metrics_on: bool) -> None:
         metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
                           low_watermark=settings.queue_low_watermark)  # fmt: skip
     queue, local = await build_queue(settings, metrics)
-    ops = Ops(settings, queue)
     if metrics is not None:
         metrics.bind(queue, local)
-        ops = TimedOps(settings, queue, metrics)
     await queue.start()
-    server = SidecarServer(ops)
+    # The daemon's own wiring: with metrics, the server reports every request and connection.
+    server = build_server(settings, queue, observer=metrics,
+                          render_metrics=metrics.render if metrics else no_metrics)  # fmt: skip
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

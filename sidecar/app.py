@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -18,6 +18,7 @@ from sidecar.config import Settings
 from sidecar.handlers import Ops
 from sidecar.metrics import Metrics
 from sidecar.metrics_http import MetricsListener
+from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueManager
 from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local import Journal, JournalError, LocalQueue
@@ -139,6 +140,31 @@ async def start_metrics_listener(settings: Settings, metrics: Metrics) -> Metric
     return listener
 
 
+async def no_metrics() -> bytes:
+    """The metrics op's text of a server built without a renderer (tests): empty."""
+    return b""
+
+
+def build_server(
+    settings: Settings,
+    queue: QueueManager,
+    *,
+    observer: Observer | None = None,
+    render_metrics: Callable[[], Awaitable[bytes]] = no_metrics,
+) -> SidecarServer:
+    """The server and its ops, sharing the state this function owns: the stopping event (the
+    server's drain sets it, the ops' long polls end on it) and the open-connection count (the
+    server keeps it, health reports it)."""
+    stopping = asyncio.Event()
+    count = ConnectionCount()
+    ops = Ops(
+        settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics
+    )
+    return SidecarServer(
+        settings, ops, stopping=stopping, count=count, observer=observer or NullObserver()
+    )
+
+
 async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> int:
     """Serve until `shutdown` is set (by SIGTERM/SIGINT when none is given), then drain.
 
@@ -169,8 +195,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     deadline = loop.time() + settings.drain_timeout_s
     try:
         listen_sock = systemd.inherited_socket(settings.socket_path)
-        ops = Ops(settings, queue, connections=lambda: len(server.connections) if server else 0)
-        server = SidecarServer(ops)
+        server = build_server(settings, queue, observer=metrics, render_metrics=metrics.render)
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
         scrape = await start_metrics_listener(settings, metrics)
         report = await queue.health()

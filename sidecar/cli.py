@@ -16,7 +16,7 @@ from sidecar.client import Client, decode_payload
 from sidecar.client_conn import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import SidecarError, SidecarUnavailable
-from sidecar.models import QueueStats
+from sidecar.protocol import StatsResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a command failed (or health: degraded)
@@ -152,7 +152,7 @@ def watch_stats(client: Client, interval_s: float) -> int:
     if not interval_s > 0:
         print("error: --interval must be a number of seconds > 0", file=sys.stderr)
         return EXIT_ERROR
-    previous: tuple[float, QueueStats] | None = None
+    previous: tuple[float, StatsResult] | None = None
     lines = 0
     next_at = time.monotonic()
     try:
@@ -168,7 +168,9 @@ def watch_stats(client: Client, interval_s: float) -> int:
         return EXIT_OK
 
 
-def _watch_line(stats: QueueStats, previous: tuple[float, QueueStats] | None, now: float) -> str:
+def _watch_line(
+    stats: StatsResult, previous: tuple[float, StatsResult] | None, now: float
+) -> str:
     def rate(field: str) -> str:
         if previous is None:
             return "-"
@@ -193,7 +195,12 @@ def _watch_row(cells: list[str]) -> str:
     ).rstrip()
 
 
-def format_stats(stats: QueueStats) -> str:
+def _metrics(client: Client, args: argparse.Namespace) -> int:
+    sys.stdout.write(client.metrics().text)  # the exposition ends its own lines
+    return EXIT_OK
+
+
+def format_stats(stats: StatsResult) -> str:
     """A readable two-column table of the stats."""
     rows: list[tuple[str, Any]] = []
     for name in stats.__struct_fields__:
@@ -286,6 +293,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="one line per interval (rates per second) until Ctrl-C")
             p.add_argument("--interval", type=float, default=1.0,
                            help="seconds between lines of --watch (default 1)")  # fmt: skip
+    p = sub.add_parser("metrics", help="the daemon's metrics as Prometheus text")
+    p.set_defaults(run=_metrics)
     p = sub.add_parser("enqueue", help="enqueue a JSON payload (argument or stdin); prints its id")
     p.add_argument("payload", nargs="?", help="the payload as JSON; '-' or none reads stdin")
     p.add_argument("--priority", type=int, help="0 (most urgent) to 9; default 5")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, assert_never, cast
 
 import msgspec
 import structlog
@@ -22,7 +23,8 @@ from sidecar.errors import (
     SidecarError,
     UnsupportedProtocol,
 )
-from sidecar.models import QueuedRequest, QueueStatus
+from sidecar.models import EnqueueOutcome, QueuedRequest, QueueStats, QueueStatus
+from sidecar.observe import ConnectionCount
 from sidecar.protocol import (
     MAX_PAYLOAD_DEPTH,
     AnyRequest,
@@ -42,8 +44,11 @@ from sidecar.protocol import (
     HelloResult,
     Job,
     Limits,
+    Metrics,
+    MetricsResult,
     RequestInfo,
     Stats,
+    StatsResult,
     Status,
     payload_depth_exceeds,
 )
@@ -56,6 +61,9 @@ SUPPORTED_PROTOCOLS = (PROTOCOL_VERSION,)
 REASON_UNSPECIFIED = "unspecified"
 # The reply's own envelope around the jobs (id, ok, result, items), rounded up.
 REPLY_OVERHEAD_BYTES = 64
+# The Prometheus text exposition format, as a scraper's Content-Type.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+W = TypeVar("W", bound=msgspec.Struct)
 
 
 class Ops:
@@ -66,16 +74,21 @@ class Ops:
         settings: Settings,
         queue: QueueManager,
         *,
-        connections: Callable[[], int] = lambda: 0,
+        stopping: asyncio.Event | None = None,
+        connections: ConnectionCount | None = None,
+        render_metrics: Callable[[], Awaitable[bytes]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """stopping, connections and render_metrics come from app.py; the defaults serve ops
+        that nothing shares (a store under test, no server): no metrics renders empty text."""
         self.settings = settings
         self.queue = queue
-        self._connections = connections
+        # Set when the daemon begins to drain: long-polling dequeues answer at once.
+        self._stopping = stopping or asyncio.Event()
+        self._connections = connections or ConnectionCount()
+        self._render_metrics = render_metrics
         self._clock = clock
         self._started = time.monotonic()
-        # Set when the daemon begins to drain: long-polling dequeues answer at once.
-        self.stopping = asyncio.Event()
         self._limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
             max_payload_bytes=settings.max_payload_bytes,
@@ -111,24 +124,35 @@ class Ops:
                     )
                 return info(rec)
             case Stats():
-                return await self.queue.stats()
+                return stats_result(await self.queue.stats())
             case Health():
                 return await self.health()
             case Hello():
-                if req.protocol not in SUPPORTED_PROTOCOLS:
-                    raise UnsupportedProtocol(
-                        f"this daemon speaks protocol {PROTOCOL_VERSION}, not {req.protocol}",
-                        {"protocol": req.protocol, "supported": list(SUPPORTED_PROTOCOLS)},
-                    )
-                report = await self.queue.health()
-                return HelloResult(
-                    server="sidecar",
-                    version=__version__,
-                    protocol=PROTOCOL_VERSION,
-                    mode=report.mode,
-                    limits=self._limits,
-                )
-        raise InvalidMessage(f"op {type(req).__name__} has no handler")  # pragma: no cover
+                return await self._hello(req)
+            case Metrics():
+                render = self._render_metrics
+                text = (await render()).decode() if render is not None else ""
+                return MetricsResult(content_type=METRICS_CONTENT_TYPE, text=text)
+            case _:
+                # Exhaustive: an op of protocol.REGISTRY without a case above fails mypy here,
+                # 'Argument 1 to "assert_never" has incompatible type "Metrics"; expected
+                # "Never"' (seen with the Metrics case removed).
+                assert_never(req)
+
+    async def _hello(self, req: Hello) -> HelloResult:
+        if req.protocol not in SUPPORTED_PROTOCOLS:
+            raise UnsupportedProtocol(
+                f"this daemon speaks protocol {PROTOCOL_VERSION}, not {req.protocol}",
+                {"protocol": req.protocol, "supported": list(SUPPORTED_PROTOCOLS)},
+            )
+        report = await self.queue.health()
+        return HelloResult(
+            server="sidecar",
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            mode=report.mode,
+            limits=self._limits,
+        )
 
     async def health(self) -> HealthResult:
         report = await self.queue.health()
@@ -138,7 +162,7 @@ class Ops:
             reasons=report.reasons,
             version=__version__,
             uptime_s=round(time.monotonic() - self._started, 3),
-            connections=self._connections(),
+            connections=self._connections.open,
         )
 
     async def _fail(self, req: Fail) -> QueuedRequest:
@@ -179,18 +203,7 @@ class Ops:
                 )
             )
         results = await self.queue.enqueue(records)
-        return EnqueueResult(
-            items=[
-                EnqueuedItem(
-                    queue_id=r.request.queue_id,
-                    status=r.request.status.value,
-                    created=r.created,
-                    priority=r.request.priority,
-                    expires_at=r.request.expires_at,
-                )
-                for r in results
-            ]
-        )
+        return EnqueueResult(items=[enqueued(r) for r in results])
 
     def _checked_payload(self, index: int, item: EnqueueItem) -> bytes:
         """The item's payload as bytes, once it is known to be within the limits."""
@@ -219,7 +232,7 @@ class Ops:
         while True:
             got = await self._lease_within_frame(max_items, lease_s)
             remaining = deadline - time.monotonic()
-            if got or remaining <= 0 or self.stopping.is_set():
+            if got or remaining <= 0 or self._stopping.is_set():
                 return DequeueResult(items=[job(r) for r in got])
             await self._wait_for_work(remaining)
 
@@ -236,7 +249,7 @@ class Ops:
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""
         work = asyncio.ensure_future(self.queue.wait_for_work(timeout))
-        stop = asyncio.ensure_future(self.stopping.wait())
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -244,35 +257,50 @@ class Ops:
             stop.cancel()
 
 
+# -- the wire views of the stores' records: each filled by field name, never by a copied list --
+
+
+def compile_view(wire: type[W], source: type[msgspec.Struct], *given: str) -> Callable[..., W]:
+    """A function (record, *given) -> wire struct, each other wire field read from the record's
+    field of the same name. A wire field the record lacks is refused here, at import.
+
+    Written out and compiled once, as dataclasses does, so a view costs what a hand-written
+    constructor call costs (reading the names in a loop per call costs three times as much, on
+    the path of every dequeue and settle).
+    """
+    names = wire.__struct_fields__
+    missing = [n for n in names if n not in given and n not in source.__struct_fields__]
+    if missing:
+        raise TypeError(f"{wire.__name__} fields {missing} are not fields of {source.__name__}")
+    args = ", ".join(f"{n}={n}" if n in given else f"{n}=src.{n}" for n in names)
+    namespace: dict[str, object] = {"Wire": wire}
+    exec(f"def view(src, {', '.join(given)}):\n    return Wire({args})\n", namespace)
+    return cast(Callable[..., W], namespace["view"])
+
+
+_info = compile_view(RequestInfo, QueuedRequest, "status")
+_job = compile_view(Job, QueuedRequest, "payload")
+_enqueued = compile_view(EnqueuedItem, QueuedRequest, "status", "created")
+
+
 def info(rec: QueuedRequest) -> RequestInfo:
     """The metadata view of a stored request."""
-    return RequestInfo(
-        queue_id=rec.queue_id,
-        status=rec.status.value,
-        priority=rec.priority,
-        attempts=rec.attempts,
-        max_attempts=rec.max_attempts,
-        created_at=rec.created_at,
-        expires_at=rec.expires_at,
-        updated_at=rec.updated_at,
-        size_bytes=rec.size_bytes,
-        lease_expires_at=rec.lease_expires_at,
-        reason=rec.reason,
-    )
+    return _info(rec, rec.status.value)
 
 
 def job(rec: QueuedRequest) -> Job:
     """The worker's view of a leased request, with its payload bytes as they arrived."""
     assert rec.lease_id is not None and rec.lease_expires_at is not None
     assert rec.payload is not None
-    return Job(
-        queue_id=rec.queue_id,
-        lease_id=rec.lease_id,
-        lease_expires_at=rec.lease_expires_at,
-        payload=msgspec.Raw(rec.payload),
-        priority=rec.priority,
-        attempts=rec.attempts,
-        max_attempts=rec.max_attempts,
-        created_at=rec.created_at,
-        expires_at=rec.expires_at,
-    )
+    return _job(rec, msgspec.Raw(rec.payload))
+
+
+def enqueued(outcome: EnqueueOutcome) -> EnqueuedItem:
+    """What enqueue answers for one item: the stored request, and whether this call made it."""
+    req = outcome.request
+    return _enqueued(req, req.status.value, outcome.created)
+
+
+def stats_result(stats: QueueStats) -> StatsResult:
+    """The stats reply: the store's counts, nested stores included, converted by field name."""
+    return msgspec.convert(stats, StatsResult, from_attributes=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Protocol
 
 import msgspec
 
@@ -72,7 +73,7 @@ class QueuedRequest(msgspec.Struct, kw_only=True, gc=False):
     failed_lease: str | None = None
 
 
-class EnqueueResult(msgspec.Struct, kw_only=True, gc=False):
+class EnqueueOutcome(msgspec.Struct, kw_only=True, gc=False):
     """The outcome of one enqueued item: the stored request, and whether this call created it."""
 
     request: QueuedRequest
@@ -122,8 +123,32 @@ class QueueStats(msgspec.Struct, kw_only=True):
     @property
     def balanced(self) -> bool:
         """The books: accepted = queued + processing + completed + failed + expired (+ moved)."""
-        total = self.queued + self.processing + self.completed + self.failed + self.expired
-        return self.accepted == total + self.moved_out
+        return books_balance(self)
+
+
+class Books(Protocol):
+    """The counts that balance: a store's QueueStats, or the stats reply on the wire."""
+
+    @property
+    def queued(self) -> int: ...
+    @property
+    def processing(self) -> int: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def completed(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def expired(self) -> int: ...
+    @property
+    def moved_out(self) -> int: ...
+
+
+def books_balance(s: Books) -> bool:
+    """Whether accepted = queued + processing + completed + failed + expired + moved_out."""
+    total = s.queued + s.processing + s.completed + s.failed + s.expired
+    return s.accepted == total + s.moved_out
 
 
 class HealthReport(msgspec.Struct, kw_only=True):

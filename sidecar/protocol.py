@@ -8,7 +8,8 @@ normative description of everything here.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, cast
+from dataclasses import dataclass
+from typing import Annotated, Any, cast, get_args
 
 import msgspec
 
@@ -21,6 +22,7 @@ from sidecar.models import (
     PRIORITY_DEFAULT,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    books_balance,
 )
 
 HEADER_BYTES = 4
@@ -107,11 +109,8 @@ class Health(Request, tag="health"):
     pass
 
 
-AnyRequest = Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
-OPS: frozenset[str] = frozenset(
-    str(cls.__struct_config__.tag)
-    for cls in (Hello, Enqueue, Dequeue, Extend, Complete, Fail, Cancel, Status, Stats, Health)
-)
+class Metrics(Request, tag="metrics"):
+    pass
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -193,6 +192,98 @@ class HealthResult(msgspec.Struct, kw_only=True):
     version: str
     uptime_s: float
     connections: int
+
+
+class StatsResult(msgspec.Struct, kw_only=True):
+    """What stats answers: a store's counts (models.QueueStats is what the stores keep).
+
+    Filled from the store's QueueStats by name (handlers.stats_result), so a field is added to
+    the wire by adding it here; protocol.md 8.9 is checked against this type.
+    """
+
+    store: str
+    queued: int
+    processing: int
+    accepted: int
+    completed: int
+    failed: int
+    expired: int
+    items: int
+    bytes: int
+    max_items: int | None = None
+    max_bytes: int | None = None
+    usage: float = 0.0
+    breaker_open: bool = False
+    rejections: dict[str, int] = msgspec.field(default_factory=dict)
+    oldest_queued_age_s: float | None = None
+    max_expired_age_s: float | None = None
+    retained: int = 0
+    retained_bytes: int = 0
+    retention_cut: int = 0
+    warnings: list[str] = msgspec.field(default_factory=list)
+    moved_out: int = 0
+    mode: str = ""
+    stores: dict[str, StatsResult] = msgspec.field(default_factory=dict)
+    failovers: int = 0
+    recoveries: int = 0
+    degraded_s: float = 0.0
+    redis_data_lost: int = 0
+
+    @property
+    def balanced(self) -> bool:
+        """The books balance (protocol.md 8.9), as the store's own QueueStats.balanced says."""
+        return books_balance(self)
+
+
+class MetricsResult(msgspec.Struct, kw_only=True):
+    content_type: str
+    text: str
+
+
+# -- the op registry -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """One op: its request and result types and what a client may do with it."""
+
+    request: type[Request]
+    result: type[Any]
+    # Sending it twice has the effect of sending it once, so a client may resend it after a
+    # lost connection. Enqueue qualifies because the reference client names every item.
+    retry_safe: bool
+    # The request field (seconds) a reply may take beyond the client's reply deadline.
+    long_poll: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.request.__struct_config__.tag)
+
+
+# Every op, in protocol.md's order. Adding an op: its request and result types above, one entry
+# here and in AnyRequest, and a case in handlers.Ops.handle (mypy refuses a missing case).
+REGISTRY: tuple[OpSpec, ...] = (
+    OpSpec(Hello, HelloResult, retry_safe=True),
+    OpSpec(Enqueue, EnqueueResult, retry_safe=True),
+    OpSpec(Dequeue, DequeueResult, retry_safe=False, long_poll="wait_s"),
+    OpSpec(Extend, RequestInfo, retry_safe=False),
+    OpSpec(Complete, RequestInfo, retry_safe=False),
+    OpSpec(Fail, RequestInfo, retry_safe=False),
+    OpSpec(Cancel, RequestInfo, retry_safe=False),
+    OpSpec(Status, RequestInfo, retry_safe=True),
+    OpSpec(Stats, StatsResult, retry_safe=True),
+    OpSpec(Health, HealthResult, retry_safe=True),
+    OpSpec(Metrics, MetricsResult, retry_safe=True),
+)
+# The registry's requests as one union: the decoder's type, and what dispatch matches over.
+AnyRequest = (
+    Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
+    | Metrics
+)
+SPECS: dict[type[Request], OpSpec] = {spec.request: spec for spec in REGISTRY}
+OPS: frozenset[str] = frozenset(spec.name for spec in REGISTRY)
+if set(get_args(AnyRequest)) != set(SPECS):  # pragma: no cover - caught at import
+    raise TypeError("AnyRequest and REGISTRY must name the same request types")
 
 
 # -- replies -------------------------------------------------------------------------------------

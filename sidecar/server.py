@@ -19,10 +19,12 @@ import stat
 import struct
 from collections import deque
 from pathlib import Path
+from time import perf_counter
 from typing import cast
 
 import structlog
 
+from sidecar.config import Settings
 from sidecar.errors import (
     BadFrame,
     InternalError,
@@ -32,8 +34,11 @@ from sidecar.errors import (
     TooManyConnections,
 )
 from sidecar.handlers import Ops
+from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.protocol import (
+    SPECS,
     AnyRequest,
+    ErrorReply,
     FrameReader,
     OkReply,
     append_frame,
@@ -95,6 +100,8 @@ class _Fatal:
         self.error = error
 
 
+# The op name request_done reports, by request type (one dict lookup on the hot path).
+_OP_NAMES = {request: spec.name for request, spec in SPECS.items()}
 _conn_ids = itertools.count(1)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -109,7 +116,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: SidecarServer) -> None:
         self.server = server
         self.conn_id = next(_conn_ids)
-        self.reader = FrameReader(server.ops.settings.max_frame_bytes)
+        self.reader = FrameReader(server.settings.max_frame_bytes)
         # Reply slots in request order, until written. A slot holds its request's bytes, or its
         # reply's once made if larger, in inbox_bytes until written: replies made behind a long
         # poll are bounded like the requests they answer.
@@ -144,8 +151,11 @@ class Connection(asyncio.Protocol):
         if err is not None:
             transport.write(encode_frame(error_reply(None, err)))
             transport.close()
+            server.observer.connection_refused(err.code)
             return
         server.connections.add(self)
+        server.count.open += 1
+        server.observer.connection_opened()
         server.arm_sweep()
         self.task = asyncio.get_running_loop().create_task(self._run())
         self.log.debug("connection_opened")
@@ -182,7 +192,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
-        server.connections.discard(self)
+        if self in server.connections:  # a refused connection was never counted
+            server.connections.discard(self)
+            server.count.open -= 1
+            server.observer.connection_closed()
         server.budget_paused.discard(self)
         self.closed = True
         for task in self.running:
@@ -211,19 +224,24 @@ class Connection(asyncio.Protocol):
         try:
             req = decode_request(body)
         except SidecarError as err:
+            started = perf_counter()
             frame = _frame(error_reply(request_id_of(err), err))
             self.inbox.append(_Slot(len(frame), frame))
             self.inbox_bytes += len(frame)
+            self.server.observer.request_done(
+                "invalid", perf_counter() - started, err.code
+            )
             return
         slot = _Slot(len(body))
         self.inbox.append(slot)
         self.inbox_bytes += slot.size
         # A task per request: ops reach the stores through asyncio.timeout, which needs a task.
-        task = self.server.loop.create_task(self._serve(slot, req))
+        task = self.server.loop.create_task(self._serve(slot, req, perf_counter()))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
 
-    async def _serve(self, slot: _Slot, req: AnyRequest) -> None:
+    async def _serve(self, slot: _Slot, req: AnyRequest, started: float) -> None:
+        reply: OkReply | ErrorReply
         try:
             reply = await self._answer(req)
         except asyncio.CancelledError:
@@ -235,6 +253,11 @@ class Connection(asyncio.Protocol):
             self.log.error("op_cancelled_inside", op=type(req).__name__.lower())
             reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
         frame = slot.frame = _frame(reply)
+        self.server.observer.request_done(
+            _OP_NAMES[type(req)],
+            perf_counter() - started,
+            reply.error.code if isinstance(reply, ErrorReply) else None,
+        )
         if self.closed:
             return  # an op that ignored its cancellation: its bytes were released already
         if len(frame) > slot.size:
@@ -287,7 +310,7 @@ class Connection(asyncio.Protocol):
         if running:
             await asyncio.wait(running)
 
-    async def _answer(self, item: AnyRequest) -> object:
+    async def _answer(self, item: AnyRequest) -> OkReply | ErrorReply:
         try:
             return OkReply(id=item.id, result=await self.server.ops.handle(item))
         except SidecarError as err:
@@ -412,9 +435,21 @@ class Connection(asyncio.Protocol):
 class SidecarServer:
     """Owns the listening socket and every live connection."""
 
-    def __init__(self, ops: Ops) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ops: Ops,
+        *,
+        stopping: asyncio.Event,
+        count: ConnectionCount,
+        observer: Observer | None = None,
+    ) -> None:
+        """stopping (set by drain), count and observer are shared with the ops by app.py."""
+        self.settings = settings
         self.ops = ops
-        settings = ops.settings
+        self.stopping = stopping
+        self.count = count
+        self.observer: Observer = observer or NullObserver()
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         # Served a socket inherited from systemd (sidecar.socket): it is never unlinked.
@@ -441,7 +476,7 @@ class SidecarServer:
 
     def refusal(self, transport: asyncio.Transport) -> SidecarError | None:
         """Why a new connection is refused (peer not allowed, at the limit, draining), or None."""
-        limit = self.ops.settings.max_connections
+        limit = self.settings.max_connections
         err: SidecarError | None = None
         peer: tuple[int, int] | None = None
         if self._allowed_uids or self._allowed_gids:
@@ -497,11 +532,11 @@ class SidecarServer:
 
     @property
     def path(self) -> str:
-        return self.ops.settings.socket_path
+        return self.settings.socket_path
 
     async def start(self) -> None:
         """Bind the socket (mode 0660), replacing a stale file but never a live daemon's."""
-        prepare_socket_path(self.path, self.ops.settings.socket_group)
+        prepare_socket_path(self.path, self.settings.socket_group)
         loop = asyncio.get_running_loop()
         # umask closes the window between bind and chmod in which the file has looser modes.
         old = os.umask(0o117)
@@ -531,7 +566,7 @@ class SidecarServer:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        self.ops.stopping.set()
+        self.stopping.set()
         if self._server is not None:
             self._server.close()
         # Loop passes before the connections end: requests already in the kernel's buffers are

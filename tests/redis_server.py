@@ -95,8 +95,11 @@ class RedisServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> RedisServer:
-        """Start the process and wait until it answers PING (bounded by READY_TIMEOUT_S)."""
+    def start(self, *, wait: bool = True) -> RedisServer:
+        """Start the process and wait until it answers PING (bounded by READY_TIMEOUT_S).
+
+        wait=False returns at once: a test that wants to meet the server still loading.
+        """
         if self.running:
             raise RedisServerError("redis-server is already running")
         with contextlib.suppress(FileNotFoundError):
@@ -104,7 +107,8 @@ class RedisServer:
         self._proc = subprocess.Popen(
             self._args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from sidecar.client import AsyncClient, Client, decode_payload
-from sidecar.models import QueueStats
-from sidecar.protocol import Job
+from sidecar.protocol import Job, StatsResult
 from tests import test_daemon as local_suite
 from tests.daemon import Daemon, daemon_env, running_daemon, serve_expecting_refusal, short_tmpdir
 from tests.redis_server import RedisServer
@@ -47,7 +46,7 @@ def wait_for(check: Callable[[], T | None], deadline_s: float, what: str) -> T:
         time.sleep(0.02)  # a bounded pause between two real polls, not a wait for an outcome
 
 
-def assert_books(stats: QueueStats, **expected: int) -> None:
+def assert_books(stats: StatsResult, **expected: int) -> None:
     """The combined books balance and hold the expected counts."""
     assert stats.balanced, stats
     got = {name: getattr(stats, name) for name in expected}

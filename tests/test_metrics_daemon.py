@@ -1,26 +1,27 @@
 """The metrics of the real daemon in local mode, read through its HTTP listener.
 
 Each family that an outside client can move is moved here and read back from a scrape; the
-families only the server can move (requests, connections) are unit-tested in
-test_metrics_units.py until the server calls them.
+server's own (requests, errors, connections) too, and the `metrics` op through the CLI.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from sidecar.client import Client
-from sidecar.errors import QueueFull
+from sidecar.errors import NotFound, QueueFull, SidecarError
 from tests.daemon import Daemon, daemon_env, running_daemon, serve_expecting_refusal, short_tmpdir
 from tests.metrics_scrape import (
     has,
     http_status,
     metrics_url,
     promtool,
+    samples,
     scrape,
     value,
     wait_scrape,
@@ -181,3 +182,49 @@ def test_a_metrics_port_in_use_stops_the_start_with_a_clear_error() -> None:
         result = serve_expecting_refusal(env)
     assert result.returncode == 1
     assert f"SIDECAR_METRICS_ADDR=127.0.0.1:{port} cannot be bound" in result.stderr
+
+
+def test_requests_errors_and_connections_are_reported_by_the_server(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        for n in range(3):
+            c.enqueue({"n": n})
+        with pytest.raises(NotFound):
+            c.status("f" * 32)
+        text = scrape(daemon)
+        assert value(text, "sidecar_connections_open") >= 1
+    assert value(text, "sidecar_request_duration_seconds_count", op="enqueue") == 3
+    assert value(text, "sidecar_request_duration_seconds_sum", op="enqueue") > 0
+    assert value(text, "sidecar_request_errors_total", op="status", code="not_found") == 1
+    assert value(text, "sidecar_request_errors_total", op="enqueue") == 0
+    assert value(text, "sidecar_connections_opened_total") >= 1
+    later = wait_scrape(daemon, lambda t: value(t, "sidecar_connections_open") == 0,
+                        "the closed connection is counted")  # fmt: skip
+    assert value(later, "sidecar_connections_opened_total") >= 1
+
+
+def test_refused_connections_are_counted_by_reason() -> None:
+    with running_daemon(SIDECAR_METRICS_ADDR=":0", SIDECAR_MAX_CONNECTIONS="1") as daemon, Client(
+        daemon.socket_path
+    ) as first:
+        first.stats()  # holds the only connection
+        with pytest.raises(SidecarError), Client(daemon.socket_path, timeout_s=5) as second:
+            second.stats()
+        text = wait_scrape(daemon, lambda t: value(t, "sidecar_connections_refused_total") >= 1,
+                           "the refusal is counted")  # fmt: skip
+    [reason] = {dict(labels)["reason"] for name, labels in samples(text)
+                if name == "sidecar_connections_refused_total"}  # fmt: skip
+    assert reason == "too_many_connections"
+
+
+def test_the_metrics_op_and_cli_serve_what_promtool_accepts(daemon: Daemon) -> None:
+    with Client(daemon.socket_path) as c:
+        c.enqueue({"n": 1})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--socket", daemon.socket_path, "metrics"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert value(proc.stdout, "sidecar_request_duration_seconds_count", op="enqueue") == 1
+    check = subprocess.run([promtool(), "check", "metrics"], input=proc.stdout,
+                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -17,34 +17,13 @@ import msgspec
 import pytest
 
 from sidecar.errors import ERRORS_BY_CODE, InvalidMessage
-from sidecar.models import QueueStats
-from sidecar.protocol import (
-    OPS,
-    DequeueResult,
-    EnqueueResult,
-    HealthResult,
-    HelloResult,
-    Reply,
-    RequestInfo,
-    decode_request,
-)
+from sidecar.protocol import OPS, REGISTRY, Reply, StatsResult, decode_request
 
 DOC = Path(__file__).resolve().parent.parent / "protocol.md"
 HEX_LINE = re.compile(r"^ {3}[0-9a-f]{2}(?: (?:\| )?[0-9a-f]{2})*$")
 BLOCK = re.compile(r"^```text\n(.*?)^```", re.M | re.S)
 
-RESULT_TYPES: dict[str, type[Any]] = {
-    "hello": HelloResult,
-    "enqueue": EnqueueResult,
-    "dequeue": DequeueResult,
-    "extend": RequestInfo,
-    "complete": RequestInfo,
-    "fail": RequestInfo,
-    "cancel": RequestInfo,
-    "status": RequestInfo,
-    "stats": QueueStats,
-    "health": HealthResult,
-}
+RESULT_TYPES: dict[str, type[Any]] = {spec.name: spec.result for spec in REGISTRY}
 
 
 @dataclass
@@ -228,7 +207,7 @@ def test_the_shape_check_sees_a_missing_field() -> None:
     [stats] = [f for f in WHOLE if f.side == "S" and f.request and '"stats"' in f.request.text]
     result = json.loads(stats.text)["result"]
     del result["retention_cut"]
-    info = msgspec.inspect.type_info(QueueStats)
+    info = msgspec.inspect.type_info(StatsResult)
     assert _shape_mismatches(result, info, "stats") == [
         "stats: missing ['retention_cut'], unknown []"
     ]
@@ -277,3 +256,42 @@ def test_every_backend_unavailable_kind_is_documented() -> None:
     listed = doc[doc.index("- `details.kind` of `backend_unavailable`") :]
     listed = listed[: listed.index("\n- ")]
     assert {k for k in kinds if f"`{k}`" not in listed} == set()
+
+
+def _section(doc: str, start: str, end: str) -> str:
+    return doc[doc.index(start) : doc.index(end)]
+
+
+def test_the_op_list_of_section_4_is_the_registry() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    row = next(line for line in doc.splitlines() if line.startswith("| `op` | string |"))
+    listed = re.findall(r"`([a-z_]+)`", row.split("one of", 1)[1])
+    assert listed == [spec.name for spec in REGISTRY]
+
+
+def test_the_op_table_of_section_8_is_the_registry() -> None:
+    """Names, order, sections, resend-safety and the long-poll field, row by row."""
+    doc = DOC.read_text(encoding="utf-8")
+    table = _section(doc, "| op | section |", "The result of `extend`")
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()[2:]
+        if line.startswith("| `")
+    ]
+    expected = [
+        [f"`{spec.name}`", f"8.{n}", "yes" if spec.retry_safe else "no",
+         f"`{spec.long_poll}`" if spec.long_poll else ""]
+        for n, spec in enumerate(REGISTRY, 1)
+    ]  # fmt: skip
+    assert [[r[0], r[1], r[3], r[4]] for r in rows] == expected
+    for number, spec in enumerate(REGISTRY, 1):
+        assert f"### 8.{number} {spec.name}\n" in doc
+
+
+def test_the_resend_rule_of_section_9_names_the_registry_s_safe_ops() -> None:
+    doc = " ".join(DOC.read_text(encoding="utf-8").split())
+    sentence = doc[doc.index("and resends only") :]
+    sentence = sentence[: sentence.index(")")]
+    safe = [spec.name for spec in REGISTRY if spec.retry_safe]
+    assert re.findall(r"`([a-z_]+)`", sentence) == safe
+

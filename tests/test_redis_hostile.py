@@ -8,6 +8,7 @@ The store is called directly, below the protocol's bounds, so the scripts must b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from sidecar.errors import InvalidState, NotFound
 from sidecar.models import QueueStatus
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.redis_keys import MAX_TIME_S, SCRIPT_SHAS
+from sidecar.queue.redis_wire import WireClient
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     FACTORY_RETENTION_S,
@@ -253,11 +255,13 @@ async def test_fail_repeated_with_the_same_lease_answers_the_same_outcome(
 def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The next pipeline of scripts runs on Redis, then its connection drops before the reply.
 
-    redis-py then reconnects and resends the whole pipeline (its one retry on a connection
-    error), which is what a real drop after the write reached Redis does. Returns a list that
-    gets one entry per drop, so a test can check the drop happened.
+    The runner (or redis-py, on its own pipeline) then reconnects and resends the whole batch
+    (its one retry on a connection error), which is what a real drop after the write reached
+    Redis does. Returns a list that gets one entry per drop, so a test can check the drop
+    happened. Both paths are armed: the lean connection (a plain server) and redis-py's.
     """
     real = Pipeline._execute_pipeline
+    real_wire = WireClient.execute
     dropped: list[int] = []
 
     async def lossy(self: Pipeline, connection: Any, commands: Any, raise_on_error: bool) -> Any:
@@ -267,7 +271,16 @@ def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             raise RedisConnectionError("connection dropped before the reply was read")
         return replies
 
+    async def lossy_wire(self: WireClient, commands: Sequence[bytes]) -> list[Any]:
+        replies = await real_wire(self, commands)
+        if not dropped and any(b"EVALSHA" in command for command in commands):
+            dropped.append(len(commands))
+            await self.close()  # the connection really goes: the resend needs a fresh one
+            raise RedisConnectionError("connection dropped before the reply was read")
+        return replies
+
     monkeypatch.setattr(Pipeline, "_execute_pipeline", lossy)
+    monkeypatch.setattr(WireClient, "execute", lossy_wire)
     return dropped
 
 

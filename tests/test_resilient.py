@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.errors import BackendUnavailable
-from sidecar.models import EnqueueResult, QueuedRequest, QueueStatus
+from sidecar.models import EnqueueOutcome, QueuedRequest, QueueStatus
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
 from tests.crash import crash_local
@@ -310,7 +310,7 @@ async def test_retried_enqueue_of_a_request_being_moved_is_not_stored_twice(
     server.restart()
     real_enqueue = queue.redis.enqueue
 
-    async def refuse_once(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+    async def refuse_once(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
         monkeypatch.setattr(queue.redis, "enqueue", real_enqueue)
         raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
 
@@ -393,7 +393,7 @@ async def test_a_batch_whose_hand_over_failed_is_served_locally_while_redis_stay
         real_enqueue = redis.enqueue
         failed = asyncio.Event()
 
-        async def down_again(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+        async def down_again(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
             # Redis goes away again while the batch is in flight, and stays away.
             monkeypatch.setattr(redis, "enqueue", real_enqueue)
             server.kill()

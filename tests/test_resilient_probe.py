@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from sidecar.errors import BackendUnavailable
-from sidecar.models import EnqueueResult, QueuedRequest
+from sidecar.models import EnqueueOutcome, QueuedRequest
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.resilient import PROBE_SUCCESSES, ResilientQueue
 from tests.helpers import make_request
@@ -81,7 +81,7 @@ async def test_recovery_needs_two_probe_writes_in_a_row(
 async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_time(
     queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def refuse(requests: list[QueuedRequest]) -> list[EnqueueResult]:
+    async def refuse(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
         raise out_of_memory()
 
     probes = 0

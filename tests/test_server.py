@@ -9,15 +9,13 @@ from typing import cast
 import msgspec
 import pytest
 
-from sidecar.app import build_local_queue
+from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import ShuttingDown
-from sidecar.handlers import Ops
 from sidecar.models import QueuedRequest
 from sidecar.protocol import FrameReader, Reply, encode_frame
 from sidecar.queue.base import QueueManager
-from sidecar.server import SidecarServer
 from tests.daemon import short_tmpdir
 
 
@@ -28,7 +26,7 @@ async def settings() -> AsyncIterator[Settings]:
 
 
 async def test_connect_during_drain_gets_shutting_down(settings: Settings) -> None:
-    server = SidecarServer(Ops(settings, build_local_queue(settings)))
+    server = build_server(settings, build_local_queue(settings))
     await server.start()
     try:
         server.draining = True
@@ -42,8 +40,7 @@ async def test_connect_during_drain_gets_shutting_down(settings: Settings) -> No
 
 
 async def test_shutdown_answers_a_waiting_dequeue_then_closes(settings: Settings) -> None:
-    ops = Ops(settings, build_local_queue(settings))
-    server = SidecarServer(ops)
+    server = build_server(settings, build_local_queue(settings))
     await server.start()
     worker = await AsyncClient(settings.socket_path).connect()
     # Both frames leave in one write. The daemon flushes the health reply just before it
@@ -84,7 +81,7 @@ async def test_one_connections_requests_run_concurrently_replies_in_order(
     settings: Settings,
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    server = build_server(settings, cast(QueueManager, store))
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:
@@ -113,7 +110,7 @@ async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
     settings: Settings,
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    server = build_server(settings, cast(QueueManager, store))
     await server.start()
     _, writer = await asyncio.open_unix_connection(settings.socket_path)
     writer.write(encode_frame({"op": "status", "id": 1, "queue_id": "slow"}))
@@ -130,7 +127,7 @@ async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_f
     settings: Settings,
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+    server = build_server(settings, cast(QueueManager, store))
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:

@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import pytest
 
-from sidecar.app import build_local_queue
+from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient, item
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import BadFrame
-from sidecar.handlers import Ops
 from sidecar.protocol import FrameReader, Reply, encode_frame
 from sidecar.server import SidecarServer
 from tests.daemon import running_daemon, short_tmpdir
@@ -100,7 +99,7 @@ async def small_server() -> AsyncIterator[SidecarServer]:
                 "SIDECAR_MAX_WAIT_SECONDS": "60",
             }
         )
-        server = SidecarServer(Ops(settings, build_local_queue(settings)))
+        server = build_server(settings, build_local_queue(settings))
         await server.start()
         try:
             yield server

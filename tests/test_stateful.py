@@ -44,7 +44,6 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.handlers import Ops
-from sidecar.models import QueueStats
 from sidecar.protocol import (
     Cancel,
     Complete,
@@ -57,6 +56,7 @@ from sidecar.protocol import (
     Fail,
     RequestInfo,
     Stats,
+    StatsResult,
     Status,
 )
 from sidecar.queue.base import QueueManager
@@ -454,7 +454,7 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def books_balance(self) -> None:
         stats = self.call(Stats(id=8))
-        assert isinstance(stats, QueueStats)
+        assert isinstance(stats, StatsResult)
         assert stats.balanced, stats
         for part in stats.stores.values():
             assert part.balanced, part

@@ -8,10 +8,9 @@ from typing import cast
 
 import pytest
 
-from sidecar.app import build_local_queue
+from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient, item, run_worker
 from sidecar.config import Settings
-from sidecar.handlers import Ops
 from sidecar.models import QueuedRequest
 from sidecar.protocol import Job
 from sidecar.queue.base import QueueManager
@@ -47,7 +46,7 @@ async def served() -> AsyncIterator[tuple[SidecarServer, Recording]]:
     with short_tmpdir() as tmp:
         settings = Settings.from_env({"SIDECAR_SOCKET": str(tmp / "s.sock")})
         store = Recording(build_local_queue(settings, journaled=False))
-        server = SidecarServer(Ops(settings, cast(QueueManager, store)))
+        server = build_server(settings, cast(QueueManager, store))
         await server.start()
         try:
             yield server, store

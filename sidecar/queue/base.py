@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sidecar.models import (
-    EnqueueResult,
+    EnqueueOutcome,
     HealthReport,
     QueuedRequest,
     QueueStats,
@@ -33,7 +33,7 @@ class QueueRepository(Protocol):
     async def close(self) -> None:
         """Release connections and timers."""
 
-    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Store new requests (status queued), all or none; an existing queue_id is returned as is.
 
         The store assigns `seq` (arrival order). Raises QueueFull, storing nothing, when the

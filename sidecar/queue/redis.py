@@ -27,7 +27,7 @@ from sidecar.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     REASON_TTL,
-    EnqueueResult,
+    EnqueueOutcome,
     HealthReport,
     QueuedRequest,
     QueueStats,
@@ -44,7 +44,6 @@ from sidecar.queue.hooks import (
     failure_kind,
 )
 from sidecar.queue.redis_io import (
-    Arg,
     Client,
     ScriptRunner,
     as_text,
@@ -63,6 +62,7 @@ from sidecar.queue.redis_keys import (
     decode_record,
     lease_end,
 )
+from sidecar.queue.redis_wire import Arg
 
 __all__ = [
     "RedisQueue",
@@ -136,6 +136,7 @@ class RedisQueue:
             log.bind(redis=url_for_logs, prefix=prefix),
             min_replicas=min_replicas_ack,
             replicas_timeout_ms=replicas_ack_timeout_ms,
+            fixed_keys=self.keys.script_keys(),
         )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
@@ -234,7 +235,7 @@ class RedisQueue:
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Store new requests all-or-none; existing queue_ids come back unchanged.
 
         Times past MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
@@ -251,7 +252,7 @@ class RedisQueue:
             args += [req.max_attempts, payload, req.attempts]
         keys = tuple(self.keys.request(r.queue_id) for r in requests)
         reply = await self._call("enqueue", now, *args, keys=keys)
-        results: list[EnqueueResult] = []
+        results: list[EnqueueOutcome] = []
         for req, (created, data) in zip(requests, reply[1], strict=True):
             if created:
                 payload = req.payload if req.payload is not None else b""
@@ -263,7 +264,7 @@ class RedisQueue:
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
-            results.append(EnqueueResult(request=rec, created=bool(created)))
+            results.append(EnqueueOutcome(request=rec, created=bool(created)))
         if any(r.created for r in results):
             self._notify_work()
         return results

@@ -1,7 +1,9 @@
 """Redis I/O behind one seam: client construction, error classification, script calls.
 
 Concurrent calls share round trips: each call adds its EVALSHA to a batch, and one task per
-event-loop iteration sends the whole batch in one pipeline (ScriptRunner).
+event-loop iteration sends the whole batch in one pipeline (ScriptRunner). On a plain server
+the batch goes out on the lean connection of redis_wire.py; Sentinel and Cluster clients
+(and fakes) keep redis-py's pipeline. Everything but the scripts uses redis-py.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
+from sidecar.queue.redis_wire import Arg, WireClient, encode_bulks, encode_command, wire_spec
 
-Arg = str | bytes | int | float
 # One server (or the primary Sentinel names) or a cluster: the calls used here exist on both.
 Client = Redis | RedisCluster
 # The scripts whose success is an acknowledgement of durability to a producer: with
@@ -120,7 +122,13 @@ class ScriptRunner:
     """Runs the scripts of lua/: loads them, folds concurrent calls into shared pipelines."""
 
     def __init__(
-        self, client: Client, log: Any, *, min_replicas: int = 0, replicas_timeout_ms: int = 0
+        self,
+        client: Client,
+        log: Any,
+        *,
+        min_replicas: int = 0,
+        replicas_timeout_ms: int = 0,
+        fixed_keys: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.min_replicas = min_replicas
@@ -132,6 +140,14 @@ class ScriptRunner:
         self._log = log
         self._batch: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        spec = wire_spec(client)
+        # The lean connection where the client reaches one plain server, else redis-py's.
+        self.wire = None if spec is None else WireClient(spec)
+        # The KEYS every call starts with and each script's name, encoded once: most of a
+        # call's arguments, which the lean path would otherwise encode again every time.
+        self._fixed_keys = fixed_keys
+        self._fixed_bulks = encode_bulks(fixed_keys)
+        self._sha_bulks = {n: encode_bulks(("EVALSHA", sha)) for n, sha in SCRIPT_SHAS.items()}
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script; their SHAs are known in advance (redis_keys.SCRIPT_SHAS)."""
@@ -146,6 +162,8 @@ class ScriptRunner:
         self.closed = True
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.wire is not None:
+            await self.wire.close()
         await self.client.aclose()
         # A Sentinel-managed client keeps one client per sentinel, which its aclose leaves open.
         manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
@@ -173,7 +191,7 @@ class ScriptRunner:
         batch, self._batch = self._batch, []
         self.flushes += 1
         try:
-            replies = await self._pipeline(batch)
+            replies = await self._folded(batch)
         except asyncio.CancelledError:
             for call in batch:
                 call.future.cancel()
@@ -191,6 +209,32 @@ class ScriptRunner:
             else:
                 call.future.set_result(reply)
 
+    async def _folded(self, batch: list[_Call]) -> list[Any]:
+        """The batch's replies, in order, with concurrent enqueues folded into shared runs.
+
+        enqueue.lua takes a batch, and one run of n requests costs Redis much less than n
+        runs of one. A script error that is not an outage (a bad argument: raised before any
+        write) fails a whole run, so a failed folded run is retried call by call, and only
+        the call at fault gets the error.
+        """
+        singles = [i for i, call in enumerate(batch) if call.script == FOLDED_SCRIPT]
+        if len(singles) < 2:
+            return await self._pipeline(batch)
+        chosen = set(singles)
+        others = [call for i, call in enumerate(batch) if i not in chosen]
+        groups = _fold_groups([batch[i] for i in singles])
+        runs = [_fold(group, batch[0].future.get_loop()) for group in groups]
+        replies = await self._pipeline(others + runs)
+        parts: list[Any] = []
+        for group, reply in zip(groups, replies[len(others) :], strict=True):
+            if isinstance(reply, ResponseError) and unavailable_kind(reply) is None:
+                parts += await self._pipeline(group)
+            else:
+                parts += _unfold(reply, group)
+        merged = iter(replies[: len(others)])
+        folded = iter(parts)
+        return [next(folded) if i in chosen else next(merged) for i in range(len(batch))]
+
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         replies = await self._send(batch)
         # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
@@ -206,6 +250,42 @@ class ScriptRunner:
     async def _send(self, batch: list[_Call]) -> list[Any]:
         acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
         wait = self.min_replicas > 0 and bool(acked)
+        if self.wire is not None:
+            replies = await self._send_wire(self.wire, batch, wait)
+        else:
+            replies = await self._send_pipeline(batch, wait, acked)
+        if wait:
+            confirmed = replies.pop()
+            short = self._short_of_replicas(confirmed, "enqueue")
+            if short is not None:
+                for i in acked:
+                    if not isinstance(replies[i], Exception):
+                        replies[i] = short
+        return replies
+
+    async def _send_wire(self, wire: WireClient, batch: list[_Call], wait: bool) -> list[Any]:
+        commands = [self._encode(call) for call in batch]
+        if wait:
+            # On the same connection: WAIT counts the replicas that have its writes so far.
+            commands.append(encode_command(("WAIT", self.min_replicas, self.replicas_timeout_ms)))
+        try:
+            return await wire.execute(commands)
+        except RedisConnectionError:
+            # The same one retry as redis-py's (see _client_options): on a fresh connection,
+            # for a connection error only, never a timeout; every script is safe to run twice.
+            return await wire.execute(commands)
+
+    def _encode(self, call: _Call) -> bytes:
+        """EVALSHA sha numkeys keys... args..., with the fixed parts encoded at start."""
+        fixed, keys, sha = self._fixed_keys, call.keys, SCRIPT_SHAS[call.script]
+        if not fixed or keys[: len(fixed)] != fixed:
+            return encode_command(("EVALSHA", sha, len(keys), *keys, *call.args))
+        header = b"*%d\r\n" % (3 + len(keys) + len(call.args))
+        count = encode_bulks((len(keys),))
+        rest = encode_bulks((*keys[len(fixed) :], *call.args))
+        return header + self._sha_bulks[call.script] + count + self._fixed_bulks + rest
+
+    async def _send_pipeline(self, batch: list[_Call], wait: bool, acked: list[int]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for call in batch:
                 # execute_command, not evalsha(): the cluster pipeline refuses the helper,
@@ -217,13 +297,6 @@ class ScriptRunner:
                 # that have every write this connection made so far.
                 self._wait(pipe, batch[acked[0]].keys[0])
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if wait:
-            confirmed = replies.pop()
-            short = self._short_of_replicas(confirmed, "enqueue")
-            if short is not None:
-                for i in acked:
-                    if not isinstance(replies[i], Exception):
-                        replies[i] = short
         return replies
 
     def _wait(self, pipe: Any, key: str) -> None:
@@ -261,6 +334,60 @@ class ScriptRunner:
             short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
+
+
+# The script whose concurrent single calls fold into one run (it takes a batch), and the most
+# requests one folded run carries, so no run holds Redis much longer than a client's batch.
+FOLDED_SCRIPT = "enqueue"
+FOLD_MAX_ITEMS = 256
+
+
+def _fold_groups(calls: list[_Call]) -> list[list[_Call]]:
+    """Consecutive enqueue calls, cut so no group passes FOLD_MAX_ITEMS requests."""
+    groups: list[list[_Call]] = [[]]
+    items = 0
+    for call in calls:
+        n = int(call.args[2])
+        if groups[-1] and items + n > FOLD_MAX_ITEMS:
+            groups.append([])
+            items = 0
+        groups[-1].append(call)
+        items += n
+    return groups
+
+
+def _fold(calls: list[_Call], loop: asyncio.AbstractEventLoop) -> _Call:
+    """One enqueue run for several calls: ARGV 1-2 (the latest now), n, then each call's items.
+
+    KEYS are the fixed ones, then each call's request hashes in the same order (enqueue.lua).
+    """
+    if len(calls) == 1:
+        return calls[0]
+    first = calls[0]
+    fixed = first.keys[: len(first.keys) - int(first.args[2])]
+    keys: list[str] = list(fixed)
+    items: list[Arg] = []
+    for call in calls:
+        keys += call.keys[len(fixed) :]
+        items += call.args[3:]
+    now = max(float(call.args[0]) for call in calls)
+    n = sum(int(call.args[2]) for call in calls)
+    args = (now, first.args[1], n, *items)
+    return _Call(FOLDED_SCRIPT, tuple(keys), args, loop.create_future())
+
+
+def _unfold(reply: Any, calls: list[_Call]) -> list[Any]:
+    """Each call's share of a folded run's reply ({0, items}); an error goes to every call."""
+    if isinstance(reply, Exception) or len(calls) == 1:
+        return [reply] * len(calls)
+    code, items = reply
+    out: list[Any] = []
+    start = 0
+    for call in calls:
+        end = start + int(call.args[2])
+        out.append([code, items[start:end]])
+        start = end
+    return out
 
 
 # -- building a client from Settings ------------------------------------------------------------
@@ -333,7 +460,8 @@ def check_one_slot(keys: RedisKeys) -> None:
     so a change to the key layout fails loudly here rather than on the first call.
     """
     sample = "00000000-0000-0000-0000-000000000000"
-    names = [*keys.script_keys(), keys.request(sample), keys.discarded(sample), keys.probe]
+    names = [*keys.script_keys(), keys.request(sample), keys.payload(sample)]
+    names += [keys.discarded(sample), keys.probe]
     slots = {name: key_slot(name.encode()) for name in names}
     if len(set(slots.values())) > 1:
         listed = ", ".join(f"{name} -> {slot}" for name, slot in slots.items())

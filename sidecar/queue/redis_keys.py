@@ -5,7 +5,8 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 
 | key | type | holds |
 | --- | --- | --- |
-| `{sidecar}:req:<queue_id>` | hash | one request: metadata, `payload` (raw bytes) while pending |
+| `{sidecar}:req:<queue_id>` | hash | one request's metadata (short values: a compact listpack) |
+| `{sidecar}:req:<queue_id>:p` | string | its payload (raw bytes) until it is settled |
 | `{sidecar}:pending` | zset | queued queue_ids by `priority * 2**48 + seq` (exact in a double) |
 | `{sidecar}:leases` | zset | processing queue_ids by lease end (epoch seconds) |
 | `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch seconds) |
@@ -22,10 +23,12 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | | | (KEYS[9]) |
 
 A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
-max_attempts, updated_at, size_bytes, payload (until terminal), lease_id, lease_expires_at,
-reason, not_before (while delayed), purge_at (once terminal) and settled_by (which op and lease
-ended it, so the same settle run twice is recognised); times are epoch seconds as decimal
-text, at most MAX_TIME_S.
+max_attempts, updated_at, size_bytes, lease_id, lease_expires_at, reason, not_before (while
+delayed), purge_at (once terminal) and settled_by (which op and lease ended it, so the same
+settle run twice is recognised); times are epoch seconds as decimal text, at most MAX_TIME_S.
+The payload sits beside it in `<hash>:p` until the request is settled. Hashes written before
+that key existed keep the payload in a `payload` field; the scripts read and remove both, so a
+daemon upgraded with requests in Redis needs no migration.
 
 An operator finds a request with `redis-cli HGETALL '{sidecar}:req:<queue_id>'`, the next
 requests to be handed out with `redis-cli ZRANGE '{sidecar}:pending' 0 9`, and the books with
@@ -113,6 +116,10 @@ class RedisKeys:
     def request(self, queue_id: str) -> str:
         """The hash of one request."""
         return self.request_prefix + queue_id
+
+    def payload(self, queue_id: str) -> str:
+        """The string beside a request's hash that holds its payload until it is settled."""
+        return self.request(queue_id) + ":p"
 
     def discarded(self, token: str) -> str:
         """The marker a discard call leaves for 60 s, so the same call run twice is recognised."""

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sidecar.errors import BackendUnavailable
-from sidecar.models import EnqueueResult, HealthReport, QueuedRequest, QueueStats
+from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.redis import RedisQueue
 
@@ -186,7 +186,7 @@ class ResilientQueue:
 
     # -- routing ----------------------------------------------------------------------------------
 
-    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueResult]:
+    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
         if any(self.local.holds(r.queue_id) for r in requests):
             # An id this daemon already holds locally (being moved to Redis included) is

@@ -22,7 +22,7 @@ from sidecar.models import (
     PRIORITY_MIN,
     REASON_ATTEMPTS_EXHAUSTED,
     REASON_CANCELLED,
-    EnqueueResult,
+    EnqueueOutcome,
     HealthReport,
     QueuedRequest,
     QueueStats,
@@ -134,7 +134,7 @@ class LocalQueue:
 
     async def enqueue(
         self, requests: Sequence[QueuedRequest], *, uncertain: bool = False
-    ) -> list[EnqueueResult]:
+    ) -> list[EnqueueOutcome]:
         """Store new requests all-or-none; existing queue_ids come back unchanged.
 
         `uncertain`: a Redis write of these requests timed out and may still land there.
@@ -147,14 +147,14 @@ class LocalQueue:
         if fresh:
             self._check_storage()
             self._admit(list(fresh.values()))
-        results: list[EnqueueResult] = []
+        results: list[EnqueueOutcome] = []
         stored: set[str] = set()
         for req in requests:
             created = req.queue_id in fresh and req.queue_id not in stored
             if created:
                 self._state.enqueue(fresh[req.queue_id], now, uncertain)
                 stored.add(req.queue_id)
-            results.append(EnqueueResult(request=self._view(req.queue_id), created=created))
+            results.append(EnqueueOutcome(request=self._view(req.queue_id), created=created))
         try:
             await self._commit()
         except StorageUnavailable:

@@ -5,7 +5,8 @@
 --   3 expiry (zset: queued queue_id by expires_at)         4 retained (zset: terminal queue_id by purge time)
 --   5 seq (string counter)   6 stats (hash of counters)   7 generation (string marker)
 --   8 the request key prefix, e.g. "{sidecar}:req:" (declared, so the only keys a script builds
---     itself are those of ids it reads from an index, in the same slot)
+--     itself are those of ids it reads from an index, and each hash's payload key `<hash>:p`,
+--     all in the same slot)
 --   9 delayed (zset: queued queue_id by the time a `fail` with delay_s lets it be handed out)
 --   10.. the request hashes the call names (one per queue_id in ARGV, in the same order)
 -- ARGV (the same first two for every script):
@@ -114,15 +115,35 @@ local function load(id, key)
   }
 end
 
--- The HGETALL pairs of a request; once it became terminal, the snapshot taken then (its hash
--- may be gone already when the retention is 0).
+-- A pending request's payload lives beside its hash, in a string key of its own: the hash then
+-- holds only short values, which Redis keeps as a compact listpack (a 1 KB value would turn the
+-- whole hash into a hash table, about 900 bytes more per request). A hash written by an older
+-- version keeps its payload in the field `payload`: both are read, and both are removed.
+local function body_key(key)
+  return key .. ':p'
+end
+
+-- The HGETALL pairs of the hash at key, with its payload (from either place) among them.
+local function pairs_of(key)
+  local pairs = redis.call('HGETALL', key)
+  local body = redis.call('GET', body_key(key))
+  if body then
+    pairs[#pairs + 1] = 'payload'
+    pairs[#pairs + 1] = body
+  end
+  return pairs
+end
+
+-- The record of a request; once it became terminal, the snapshot taken then (its hash may be
+-- gone already when the retention is 0).
 local function record(r)
-  return r.snapshot or redis.call('HGETALL', r.key)
+  return r.snapshot or pairs_of(r.key)
 end
 
 -- An index entry whose hash is gone (deleted by hand, or a native TTL set by an older
 -- version): count it as expired once. Its size is unknown, so `bytes` cannot be reduced.
 local function drop_orphan(id, was_pending)
+  redis.call('DEL', body_key(K_REQ .. id))
   local removed = redis.call('ZREM', K_PENDING, id) + redis.call('ZREM', K_LEASES, id)
     + redis.call('ZREM', K_DELAYED, id)
   redis.call('ZREM', K_EXPIRY, id)
@@ -139,26 +160,33 @@ end
 -- settled_by: which op and token ended the request's last lease ('complete:<lease_id>',
 -- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
 local function to_terminal(r, status, reason, settled_by)
+  local purge_at = clamp_time(NOW + RETENTION)
+  -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
+  -- Every field that goes in one HDEL and every field that changes in one HSET: each
+  -- redis.call is a good part of what a settle costs Redis.
+  local gone = {'payload', 'lease_expires_at'}
+  local set = {'status', status, 'updated_at', NOW_S, 'purge_at', fmt(purge_at)}
   if r.status == 'queued' then
     redis.call('ZREM', K_PENDING, r.id)
     redis.call('ZREM', K_DELAYED, r.id)
     redis.call('ZREM', K_EXPIRY, r.id)
-    redis.call('HDEL', r.key, 'not_before')
+    gone[#gone + 1] = 'not_before'
   else
     redis.call('ZREM', K_LEASES, r.id)
   end
-  local purge_at = clamp_time(NOW + RETENTION)
-  -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
-  redis.call('HDEL', r.key, 'payload', 'lease_expires_at')
   if reason then
-    redis.call('HSET', r.key, 'reason', reason)
+    set[#set + 1] = 'reason'
+    set[#set + 1] = reason
   else
-    redis.call('HDEL', r.key, 'reason')
+    gone[#gone + 1] = 'reason'
   end
   if settled_by then
-    redis.call('HSET', r.key, 'settled_by', settled_by)
+    set[#set + 1] = 'settled_by'
+    set[#set + 1] = settled_by
   end
-  redis.call('HSET', r.key, 'status', status, 'updated_at', NOW_S, 'purge_at', fmt(purge_at))
+  redis.call('HDEL', r.key, unpack(gone))
+  redis.call('DEL', body_key(r.key))
+  redis.call('HSET', r.key, unpack(set))
   redis.call('HINCRBY', K_STATS, status, 1)
   redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
   r.snapshot = redis.call('HGETALL', r.key)

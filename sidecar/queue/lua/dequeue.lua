@@ -7,7 +7,7 @@
 --   (size_bytes + #queue_id + #lease_id + job_fixed) would take the total past it, leaving it
 --   first in line, but always hand out one; 6 job_fixed (bytes); 7.. one fresh lease_id per
 --   request wanted (their count is N).
--- Returns: {0, records}, each record the HGETALL field/value pairs of a leased request.
+-- Returns: {0, records}, each record the field/value pairs of a leased request (record()).
 -- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
 -- run leased, and leases nothing more: every request a run leases carries one of the call's
 -- lease ids and sits in the leases zset at exactly lease_until.
@@ -30,7 +30,7 @@ local function leased_before()
     local key = K_REQ .. id
     local pos = mine[redis.call('HGET', key, 'lease_id')]
     if pos then
-      found[#found + 1] = {pos, redis.call('HGETALL', key)}
+      found[#found + 1] = {pos, pairs_of(key)}
     end
   end
   table.sort(found, function(a, b) return a[1] < b[1] end)
@@ -70,9 +70,8 @@ while #out < want do
       room = room - ((r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed)
     end
     redis.call('ZREM', K_EXPIRY, id)
-    redis.call('HINCRBY', r.key, 'attempts', 1)
     redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
-      'lease_expires_at', lease_until_s, 'updated_at', NOW_S)
+      'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
     redis.call('ZADD', K_LEASES, lease_until_s, id)
     -- Leased means it must stay: drop a native TTL that an older version may have set.
     redis.call('PERSIST', r.key)

@@ -16,7 +16,7 @@ end
 redis.call('ZREM', K_PENDING, r.id)
 redis.call('ZREM', K_DELAYED, r.id)
 redis.call('ZREM', K_EXPIRY, r.id)
-redis.call('DEL', r.key)
+redis.call('DEL', r.key, body_key(r.key))
 redis.call('HINCRBY', K_STATS, 'accepted', -1)
 redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
 redis.call('SET', KEYS[NKEYS + 2], r.id, 'PX', 60000)

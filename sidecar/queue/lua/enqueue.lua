@@ -43,7 +43,8 @@ for i = 1, n do
     redis.call('HSET', key, 'queue_id', id, 'priority', c.priority, 'seq', seq,
       'created_at', c.created_s, 'expires_at', c.expires_s, 'status', 'queued',
       'attempts', c.attempts, 'max_attempts', c.max_attempts, 'updated_at', NOW_S,
-      'payload', payload, 'size_bytes', #payload)
+      'size_bytes', #payload)
+    redis.call('SET', body_key(key), payload)
     redis.call('ZADD', K_PENDING, string.format('%d', c.priority * SHIFT + seq), id)
     redis.call('ZADD', K_EXPIRY, c.expires_s, id)
     redis.call('HINCRBY', K_STATS, 'accepted', 1)
