@@ -30,6 +30,7 @@ from bench.journal import quick_replay, run_replay
 from bench.layouts import layout_env, replicated
 from bench.lean import LeanSession
 from bench.measure import Measurement, Workload, combine, compare, dequeue_complete, enqueue
+from bench.metrics_cost import METRICS_TITLE, run_metrics_cost
 from bench.redis_ceiling import RedisCeiling
 from bench.redis_server import redis_running, redis_socket
 from bench.servers import ServerSpec, daemon_spec, echo_spec, running
@@ -283,10 +284,11 @@ SECTIONS = (
     "failover",
     "sentinel",
     "replica-ack",
+    "metrics",
 )
-# The layout sections start five more servers: run only when named with --mode.
-OPTIONAL_SECTIONS = ("sentinel", "replica-ack")
-RATIO_SECTIONS = ("local", "redis", "journal", *OPTIONAL_SECTIONS)
+# The layout sections start five more servers, metrics two daemons per mode: run only when named.
+OPTIONAL_SECTIONS = ("sentinel", "replica-ack", "metrics")
+RATIO_SECTIONS = ("local", "redis", "journal", "sentinel", "replica-ack")
 TITLES = {
     "journal": "journal: fsync always beside off (local store, ratio = always / off)",
     "sentinel": "sentinel: through Sentinel beside the plain URL (ratio = sentinel / single)",
@@ -360,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print_section(BULLMQ_TITLE, table)
         elif section == "replay":
             print_section("replay: restart time of the local store's backlog", run_replay(args))
+        elif section == "metrics":
+            print_section(METRICS_TITLE, run_metrics_cost(args))
         elif section == "growth":
             print_section("growth: throughput with a backlog queued in Redis", run_growth(args))
         else:

@@ -16,8 +16,11 @@ import uvloop
 from sidecar import __version__, systemd
 from sidecar.config import Settings
 from sidecar.handlers import Ops
+from sidecar.metrics import Metrics
+from sidecar.metrics_http import MetricsListener
 from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueManager
+from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local import Journal, JournalError, LocalQueue
 from sidecar.server import SidecarServer, StartupError
 
@@ -76,7 +79,12 @@ async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) ->
 
 
 def build_local_queue(
-    settings: Settings, clock: Callable[[], float] = time.time, *, journaled: bool = True
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    *,
+    journaled: bool = True,
+    hooks: StoreHooks = NO_HOOKS,
+    sync: Callable[[int], None] = os.fdatasync,
 ) -> LocalQueue:
     """The bounded local store sized by the QUEUE_* settings, journaled under the state dir."""
     journal = None
@@ -86,6 +94,7 @@ def build_local_queue(
             fsync=settings.journal_fsync == "always",
             max_bytes=settings.journal_max_bytes,
             compact_max_bytes=settings.journal_compact_bytes,
+            sync=sync,
         )
     return LocalQueue(
         max_items=settings.queue_max_size,
@@ -98,12 +107,17 @@ def build_local_queue(
         clock=clock,
         journal=journal,
         recover_every_s=settings.journal_recover_interval_s,
+        hooks=hooks,
     )
 
 
-async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
+async def build_queue(
+    settings: Settings, metrics: Metrics | None = None
+) -> tuple[QueueManager, LocalQueue]:
     """The one place that decides which store serves: the only wiring in the daemon."""
-    local = build_local_queue(settings)
+    hooks: StoreHooks = NO_HOOKS if metrics is None else metrics
+    sync = os.fdatasync if metrics is None else metrics.timed_sync(os.fdatasync)
+    local = build_local_queue(settings, hooks=hooks, sync=sync)
     if settings.redis_url is None:
         log.info("local_queue_only", state_dir=settings.state_dir, fsync=settings.journal_fsync)
         return local, local
@@ -113,7 +127,7 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
     # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
     # still starts, on the local queue, and moves to Redis when it answers.
     return ResilientQueue(
-        build_redis_queue(settings),
+        build_redis_queue(settings, hooks=hooks),
         local,
         probe_initial_s=settings.redis_probe_initial_s,
         probe_max_s=settings.redis_probe_max_s,
@@ -125,8 +139,21 @@ async def build_queue(settings: Settings) -> tuple[QueueManager, LocalQueue]:
     ), local
 
 
+async def start_metrics_listener(settings: Settings, metrics: Metrics) -> MetricsListener | None:
+    """The HTTP listener for scrapers when SIDECAR_METRICS_ADDR is set."""
+    if settings.metrics_addr is None:
+        return None
+    listener = MetricsListener(metrics.render, *settings.metrics_addr)
+    try:
+        await listener.start()
+    except OSError as exc:
+        host, port = settings.metrics_addr
+        raise StartupError(f"SIDECAR_METRICS_ADDR={host}:{port} cannot be bound: {exc}") from None
+    return listener
+
+
 async def no_metrics() -> bytes:
-    """The metrics op's text until the daemon collects metrics: empty."""
+    """The metrics op's text of a server built without a renderer (tests): empty."""
     return b""
 
 
@@ -166,20 +193,23 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-    queue, local = await build_queue(settings)
+    metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
+                      low_watermark=settings.queue_low_watermark)  # fmt: skip
+    queue, local = await build_queue(settings, metrics)
+    metrics.bind(queue, local)
     try:
         await queue.start()
     except JournalError as exc:
         raise StartupError(str(exc)) from None
     server: SidecarServer | None = None
+    scrape: MetricsListener | None = None
     # The drain of connections and the hand-over to Redis share one deadline.
     deadline = loop.time() + settings.drain_timeout_s
     try:
         listen_sock = systemd.inherited_socket(settings.socket_path)
-        server = build_server(
-            settings, queue, observer=NullObserver(), render_metrics=no_metrics
-        )
+        server = build_server(settings, queue, observer=metrics, render_metrics=metrics.render)
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
+        scrape = await start_metrics_listener(settings, metrics)
         report = await queue.health()
         log.info(
             "serving",
@@ -200,6 +230,8 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         await server.drain(settings.drain_timeout_s)
         supervisor.close()  # the watchdog does not apply to a stopping service
     finally:
+        if scrape is not None:
+            await scrape.close()
         await _close_queue(queue, max(0.0, deadline - loop.time()))
     if own_signals:
         # Everything is kept or handed over: a signal from here on has nothing left to cut

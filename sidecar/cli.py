@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,12 +130,70 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 
 def _stats(client: Client, args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch_stats(client, args.interval)
     stats = client.stats()
     if args.json:
         print(msgspec.json.encode(stats).decode())
     else:
         print(format_stats(stats))
     return EXIT_OK
+
+
+# The header comes back every this many lines, as vmstat's does, so columns stay readable.
+WATCH_HEADER_EVERY = 20
+WATCH_COLUMNS = (
+    ("time", 8), ("mode", 14), ("queued", 7), ("proc", 6), ("enq/s", 8), ("done/s", 8),
+    ("exp/s", 7), ("fail/s", 7), ("usage", 6), ("breaker", 7),
+)  # fmt: skip
+
+
+def watch_stats(client: Client, interval_s: float) -> int:
+    """One line per interval until Ctrl-C (exit 0); rates come from successive stats replies."""
+    if not interval_s > 0:
+        print("error: --interval must be a number of seconds > 0", file=sys.stderr)
+        return EXIT_ERROR
+    previous: tuple[float, StatsResult] | None = None
+    lines = 0
+    next_at = time.monotonic()
+    try:
+        while True:
+            stats, now = client.stats(), time.monotonic()
+            if lines % WATCH_HEADER_EVERY == 0:
+                print(_watch_row([name for name, _ in WATCH_COLUMNS]), flush=True)
+            print(_watch_line(stats, previous, now), flush=True)
+            previous, lines = (now, stats), lines + 1
+            next_at += interval_s
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _watch_line(
+    stats: StatsResult, previous: tuple[float, StatsResult] | None, now: float
+) -> str:
+    def rate(field: str) -> str:
+        if previous is None:
+            return "-"
+        seconds, before = now - previous[0], previous[1]
+        delta = getattr(stats, field) - getattr(before, field)
+        return f"{max(0, delta) / seconds:.1f}" if seconds > 0 else "-"
+
+    # Usage and breaker are the local queue's (its limits and watermarks); in Redis mode the
+    # combined stats carry them under stores["local"].
+    local = stats.stores.get("local", stats)
+    return _watch_row([
+        time.strftime("%H:%M:%S"), stats.mode or "local_only", str(stats.queued),
+        str(stats.processing), rate("accepted"), rate("completed"), rate("expired"),
+        rate("failed"), f"{local.usage:.0%}", "open" if local.breaker_open else "closed",
+    ])  # fmt: skip
+
+
+def _watch_row(cells: list[str]) -> str:
+    return " ".join(
+        cell.ljust(width) if i < 2 else cell.rjust(width)
+        for i, (cell, (_, width)) in enumerate(zip(cells, WATCH_COLUMNS, strict=True))
+    ).rstrip()
 
 
 def _metrics(client: Client, args: argparse.Namespace) -> int:
@@ -236,6 +295,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
         p.set_defaults(run=func)
+        if name == "stats":
+            p.add_argument("--watch", action="store_true",
+                           help="one line per interval (rates per second) until Ctrl-C")
+            p.add_argument("--interval", type=float, default=1.0,
+                           help="seconds between lines of --watch (default 1)")  # fmt: skip
     p = sub.add_parser("metrics", help="the daemon's metrics as Prometheus text")
     p.set_defaults(run=_metrics)
     p = sub.add_parser("enqueue", help="enqueue a JSON payload (argument or stdin); prints its id")

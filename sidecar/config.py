@@ -321,6 +321,14 @@ class Settings:
         "the daemon stops reading (backpressure) until it drains. Each connection also pauses "
         "at `SIDECAR_MAX_FRAME_BYTES` of unanswered requests",
     )  # fmt: skip
+    # The HTTP listener for Prometheus (GET /metrics): off unless set; a bare port or :port
+    # binds loopback only, since the numbers describe this host's traffic.
+    metrics_addr: tuple[str, int] | None = setting(
+        None, "SIDECAR_METRICS_ADDR", p.listen_addr,
+        "host:port, :port or a port (0-65535; loopback by default)",
+        "serve Prometheus metrics over HTTP (`GET /metrics`) on this address",
+        shown="unset: no HTTP listener",
+    )  # fmt: skip
     # The local store's journal. systemd's StateDirectory=sidecar sets /var/lib/sidecar.
     state_dir: str = setting(
         "", "SIDECAR_STATE_DIR", p.text, "a folder path",

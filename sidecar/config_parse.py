@@ -105,6 +105,19 @@ def redis_url(raw: str) -> str:
     return raw
 
 
+def listen_addr(raw: str) -> tuple[str, int]:
+    """host:port, [v6]:port, :port or port; without a host, 127.0.0.1."""
+    raw = raw.strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in "[]/ "):
+        raise ValueError(raw)
+    return host or "127.0.0.1", int(port)
+
+
 def key_prefix(raw: str) -> str:
     # Braces would break the {prefix} hash tag that keeps every key in one cluster slot.
     if not raw or any(c in raw for c in "{} \t\n"):

@@ -23,8 +23,26 @@ import structlog
 
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
-from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats, QueueStatus
+from sidecar.models import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    REASON_TTL,
+    EnqueueOutcome,
+    HealthReport,
+    QueuedRequest,
+    QueueStats,
+    QueueStatus,
+)
 from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
+from sidecar.queue.hooks import (
+    FAILED_CANCELLED,
+    FAILED_EXHAUSTED,
+    NO_HOOKS,
+    RETRY_LEASE_EXPIRED,
+    RETRY_WORKER,
+    StoreHooks,
+    failure_kind,
+)
 from sidecar.queue.redis_io import (
     Client,
     ScriptRunner,
@@ -36,6 +54,7 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
+    PRIORITY_SHIFT,
     RedisKeys,
     ScriptCode,
     bounded_time,
@@ -103,8 +122,10 @@ class RedisQueue:
         url_for_logs: str | None = None,
         min_replicas_ack: int = 0,
         replicas_ack_timeout_ms: int = 500,
+        hooks: StoreHooks = NO_HOOKS,
     ) -> None:
         self.keys = RedisKeys.for_prefix(prefix)
+        self._hooks = hooks
         check_one_slot(self.keys)
         self.retention_s = retention_s
         self.warnings: list[str] = []
@@ -265,7 +286,11 @@ class RedisQueue:
         reply = await self._call(
             "dequeue", now, until, self._sweep_limit, budget, JOB_FIXED_BYTES, *lease_ids
         )
-        return [decode_record(pairs) for pairs in reply[1]]
+        out = [decode_record(pairs) for pairs in reply[1]]
+        for rec in out:
+            if rec.attempts == 1:  # its first lease: the wait since enqueue ends here
+                self._hooks.first_leased(self.name, now - rec.created_at)
+        return out
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
         """Push a live lease's end to now + lease_s (at most MAX_TIME_S)."""
@@ -294,8 +319,12 @@ class RedisQueue:
         args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
         reply = await self._call("fail", now, *args, keys=self._req(queue_id))
         rec = self._settled(reply, "fail", queue_id, lease_id)
-        if rec.status is QueueStatus.QUEUED and not delay_s:
-            self._notify_work()
+        if rec.status is QueueStatus.QUEUED:
+            self._hooks.retried(self.name, RETRY_WORKER, 1)
+            if not delay_s:
+                self._notify_work()
+        elif rec.status is QueueStatus.FAILED:
+            self._hooks.failed(self.name, failure_kind(rec.reason), 1)
         return rec
 
     async def cancel(self, queue_id: str) -> QueuedRequest:
@@ -303,7 +332,9 @@ class RedisQueue:
         # A fresh token per call: the same call resent answers its result, a new one does not.
         token = uuid.uuid4().hex
         reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
-        return self._settled(reply, "cancel", queue_id, None)
+        rec = self._settled(reply, "cancel", queue_id, None)
+        self._hooks.failed(self.name, FAILED_CANCELLED, 1)
+        return rec
 
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now (what is due applied first), or None."""
@@ -314,7 +345,8 @@ class RedisQueue:
         """The shared books of this Redis queue, after one sweep step."""
         now = self._clock()
         reply = await self._call("stats", now, self._sweep_limit)
-        _, _, queued, processing, retained, counters, oldest = reply
+        _, swept, queued, processing, retained, counters, oldest = reply
+        self._count_swept(SweepCounts(*(int(n) for n in swept)))
         accepted, completed, failed, expired, held, worst = counters
         return QueueStats(
             store=self.name,
@@ -382,6 +414,7 @@ class RedisQueue:
         """One bounded sweep step: expire, reclaim lapsed leases, forget past retention."""
         reply = await self._call("sweep", self._clock(), self._sweep_limit)
         counts = SweepCounts(*(int(n) for n in reply[1]))
+        self._count_swept(counts)
         if counts.requeued:
             self._notify_work()
         return counts
@@ -424,7 +457,27 @@ class RedisQueue:
         self._log.error("redis_data_lost", reason=why, generation=self.generation)
         return why
 
+    async def queued_by_priority(self) -> dict[int, int]:
+        """Requests waiting in line (not delayed) per priority: one ZCOUNT per band."""
+        with redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in range(PRIORITY_MIN, PRIORITY_MAX + 1):
+                    lo = p * PRIORITY_SHIFT
+                    pipe.zcount(self.keys.pending, lo, f"({lo + PRIORITY_SHIFT}")
+                counts = await pipe.execute()
+        return {p: int(n) for p, n in enumerate(counts, PRIORITY_MIN)}
+
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _count_swept(self, counts: SweepCounts) -> None:
+        # What this daemon's own script run moved: each change happens in exactly one run, so
+        # the per-host counts of every daemon on this Redis add up to the queue's.
+        if counts.expired:
+            self._hooks.expired(self.name, REASON_TTL, counts.expired)
+        if counts.requeued:
+            self._hooks.retried(self.name, RETRY_LEASE_EXPIRED, counts.requeued)
+        if counts.failed:
+            self._hooks.failed(self.name, FAILED_EXHAUSTED, counts.failed)
 
     def _settled(
         self, reply: list[Any], op: str, queue_id: str, lease_id: str | None
@@ -493,7 +546,9 @@ class RedisQueue:
 # -- building one from Settings -----------------------------------------------------------------
 
 
-def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQueue:
+def build_redis_queue(
+    settings: Settings, *, clock: Clock = time.time, hooks: StoreHooks = NO_HOOKS
+) -> RedisQueue:
     """A RedisQueue for the settings, not yet started (nothing is sent to Redis)."""
     return RedisQueue(
         redis_client(settings),
@@ -506,6 +561,7 @@ def build_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQ
         sweep_interval_s=settings.redis_sweep_interval_s,
         sweep_limit=settings.redis_sweep_batch,
         poll_interval_s=settings.redis_poll_interval_s,
+        hooks=hooks,
     )
 
 

@@ -102,6 +102,9 @@ class LocalState:
         self.retention_s = retention_s
         self.max_retained = max_retained
         self.sink: Sink | None = sink
+        # Sees each live transition's event before it applies, while the record still shows
+        # where it came from (the store's metrics hooks); replay does not call it.
+        self.observer: Sink | None = None
         self.records: dict[str, QueuedRequest] = {}
         # (priority, seq, queue_id) of queued requests; entries of requests that left the
         # queued state stay until popped and are skipped then (lazy deletion).
@@ -136,6 +139,8 @@ class LocalState:
     # -- transitions: each builds its event and applies it ---------------------------------------
 
     def _emit(self, event: AnyEvent) -> AnyEvent:
+        if self.observer is not None:
+            self.observer(event)
         self.apply(event)
         if self.sink is not None:
             self.sink(event)

@@ -18,6 +18,8 @@ import structlog
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound, QueueFull, StorageUnavailable
 from sidecar.models import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     REASON_ATTEMPTS_EXHAUSTED,
     REASON_CANCELLED,
     EnqueueOutcome,
@@ -27,7 +29,9 @@ from sidecar.models import (
     QueueStatus,
 )
 from sidecar.queue.base import job_bytes, new_lease_id
+from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local.journal import Journal
+from sidecar.queue.local.observe import transition_observer
 from sidecar.queue.local.state import LocalState, held_cost
 
 Clock = Callable[[], float]
@@ -55,9 +59,11 @@ class LocalQueue:
         clock: Clock = time.time,
         journal: Journal | None = None,
         recover_every_s: float = RECOVER_EVERY_S,
+        hooks: StoreHooks = NO_HOOKS,
     ) -> None:
         self.retry_after_s = retry_after_s
         self.recover_every_s = recover_every_s
+        self._hooks = hooks
         self._clock = clock
         self._journal = journal
         self._state = LocalState(
@@ -68,6 +74,8 @@ class LocalQueue:
             retention_s=retention_s,
             max_retained=max_retained,
         )
+        if hooks is not NO_HOOKS:
+            self._state.observer = transition_observer(self.name, hooks, self._state.records)
         self._work = asyncio.Event()
         self._last_recover = 0.0
         # Requests acknowledged but not kept on disk at close (no journal, or it failed).
@@ -301,6 +309,18 @@ class LocalQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
+    def queued_by_priority(self) -> dict[int, int]:
+        """Requests waiting in line (not delayed, not being moved) per priority.
+
+        One pass over the records: read at scrape time only, never on the request path.
+        """
+        counts = dict.fromkeys(range(PRIORITY_MIN, PRIORITY_MAX + 1), 0)
+        st = self._state
+        for qid, rec in st.records.items():
+            if rec.status is QueueStatus.QUEUED and qid not in st.not_before:
+                counts[rec.priority] += qid not in st.taken
+        return counts
+
     # -- the hand-over to Redis: taken -> confirmed | returned ------------------------------
 
     def holds(self, queue_id: str) -> bool:
@@ -398,6 +418,7 @@ class LocalQueue:
         if reason is None:
             return
         st.rejections[reason] = st.rejections.get(reason, 0) + len(fresh)
+        self._hooks.rejected(self.name, reason, len(fresh))
         raise QueueFull(
             f"local queue is full ({reason}): {st.items}/{st.max_items} items, "
             f"{st.bytes}/{st.max_bytes} bytes",

@@ -1,0 +1,48 @@
+"""The local store's transitions as the metrics hooks see them (sidecar.queue.hooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.models import REASON_TTL, QueuedRequest, QueueStatus
+from sidecar.queue.hooks import RETRY_LEASE_EXPIRED, RETRY_WORKER, StoreHooks, failure_kind
+from sidecar.queue.local.events import AnyEvent, Finished, Leased, Requeued
+from sidecar.queue.local.state import Sink
+
+
+def transition_observer(store: str, hooks: StoreHooks, records: dict[str, QueuedRequest]) -> Sink:
+    """A LocalState observer: called with each live event before it applies, so the record
+    still shows where it came from (its attempts before a lease).
+
+    Dispatch is one dict lookup by the event's type: an enqueue, the hot path, finds nothing
+    (0.1 us, against 0.5 us for a `match` over the classes).
+    """
+
+    def leased(event: Leased) -> None:
+        rec = records[event.qid]
+        if rec.attempts == 0:
+            hooks.first_leased(store, event.at - rec.created_at)
+
+    def requeued(event: Requeued) -> None:
+        reason = RETRY_LEASE_EXPIRED if event.failed_lease is None else RETRY_WORKER
+        hooks.retried(store, reason, 1)
+
+    def finished(event: Finished) -> None:
+        if event.status is QueueStatus.EXPIRED:
+            hooks.expired(store, event.reason or REASON_TTL, 1)
+        elif event.status is QueueStatus.FAILED:
+            hooks.failed(store, failure_kind(event.reason), 1)
+
+    table: dict[type, Callable[[Any], None]] = {
+        Leased: leased,
+        Requeued: requeued,
+        Finished: finished,
+    }
+
+    def observe(event: AnyEvent) -> None:
+        handler = table.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    return observe
