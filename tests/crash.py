@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sidecar.client import AsyncClient
 from sidecar.errors import NotFound, SidecarError, SidecarUnavailable
 from sidecar.queue.local import LocalQueue
+from tests.bounded import in_thread, settle
 
 PRODUCERS = 4
 WORKERS = 4
@@ -111,11 +112,12 @@ async def load_then(
         )
         loaded.cancel()
         assert ledger.loaded.is_set(), f"load ended early or stalled: {ledger.errors[:5]}"
-        await asyncio.to_thread(stop)
+        # Bounded, and off the default executor, which the closing loop would join.
+        await in_thread(stop, timeout_s=LOAD_TIMEOUT_S)
     finally:
         ledger.stopped.set()
-        async with asyncio.timeout(LOAD_TIMEOUT_S):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancels what outlives the bound and re-raises what a load task raised unexpectedly.
+        await settle(tasks, LOAD_TIMEOUT_S)
     return ledger
 
 

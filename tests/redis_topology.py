@@ -302,23 +302,47 @@ class ClusterLayout(_Layout):
                     return next(n for n in self.nodes if n.port == port)
         raise RedisServerError(f"no owner for slot {slot}")
 
-    def migrate_slot(self, slot: int, target: TcpRedis, batch: int = 50) -> int:
-        """Move one slot by hand, as `redis-cli --cluster reshard` does; returns keys moved."""
+    def migrate_slot(
+        self, slot: int, target: TcpRedis, batch: int = 50, timeout_s: float = LAYOUT_TIMEOUT_S
+    ) -> int:
+        """Move one slot by hand, as `redis-cli --cluster reshard` does; returns keys moved.
+
+        Bounded: redis-cli exits 0 on an error reply, so a MIGRATE that fails would leave the
+        same keys in the slot and this loop would go round forever; each reply is checked
+        and the whole move has a deadline.
+        """
+        deadline = time.monotonic() + timeout_s
         source = self.owner(slot)
-        src_id, dst_id = self.node_id(source), self.node_id(target)
-        cli(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
-        cli(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        dst_id = self.node_id(target)
+        self.move_keys(slot, target, [])
         moved = 0
         while True:
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"slot {slot}: not moved within {timeout_s} s")
             keys = cli(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), str(batch)).split()
             if not keys:
                 break
-            cli(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000",
-                "KEYS", *keys)  # fmt: skip
+            self.move_keys(slot, target, keys)
             moved += len(keys)
         for node in (target, source, *[n for n in self.nodes if n not in (target, source)]):
             cli(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
         return moved
+
+    def move_keys(self, slot: int, target: TcpRedis, keys: list[str]) -> None:
+        """Mark `slot` as moving to target (again, if it is already) and MIGRATE `keys` there.
+
+        With only some of a slot's keys moved, a script that names keys on both sides gets
+        TRYAGAIN from both nodes until the move ends.
+        """
+        source = self.owner(slot)
+        cli(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", self.node_id(source))
+        cli(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", self.node_id(target))
+        if not keys:
+            return
+        reply = cli(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000",
+                    "KEYS", *keys)  # fmt: skip
+        if reply not in ("OK", "NOKEY"):
+            raise RedisServerError(f"slot {slot}: MIGRATE answered {reply!r}")
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -26,6 +26,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     NoScriptError,
     OutOfMemoryError,
@@ -65,6 +66,11 @@ _UNAVAILABLE: tuple[tuple[type[RedisError], str], ...] = (
     (MasterDownError, "master_down"),
     (ClusterDownError, "cluster_down"),
     (TryAgainError, "try_again"),
+    # The cluster client's "TTL exhausted": every attempt met MOVED, ASK or TRYAGAIN (a
+    # script's keys split between two nodes while their slot moves), so the call never ran.
+    # After its subclass ClusterDownError. Unclassified, it failed the client's call and
+    # crashed the sweeper instead of routing to the local queue until the move ends.
+    (ClusterError, "cluster_redirects"),
 )
 # MISCONF: a failed RDB save stops writes; NOREPLICAS: min-replicas-to-write is not met.
 _UNAVAILABLE_REPLIES = {
