@@ -22,7 +22,7 @@ import msgspec
 import structlog
 
 from sidecar.config import Settings
-from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
+from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats, QueueStatus
 from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
 from sidecar.queue.redis_io import (
@@ -36,16 +36,19 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
+    SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
     bounded_time,
     decode_number,
     decode_record,
     lease_end,
+    settled_record,
 )
 from sidecar.queue.redis_wire import Arg
 
 __all__ = [
+    "SCRIPT_ERRORS",
     "RedisQueue",
     "build_redis_queue",
     "open_redis_queue",
@@ -57,18 +60,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
-
-
-# The one table from script return codes to errors; messages are formatted with the call's
-# queue_id, lease_id, op, the status the script reported and the status the op needs.
-SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
-    ScriptCode.NOT_FOUND: (NotFound, "no request {queue_id}"),
-    ScriptCode.INVALID_STATE: (InvalidState, "request {queue_id} is {status}; {op} needs {needs}"),
-    ScriptCode.LEASE_MISMATCH: (
-        LeaseMismatch,
-        "lease {lease_id} is not the current lease of {queue_id}",
-    ),
-}
 
 
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.
@@ -272,14 +263,14 @@ class RedisQueue:
         now = self._clock()
         until = lease_end(now, lease_s)
         reply = await self._call("extend", now, queue_id, lease_id, until, keys=self._req(queue_id))
-        return self._settled(reply, "extend", queue_id, lease_id)
+        return settled_record(reply, "extend", queue_id, lease_id)
 
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
         reply = await self._call(
             "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
         )
-        return self._settled(reply, "complete", queue_id, lease_id)
+        return settled_record(reply, "complete", queue_id, lease_id)
 
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
@@ -293,7 +284,7 @@ class RedisQueue:
         not_before = bounded_time(now + delay_s, "not_before") if delay_s > 0 else 0.0
         args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
         reply = await self._call("fail", now, *args, keys=self._req(queue_id))
-        rec = self._settled(reply, "fail", queue_id, lease_id)
+        rec = settled_record(reply, "fail", queue_id, lease_id)
         if rec.status is QueueStatus.QUEUED and not delay_s:
             self._notify_work()
         return rec
@@ -303,7 +294,7 @@ class RedisQueue:
         # A fresh token per call: the same call resent answers its result, a new one does not.
         token = uuid.uuid4().hex
         reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
-        return self._settled(reply, "cancel", queue_id, None)
+        return settled_record(reply, "cancel", queue_id, None)
 
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now (what is due applied first), or None."""
@@ -425,24 +416,6 @@ class RedisQueue:
         return why
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _settled(
-        self, reply: list[Any], op: str, queue_id: str, lease_id: str | None
-    ) -> QueuedRequest:
-        """The record of an OK reply, or the error its code maps to in SCRIPT_ERRORS."""
-        code = reply[0]
-        if code == ScriptCode.OK:
-            return decode_record(reply[1])
-        cls, template = SCRIPT_ERRORS[code]
-        status = reply[1].decode() if len(reply) > 1 else None
-        needs = "a queued request" if op == "cancel" else "a processing request"
-        message = template.format(
-            queue_id=queue_id, lease_id=lease_id, op=op, status=status, needs=needs
-        )
-        details: dict[str, Any] = {"queue_id": queue_id}
-        if status is not None:
-            details["status"] = status
-        raise cls(message, details)
 
     def _notify_work(self) -> None:
         # Waking every waiter and starting a fresh event means no waiter can miss a notice.
