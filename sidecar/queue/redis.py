@@ -24,7 +24,12 @@ import structlog
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats, QueueStatus
-from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
+from sidecar.queue.base import (
+    JOB_FIXED_BYTES,
+    CompleteNextOutcome,
+    complete_then_lease,
+    new_lease_id,
+)
 from sidecar.queue.redis_io import (
     Client,
     ScriptRunner,
@@ -271,6 +276,12 @@ class RedisQueue:
             "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
         )
         return settled_record(reply, "complete", queue_id, lease_id)
+
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
+        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
