@@ -275,7 +275,8 @@ class RedisQueue:
         reply = await self._call(
             "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
         )
-        return settled_record(reply, "complete", queue_id, lease_id)
+        [result] = reply[1]  # complete.lua takes a batch; concurrent calls share a run
+        return settled_record(result, "complete", queue_id, lease_id)
 
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
