@@ -152,3 +152,35 @@ async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns
     assert store.next_asked and max(store.next_asked) <= 4
     assert sum(store.asked) + sum(store.next_asked) >= len(ids)
     assert (await cast(QueueManager, store).stats()).completed == len(ids)
+
+
+async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """One request per job, not two: every completion carries the request for the next job."""
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(5)])]
+        handled: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=1, wait_s=0.5, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert handled == ids
+    # The first job came from the poller; the other four each with the completion before it.
+    assert store.asked[:1] == [1] and len(store.next_asked) >= 4
+    assert store.next_asked[:4] == [1, 1, 1, 1]
