@@ -16,7 +16,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import structlog
@@ -44,6 +44,7 @@ from sidecar.queue.redis_keys import (
     SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
+    SweepCounts,
     bounded_time,
     decode_number,
     decode_record,
@@ -55,6 +56,7 @@ from sidecar.queue.redis_wire import Arg
 __all__ = [
     "SCRIPT_ERRORS",
     "RedisQueue",
+    "SweepCounts",
     "build_redis_queue",
     "open_redis_queue",
     "redis_client",
@@ -69,15 +71,6 @@ Clock = Callable[[], float]
 
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.
 _POLICY_WARNING = "redis maxmemory-policy"
-
-
-class SweepCounts(NamedTuple):
-    """What one sweep step moved."""
-
-    expired: int
-    requeued: int
-    failed: int
-    purged: int
 
 
 class RedisQueue:

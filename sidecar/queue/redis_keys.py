@@ -45,7 +45,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound, SidecarError
 from sidecar.models import QueuedRequest, QueueStatus
@@ -148,6 +148,15 @@ SCRIPT_NAMES = (
     "enqueue", "dequeue", "extend", "complete", "fail", "cancel", "status", "sweep", "stats",
     "discard",
 )  # fmt: skip
+
+
+class SweepCounts(NamedTuple):
+    """What one sweep step moved."""
+
+    expired: int
+    requeued: int
+    failed: int
+    purged: int
 
 
 class ScriptCode(enum.IntEnum):
