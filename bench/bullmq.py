@@ -46,6 +46,7 @@ ROWS = (
     ("enqueue_many", "enqueue, {n} in flight on one shared client", 1.0),
     ("enqueue_batches", f"enqueue, batches of {BATCH}", None),
     ("dequeue_complete_1", "dequeue + complete, 1 at a time", 0.6),
+    ("complete_next_1", "complete_next, 1 at a time / moveToCompleted fetching the next", None),
     ("worker", "run_worker(concurrency={n}) / Worker(concurrency={n})", 1.0),
 )
 
@@ -197,6 +198,23 @@ def _slice_runs(
     async def worker() -> None:
         await _worker(path, n, in_flight)
 
+    held: list[Job] = []
+
+    async def complete_next() -> None:
+        [job] = held
+        for _ in range(n):
+            got = await client.complete_next(job.queue_id, job.lease_id, 1)
+            [job] = got.items
+        held[:] = [job]
+
+    async def complete_next_setup() -> tuple[int, Callable[[], Awaitable[object]]]:
+        for job in held:  # the last run's next job, leased and not completed yet
+            await client.complete(job.queue_id, job.lease_id)
+        await _drain(client)
+        await _prefill(client, payload, n + 1)
+        held[:] = await client.dequeue(1)  # the first job, before the clock starts
+        return n, complete_next
+
     def enqueue_row(
         count: int, run: Callable[[], Awaitable[object]]
     ) -> Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[object]]]]]:
@@ -221,6 +239,7 @@ def _slice_runs(
         "enqueue_many": enqueue_row(-(-n // in_flight) * in_flight, shared),
         "enqueue_batches": enqueue_row(-(-n // BATCH) * BATCH, batches),
         "dequeue_complete_1": dequeue_row(dequeue_complete),
+        "complete_next_1": complete_next_setup,
         "worker": dequeue_row(worker),
     }
 
