@@ -2,6 +2,9 @@
 
 One redis-server serves both: the daemon in Redis mode driven through the real `AsyncClient`
 and `run_worker` (as the README shows), and BullMQ (Node, ioredis) running bullmq/bench.mjs.
+Each row runs in slices (--ops / --slices jobs), alternating BullMQ and the sidecar, after one
+untimed warm-up slice each; the ratio is the median of the per-slice ratios, so both sides of a
+ratio ran under the same load.
 BullMQ is installed by this set-up step into bench/bullmq/node_modules (`npm ci`); where node or
 npm is missing, or the install fails, the section is skipped with a message saying why.
 """
@@ -13,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -42,6 +46,7 @@ ROWS = (
     ("enqueue_many", "enqueue, {n} in flight on one shared client", 1.0),
     ("enqueue_batches", f"enqueue, batches of {BATCH}", None),
     ("dequeue_complete_1", "dequeue + complete, 1 at a time", 0.6),
+    ("complete_next_1", "complete_next, 1 at a time / moveToCompleted fetching the next", None),
     ("worker", "run_worker(concurrency={n}) / Worker(concurrency={n})", 1.0),
 )
 
@@ -88,30 +93,53 @@ def run_bullmq(args: argparse.Namespace) -> str | None:
         sock = redis_socket(folder)
         with redis_running(sock) as server:
             assert server.proc is not None
-            redis_pid = server.proc.pid
-            env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
-            path = str(folder / "sidecar.sock")
-            with running(daemon_spec(path, env)) as daemon:
-                note("bullmq: the sidecar's rows")
-                ours = Meter(daemon.pid, redis_pid)
-                uvloop.run(_sidecar_rates(path, sock, args, ours))
             payload_file = folder / "payload.json"
             payload_file.write_text(json.dumps(llm_request()))
-            note("bullmq: BullMQ's rows")
-            theirs = _bullmq_rates(sock, redis_pid, args, payload_file)
+            env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
+            path = str(folder / "sidecar.sock")
+            with (
+                running(daemon_spec(path, env)) as daemon,
+                NodeBench(sock, args.in_flight, payload_file, server.proc.pid) as theirs,
+            ):
+                ours = Meter(daemon.pid, server.proc.pid)
+                uvloop.run(_alternate(path, sock, args, ours, theirs))
     return _table(ours, theirs, args.in_flight)
 
 
-def _bullmq_rates(
-    sock: str, redis_pid: int, args: argparse.Namespace, payload: Path
-) -> dict[str, dict[str, float]]:
-    argv = ["node", "bench.mjs", sock, str(args.ops), str(args.in_flight)]
-    argv += [str(args.memory_jobs), str(payload), str(redis_pid)]
-    proc = subprocess.run(
-        argv, cwd=NODE_DIR, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=True
-    )
-    rows: dict[str, dict[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return rows
+class NodeBench:
+    """BullMQ's side: one long-lived `node bench.mjs`, asked for one slice of a row at a time."""
+
+    def __init__(self, sock: str, in_flight: int, payload: Path, redis_pid: int) -> None:
+        self.argv = ["node", "bench.mjs", sock, str(in_flight), str(payload), str(redis_pid)]
+        self.proc: subprocess.Popen[str] | None = None
+        self.slices: dict[str, list[dict[str, float]]] = {}
+        self.memory = 0.0
+
+    def __enter__(self) -> NodeBench:
+        self.proc = subprocess.Popen(
+            self.argv, cwd=NODE_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.close()
+        if self.proc.wait(timeout=NODE_TIMEOUT_S) != 0:
+            raise RuntimeError(f"node bench.mjs exited with {self.proc.returncode}")
+
+    def ask(self, row: str, n: int) -> dict[str, float]:
+        assert self.proc is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"row": row, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"node bench.mjs stopped during {row} (exit {self.proc.poll()})")
+        reply: dict[str, float] = json.loads(line)
+        return reply
+
+    def timed(self, row: str, n: int) -> None:
+        self.slices.setdefault(row, []).append(self.ask(row, n))
 
 
 def cpu_s(pid: int) -> float:
@@ -121,61 +149,128 @@ def cpu_s(pid: int) -> float:
 
 
 class Meter:
-    """Jobs per second of each row, and the CPU µs per job of the daemon, Redis and the client."""
+    """Per slice of each row: jobs per second, and CPU µs per job of daemon, Redis and client."""
 
     def __init__(self, daemon_pid: int, redis_pid: int) -> None:
         self.pids = {"daemon": daemon_pid, "redis": redis_pid}
-        self.rates: dict[str, float] = {}
-        self.cpu: dict[str, dict[str, float]] = {}
+        self.slices: dict[str, list[dict[str, float]]] = {}
+        self.memory = 0.0
 
     async def timed(self, key: str, n: int, run: Callable[[], Awaitable[object]]) -> None:
         before = {name: cpu_s(pid) for name, pid in self.pids.items()}
         mine = time.process_time()
         start = time.perf_counter()
         await run()
-        self.rates[key] = n / (time.perf_counter() - start)
+        rate = n / (time.perf_counter() - start)
         used = {name: cpu_s(pid) - before[name] for name, pid in self.pids.items()}
         used["client"] = time.process_time() - mine
-        self.cpu[key] = {name: s * 1e6 / n for name, s in used.items()}
+        cpu = {name: s * 1e6 / n for name, s in used.items()}
+        self.slices.setdefault(key, []).append({"rate": rate, **cpu})
 
 
-async def _sidecar_rates(path: str, sock: str, args: argparse.Namespace, meter: Meter) -> None:
-    ops, n = args.ops, args.in_flight
+def _slice_runs(
+    client: AsyncClient, path: str, n: int, in_flight: int
+) -> dict[str, Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[object]]]]]]:
+    """Per row: set-up (untimed) giving the job count and the timed part of one slice of n."""
     payload = llm_request()
+
+    async def one(i: int) -> None:
+        await client.enqueue(payload, priority=i % 10, ttl_s=TTL_S)
+
+    async def sequential() -> None:
+        for i in range(n):
+            await one(i)
+
+    async def shared() -> None:
+        await asyncio.gather(*(_loop(one, -(-n // in_flight)) for _ in range(in_flight)))
+
+    async def batches() -> None:
+        for _ in range(-(-n // BATCH)):
+            await client.enqueue_many(
+                [item(payload, priority=k % 10, ttl_s=TTL_S) for k in range(BATCH)]
+            )
+
+    async def dequeue_complete() -> None:
+        for _ in range(n):
+            [job] = await client.dequeue(1)
+            await client.complete(job.queue_id, job.lease_id)
+
+    async def worker() -> None:
+        await _worker(path, n, in_flight)
+
+    held: list[Job] = []
+
+    async def complete_next() -> None:
+        [job] = held
+        for _ in range(n):
+            got = await client.complete_next(job.queue_id, job.lease_id, 1)
+            [job] = got.items
+        held[:] = [job]
+
+    async def complete_next_setup() -> tuple[int, Callable[[], Awaitable[object]]]:
+        for job in held:  # the last run's next job, leased and not completed yet
+            await client.complete(job.queue_id, job.lease_id)
+        await _drain(client)
+        await _prefill(client, payload, n + 1)
+        held[:] = await client.dequeue(1)  # the first job, before the clock starts
+        return n, complete_next
+
+    def enqueue_row(
+        count: int, run: Callable[[], Awaitable[object]]
+    ) -> Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[object]]]]]:
+        async def setup() -> tuple[int, Callable[[], Awaitable[object]]]:
+            await _drain(client)  # like BullMQ's side, each slice starts from an empty queue
+            return count, run
+
+        return setup
+
+    def dequeue_row(
+        run: Callable[[], Awaitable[object]],
+    ) -> Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[object]]]]]:
+        async def setup() -> tuple[int, Callable[[], Awaitable[object]]]:
+            await _drain(client)
+            await _prefill(client, payload, n)
+            return n, run
+
+        return setup
+
+    return {
+        "enqueue_1": enqueue_row(n, sequential),
+        "enqueue_many": enqueue_row(-(-n // in_flight) * in_flight, shared),
+        "enqueue_batches": enqueue_row(-(-n // BATCH) * BATCH, batches),
+        "dequeue_complete_1": dequeue_row(dequeue_complete),
+        "complete_next_1": complete_next_setup,
+        "worker": dequeue_row(worker),
+    }
+
+
+async def _alternate(
+    path: str, sock: str, args: argparse.Namespace, ours: Meter, theirs: NodeBench
+) -> None:
+    """Each row in slices, alternating BullMQ and the sidecar (and who goes first) per slice."""
+    n = max(1, args.ops // args.slices)
     async with AsyncClient(path) as client:
-
-        async def one(i: int) -> None:
-            await client.enqueue(payload, priority=i % 10, ttl_s=TTL_S)
-
-        async def sequential() -> None:
-            for i in range(ops):
-                await one(i)
-
-        async def shared() -> None:
-            per = -(-ops // n)
-            await asyncio.gather(*(_loop(one, per) for _ in range(n)))
-
-        async def batches() -> None:
-            for _ in range(-(-ops // BATCH)):
-                await client.enqueue_many(
-                    [item(payload, priority=k % 10, ttl_s=TTL_S) for k in range(BATCH)]
-                )
-
-        async def dequeue_complete() -> None:
-            for _ in range(ops):
-                [job] = await client.dequeue(1)
-                await client.complete(job.queue_id, job.lease_id)
-
-        await meter.timed("enqueue_1", ops, sequential)
-        await meter.timed("enqueue_many", -(-ops // n) * n, shared)
-        await meter.timed("enqueue_batches", -(-ops // BATCH) * BATCH, batches)
+        runs = _slice_runs(client, path, n, args.in_flight)
+        for key, setup in runs.items():
+            count, run = await setup()  # warm-up, untimed: one slice each
+            await run()
+            theirs.ask(key, n)
+            for s in range(args.slices):
+                count, run = await setup()
+                if s % 2:
+                    theirs.timed(key, n)
+                await ours.timed(key, count, run)
+                if not s % 2:
+                    theirs.timed(key, n)
+            note(f"bullmq: {key}: ratio {_ratio(ours.slices[key], theirs.slices[key]):.2f}")
         await _drain(client)
-        await _prefill(client, payload, ops)
-        await meter.timed("dequeue_complete_1", ops, dequeue_complete)
-        await _prefill(client, payload, ops)
-        await meter.timed("worker", ops, lambda: _worker(path, ops, n))
-        await _drain(client)
-        meter.rates["memory"] = await _memory(client, sock, payload, args.memory_jobs)
+        ours.memory = await _memory(client, sock, llm_request(), args.memory_jobs)
+        theirs.memory = theirs.ask("memory", args.memory_jobs)["bytes_per_job"]
+
+
+def _ratio(mine: list[dict[str, float]], bull: list[dict[str, float]]) -> float:
+    """Sidecar over BullMQ: the median of the per-slice ratios (each pair ran back to back)."""
+    return statistics.median(m["rate"] / b["rate"] for m, b in zip(mine, bull, strict=True))
 
 
 async def _loop(op: Callable[[int], Awaitable[None]], count: int) -> None:
@@ -221,11 +316,11 @@ async def _memory(client: AsyncClient, sock: str, payload: object, count: int) -
     return (after - before) / count
 
 
-def _cpu(per_job: dict[str, float], client: str) -> str:
-    return f"{per_job[client]:.0f} / {per_job['redis']:.0f}"
+def _mean(slices: list[dict[str, float]], name: str) -> float:
+    return statistics.fmean(s[name] for s in slices)
 
 
-def _table(ours: Meter, theirs: dict[str, dict[str, float]], n: int) -> str:
+def _table(ours: Meter, theirs: NodeBench, n: int) -> str:
     head = (
         "workload",
         "sidecar-redis jobs/s",
@@ -238,30 +333,29 @@ def _table(ours: Meter, theirs: dict[str, dict[str, float]], n: int) -> str:
     )
     body = []
     for key, label, goal in ROWS:
-        mine, bull = ours.rates[key], theirs[key]["rate"]
-        ratio = mine / bull
-        cpu = ours.cpu[key]
+        mine, bull = ours.slices[key], theirs.slices[key]
+        ratio = _ratio(mine, bull)
         body.append(
             (
                 label.format(n=n),
-                f"{mine:,.0f}",
-                f"{bull:,.0f}",
+                f"{statistics.median(m['rate'] for m in mine):,.0f}",
+                f"{statistics.median(b['rate'] for b in bull):,.0f}",
                 f"{ratio:.2f}",
                 "-" if goal is None else f">= {goal:.1f}",
                 "-" if goal is None else ("yes" if ratio >= goal else "no"),
-                f"{cpu['daemon']:.0f} / {cpu['client']:.0f} / {cpu['redis']:.0f}",
-                _cpu(theirs[key], "node"),
+                " / ".join(f"{_mean(mine, k):.0f}" for k in ("daemon", "client", "redis")),
+                " / ".join(f"{_mean(bull, k):.0f}" for k in ("node", "redis")),
             )
         )
-    mine, bull = ours.rates["memory"], theirs["memory"]["bytes_per_job"]
+    mine_b, bull_b = ours.memory, theirs.memory
     body.append(
         (
             "Redis used_memory per queued request (bytes)",
-            f"{mine:,.0f}",
-            f"{bull:,.0f}",
-            f"{mine / bull:.2f}",
+            f"{mine_b:,.0f}",
+            f"{bull_b:,.0f}",
+            f"{mine_b / bull_b:.2f}",
             "<= 1.0",
-            "yes" if mine <= bull else "no",
+            "yes" if mine_b <= bull_b else "no",
             "-",
             "-",
         )

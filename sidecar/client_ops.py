@@ -20,6 +20,8 @@ from sidecar.protocol import (
     SPECS,
     Cancel,
     Complete,
+    CompleteNext,
+    CompleteNextResult,
     Dequeue,
     DequeueResult,
     Enqueue,
@@ -139,6 +141,20 @@ def complete(queue_id: str, lease_id: str) -> Call[RequestInfo]:
     return Call(Complete(id=0, queue_id=queue_id, lease_id=lease_id))
 
 
+def complete_next(
+    queue_id: str, lease_id: str, max_items: int = 1, *, lease_s: float | None = None
+) -> Call[CompleteNextResult]:
+    """Report a leased request done and lease up to max_items more in the same round trip.
+
+    The jobs are leased whether or not the settle succeeded: `completed` is its info, or
+    `error` says why it failed (as complete would have). Never waits for work.
+    """
+    return Call(
+        CompleteNext(id=0, queue_id=queue_id, lease_id=lease_id, max_items=max_items,
+                     lease_s=lease_s)
+    )  # fmt: skip
+
+
 def fail(
     queue_id: str,
     lease_id: str,
@@ -184,7 +200,7 @@ BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     f.__name__: f
     for f in (
         hello, enqueue, enqueue_many, dequeue, extend, complete, fail, cancel, status, stats,
-        health, metrics,
+        health, metrics, complete_next,
     )
 }  # fmt: skip
 

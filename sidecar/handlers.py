@@ -30,12 +30,15 @@ from sidecar.protocol import (
     AnyRequest,
     Cancel,
     Complete,
+    CompleteNext,
+    CompleteNextResult,
     Dequeue,
     DequeueResult,
     Enqueue,
     EnqueuedItem,
     EnqueueItem,
     EnqueueResult,
+    ErrorBody,
     Extend,
     Fail,
     Health,
@@ -108,6 +111,8 @@ class Ops:
                 return await self._dequeue(req)
             case Complete():
                 return info(await self.queue.complete(req.queue_id, req.lease_id))
+            case CompleteNext():
+                return await self._complete_next(req)
             case Fail():
                 return info(await self._fail(req))
             case Extend():
@@ -245,6 +250,24 @@ class Ops:
         """
         room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
         return await self.queue.dequeue(max_items, lease_s, max_bytes=room)
+
+    async def _complete_next(self, req: CompleteNext) -> CompleteNextResult:
+        """Settle one job and lease up to max_items more, never waiting (protocol.md 8.12)."""
+        room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
+        got = await self.queue.complete_next(
+            req.queue_id,
+            req.lease_id,
+            min(req.max_items, self.settings.max_batch),
+            req.lease_s or self.settings.queue_lease_s,
+            room,
+        )
+        err = got.error
+        return CompleteNextResult(
+            completed=None if got.completed is None else info(got.completed),
+            error=None if err is None else ErrorBody(code=err.code, message=err.message,
+                                                     details=err.details or None),
+            items=[job(r) for r in got.leased],
+        )  # fmt: skip
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""

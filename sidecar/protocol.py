@@ -85,6 +85,15 @@ class Complete(Request, tag="complete"):
     lease_id: str
 
 
+class CompleteNext(Request, tag="complete_next"):
+    """Complete one leased request and lease up to max_items more, in one round trip."""
+
+    queue_id: QueueId
+    lease_id: str
+    max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
+    lease_s: LeaseSeconds | None = None
+
+
 class Fail(Request, tag="fail"):
     queue_id: QueueId
     lease_id: str
@@ -185,6 +194,15 @@ class RequestInfo(msgspec.Struct, kw_only=True):
     reason: str | None = None
 
 
+class CompleteNextResult(msgspec.Struct, kw_only=True):
+    """The settle's outcome (completed, or the error complete would have answered) and the jobs
+    leased: they are leased whether or not the settle succeeded (protocol.md 8.12)."""
+
+    completed: RequestInfo | None = None
+    error: ErrorBody | None = None
+    items: list[Job]
+
+
 class HealthResult(msgspec.Struct, kw_only=True):
     status: str
     mode: str
@@ -274,11 +292,13 @@ REGISTRY: tuple[OpSpec, ...] = (
     OpSpec(Stats, StatsResult, retry_safe=True),
     OpSpec(Health, HealthResult, retry_safe=True),
     OpSpec(Metrics, MetricsResult, retry_safe=True),
+    # Not resend-safe: a resend leases further jobs (its settle is harmless, as complete's is).
+    OpSpec(CompleteNext, CompleteNextResult, retry_safe=False),
 )
 # The registry's requests as one union: the decoder's type, and what dispatch matches over.
 AnyRequest = (
     Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
-    | Metrics
+    | Metrics | CompleteNext
 )
 SPECS: dict[type[Request], OpSpec] = {spec.request: spec for spec in REGISTRY}
 OPS: frozenset[str] = frozenset(spec.name for spec in REGISTRY)

@@ -234,6 +234,20 @@ def test_one_frame_in_one_byte_writes(daemon: Daemon, raw: Raw) -> None:
             "invalid_message",
             "over the limit of 10",
         ),
+        (
+            msgspec.msgpack.encode(
+                {"op": "complete_next", "id": 18, "queue_id": "q", "lease_id": "l", "max_items": 0}
+            ),
+            18,
+            "invalid_message",
+            "$.max_items",
+        ),
+        (
+            msgspec.msgpack.encode({"op": "complete_next", "id": 19, "queue_id": "q"}),
+            19,
+            "invalid_message",
+            "lease_id",
+        ),
     ],
     ids=[
         "invalid-msgpack",
@@ -252,6 +266,8 @@ def test_one_frame_in_one_byte_writes(daemon: Daemon, raw: Raw) -> None:
         "queue-id-with-space",
         "payload-too-large",
         "batch-too-large",
+        "complete-next-of-no-jobs",
+        "complete-next-without-a-lease",
     ],
 )
 def test_invalid_body_is_answered_and_the_connection_survives(

@@ -96,6 +96,25 @@ async def test_errors_arrive_as_typed_exceptions(client: AsyncClient) -> None:
     await client.complete(job.queue_id, job.lease_id)
 
 
+async def test_complete_next_settles_and_leases_in_one_request(client: AsyncClient) -> None:
+    first = await client.enqueue({"n": 1}, priority=0)
+    rest = await client.enqueue_many([item({"n": n}, priority=0) for n in (2, 3)])
+    [job] = await client.dequeue(1)
+    assert job.queue_id == first.queue_id
+    got = await client.complete_next(job.queue_id, job.lease_id, 5, lease_s=20)
+    assert got.error is None and got.completed is not None
+    assert (got.completed.queue_id, got.completed.status) == (first.queue_id, "completed")
+    assert [j.queue_id for j in got.items] == [r.queue_id for r in rest]
+    assert [decode_payload(j) for j in got.items] == [{"n": 2}, {"n": 3}]
+    # A lost lease is reported in the reply, not raised; the queue is empty, so no job.
+    lost = await client.complete_next(got.items[0].queue_id, "wrong-lease")
+    assert lost.completed is None and lost.items == []
+    assert lost.error is not None and lost.error.code == "lease_mismatch"
+    assert lost.error.details == {"queue_id": got.items[0].queue_id}
+    for j in got.items:
+        assert (await client.complete(j.queue_id, j.lease_id)).status == "completed"
+
+
 async def test_batch_enqueue_and_batch_dequeue(client: AsyncClient) -> None:
     res = await client.enqueue_many([item({"i": i}, priority=i % 3) for i in range(50)])
     assert len(res) == 50 and all(r.created for r in res)

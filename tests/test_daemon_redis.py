@@ -82,6 +82,9 @@ async def client(daemon: Daemon) -> AsyncIterator[AsyncClient]:
 test_every_op_through_the_async_client = local_suite.test_every_op_through_the_async_client
 test_errors_arrive_as_typed_exceptions = local_suite.test_errors_arrive_as_typed_exceptions
 test_batch_enqueue_and_batch_dequeue = local_suite.test_batch_enqueue_and_batch_dequeue
+test_complete_next_settles_and_leases_in_one_request = (
+    local_suite.test_complete_next_settles_and_leases_in_one_request
+)
 test_idempotent_enqueue_over_the_wire = local_suite.test_idempotent_enqueue_over_the_wire
 test_many_tasks_share_one_connection = local_suite.test_many_tasks_share_one_connection
 test_long_poll_dequeue_wakes_on_enqueue = local_suite.test_long_poll_dequeue_wakes_on_enqueue

@@ -1,4 +1,4 @@
-"""Concurrent single enqueues of one loop pass fold into one enqueue.lua run (redis_io.py)."""
+"""Concurrent enqueues (and completes) of one loop pass fold into one run per script (redis_io)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from sidecar.errors import LeaseMismatch, NotFound
+from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.queue.redis_io import FOLD_MAX_ITEMS
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
@@ -89,3 +91,74 @@ async def test_folds_past_the_cap_split_into_several_runs(
     assert sum(len(r) for r in results) == calls * per_call
     assert all(res.created for r in results for res in r)
     assert (await queue.stats()).queued == calls * per_call
+
+
+# -- completes fold the same way (complete.lua takes a batch) --------------------------------
+
+
+async def _leased(queue: Any, clock: FakeClock, n: int) -> list[Any]:
+    await queue.enqueue([make_request(clock, i, queue_id=f"j{i}") for i in range(n)])
+    jobs = await queue.dequeue(n, 60)
+    assert len(jobs) == n
+    return list(jobs)
+
+
+async def test_concurrent_completes_share_one_script_run(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    jobs = await _leased(queue, clock, 16)
+    before = await _evalsha_calls(raw)
+    done = await asyncio.gather(*(queue.complete(j.queue_id, j.lease_id) for j in jobs))
+    assert await _evalsha_calls(raw) == before + 1
+    assert [d.queue_id for d in done] == [j.queue_id for j in jobs]  # each caller its own
+    assert all(d.status is QueueStatus.COMPLETED for d in done)
+    stats = await queue.stats()
+    assert (stats.completed, stats.processing) == (16, 0)
+
+
+async def test_a_refused_complete_fails_alone_and_its_neighbours_complete(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    jobs = await _leased(queue, clock, 4)
+    calls = [queue.complete(j.queue_id, j.lease_id) for j in jobs]
+    # Ahead of its right one in the run: the request is still processing, under another lease.
+    calls.insert(0, queue.complete(jobs[0].queue_id, "not-the-lease"))
+    calls.insert(3, queue.complete("no-such-id", "x"))
+    before = await _evalsha_calls(raw)
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert await _evalsha_calls(raw) == before + 1
+    assert isinstance(results.pop(3), NotFound)
+    assert isinstance(results.pop(0), LeaseMismatch)
+    assert all(isinstance(r, QueuedRequest) and r.status is QueueStatus.COMPLETED for r in results)
+    assert (await queue.stats()).completed == 4
+
+
+async def test_a_complete_repeated_inside_one_fold_is_harmless(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    queue = await make_queue()
+    [job] = await _leased(queue, clock, 1)
+    first, second = await asyncio.gather(
+        queue.complete(job.queue_id, job.lease_id), queue.complete(job.queue_id, job.lease_id)
+    )
+    assert first.status is second.status is QueueStatus.COMPLETED
+    assert (await queue.stats()).completed == 1
+
+
+async def test_enqueues_and_completes_of_one_pass_fold_by_script(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    jobs = await _leased(queue, clock, 3)
+    before = await _evalsha_calls(raw)
+    results: list[Any] = await asyncio.gather(
+        *(queue.complete(j.queue_id, j.lease_id) for j in jobs),
+        *(queue.enqueue([make_request(clock, queue_id=f"new{i}")]) for i in range(3)),
+    )
+    assert await _evalsha_calls(raw) == before + 2  # one complete run, one enqueue run
+    assert [r.queue_id for r in results[:3]] == [j.queue_id for j in jobs]
+    assert [r[0].request.queue_id for r in results[3:]] == ["new0", "new1", "new2"]
+    stats = await queue.stats()
+    assert (stats.completed, stats.queued) == (3, 3)

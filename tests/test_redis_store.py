@@ -237,9 +237,10 @@ async def test_script_error_codes(make_queue: QueueFactory, clock: FakeClock, ra
         ("extend", ("nope", "l", later), [-1]),
         ("extend", ("x", "l", later), [-2, b"queued"]),
         ("extend", ("queued", "not-it", later), [-3]),
-        ("complete", ("nope", "l"), [-1]),
-        ("complete", ("x", "l"), [-2, b"queued"]),
-        ("complete", ("queued", "not-it"), [-3]),
+        # complete.lua takes a batch: each request's own code inside {0, results}.
+        ("complete", ("nope", "l"), [0, [[-1]]]),
+        ("complete", ("x", "l"), [0, [[-2, b"queued"]]]),
+        ("complete", ("queued", "not-it"), [0, [[-3]]]),
         ("fail", ("nope", "l", "r", "1"), [-1]),
         ("fail", ("x", "l", "r", "0"), [-2, b"queued"]),
         ("fail", ("queued", "not-it", "r", "1"), [-3]),

@@ -13,7 +13,7 @@ from sidecar.client import AsyncClient, item, run_worker
 from sidecar.config import Settings
 from sidecar.models import QueuedRequest
 from sidecar.protocol import Job
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import CompleteNextOutcome, QueueManager
 from sidecar.server import SidecarServer
 from tests.daemon import short_tmpdir
 
@@ -24,6 +24,7 @@ class Recording:
     def __init__(self, inner: object) -> None:
         self._inner = inner
         self.asked: list[int] = []
+        self.next_asked: list[int] = []
         self.extended: list[str] = []
 
     def __getattr__(self, name: str) -> object:
@@ -35,6 +36,13 @@ class Recording:
         self.asked.append(max_items)
         inner = cast(QueueManager, self._inner)
         return await inner.dequeue(max_items, lease_s, max_bytes)
+
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        self.next_asked.append(max_items)
+        inner = cast(QueueManager, self._inner)
+        return await inner.complete_next(queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
         self.extended.append(queue_id)
@@ -104,3 +112,75 @@ async def until_completed(client: AsyncClient, queue_id: str) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail(f"{queue_id} never completed")
+
+
+async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns_its_slots(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(40)])]
+        running = 0
+        most = 0
+        done = asyncio.Event()
+        handled: list[str] = []
+
+        async def handler(job: Job) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0)  # let the other jobs' settles interleave with this one
+            running -= 1
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=4, wait_s=0.2, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert sorted(handled) == sorted(ids)  # each once
+    assert most <= 4
+    # Completions took the next jobs (complete_next), each for its own slot and the free ones.
+    assert store.next_asked and max(store.next_asked) <= 4
+    assert sum(store.asked) + sum(store.next_asked) >= len(ids)
+    assert (await cast(QueueManager, store).stats()).completed == len(ids)
+
+
+async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """One request per job, not two: every completion carries the request for the next job."""
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(5)])]
+        handled: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=1, wait_s=0.5, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert handled == ids
+    # The first job came from the poller; the other four each with the completion before it.
+    assert store.asked[:1] == [1] and len(store.next_asked) >= 4
+    assert store.next_asked[:4] == [1, 1, 1, 1]

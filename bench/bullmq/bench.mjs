@@ -1,14 +1,15 @@
 // BullMQ's side of bench/bullmq.py: the same workloads as the sidecar rows, on the same
-// redis-server, printed as one JSON object on stdout.
-// Usage: node bench.mjs <redis socket> <ops> <in_flight> <memory_jobs> <payload json file>
+// redis-server, one slice at a time so the Python side can alternate slices between the two.
+// Usage: node bench.mjs <redis socket> <in_flight> <payload json file> <redis pid>
+// Then one JSON command a line on stdin, {"row": <key>, "n": <jobs>}, answered by one JSON line
+// on stdout: {rate, node, redis} (jobs/s, CPU µs per job), or {bytes_per_job} for "memory".
 import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
 
-const [socketPath, opsArg, inFlightArg, memArg, payloadFile, redisPid] = process.argv.slice(2);
-const OPS = Number(opsArg);
+const [socketPath, inFlightArg, payloadFile, redisPid] = process.argv.slice(2);
 const IN_FLIGHT = Number(inFlightArg);
-const MEMORY_JOBS = Number(memArg);
 const BATCH = 64;
 const payload = JSON.parse(readFileSync(payloadFile, 'utf8'));
 const connection = new IORedis({ path: socketPath, maxRetriesPerRequest: null });
@@ -48,94 +49,104 @@ async function prefill(queue, n) {
   }
 }
 
-async function enqueueOne() {
+// Each row runs on a queue of its own, emptied afterwards so Redis does not grow slice by slice.
+async function onFreshQueue(fn) {
   const q = freshQueue();
-  const rate = await timed(OPS, async () => {
-    for (let i = 0; i < OPS; i++) await q.add('llm', payload, jobOpts(i));
-  });
-  await q.close();
-  return rate;
+  try {
+    return await fn(q);
+  } finally {
+    await q.obliterate({ force: true });
+    await q.close();
+  }
 }
 
-async function enqueueMany() {
-  const q = freshQueue();
-  const per = Math.ceil(OPS / IN_FLIGHT);
-  const rate = await timed(per * IN_FLIGHT, () => Promise.all(
-    Array.from({ length: IN_FLIGHT }, async () => {
-      for (let i = 0; i < per; i++) await q.add('llm', payload, jobOpts(i));
-    })));
-  await q.close();
-  return rate;
-}
+const rows = {
+  enqueue_1: (n) => onFreshQueue((q) => timed(n, async () => {
+    for (let i = 0; i < n; i++) await q.add('llm', payload, jobOpts(i));
+  })),
 
-async function enqueueBatches() {
-  const q = freshQueue();
-  const batches = Math.ceil(OPS / BATCH);
-  const rate = await timed(batches * BATCH, async () => {
-    for (let b = 0; b < batches; b++) {
-      await q.addBulk(Array.from({ length: BATCH }, (_, k) => (
-        { name: 'llm', data: payload, opts: jobOpts(k) })));
-    }
-  });
-  await q.close();
-  return rate;
-}
+  enqueue_many: (n) => onFreshQueue((q) => {
+    const per = Math.ceil(n / IN_FLIGHT);
+    return timed(per * IN_FLIGHT, () => Promise.all(
+      Array.from({ length: IN_FLIGHT }, async () => {
+        for (let i = 0; i < per; i++) await q.add('llm', payload, jobOpts(i));
+      })));
+  }),
 
-async function dequeueCompleteOne() {
-  const q = freshQueue();
-  await prefill(q, OPS);
-  const worker = new Worker(q.name, null, { connection, autorun: false });
-  const token = 'bench-token';
-  const rate = await timed(OPS, async () => {
-    for (let i = 0; i < OPS; i++) {
-      const job = await worker.getNextJob(token);
-      if (!job) throw new Error('getNextJob found no job');
-      await job.moveToCompleted('ok', token, false);
-    }
-  });
-  await worker.close();
-  await q.close();
-  return rate;
-}
-
-async function workerConcurrent() {
-  const q = freshQueue();
-  await prefill(q, OPS);
-  let done = 0;
-  let finish;
-  let worker;
-  const finished = new Promise((resolve) => { finish = resolve; });
-  const rate = await timed(OPS, async () => {
-    worker = new Worker(q.name, async () => {}, { connection, concurrency: IN_FLIGHT });
-    worker.on('completed', () => {
-      done += 1;
-      if (done === OPS) finish();
+  enqueue_batches: (n) => onFreshQueue((q) => {
+    const batches = Math.ceil(n / BATCH);
+    return timed(batches * BATCH, async () => {
+      for (let b = 0; b < batches; b++) {
+        await q.addBulk(Array.from({ length: BATCH }, (_, k) => (
+          { name: 'llm', data: payload, opts: jobOpts(k) })));
+      }
     });
-    await finished;
-  });
-  await worker.close();
-  await q.close();
-  return rate;
-}
+  }),
 
-async function memoryPerJob() {
-  const q = freshQueue();
-  const used = async () => Number(/used_memory:(\d+)/.exec(await connection.info('memory'))[1]);
-  const before = await used();
-  await prefill(q, MEMORY_JOBS);
-  const after = await used();
-  await q.obliterate({ force: true });
-  await q.close();
-  return { bytes_per_job: (after - before) / MEMORY_JOBS };
-}
+  dequeue_complete_1: (n) => onFreshQueue(async (q) => {
+    await prefill(q, n);
+    const worker = new Worker(q.name, null, { connection, autorun: false });
+    const token = 'bench-token';
+    const rate = await timed(n, async () => {
+      for (let i = 0; i < n; i++) {
+        const job = await worker.getNextJob(token);
+        if (!job) throw new Error('getNextJob found no job');
+        await job.moveToCompleted('ok', token, false);
+      }
+    });
+    await worker.close();
+    return rate;
+  }),
 
-const out = {
-  enqueue_1: await enqueueOne(),
-  enqueue_many: await enqueueMany(),
-  enqueue_batches: await enqueueBatches(),
-  dequeue_complete_1: await dequeueCompleteOne(),
-  worker: await workerConcurrent(),
-  memory: await memoryPerJob(),
+  // Each completion fetches the next job in the same call, as BullMQ's own Worker does; the
+  // first job is taken before the clock starts.
+  complete_next_1: (n) => onFreshQueue(async (q) => {
+    await prefill(q, n + 1);
+    const worker = new Worker(q.name, null, { connection, autorun: false });
+    const token = 'bench-token';
+    let job = await worker.getNextJob(token);
+    const rate = await timed(n, async () => {
+      for (let i = 0; i < n; i++) {
+        const next = await job.moveToCompleted('ok', token, true);
+        if (!Array.isArray(next) || !next[0]) throw new Error('moveToCompleted fetched no job');
+        job = await worker.nextJobFromJobData(next[0], next[1], token);
+      }
+    });
+    await worker.close();
+    return rate;
+  }),
+
+  worker: (n) => onFreshQueue(async (q) => {
+    await prefill(q, n);
+    let done = 0;
+    let finish;
+    let worker;
+    const finished = new Promise((resolve) => { finish = resolve; });
+    const rate = await timed(n, async () => {
+      worker = new Worker(q.name, async () => {}, { connection, concurrency: IN_FLIGHT });
+      worker.on('completed', () => {
+        done += 1;
+        if (done === n) finish();
+      });
+      await finished;
+    });
+    await worker.close();
+    return rate;
+  }),
+
+  memory: (n) => onFreshQueue(async (q) => {
+    const used = async () => Number(/used_memory:(\d+)/.exec(await connection.info('memory'))[1]);
+    const before = await used();
+    await prefill(q, n);
+    const after = await used();
+    return { bytes_per_job: (after - before) / n };
+  }),
 };
+
+for await (const line of createInterface({ input: process.stdin })) {
+  const { row, n } = JSON.parse(line);
+  const run = rows[row];
+  if (!run) throw new Error(`unknown row ${row}`);
+  process.stdout.write(JSON.stringify(await run(n)) + '\n');
+}
 await connection.quit();
-process.stdout.write(JSON.stringify(out) + '\n');

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from sidecar.errors import SidecarError
 from sidecar.models import (
     EnqueueOutcome,
     HealthReport,
@@ -59,6 +62,12 @@ class QueueRepository(Protocol):
         """Mark a leased request completed (repeating it with the same lease is harmless)."""
         ...
 
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """complete, and dequeue up to max_items, in one call: see complete_then_lease."""
+        ...
+
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
     ) -> QueuedRequest:
@@ -83,6 +92,44 @@ class QueueRepository(Protocol):
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a request may have become available, or after timeout seconds."""
+
+
+@dataclass(slots=True)
+class CompleteNextOutcome:
+    """What complete_next did: the completed record or the settle's error, and the new leases."""
+
+    completed: QueuedRequest | None
+    error: SidecarError | None
+    leased: list[QueuedRequest]
+
+
+async def complete_then_lease(
+    store: QueueRepository,
+    queue_id: str,
+    lease_id: str,
+    max_items: int,
+    lease_s: float,
+    max_bytes: int | None,
+) -> CompleteNextOutcome:
+    """The store's complete, then its dequeue, run as two tasks of one loop pass: the settle
+    starts first (so it is applied before the leasing), and on Redis both scripts go out
+    together, one round trip. The leases stand whether or not the settle succeeds: its
+    SidecarError (lease lost, not found, Redis away for a request held there) is returned beside
+    them, not raised, so a worker's free slots are filled either way (protocol.md 8.12). An
+    error of the dequeue, or any other error of the settle, is raised once both have ended.
+    """
+    settled, leased = await asyncio.gather(
+        store.complete(queue_id, lease_id),
+        store.dequeue(max_items, lease_s, max_bytes),
+        return_exceptions=True,
+    )
+    if isinstance(leased, BaseException):
+        raise leased
+    if isinstance(settled, SidecarError):
+        return CompleteNextOutcome(None, settled, leased)
+    if isinstance(settled, BaseException):
+        raise settled
+    return CompleteNextOutcome(settled, None, leased)
 
 
 # The manager the server talks to has the same shape as a store; ResilientQueue implements it

@@ -16,13 +16,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import structlog
 
 from sidecar.config import Settings
-from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, NotFound, SidecarError
+from sidecar.errors import BackendUnavailable
 from sidecar.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -33,7 +33,12 @@ from sidecar.models import (
     QueueStats,
     QueueStatus,
 )
-from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
+from sidecar.queue.base import (
+    JOB_FIXED_BYTES,
+    CompleteNextOutcome,
+    complete_then_lease,
+    new_lease_id,
+)
 from sidecar.queue.hooks import (
     FAILED_CANCELLED,
     FAILED_EXHAUSTED,
@@ -55,17 +60,22 @@ from sidecar.queue.redis_io import (
 )
 from sidecar.queue.redis_keys import (
     PRIORITY_SHIFT,
+    SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
+    SweepCounts,
     bounded_time,
     decode_number,
     decode_record,
     lease_end,
+    settled_record,
 )
 from sidecar.queue.redis_wire import Arg
 
 __all__ = [
+    "SCRIPT_ERRORS",
     "RedisQueue",
+    "SweepCounts",
     "build_redis_queue",
     "open_redis_queue",
     "redis_client",
@@ -78,29 +88,8 @@ log = structlog.get_logger(__name__)
 Clock = Callable[[], float]
 
 
-# The one table from script return codes to errors; messages are formatted with the call's
-# queue_id, lease_id, op, the status the script reported and the status the op needs.
-SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
-    ScriptCode.NOT_FOUND: (NotFound, "no request {queue_id}"),
-    ScriptCode.INVALID_STATE: (InvalidState, "request {queue_id} is {status}; {op} needs {needs}"),
-    ScriptCode.LEASE_MISMATCH: (
-        LeaseMismatch,
-        "lease {lease_id} is not the current lease of {queue_id}",
-    ),
-}
-
-
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.
 _POLICY_WARNING = "redis maxmemory-policy"
-
-
-class SweepCounts(NamedTuple):
-    """What one sweep step moved."""
-
-    expired: int
-    requeued: int
-    failed: int
-    purged: int
 
 
 class RedisQueue:
@@ -297,14 +286,21 @@ class RedisQueue:
         now = self._clock()
         until = lease_end(now, lease_s)
         reply = await self._call("extend", now, queue_id, lease_id, until, keys=self._req(queue_id))
-        return self._settled(reply, "extend", queue_id, lease_id)
+        return settled_record(reply, "extend", queue_id, lease_id)
 
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
         reply = await self._call(
             "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
         )
-        return self._settled(reply, "complete", queue_id, lease_id)
+        [result] = reply[1]  # complete.lua takes a batch; concurrent calls share a run
+        return settled_record(result, "complete", queue_id, lease_id)
+
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
+        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
@@ -318,7 +314,7 @@ class RedisQueue:
         not_before = bounded_time(now + delay_s, "not_before") if delay_s > 0 else 0.0
         args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
         reply = await self._call("fail", now, *args, keys=self._req(queue_id))
-        rec = self._settled(reply, "fail", queue_id, lease_id)
+        rec = settled_record(reply, "fail", queue_id, lease_id)
         if rec.status is QueueStatus.QUEUED:
             self._hooks.retried(self.name, RETRY_WORKER, 1)
             if not delay_s:
@@ -332,7 +328,7 @@ class RedisQueue:
         # A fresh token per call: the same call resent answers its result, a new one does not.
         token = uuid.uuid4().hex
         reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
-        rec = self._settled(reply, "cancel", queue_id, None)
+        rec = settled_record(reply, "cancel", queue_id, None)
         self._hooks.failed(self.name, FAILED_CANCELLED, 1)
         return rec
 
@@ -478,24 +474,6 @@ class RedisQueue:
             self._hooks.retried(self.name, RETRY_LEASE_EXPIRED, counts.requeued)
         if counts.failed:
             self._hooks.failed(self.name, FAILED_EXHAUSTED, counts.failed)
-
-    def _settled(
-        self, reply: list[Any], op: str, queue_id: str, lease_id: str | None
-    ) -> QueuedRequest:
-        """The record of an OK reply, or the error its code maps to in SCRIPT_ERRORS."""
-        code = reply[0]
-        if code == ScriptCode.OK:
-            return decode_record(reply[1])
-        cls, template = SCRIPT_ERRORS[code]
-        status = reply[1].decode() if len(reply) > 1 else None
-        needs = "a queued request" if op == "cancel" else "a processing request"
-        message = template.format(
-            queue_id=queue_id, lease_id=lease_id, op=op, status=status, needs=needs
-        )
-        details: dict[str, Any] = {"queue_id": queue_id}
-        if status is not None:
-            details["status"] = status
-        raise cls(message, details)
 
     def _notify_work(self) -> None:
         # Waking every waiter and starting a fresh event means no waiter can miss a notice.

@@ -216,19 +216,25 @@ class ScriptRunner:
                 call.future.set_result(reply)
 
     async def _folded(self, batch: list[_Call]) -> list[Any]:
-        """The batch's replies, in order, with concurrent enqueues folded into shared runs.
+        """The batch's replies, in order, with concurrent enqueues (and completes) folded into
+        shared runs, one script's calls in each.
 
-        enqueue.lua takes a batch, and one run of n requests costs Redis much less than n
-        runs of one. A script error that is not an outage (a bad argument: raised before any
-        write) fails a whole run, so a failed folded run is retried call by call, and only
-        the call at fault gets the error.
+        enqueue.lua and complete.lua take a batch, and one run of n requests costs Redis much
+        less than n runs of one. A script error that is not an outage (a bad argument: raised
+        before any write) fails a whole run, so a failed folded run is retried call by call,
+        and only the call at fault gets the error.
         """
-        singles = [i for i, call in enumerate(batch) if call.script == FOLDED_SCRIPT]
-        if len(singles) < 2:
+        by_script: dict[str, list[int]] = {}
+        for i, call in enumerate(batch):
+            if call.script in FOLDED_SCRIPTS:
+                by_script.setdefault(call.script, []).append(i)
+        folding = [ids for ids in by_script.values() if len(ids) > 1]
+        if not folding:
             return await self._pipeline(batch)
+        singles = [i for ids in folding for i in ids]
         chosen = set(singles)
         others = [call for i, call in enumerate(batch) if i not in chosen]
-        groups = _fold_groups([batch[i] for i in singles])
+        groups = [g for ids in folding for g in _fold_groups([batch[i] for i in ids])]
         runs = [_fold(group, batch[0].future.get_loop()) for group in groups]
         replies = await self._pipeline(others + runs)
         parts: list[Any] = []
@@ -238,8 +244,8 @@ class ScriptRunner:
             else:
                 parts += _unfold(reply, group)
         merged = iter(replies[: len(others)])
-        folded = iter(parts)
-        return [next(folded) if i in chosen else next(merged) for i in range(len(batch))]
+        by_index = dict(zip(singles, parts, strict=True))
+        return [by_index[i] if i in chosen else next(merged) for i in range(len(batch))]
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         replies = await self._send(batch)
@@ -342,18 +348,25 @@ class ScriptRunner:
                 raise short
 
 
-# The script whose concurrent single calls fold into one run (it takes a batch), and the most
+# The scripts whose concurrent calls fold into one run (each takes a batch), and the most
 # requests one folded run carries, so no run holds Redis much longer than a client's batch.
-FOLDED_SCRIPT = "enqueue"
+# Per script: where its ARGV holds the count of requests (None: it is (#ARGV - 2) / 2, one
+# pair per request), and how many ARGV values each request takes.
+FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 7), "complete": (None, 2)}
 FOLD_MAX_ITEMS = 256
 
 
+def _items_of(call: _Call) -> int:
+    count_at, per_item = FOLDED_SCRIPTS[call.script]
+    return int(call.args[count_at]) if count_at is not None else (len(call.args) - 2) // per_item
+
+
 def _fold_groups(calls: list[_Call]) -> list[list[_Call]]:
-    """Consecutive enqueue calls, cut so no group passes FOLD_MAX_ITEMS requests."""
+    """Consecutive calls of one script, cut so no group passes FOLD_MAX_ITEMS requests."""
     groups: list[list[_Call]] = [[]]
     items = 0
     for call in calls:
-        n = int(call.args[2])
+        n = _items_of(call)
         if groups[-1] and items + n > FOLD_MAX_ITEMS:
             groups.append([])
             items = 0
@@ -363,23 +376,23 @@ def _fold_groups(calls: list[_Call]) -> list[list[_Call]]:
 
 
 def _fold(calls: list[_Call], loop: asyncio.AbstractEventLoop) -> _Call:
-    """One enqueue run for several calls: ARGV 1-2 (the latest now), n, then each call's items.
-
-    KEYS are the fixed ones, then each call's request hashes in the same order (enqueue.lua).
-    """
+    """One run for several calls of one script: ARGV 1-2 (the latest now), the count where the
+    script has one, then each call's items; KEYS the fixed ones, then each call's hashes."""
     if len(calls) == 1:
         return calls[0]
     first = calls[0]
-    fixed = first.keys[: len(first.keys) - int(first.args[2])]
+    count_at, _ = FOLDED_SCRIPTS[first.script]
+    head = 2 if count_at is None else count_at + 1
+    fixed = first.keys[: len(first.keys) - _items_of(first)]
     keys: list[str] = list(fixed)
     items: list[Arg] = []
     for call in calls:
         keys += call.keys[len(fixed) :]
-        items += call.args[3:]
+        items += call.args[head:]
     now = max(float(call.args[0]) for call in calls)
-    n = sum(int(call.args[2]) for call in calls)
-    args = (now, first.args[1], n, *items)
-    return _Call(FOLDED_SCRIPT, tuple(keys), args, loop.create_future())
+    count = () if count_at is None else (sum(_items_of(call) for call in calls),)
+    args = (now, first.args[1], *count, *items)
+    return _Call(first.script, tuple(keys), args, loop.create_future())
 
 
 def _unfold(reply: Any, calls: list[_Call]) -> list[Any]:
@@ -390,7 +403,7 @@ def _unfold(reply: Any, calls: list[_Call]) -> list[Any]:
     out: list[Any] = []
     start = 0
     for call in calls:
-        end = start + int(call.args[2])
+        end = start + _items_of(call)
         out.append([code, items[start:end]])
         start = end
     return out

@@ -45,7 +45,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any, NamedTuple
 
+from sidecar.errors import InvalidState, LeaseMismatch, NotFound, SidecarError
 from sidecar.models import QueuedRequest, QueueStatus
 
 # seq gets the low 48 bits of the pending score and priority (0-9) the bits above: the largest
@@ -148,6 +150,15 @@ SCRIPT_NAMES = (
 )  # fmt: skip
 
 
+class SweepCounts(NamedTuple):
+    """What one sweep step moved."""
+
+    expired: int
+    requeued: int
+    failed: int
+    purged: int
+
+
 class ScriptCode(enum.IntEnum):
     """The first element of every script reply (mirrors lua/common.lua)."""
 
@@ -155,6 +166,35 @@ class ScriptCode(enum.IntEnum):
     NOT_FOUND = -1
     INVALID_STATE = -2
     LEASE_MISMATCH = -3
+
+
+# The one table from script return codes to errors; messages are formatted with the call's
+# queue_id, lease_id, op, the status the script reported and the status the op needs.
+SCRIPT_ERRORS: dict[int, tuple[type[SidecarError], str]] = {
+    ScriptCode.NOT_FOUND: (NotFound, "no request {queue_id}"),
+    ScriptCode.INVALID_STATE: (InvalidState, "request {queue_id} is {status}; {op} needs {needs}"),
+    ScriptCode.LEASE_MISMATCH: (
+        LeaseMismatch,
+        "lease {lease_id} is not the current lease of {queue_id}",
+    ),
+}
+
+
+def settled_record(reply: list[Any], op: str, queue_id: str, lease_id: str | None) -> QueuedRequest:
+    """The record of an OK reply, or the error its code maps to in SCRIPT_ERRORS."""
+    code = reply[0]
+    if code == ScriptCode.OK:
+        return decode_record(reply[1])
+    cls, template = SCRIPT_ERRORS[code]
+    status = reply[1].decode() if len(reply) > 1 else None
+    needs = "a queued request" if op == "cancel" else "a processing request"
+    message = template.format(
+        queue_id=queue_id, lease_id=lease_id, op=op, status=status, needs=needs
+    )
+    details: dict[str, Any] = {"queue_id": queue_id}
+    if status is not None:
+        details["status"] = status
+    raise cls(message, details)
 
 
 def _script_sources() -> dict[str, str]:

@@ -28,6 +28,7 @@ import structlog
 
 from sidecar.errors import BackendUnavailable
 from sidecar.models import EnqueueOutcome, HealthReport, QueuedRequest, QueueStats
+from sidecar.queue.base import CompleteNextOutcome, complete_then_lease
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.redis import RedisQueue
 
@@ -241,6 +242,12 @@ class ResilientQueue:
         if self.local.holds(queue_id):
             return await self.local.complete(queue_id, lease_id)
         return await self._on_redis(lambda: self.redis.complete(queue_id, lease_id), queue_id)
+
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
+        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0

@@ -28,7 +28,12 @@ from sidecar.models import (
     QueueStats,
     QueueStatus,
 )
-from sidecar.queue.base import job_bytes, new_lease_id
+from sidecar.queue.base import (
+    CompleteNextOutcome,
+    complete_then_lease,
+    job_bytes,
+    new_lease_id,
+)
 from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local.journal import Journal
 from sidecar.queue.local.observe import transition_observer
@@ -199,6 +204,12 @@ class LocalQueue:
         rec = self._leased(queue_id, lease_id)
         self._state.finish(rec, now, QueueStatus.COMPLETED, None)
         return await self._done(rec)
+
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
+        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0

@@ -1,17 +1,33 @@
--- complete.lua: mark a leased request completed; repeating it with the same lease (a client's
--- retry, or a resent pipeline) returns the record as it is, even when its hash is gone.
--- KEYS: the nine of common.lua; 10 the request's hash.
--- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id.
--- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
-local token = 'complete:' .. arg_text(4, 'lease_id')
-local r = load_live(ARGV[3], KEYS[NKEYS + 1])
--- Records written before settled_by existed are recognised by their kept lease_id.
-if repeated(r, token) or (r and r.status == 'completed' and r.lease_id == ARGV[4]) then
+-- complete.lua: mark leased requests completed, each on its own (concurrent completes of one
+-- loop pass share a run); repeating one with the same lease (a client's retry, or a resent
+-- pipeline) returns the record as it is, even when its hash is gone.
+-- KEYS: the nine of common.lua; then each request's hash, in the order of ARGV's pairs.
+-- ARGV: 1-2 as in common.lua; then queue_id, lease_id per request (n = (#ARGV - 2) / 2).
+-- Returns: {0, results}, one per request: {0, record}; {-1} not found; {-2, status} not
+--   processing; {-3} lease mismatch. One request's refusal never affects another's result.
+local function complete_one(i)
+  local at = 2 + 2 * i
+  local id, lease = arg_text(at - 1, 'queue_id'), arg_text(at, 'lease_id')
+  local token = 'complete:' .. lease
+  local r = load_live(id, KEYS[NKEYS + i])
+  -- Records written before settled_by existed are recognised by their kept lease_id.
+  if repeated(r, token) or (r and r.status == 'completed' and r.lease_id == lease) then
+    return {OK, record(r)}
+  end
+  local err = check_leased(r, lease)
+  if err then
+    return err
+  end
+  to_terminal(r, 'completed', false, token)
   return {OK, record(r)}
 end
-local err = check_leased(r, ARGV[4])
-if err then
-  return err
+
+local n = (#ARGV - 2) / 2
+if n < 1 or n ~= math.floor(n) or #KEYS ~= NKEYS + n then
+  fail_arg(3, 'queue_id, lease_id pairs, one hash key each')
 end
-to_terminal(r, 'completed', false, token)
-return {OK, record(r)}
+local out = {}
+for i = 1, n do
+  out[i] = complete_one(i)
+end
+return {OK, out}
