@@ -51,7 +51,6 @@ from sidecar.queue.hooks import (
 from sidecar.queue.redis_io import (
     Client,
     ScriptRunner,
-    as_text,
     check_one_slot,
     redis_client,
     redis_errors,
@@ -70,6 +69,7 @@ from sidecar.queue.redis_keys import (
     lease_end,
     settled_record,
 )
+from sidecar.queue.redis_watch import RedisWatch
 from sidecar.queue.redis_wire import Arg
 
 __all__ = [
@@ -86,10 +86,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
-
-
-# Every eviction-policy warning starts with this, so a re-check can replace the last one.
-_POLICY_WARNING = "redis maxmemory-policy"
 
 
 class RedisQueue:
@@ -117,9 +113,13 @@ class RedisQueue:
         self._hooks = hooks
         check_one_slot(self.keys)
         self.retention_s = retention_s
-        self.warnings: list[str] = []
-        self.generation: str | None = None
         self._redis = client
+        self._watch = RedisWatch(
+            client, self.keys.generation, log.bind(redis=url_for_logs, prefix=prefix),
+            check_policy=check_eviction_policy,
+        )  # fmt: skip
+        # Operator-facing notes (health, stats), kept by the watch.
+        self.warnings = self._watch.warnings
         self._runner = ScriptRunner(
             client,
             log.bind(redis=url_for_logs, prefix=prefix),
@@ -131,9 +131,6 @@ class RedisQueue:
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
         self._poll_interval_s = poll_interval_s
-        self._check_policy = check_eviction_policy
-        self._policy: str | None = None
-        self._policy_seen = False
         self._script_keys = self.keys.script_keys()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -154,9 +151,7 @@ class RedisQueue:
             return
         with redis_errors():
             await self._runner.load_scripts()
-            if self._check_policy:
-                await self._check_eviction_policy()
-            self.generation = await self._mark_generation()
+            await self._watch.start()
         self._started = True
         if self._sweep_interval_s is not None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
@@ -184,43 +179,6 @@ class RedisQueue:
     def script_loads(self) -> int:
         """SCRIPT LOAD rounds so far (one at start, one per NOSCRIPT recovery)."""
         return self._runner.script_loads
-
-    async def _check_eviction_policy(self) -> None:
-        """Read maxmemory-policy; warn (health, stats, log) while it is not noeviction.
-
-        Run at start and again at every generation check: an operator (or a managed Redis)
-        can change the policy while the daemon runs.
-        """
-        # A queue must never lose what it acknowledged; any policy but noeviction lets Redis
-        # drop request hashes under memory pressure.
-        info = await self._redis.info("memory")
-        policy = info.get("maxmemory_policy")
-        policy = None if policy is None else str(policy)
-        if self._policy_seen and policy == self._policy:
-            return
-        previous, self._policy, self._policy_seen = self._policy, policy, True
-        self.warnings[:] = [w for w in self.warnings if not w.startswith(_POLICY_WARNING)]
-        if policy == "noeviction":
-            if previous is not None:
-                self._log.info(
-                    "redis_eviction_policy_safe", maxmemory_policy=policy, previous=previous
-                )
-            return
-        self.warnings.append(
-            f"{_POLICY_WARNING} is {policy or 'unknown'}, not noeviction: "
-            "Redis may evict queued requests under memory pressure"
-        )
-        self._log.warning(
-            "redis_eviction_policy_unsafe", maxmemory_policy=policy, previous=previous
-        )
-
-    async def _mark_generation(self) -> str:
-        # Written once per data set; if it ever reads back different or missing, this Redis
-        # lost its data (restarted empty), which the failover manager needs to know.
-        token = uuid.uuid4().hex
-        await self._redis.set(self.keys.generation, token, nx=True)
-        value = await self._redis.get(self.keys.generation)
-        return token if value is None else as_text(value)
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -432,26 +390,14 @@ class RedisQueue:
         await self._runner.probe(self.keys.probe)
 
     async def check_generation(self) -> str | None:
-        """Why this Redis lost its data since we last looked (its marker changed), or None.
-
-        A Redis that restarted empty (or was flushed) has no marker: a new one is written, so
-        the next check compares against the new data set. The failover manager calls this
-        every watch interval, so it also re-reads the eviction policy: a change shows in
-        `warnings` (health, stats) and in the log.
-        """
+        """Why this Redis lost its data since we last looked, or None (see RedisWatch)."""
         with redis_errors():
-            if self._check_policy:
-                await self._check_eviction_policy()
-            value = await self._redis.get(self.keys.generation)
-            seen = self.generation
-            if value is not None and as_text(value) == seen:
-                return None
-            self.generation = await self._mark_generation()
-        if seen is None:
-            return None  # never connected before: nothing to compare with
-        why = "generation marker missing" if value is None else "generation marker changed"
-        self._log.error("redis_data_lost", reason=why, generation=self.generation)
-        return why
+            return await self._watch.check_generation()
+
+    @property
+    def generation(self) -> str | None:
+        """The marker of the data set this store last saw (None before start)."""
+        return self._watch.generation
 
     async def queued_by_priority(self) -> dict[int, int]:
         """Requests waiting in line (not delayed) per priority: one ZCOUNT per band."""
