@@ -3,8 +3,13 @@
 Decoding happens in data_received (it never awaits), which also starts each request's op at once:
 the requests of one connection run concurrently, so one shared client gets the throughput of
 many connections (and the stores can fold the calls of one loop pass). Each connection keeps an
-ordered queue of reply slots; its one writer task sends every ready prefix of replies in one
-write, so replies leave in request order. Only broken framing closes a connection.
+ordered queue of reply slots; every ready prefix of replies leaves in one write, so replies leave
+in request order. Only broken framing closes a connection.
+
+With the local store alone the ops run eagerly: an op's first step runs inside the read, and
+the replies of the ops that finished in it are written before data_received returns; an op
+that suspends goes on in a task, and the connection's writer task sends its reply when made.
+Other stores (Redis) enter asyncio.timeout, which needs a task, so each op gets one.
 """
 
 from __future__ import annotations
