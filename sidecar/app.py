@@ -163,17 +163,30 @@ def build_server(
     *,
     observer: Observer | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] = no_metrics,
+    eager_ops: bool | None = None,
 ) -> SidecarServer:
     """The server and its ops, sharing the state this function owns: the stopping event (the
     server's drain sets it, the ops' long polls end on it) and the open-connection count (the
-    server keeps it, health reports it)."""
+    server keeps it, health reports it).
+
+    eager_ops (default: the queue is the local store alone): the ops run their first step
+    inside the server's read, without a task; only stores that never enter asyncio.timeout
+    (which needs a task) may. The Redis path does.
+    """
+    if eager_ops is None:
+        eager_ops = isinstance(queue, LocalQueue)
     stopping = asyncio.Event()
     count = ConnectionCount()
     ops = Ops(
         settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics
     )
     return SidecarServer(
-        settings, ops, stopping=stopping, count=count, observer=observer or NullObserver()
+        settings,
+        ops,
+        stopping=stopping,
+        count=count,
+        observer=observer or NullObserver(),
+        eager_ops=eager_ops,
     )
 
 

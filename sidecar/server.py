@@ -3,8 +3,13 @@
 Decoding happens in data_received (it never awaits), which also starts each request's op at once:
 the requests of one connection run concurrently, so one shared client gets the throughput of
 many connections (and the stores can fold the calls of one loop pass). Each connection keeps an
-ordered queue of reply slots; its one writer task sends every ready prefix of replies in one
-write, so replies leave in request order. Only broken framing closes a connection.
+ordered queue of reply slots; every ready prefix of replies leaves in one write, so replies leave
+in request order. Only broken framing closes a connection.
+
+With the local store alone the ops run eagerly: an op's first step runs inside the read, and
+the replies of the ops that finished in it are written before data_received returns; an op
+that suspends goes on in a task, and the connection's writer task sends its reply when made.
+Other stores (Redis) enter asyncio.timeout, which needs a task, so each op gets one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import os
 import socket
 import stat
 import struct
+import types
 from collections import deque
+from collections.abc import Coroutine, Generator
 from pathlib import Path
 from time import perf_counter
 from typing import cast
@@ -89,6 +96,12 @@ def _frame(message: object) -> bytearray:
     buf = bytearray()
     append_frame(buf, message)
     return buf
+
+
+@types.coroutine
+def _pass_up(waiting: object) -> Generator[object, None, None]:
+    """Yield one value to the task that awaits this, as a coroutine it runs would."""
+    yield waiting
 
 
 class _Fatal:
@@ -176,7 +189,7 @@ class Connection(asyncio.Protocol):
             self._fail(self.reader.error)
         self._account()
         self._update_reading()
-        self.wakeup.set()
+        self._write_now()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -235,10 +248,53 @@ class Connection(asyncio.Protocol):
         slot = _Slot(len(body))
         self.inbox.append(slot)
         self.inbox_bytes += slot.size
-        # A task per request: ops reach the stores through asyncio.timeout, which needs a task.
-        task = self.server.loop.create_task(self._serve(slot, req, perf_counter()))
+        op = self._serve(slot, req, perf_counter())
+        if not self.server.eager_ops:
+            # Ops that may enter asyncio.timeout (the Redis path) need a task from their start.
+            self._track(self.server.loop.create_task(self._in_task(op)), op)
+            return
+        # Eager: the op's first step runs here. An op of the local store finishes in it (its
+        # reply is ready before this read's replies are written, and no task is made); one that
+        # suspends (the journal's fsync, a long poll) goes on in a task of its own.
+        try:
+            waiting = op.send(None)
+        except StopIteration:
+            return
+        self._track(self.server.loop.create_task(self._resume(op, waiting)), op)
+
+    def _track(self, task: asyncio.Task[None], op: Coroutine[object, None, None]) -> None:
         self.running.add(task)
         task.add_done_callback(self.running.discard)
+        # Cancelled before its first step, the task never runs op: close op, so it is neither
+        # left suspended for the garbage collector nor reported as never awaited.
+        task.add_done_callback(lambda _: op.close())
+
+    async def _in_task(self, op: Coroutine[object, None, None]) -> None:
+        try:
+            await op
+        finally:
+            self.wakeup.set()
+
+    async def _resume(self, op: Coroutine[object, None, None], waiting: object) -> None:
+        """Run op, suspended in its eager first step, to its end in this task.
+
+        A trampoline: whatever op yields (the future it waits on, or None for one loop pass)
+        is yielded up to this task, which waits on it as it would for op itself; then op is
+        resumed and reads the future's outcome itself. What the task throws in (its
+        cancellation) is thrown into op, so op is cancelled as its own task would be.
+        """
+        try:
+            while True:
+                try:
+                    await _pass_up(waiting)
+                except BaseException as exc:  # thrown into this task: op's to handle
+                    waiting = op.throw(exc)
+                else:
+                    waiting = op.send(None)
+        except StopIteration:
+            pass
+        finally:
+            self.wakeup.set()
 
     async def _serve(self, slot: _Slot, req: AnyRequest, started: float) -> None:
         reply: OkReply | ErrorReply
@@ -265,7 +321,6 @@ class Connection(asyncio.Protocol):
             slot.size = len(frame)
             self._account()
             self._update_reading()
-        self.wakeup.set()
 
     async def _run(self) -> None:
         """The writer: every ready prefix of replies, in request order, in one write."""
@@ -273,34 +328,61 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         try:
             while True:
+                self._take_ready()
                 head = self.inbox[0] if self.inbox else None
                 if isinstance(head, _Fatal):
                     append_frame(self.out, error_reply(None, head.error))
                     break
-                if head is None or head.frame is None:
-                    if head is None and self.eof:
-                        break
-                    if head is None and self.server.draining:
-                        await self._linger()  # everything read is answered: end cleanly
-                        break
-                    # Replies already made never wait behind a slow op (a long poll included).
-                    self._flush()
-                    self.wakeup.clear()
-                    await self.wakeup.wait()
-                    continue
-                self.out += head.frame
-                # Popped only once written: its bytes count against the bounds until then.
-                self.inbox.popleft()
-                self.inbox_bytes -= head.size
-                self._account()
-                self._update_reading()
+                if head is None and self.eof:
+                    break
+                if head is None and self.server.draining:
+                    await self._linger()  # everything read is answered: end cleanly
+                    break
+                # Replies already made never wait behind a slow op (a long poll included).
+                self._flush()
                 if not self.writable.is_set():
-                    self._flush()
                     await self.writable.wait()
+                    continue
+                self.wakeup.clear()
+                await self.wakeup.wait()
             self._flush()
         finally:
             transport.close()
             await self._stop_ops()
+
+    def _take_ready(self) -> None:
+        """Move the ready prefix of replies to the output buffer, in request order."""
+        inbox = self.inbox
+        taken = 0
+        while inbox:
+            head = inbox[0]
+            if isinstance(head, _Fatal) or head.frame is None:
+                break
+            self.out += head.frame
+            # Popped only once in the output: its bytes count against the bounds until then.
+            inbox.popleft()
+            self.inbox_bytes -= head.size
+            taken += 1
+        if taken:
+            self._account()
+            self._update_reading()
+
+    def _write_now(self) -> None:
+        """After a read: write the replies its eager ops made; wake the writer only if needed.
+
+        The writer sleeps while the reply at the head of the line is not made yet; it has work
+        only when that reply is made, a framing error waits to be sent, or (draining) nothing
+        is left to answer.
+        """
+        if self.writable.is_set():
+            self._take_ready()
+            self._flush()
+        head = self.inbox[0] if self.inbox else None
+        if head is None and not self.server.draining:
+            return
+        if isinstance(head, _Slot) and head.frame is None:
+            return
+        self.wakeup.set()
 
     async def _stop_ops(self) -> None:
         """The connection ended: cancel the ops still running and wait until they have ended."""
@@ -443,10 +525,16 @@ class SidecarServer:
         stopping: asyncio.Event,
         count: ConnectionCount,
         observer: Observer | None = None,
+        eager_ops: bool = False,
     ) -> None:
-        """stopping (set by drain), count and observer are shared with the ops by app.py."""
+        """stopping (set by drain), count and observer are shared with the ops by app.py.
+
+        eager_ops: the ops never enter asyncio.timeout (the local store alone), so each starts
+        inside the read that brought it and needs a task only if it suspends.
+        """
         self.settings = settings
         self.ops = ops
+        self.eager_ops = eager_ops
         self.stopping = stopping
         self.count = count
         self.observer: Observer = observer or NullObserver()

@@ -77,11 +77,12 @@ class GatedStatus:
         return None
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 async def test_one_connections_requests_run_concurrently_replies_in_order(
-    settings: Settings,
+    settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store))
+    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:
@@ -106,11 +107,12 @@ async def test_one_connections_requests_run_concurrently_replies_in_order(
         await server.drain(5.0)
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
-    settings: Settings,
+    settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store))
+    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
     await server.start()
     _, writer = await asyncio.open_unix_connection(settings.socket_path)
     writer.write(encode_frame({"op": "status", "id": 1, "queue_id": "slow"}))
@@ -123,11 +125,12 @@ async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
     writer.close()
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_follow(
-    settings: Settings,
+    settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store))
+    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:
