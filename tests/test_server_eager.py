@@ -14,9 +14,10 @@ import pytest
 
 from sidecar.app import build_local_queue, build_server
 from sidecar.config import Settings
+from sidecar.connection import Connection
 from sidecar.protocol import Enqueue, EnqueueItem, FrameReader, Reply, append_frame
 from sidecar.queue.local import LocalQueue
-from sidecar.server import Connection, SidecarServer
+from sidecar.server import SidecarServer
 from tests.daemon import short_tmpdir
 
 READ = 64  # requests in one read, as a pipelining client sends them
