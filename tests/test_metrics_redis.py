@@ -9,9 +9,18 @@ from collections.abc import Iterator
 import pytest
 
 from sidecar.client import Client
+from sidecar.metrics import Metrics
+from sidecar.models import QueueStatus
+from sidecar.queue.base import new_request
 from tests.daemon import Daemon, daemon_env, short_tmpdir
+from tests.helpers import FakeClock
 from tests.metrics_scrape import Samples, promtool, samples, scrape, value, wait_scrape
-from tests.redis_server import RedisServer
+from tests.redis_server import (
+    QueueFactory,
+    RedisServer,
+    make_queue_fixture,  # noqa: F401
+    redis_server_fixture,  # noqa: F401
+)
 
 SHARED = {"scope": "shared", "store": "redis"}
 
@@ -150,3 +159,23 @@ def test_documented_promql_gives_the_true_totals_over_two_daemons() -> None:
     assert value(books, "sidecar_queue_events_total", event="accepted") == 5
     # Per-host counters: the plain sum over hosts.
     assert value(found, "sidecar_first_lease_wait_seconds_count") == 3
+
+
+async def test_what_a_dequeue_does_on_the_way_is_counted_per_host(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    # No sweeper: the lapsed lease and the elapsed TTL are met only by the next dequeue, which
+    # applies them inline; its reply says so, so this host's counters see them too.
+    m = Metrics(version="test", high_watermark=0.8, low_watermark=0.6)
+    queue = await make_queue(hooks=m)
+    make = [new_request(payload=b"\x80", priority=p, ttl_s=ttl, max_attempts=1, now=clock())
+            for p, ttl in ((0, 60.0), (1, 60.0), (2, 5.0))]  # fmt: skip
+    await queue.enqueue(make)
+    [held] = await queue.dequeue(1, lease_s=10.0)
+    clock.advance(11.0)  # its lease lapses with no attempt left; the third one's TTL ends
+    [second] = await queue.dequeue(3, lease_s=10.0)
+    assert second.queue_id == make[1].queue_id and held.queue_id == make[0].queue_id
+    text = (await m.render()).decode()
+    assert value(text, "sidecar_failures_total", store="redis", reason="attempts_exhausted") == 1
+    assert value(text, "sidecar_expiries_total", store="redis", reason="ttl_elapsed") == 1
+    assert (await queue.status(make[2].queue_id)).status is QueueStatus.EXPIRED  # type: ignore[union-attr]

@@ -234,6 +234,8 @@ class RedisQueue:
             "dequeue", now, until, self._sweep_limit, budget, JOB_FIXED_BYTES, *lease_ids
         )
         out = [decode_record(pairs) for pairs in reply[1]]
+        expired, requeued, failed = (int(n) for n in reply[2])
+        self._count_swept(SweepCounts(expired, requeued, failed, 0))
         for rec in out:
             if rec.attempts == 1:  # its first lease: the wait since enqueue ends here
                 self._hooks.first_leased(self.name, now - rec.created_at)

@@ -7,7 +7,9 @@
 --   (size_bytes + #queue_id + #lease_id + job_fixed) would take the total past it, leaving it
 --   first in line, but always hand out one; 6 job_fixed (bytes); 7.. one fresh lease_id per
 --   request wanted (their count is N).
--- Returns: {0, records}, each record the field/value pairs of a leased request (record()).
+-- Returns: {0, records, {expired, requeued, failed}}: each record the field/value pairs of a
+--   leased request (record()); then what this run did on the way (requests expired, lapsed
+--   leases queued again, lapsed leases failed), for the daemon's per-host counters.
 -- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
 -- run leased, and leases nothing more: every request a run leases carries one of the call's
 -- lease ids and sits in the leases zset at exactly lease_until.
@@ -43,9 +45,10 @@ end
 
 local again = leased_before()
 if #again > 0 then
-  return {OK, again}
+  return {OK, again, {0, 0, 0}} -- the first run counted what it did
 end
-reclaim_leases(limit)
+local lapsed = reclaim_leases(limit)
+local expired = lapsed.expired
 promote_delayed(limit)
 local out = {}
 while #out < want do
@@ -61,6 +64,7 @@ while #out < want do
     redis.call('ZREM', K_EXPIRY, id) -- stale entry: the request moved on
   elseif r.expires_at <= NOW then
     to_expired(r)
+    expired = expired + 1
   elseif bounded and #out > 0
       and (r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed > room then
     redis.call('ZADD', K_PENDING, top[2], id) -- over the budget: first in line again
@@ -78,4 +82,4 @@ while #out < want do
     out[#out + 1] = record(r)
   end
 end
-return {OK, out}
+return {OK, out, {expired, lapsed.requeued, lapsed.failed}}
