@@ -179,3 +179,20 @@ async def test_what_a_dequeue_does_on_the_way_is_counted_per_host(
     assert value(text, "sidecar_failures_total", store="redis", reason="attempts_exhausted") == 1
     assert value(text, "sidecar_expiries_total", store="redis", reason="ttl_elapsed") == 1
     assert (await queue.status(make[2].queue_id)).status is QueueStatus.EXPIRED  # type: ignore[union-attr]
+
+
+async def test_a_repeated_settle_is_counted_once(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    # A client's retry (or a resent pipeline) of the same fail answers the same record; the
+    # change happened once, so the counters move once.
+    m = Metrics(version="test", high_watermark=0.8, low_watermark=0.6)
+    queue = await make_queue(hooks=m)
+    made = [new_request(payload=b"\x80", priority=5, ttl_s=60.0, max_attempts=3, now=clock())
+            for _ in range(2)]  # fmt: skip
+    await queue.enqueue(made)
+    [job] = await queue.dequeue(1, lease_s=10.0)
+    for _ in range(2):
+        await queue.fail(job.queue_id, job.lease_id or "", "busy", retry=True)
+    text = (await m.render()).decode()
+    assert value(text, "sidecar_retries_total", store="redis", reason="worker_retry") == 1

@@ -275,6 +275,8 @@ class RedisQueue:
         args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
         reply = await self._call("fail", now, *args, keys=self._req(queue_id))
         rec = settled_record(reply, "fail", queue_id, lease_id)
+        if len(reply) > 2:  # a repeat of a fail already done: nothing changed, nothing to count
+            return rec
         if rec.status is QueueStatus.QUEUED:
             self._hooks.retried(self.name, RETRY_WORKER, 1)
             if not delay_s:
@@ -289,7 +291,8 @@ class RedisQueue:
         token = uuid.uuid4().hex
         reply = await self._call("cancel", self._clock(), queue_id, token, keys=self._req(queue_id))
         rec = settled_record(reply, "cancel", queue_id, None)
-        self._hooks.failed(self.name, FAILED_CANCELLED, 1)
+        if len(reply) == 2:  # not a resent run's repeat
+            self._hooks.failed(self.name, FAILED_CANCELLED, 1)
         return rec
 
     async def status(self, queue_id: str) -> QueuedRequest | None:

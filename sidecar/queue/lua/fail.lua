@@ -6,7 +6,7 @@
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0");
 --   7 not_before (optional; epoch seconds; with retry, the request is not handed out before it: it waits
 --   in the delayed zset, and dequeue or the sweep moves it back into pending, keeping its seq).
--- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
+-- Returns: {0, record} (a repeat: {0, record, 1}); {-1} not found; {-2, status} not processing; {-3} lease mismatch.
 local token = 'fail:' .. arg_text(4, 'lease_id')
 local reason = arg_text(5, 'reason')
 local retry = arg_text(6, 'retry') == '1'
@@ -17,7 +17,7 @@ if ARGV[7] then
 end
 local r = load_live(ARGV[3], KEYS[NKEYS + 1])
 if repeated(r, token) then
-  return {OK, record(r)}
+  return {OK, record(r), 1} -- 1: a repeat, which changed nothing (not counted again)
 end
 local err = check_leased(r, ARGV[4])
 if err then
