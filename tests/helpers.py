@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 import msgspec
 
 from sidecar.models import PRIORITY_DEFAULT, QueuedRequest
+from sidecar.protocol import FrameReader, Reply
 from sidecar.queue.base import new_request
 
 
@@ -43,3 +45,14 @@ def make_request(
         now=clock(),
         queue_id=queue_id,
     )
+
+
+async def read_replies_async(reader: asyncio.StreamReader, n: int) -> list[Reply]:
+    """The next n replies on a connection, each read bounded; fails if the daemon closes it."""
+    frames = FrameReader(1 << 24)
+    replies: list[Reply] = []
+    while len(replies) < n:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, f"connection closed after {len(replies)} replies"
+        replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+    return replies

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import cast
 
-import msgspec
 import pytest
 
 from sidecar.app import build_local_queue, build_server
@@ -14,9 +13,10 @@ from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import ShuttingDown
 from sidecar.models import QueuedRequest
-from sidecar.protocol import FrameReader, Reply, encode_frame
+from sidecar.protocol import encode_frame
 from sidecar.queue.base import QueueManager
 from tests.daemon import short_tmpdir
+from tests.helpers import read_replies_async
 
 
 @pytest.fixture
@@ -94,12 +94,7 @@ async def test_one_connections_requests_run_concurrently_replies_in_order(
         await asyncio.wait_for(store.fast_started.wait(), 10)
         assert not store.slow_done
         store.gate.set()
-        frames = FrameReader(1 << 20)
-        replies: list[Reply] = []
-        while len(replies) < 2:
-            data = await asyncio.wait_for(reader.read(65536), 10)
-            assert data, "the daemon closed the connection"
-            replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+        replies = await read_replies_async(reader, 2)
         assert [r.id for r in replies] == [1, 2]
         assert [r.error.code if r.error else None for r in replies] == ["not_found"] * 2
     finally:
@@ -138,12 +133,7 @@ async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_f
             encode_frame({"op": "status", "id": 1, "queue_id": "cancelled"})
             + encode_frame({"op": "status", "id": 2, "queue_id": "fast"})
         )
-        frames = FrameReader(1 << 20)
-        replies: list[Reply] = []
-        while len(replies) < 2:
-            data = await asyncio.wait_for(reader.read(65536), 10)
-            assert data, "the daemon closed the connection"
-            replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+        replies = await read_replies_async(reader, 2)
         assert [r.id for r in replies] == [1, 2]
         assert [r.error.code if r.error else None for r in replies] == [
             "internal_error",

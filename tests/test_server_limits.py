@@ -19,6 +19,7 @@ from sidecar.errors import BadFrame
 from sidecar.protocol import FrameReader, Reply, encode_frame
 from sidecar.server import SidecarServer
 from tests.daemon import running_daemon, short_tmpdir
+from tests.helpers import read_replies_async
 
 HALF_FRAME = (100).to_bytes(4, "big") + b"\x82" * 10  # a 100-byte frame, 10 bytes of it sent
 
@@ -175,16 +176,6 @@ async def test_partial_frames_stay_within_the_budget_until_the_frame_timeout_fre
         assert (await c.health()).status == "ok"
 
 
-async def read_replies_async(reader: asyncio.StreamReader, n: int) -> list[Reply]:
-    frames = FrameReader(1 << 24)
-    replies: list[Reply] = []
-    while len(replies) < n:
-        data = await asyncio.wait_for(reader.read(65536), 10)
-        assert data, f"connection closed after {len(replies)} replies"
-        replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
-    return replies
-
-
 async def test_a_full_budget_pauses_new_requests_until_it_drains(
     small_server: SidecarServer,
 ) -> None:
@@ -257,12 +248,7 @@ async def flood_bounded(
 
     async with AsyncClient(server.path) as producer:  # work arrives: the poll answers
         await producer.enqueue("wake up")
-    frames = FrameReader(1 << 24)
-    replies: list[Reply] = []
-    while len(replies) < n + 1:
-        data = await asyncio.wait_for(reader.read(65536), 10)
-        assert data, f"connection closed after {len(replies)} replies"
-        replies += [msgspec.msgpack.decode(b, type=Reply) for b in frames.feed(data)]
+    replies = await read_replies_async(reader, n + 1)
     await sending
     assert [r.id for r in replies] == list(range(n + 1)) and all(r.ok for r in replies)
 
