@@ -58,7 +58,6 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
-    PRIORITY_SHIFT,
     SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
@@ -67,6 +66,7 @@ from sidecar.queue.redis_keys import (
     decode_number,
     decode_record,
     lease_end,
+    pending_score,
     settled_record,
 )
 from sidecar.queue.redis_watch import RedisWatch
@@ -409,8 +409,8 @@ class RedisQueue:
         with redis_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for p in range(PRIORITY_MIN, PRIORITY_MAX + 1):
-                    lo = p * PRIORITY_SHIFT
-                    pipe.zcount(self.keys.pending, lo, f"({lo + PRIORITY_SHIFT}")
+                    lo, hi = pending_score(p, 0), pending_score(p + 1, 0)
+                    pipe.zcount(self.keys.pending, lo, f"({hi}")
                 counts = await pipe.execute()
         return {p: int(n) for p, n in enumerate(counts, PRIORITY_MIN)}
 
