@@ -74,26 +74,26 @@ def wire_spec(client: Any) -> WireSpec | None:
 
 
 def encode_command(parts: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings (floats as repr, like redis-py)."""
-    return b"*%d\r\n" % len(parts) + encode_bulks(parts)
+    """One command in RESP: an array of bulk strings (floats as repr, like redis-py).
+
+    hiredis packs it in C, about twice as fast as the same loop in Python: a folded run of
+    64 enqueues is some 450 arguments.
+    """
+    try:
+        # hiredis's stub declares a tuple of one item; it takes any number.
+        packed: bytes = hiredis.pack_command(tuple(parts))  # type: ignore[arg-type]
+    except TypeError:
+        bad = next(p for p in parts if type(p) not in (str, bytes, int, float))
+        raise TypeError(
+            f"a Redis argument must be str, bytes, int or float, not {bad!r}"
+        ) from None
+    return packed
 
 
 def encode_bulks(parts: Sequence[Arg]) -> bytes:
     """The bulk strings of parts, without the array header (for a command built in pieces)."""
-    out: list[bytes] = []
-    for part in parts:
-        if isinstance(part, bytes):
-            data = part
-        elif isinstance(part, str):
-            data = part.encode()
-        elif isinstance(part, int):
-            data = b"%d" % part
-        elif isinstance(part, float):
-            data = repr(part).encode()
-        else:
-            raise TypeError(f"a Redis argument must be str, bytes, int or float, not {part!r}")
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+    packed = encode_command(parts)
+    return packed[packed.index(b"\r\n") + 2 :]
 
 
 class _ErrorReply(Exception):
