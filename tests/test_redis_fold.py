@@ -162,3 +162,46 @@ async def test_enqueues_and_completes_of_one_pass_fold_by_script(
     assert [r[0].request.queue_id for r in results[3:]] == ["new0", "new1", "new2"]
     stats = await queue.stats()
     assert (stats.completed, stats.queued) == (3, 3)
+
+
+async def test_a_folded_batch_keeps_every_index_and_counter_exact(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    """enqueue, dequeue and complete write a batch's index entries and counters in one call
+    per key (lua/common.lua, many): each entry must still be there with its own score, and
+    what a byte budget leaves must go back where it was."""
+    queue = await make_queue()
+    keys = queue.keys
+    [old] = await queue.enqueue([make_request(clock, queue_id="old", priority=0)])
+    calls = [queue.enqueue([make_request(clock, {"n": i}, priority=i % 3, queue_id=f"q{i}")])
+             for i in range(12)]  # fmt: skip
+    calls.append(queue.enqueue([make_request(clock, queue_id="q3")]))  # a repeat in the fold
+    calls.append(queue.enqueue([make_request(clock, queue_id="old")]))  # stored before
+    results = [r for [r] in await asyncio.gather(*calls)]
+    assert [r.created for r in results] == [True] * 12 + [False, False]
+    stored = [old.request] + [r.request for r in results[:12]]
+    assert len({r.seq for r in stored}) == 13
+    for rec in stored:
+        assert await raw.zscore(keys.pending, rec.queue_id) == rec.priority * 2**48 + rec.seq
+        assert await raw.zscore(keys.expiry, rec.queue_id) == rec.expires_at
+    assert await raw.zcard(keys.pending) == await raw.zcard(keys.expiry) == 13
+    held = sum(len(r.payload or b"") for r in stored)
+    assert await raw.hmget(keys.stats, "accepted", "bytes") == [b"13", str(held).encode()]
+
+    order = sorted(stored, key=lambda r: (r.priority, r.seq))
+    one = len(order[0].payload or b"") + 200
+    got = await queue.dequeue(6, 30.0, max_bytes=2 * one)  # room for two of the six asked
+    assert [r.queue_id for r in got] == [r.queue_id for r in order[:2]]
+    assert await raw.zcard(keys.pending) == 11
+    for rec in order[2:]:  # the four taken off with them went back with their scores
+        assert await raw.zscore(keys.pending, rec.queue_id) == rec.priority * 2**48 + rec.seq
+    assert sorted(await raw.zrange(keys.leases, 0, -1)) == sorted(r.queue_id.encode() for r in got)
+    assert await raw.zcard(keys.expiry) == 11
+
+    done = await asyncio.gather(*(queue.complete(r.queue_id, r.lease_id or "") for r in got))
+    assert [r.status for r in done] == [QueueStatus.COMPLETED] * 2
+    assert await raw.zcard(keys.leases) == 0
+    for rec in done:
+        assert await raw.zscore(keys.retained, rec.queue_id) == rec.updated_at + queue.retention_s
+    left = held - sum(len(r.payload or b"") for r in got)
+    assert await raw.hmget(keys.stats, "completed", "bytes") == [b"2", str(left).encode()]

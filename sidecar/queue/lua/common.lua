@@ -92,6 +92,24 @@ if RETENTION < 0 then
   fail_arg(2, 'retention_s')
 end
 
+-- One ZADD (flat: score, member, score, member, ...) or ZREM (flat: members) for many
+-- members: a redis.call costs Redis about as much as the work of one small write, so a
+-- batch's index updates go in one call (in chunks, within Lua's limit on unpack).
+local CHUNK = 1000
+local function many(cmd, key, flat, step)
+  for i = 1, #flat, CHUNK * step do
+    redis.call(cmd, key, unpack(flat, i, math.min(#flat, i + CHUNK * step - 1)))
+  end
+end
+
+local function zadd_many(key, flat)
+  many('ZADD', key, flat, 2)
+end
+
+local function zrem_many(key, members)
+  many('ZREM', key, members, 1)
+end
+
 -- Relative to Redis's own clock, so a daemon whose clock differs from Redis's never sets an
 -- expiry that Redis already sees as past; `seconds` is positive and clamped, so '%d' is exact.
 local function expire_in(key, seconds)
@@ -157,6 +175,28 @@ local function purge(r)
   redis.call('ZREM', K_RETAINED, r.id)
 end
 
+-- A script that settles many requests in one run (complete.lua) sets DEFER to a fresh table:
+-- to_terminal then leaves each request's index and counter updates in it, and
+-- flush_deferred applies them all in one call per key before the script returns.
+local DEFER = nil
+
+local function defer_start()
+  DEFER = {leases = {}, retained = {}, counts = {}, bytes = 0}
+end
+
+local function flush_deferred()
+  local d = DEFER
+  DEFER = nil
+  zrem_many(K_LEASES, d.leases)
+  zadd_many(K_RETAINED, d.retained)
+  for status, count in pairs(d.counts) do
+    redis.call('HINCRBY', K_STATS, status, count)
+  end
+  if d.bytes ~= 0 then
+    redis.call('HINCRBY', K_STATS, 'bytes', -d.bytes)
+  end
+end
+
 -- settled_by: which op and token ended the request's last lease ('complete:<lease_id>',
 -- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
 local function to_terminal(r, status, reason, settled_by)
@@ -171,6 +211,8 @@ local function to_terminal(r, status, reason, settled_by)
     redis.call('ZREM', K_DELAYED, r.id)
     redis.call('ZREM', K_EXPIRY, r.id)
     gone[#gone + 1] = 'not_before'
+  elseif DEFER then
+    DEFER.leases[#DEFER.leases + 1] = r.id
   else
     redis.call('ZREM', K_LEASES, r.id)
   end
@@ -187,15 +229,25 @@ local function to_terminal(r, status, reason, settled_by)
   redis.call('HDEL', r.key, unpack(gone))
   redis.call('DEL', body_key(r.key))
   redis.call('HSET', r.key, unpack(set))
-  redis.call('HINCRBY', K_STATS, status, 1)
-  redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
+  if DEFER then
+    DEFER.counts[status] = (DEFER.counts[status] or 0) + 1
+    DEFER.bytes = DEFER.bytes + r.size
+  else
+    redis.call('HINCRBY', K_STATS, status, 1)
+    redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
+  end
   r.snapshot = redis.call('HGETALL', r.key)
   r.status = status
   r.purge_at = purge_at
   if purge_at <= NOW then
     purge(r) -- a retention of 0: the reply (the snapshot) is the last time it is seen
   else
-    redis.call('ZADD', K_RETAINED, fmt(purge_at), r.id)
+    if DEFER then
+      DEFER.retained[#DEFER.retained + 1] = fmt(purge_at)
+      DEFER.retained[#DEFER.retained + 1] = r.id
+    else
+      redis.call('ZADD', K_RETAINED, fmt(purge_at), r.id)
+    end
     expire_in(r.key, purge_at - NOW)
   end
 end

@@ -27,7 +27,9 @@ if n < 1 or n ~= math.floor(n) or #KEYS ~= NKEYS + n then
   fail_arg(3, 'queue_id, lease_id pairs, one hash key each')
 end
 local out = {}
+defer_start()
 for i = 1, n do
   out[i] = complete_one(i)
 end
+flush_deferred()
 return {OK, out}

@@ -50,36 +50,49 @@ end
 local lapsed = reclaim_leases(limit)
 local expired = lapsed.expired
 promote_delayed(limit)
-local out = {}
-while #out < want do
-  local top = redis.call('ZPOPMIN', K_PENDING)
+-- The most urgent requests come off pending together; what the byte budget leaves goes back
+-- with its score. Their expiry and lease index entries change in one call each, at the end.
+local out, back, unexpiring, leased = {}, {}, {}, {}
+local full = false
+while #out < want and not full do
+  local top = redis.call('ZPOPMIN', K_PENDING, want - #out)
   if #top == 0 then
     break
   end
-  local id = top[1]
-  local r = load(id)
-  if not r then
-    drop_orphan(id, true)
-  elseif r.status ~= 'queued' then
-    redis.call('ZREM', K_EXPIRY, id) -- stale entry: the request moved on
-  elseif r.expires_at <= NOW then
-    to_expired(r)
-    expired = expired + 1
-  elseif bounded and #out > 0
-      and (r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed > room then
-    redis.call('ZADD', K_PENDING, top[2], id) -- over the budget: first in line again
-    break
-  else
-    if bounded then
-      room = room - ((r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed)
+  for j = 1, #top, 2 do
+    local id, score = top[j], top[j + 1]
+    local r = not full and load(id)
+    if full then
+      back[#back + 1] = score -- behind a request over the budget: first in line again
+      back[#back + 1] = id
+    elseif not r then
+      drop_orphan(id, true)
+    elseif r.status ~= 'queued' then
+      redis.call('ZREM', K_EXPIRY, id) -- stale entry: the request moved on
+    elseif r.expires_at <= NOW then
+      to_expired(r)
+      expired = expired + 1
+    elseif bounded and #out > 0
+        and (r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed > room then
+      full = true
+      back[#back + 1] = score -- over the budget: first in line again
+      back[#back + 1] = id
+    else
+      if bounded then
+        room = room - ((r.size or 0) + #id + #ARGV[FIRST_LEASE + #out] + job_fixed)
+      end
+      unexpiring[#unexpiring + 1] = id
+      redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
+        'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
+      leased[#leased + 1] = lease_until_s
+      leased[#leased + 1] = id
+      -- Leased means it must stay: drop a native TTL that an older version may have set.
+      redis.call('PERSIST', r.key)
+      out[#out + 1] = record(r)
     end
-    redis.call('ZREM', K_EXPIRY, id)
-    redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
-      'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
-    redis.call('ZADD', K_LEASES, lease_until_s, id)
-    -- Leased means it must stay: drop a native TTL that an older version may have set.
-    redis.call('PERSIST', r.key)
-    out[#out + 1] = record(r)
   end
 end
+zadd_many(K_PENDING, back)
+zrem_many(K_EXPIRY, unexpiring)
+zadd_many(K_LEASES, leased)
 return {OK, out, {expired, lapsed.requeued, lapsed.failed}}

@@ -29,27 +29,50 @@ for i = 1, n do
     attempts = arg_int(base + 6, 'attempts', 0, max_attempts),
   }
 end
-local items = {}
+-- Which items are new (a queue_id already stored, or repeated earlier in the batch, is not),
+-- so the whole batch takes its seqs in one INCRBY and its index entries in one ZADD each.
+local items, new, repeats = {}, {}, {}
+local seen = {}
 for i = 1, n do
   local base = 4 + (i - 1) * 7
-  local id, key, c = ARGV[base], KEYS[NKEYS + i], checked[i]
-  local r = load_live(id, key)
+  local id, key = ARGV[base], KEYS[NKEYS + i]
+  local r = redis.call('EXISTS', key) == 1 and load_live(id, key)
   if r then
     items[i] = {0, record(r)}
+  elseif seen[id] then
+    repeats[#repeats + 1] = i -- answered below with the record its first occurrence stores
   else
+    seen[id] = true
+    new[#new + 1] = i
+  end
+end
+if #new > 0 then
+  local seq = redis.call('INCRBY', K_SEQ, #new) - #new
+  local pending, expiry, bytes = {}, {}, 0
+  for _, i in ipairs(new) do
+    local base = 4 + (i - 1) * 7
+    local id, key, c = ARGV[base], KEYS[NKEYS + i], checked[i]
     local payload = ARGV[base + 5]
-    local seq = redis.call('INCR', K_SEQ)
+    seq = seq + 1
     -- No native TTL while pending: the sweep, not Redis, moves it to expired (common.lua).
     redis.call('HSET', key, 'queue_id', id, 'priority', c.priority, 'seq', seq,
       'created_at', c.created_s, 'expires_at', c.expires_s, 'status', 'queued',
       'attempts', c.attempts, 'max_attempts', c.max_attempts, 'updated_at', NOW_S,
       'size_bytes', #payload)
     redis.call('SET', body_key(key), payload)
-    redis.call('ZADD', K_PENDING, string.format('%d', c.priority * SHIFT + seq), id)
-    redis.call('ZADD', K_EXPIRY, c.expires_s, id)
-    redis.call('HINCRBY', K_STATS, 'accepted', 1)
-    redis.call('HINCRBY', K_STATS, 'bytes', #payload)
+    pending[#pending + 1] = string.format('%d', c.priority * SHIFT + seq)
+    pending[#pending + 1] = id
+    expiry[#expiry + 1] = c.expires_s
+    expiry[#expiry + 1] = id
+    bytes = bytes + #payload
     items[i] = {1, seq}
   end
+  zadd_many(K_PENDING, pending)
+  zadd_many(K_EXPIRY, expiry)
+  redis.call('HINCRBY', K_STATS, 'accepted', #new)
+  redis.call('HINCRBY', K_STATS, 'bytes', bytes)
+end
+for _, i in ipairs(repeats) do
+  items[i] = {0, pairs_of(KEYS[NKEYS + i])}
 end
 return {OK, items}
