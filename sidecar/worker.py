@@ -86,8 +86,9 @@ async def run_worker(
 
 
 class _Slots:
-    """How many of the worker's `concurrency` slots are taken: one by each running job, and
-    one by each job that a request in flight (a dequeue, a complete_next) may bring back."""
+    """How many of the worker's `concurrency` slots are taken: one by each job whose handler
+    runs, and one by each job that a request in flight (a dequeue, a complete_next) may bring
+    back. A job's settle does not hold a slot: the next jobs are asked for while it is sent."""
 
     def __init__(self, concurrency: int, max_batch: int) -> None:
         self.limit = concurrency
@@ -112,7 +113,8 @@ class _Slots:
 
 
 class _Jobs:
-    """The running jobs: each holds one slot from its start until its task ends."""
+    """The running jobs: each holds one slot from its start until its handler ends; its task
+    then settles it outside the slot."""
 
     def __init__(
         self,
@@ -139,7 +141,6 @@ class _Jobs:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.running.discard(task)
-        self.slots.give(1)
 
     async def wait_all(self) -> None:
         """Until every job has ended (a job ending may have started others)."""
@@ -148,17 +149,22 @@ class _Jobs:
 
     async def _run(self, job: Job) -> None:
         self.keeper.add(job)
+        failed: tuple[str, bool] | None = None  # (reason, retry) when the handler raised
         try:
             try:
                 await self.handler(job)
             except PermanentFailure as exc:
-                call = self.client.fail(job.queue_id, job.lease_id, f"{exc}", retry=False)
-                await _settle(call, job)
+                failed = (f"{exc}", False)
             except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                await _settle(self.client.fail(job.queue_id, job.lease_id, why, retry=True), job)
-            else:
+                failed = (f"{type(exc).__name__}: {exc}", True)
+            finally:
+                self.slots.give(1)  # the handler's slot, free while its outcome is sent
+            if failed is None:
                 await self._complete(job)
+            else:
+                reason, retry = failed
+                call = self.client.fail(job.queue_id, job.lease_id, reason, retry=retry)
+                await _settle(call, job)
         finally:
             self.keeper.remove(job)
 
@@ -168,17 +174,19 @@ class _Jobs:
         slot free now. Completions that come meanwhile are sent plainly: the daemon folds them
         into one Redis run, and the poller refills their slots in one dequeue, which measured
         faster than a complete_next each (their dequeues do not fold)."""
-        if self.stop.is_set() or self.settling:
+        # Its own slot was given back a moment ago, with no await since: it is free for the
+        # jobs this request brings, unless a dequeue in flight already counts on it.
+        want = 0 if self.stop.is_set() or self.settling else self.slots.take(self.slots.max_batch)
+        if want == 0:
             await _settle(self.client.complete(job.queue_id, job.lease_id), job)
             return
-        extra = self.slots.take(self.slots.max_batch - 1)
         self.settling = True
         try:
             got = await self.client.complete_next(
-                job.queue_id, job.lease_id, 1 + extra, lease_s=self.lease_s
+                job.queue_id, job.lease_id, want, lease_s=self.lease_s
             )
         except SidecarError as exc:
-            self.slots.give(extra)
+            self.slots.give(want)
             log.warning("settle_failed", queue_id=job.queue_id, code=exc.code, error=exc.message)
             return
         finally:
@@ -186,10 +194,9 @@ class _Jobs:
         if got.error is not None:
             log.warning("settle_failed", queue_id=job.queue_id, code=got.error.code,
                         error=got.error.message)  # fmt: skip
-        # Each new job holds a slot of its own from now; `extra` was only held for the reply,
-        # and this job's slot is given back when its task ends, just after this.
+        # Each new job holds a slot of its own from now; `want` was only held for the reply.
         self.slots.taken += len(got.items)
-        self.slots.give(extra)
+        self.slots.give(want)
         self.start(got.items)
 
 
