@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import types
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
 import structlog
 
+from sidecar import eager
 from sidecar.errors import (
     BadFrame,
     InternalError,
@@ -72,12 +72,6 @@ def _frame(message: object) -> bytearray:
     buf = bytearray()
     append_frame(buf, message)
     return buf
-
-
-@types.coroutine
-def _pass_up(waiting: object) -> Generator[object, None, None]:
-    """Yield one value to the task that awaits this, as a coroutine it runs would."""
-    yield waiting
 
 
 class _Fatal:
@@ -231,9 +225,8 @@ class Connection(asyncio.Protocol):
         # Eager: the op's first step runs here. An op of the local store finishes in it (its
         # reply is ready before this read's replies are written, and no task is made); one that
         # suspends (the journal's fsync, a long poll) goes on in a task of its own.
-        try:
-            waiting = op.send(None)
-        except StopIteration:
+        ended, waiting = eager.first_step(op)
+        if ended:
             return
         self._track(self.server.loop.create_task(self._resume(op, waiting)), op)
 
@@ -251,23 +244,9 @@ class Connection(asyncio.Protocol):
             self.wakeup.set()
 
     async def _resume(self, op: Coroutine[object, None, None], waiting: object) -> None:
-        """Run op, suspended in its eager first step, to its end in this task.
-
-        A trampoline: whatever op yields (the future it waits on, or None for one loop pass)
-        is yielded up to this task, which waits on it as it would for op itself; then op is
-        resumed and reads the future's outcome itself. What the task throws in (its
-        cancellation) is thrown into op, so op is cancelled as its own task would be.
-        """
+        """Run op, suspended in its eager first step, to its end in this task (eager.py)."""
         try:
-            while True:
-                try:
-                    await _pass_up(waiting)
-                except BaseException as exc:  # thrown into this task: op's to handle
-                    waiting = op.throw(exc)
-                else:
-                    waiting = op.send(None)
-        except StopIteration:
-            pass
+            await eager.resume(op, waiting)
         finally:
             self.wakeup.set()
 

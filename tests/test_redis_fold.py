@@ -11,7 +11,7 @@ from redis.exceptions import ResponseError
 
 from sidecar.errors import LeaseMismatch, NotFound
 from sidecar.models import QueuedRequest, QueueStatus
-from sidecar.queue.redis_io import FOLD_MAX_ITEMS
+from sidecar.queue.redis_io import EARLY_FLUSH_CALLS, FOLD_MAX_ITEMS
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     QueueFactory,
@@ -31,11 +31,12 @@ async def test_concurrent_enqueues_share_one_script_run(
 ) -> None:
     queue = await make_queue()
     before = await _evalsha_calls(raw)
+    n = EARLY_FLUSH_CALLS  # past it, a fold is written early and the rest make another
     results = await asyncio.gather(
-        *(queue.enqueue([make_request(clock, i, queue_id=f"q{i}")]) for i in range(32))
+        *(queue.enqueue([make_request(clock, i, queue_id=f"q{i}")]) for i in range(n))
     )
     assert await _evalsha_calls(raw) == before + 1
-    assert [r.request.queue_id for [r] in results] == [f"q{i}" for i in range(32)]
+    assert [r.request.queue_id for [r] in results] == [f"q{i}" for i in range(n)]
     assert all(r.created for [r] in results)
     # Each caller got its own record: seqs follow the call order.
     assert [r.request.seq for [r] in results] == sorted(r.request.seq for [r] in results)
@@ -73,12 +74,14 @@ async def test_a_repeat_inside_one_fold_is_stored_once(
     assert (await queue.stats()).accepted == 1
 
 
-@pytest.mark.parametrize("per_call", [1, 7])
+# Batches large enough that the item cap binds before EARLY_FLUSH_CALLS calls gather.
+@pytest.mark.parametrize("per_call", [40, 64])
 async def test_folds_past_the_cap_split_into_several_runs(
     make_queue: QueueFactory, clock: FakeClock, raw: Redis, per_call: int
 ) -> None:
     queue = await make_queue()
     calls = FOLD_MAX_ITEMS // per_call + 3
+    assert calls < EARLY_FLUSH_CALLS
     before = await _evalsha_calls(raw)
     results = await asyncio.gather(
         *(

@@ -38,6 +38,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sidecar import eager
 from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
@@ -146,6 +147,7 @@ class ScriptRunner:
         self._log = log
         self._batch: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loading: asyncio.Task[None] | None = None  # a SCRIPT LOAD round after NOSCRIPT
         spec = wire_spec(client)
         # The lean connection where the client reaches one plain server, else redis-py's.
         self.wire = None if spec is None else WireClient(spec)
@@ -186,15 +188,31 @@ class ScriptRunner:
         if len(self._batch) == 1:
             # The first call of this loop iteration schedules the flush; every call made
             # before the flush task runs joins the same pipeline.
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(loop.create_task(self._flush()))
+        elif len(self._batch) >= EARLY_FLUSH_CALLS and self.wire is not None:
+            # Enough to be worth a run of its own: written to Redis now, inside this call, so
+            # Redis works on it while this pass makes the rest (a pipeline rather than a lock
+            # step of whole bursts). Only on the lean connection, whose first step to the
+            # write enters no asyncio.timeout (eager.py); the scheduled flush takes the rest.
+            batch, self._batch = self._batch, []
+            task = eager.start(loop, self._run(batch))
+            if task is not None:
+                self._track(task)
         result: list[Any] = await call.future
         return result
 
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _flush(self) -> None:
-        """Send every pending call in one pipeline and resolve each future in order."""
+        """Send every pending call (if an early flush left any) in one pipeline."""
         batch, self._batch = self._batch, []
+        if batch:
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Call]) -> None:
+        """Send batch in one pipeline and resolve each call's future in order."""
         self.flushes += 1
         try:
             replies = await self._folded(batch)
@@ -248,16 +266,32 @@ class ScriptRunner:
         return [by_index[i] if i in chosen else next(merged) for i in range(len(batch))]
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        loads = self.script_loads
         replies = await self._send(batch)
         # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            self._log.info("redis_scripts_reloaded")
-            await self.load_scripts()
+            await self._reload(loads)
             again = await self._send([batch[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
+
+    async def _reload(self, loads_when_sent: int) -> None:
+        """Load the scripts once for every run that met NOSCRIPT: runs in flight together
+        share one load, and a run sent before a load that has ended since needs none."""
+        if self.script_loads != loads_when_sent:
+            return
+        if self._loading is None:
+            self._log.info("redis_scripts_reloaded")
+            self._loading = asyncio.get_running_loop().create_task(self.load_scripts())
+            self._loading.add_done_callback(self._loaded)
+        await asyncio.shield(self._loading)
+
+    def _loaded(self, task: asyncio.Task[None]) -> None:
+        self._loading = None
+        if not task.cancelled():
+            task.exception()  # observed even when every run that waited was cancelled
 
     async def _send(self, batch: list[_Call]) -> list[Any]:
         acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
@@ -354,6 +388,9 @@ class ScriptRunner:
 # pair per request), and how many ARGV values each request takes.
 FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 7), "complete": (None, 2)}
 FOLD_MAX_ITEMS = 256
+# Calls gathered in one loop pass are written to Redis at its end, or as soon as this many
+# have gathered (on the lean connection), so Redis works while the daemon decodes the rest.
+EARLY_FLUSH_CALLS = 16
 
 
 def _items_of(call: _Call) -> int:
