@@ -202,7 +202,9 @@ class AsyncClient:
         return call.unwrap(decode_result(reply, call.spec.result))
 
     async def _exchange(self, req: Request, extra_timeout_s: float) -> Reply:
-        conn = await self._connection()
+        conn = self._conn
+        if conn is None or conn.error is not None:
+            conn = await self._connection()
         req.id = next(self._ids)
         fut = conn.send(req, extra_timeout_s)
         try:

@@ -10,7 +10,7 @@ so both have the same methods with the same parameters (tests/test_client_api.py
 from __future__ import annotations
 
 import inspect
-import uuid
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -87,9 +87,15 @@ def item(
     return EnqueueItem(ttl_s=ttl_s, queue_id=queue_id, max_attempts=max_attempts, **fields)
 
 
+def _new_id() -> str:
+    """A fresh queue_id: 128 random bits as 32 hex digits, like the daemon's own. Not a uuid4
+    object: building one cost a tenth of the client's CPU per enqueue."""
+    return os.urandom(16).hex()
+
+
 def _named(items: Sequence[EnqueueItem]) -> list[EnqueueItem]:
     """Items with a queue_id each (32 hex digits, as the daemon's), so a resend cannot duplicate."""
-    return [i if i.queue_id is not None else msgspec.structs.replace(i, queue_id=uuid.uuid4().hex)
+    return [i if i.queue_id is not None else msgspec.structs.replace(i, queue_id=_new_id())
             for i in items]  # fmt: skip
 
 
@@ -112,7 +118,9 @@ def hello() -> Call[HelloResult]:
 
 def enqueue(payload: object, **options: Any) -> Call[EnqueuedItem]:
     """Enqueue one request; options are those of `item` (priority, ttl_s, queue_id, ...)."""
-    return Call(Enqueue(id=0, items=_named([item(payload, **options)])), _only_item)
+    if options.get("queue_id") is None:
+        options["queue_id"] = _new_id()  # named here, so a resend cannot duplicate it
+    return Call(Enqueue(id=0, items=[item(payload, **options)]), _only_item)
 
 
 def enqueue_many(items: Sequence[EnqueueItem]) -> Call[list[EnqueuedItem]]:
