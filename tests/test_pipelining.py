@@ -1,5 +1,5 @@
 """Many requests in flight flow as a pipeline: the client and the daemon's Redis calls write
-early, once EARLY_WRITE_FRAMES / EARLY_FLUSH_CALLS have gathered in one loop pass, instead of
+early, once EARLY_WRITE_FRAMES / EARLY_FLUSH_ITEMS have gathered in one loop pass, instead of
 holding a whole burst until the pass ends (a lock step in which two of three processes wait).
 """
 
@@ -17,7 +17,7 @@ from sidecar import eager
 from sidecar.client_conn import EARLY_WRITE_FRAMES, ClientConnection
 from sidecar.errors import SidecarUnavailable
 from sidecar.protocol import FrameReader, Status, decode_request
-from sidecar.queue.redis_io import EARLY_FLUSH_CALLS
+from sidecar.queue.redis_io import EARLY_FLUSH_ITEMS
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     QueueFactory,
@@ -77,7 +77,7 @@ async def test_the_daemon_sends_a_full_fold_to_redis_before_its_loop_pass_ends(
         before = _evalsha_calls(look)
         calls: list[Coroutine[object, None, None]] = []
         waits: list[object] = []
-        n = 2 * EARLY_FLUSH_CALLS + 3
+        n = 2 * EARLY_FLUSH_ITEMS + 3
         for i in range(n):
             coro = queue.enqueue([make_request(clock, {"n": i}, queue_id=f"q{i}")])
             ended, waiting = eager.first_step(coro)  # type: ignore[arg-type]

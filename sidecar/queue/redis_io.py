@@ -146,6 +146,7 @@ class ScriptRunner:
         self.closed = False
         self._log = log
         self._batch: list[_Call] = []
+        self._batch_items = 0  # requests the batch's calls carry (a folded script's items)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loading: asyncio.Task[None] | None = None  # a SCRIPT LOAD round after NOSCRIPT
         spec = wire_spec(client)
@@ -185,16 +186,17 @@ class ScriptRunner:
         loop = asyncio.get_running_loop()
         call = _Call(script, keys, args, loop.create_future())
         self._batch.append(call)
+        self._batch_items += _items_of(call) if call.script in FOLDED_SCRIPTS else 1
         if len(self._batch) == 1:
             # The first call of this loop iteration schedules the flush; every call made
             # before the flush task runs joins the same pipeline.
             self._track(loop.create_task(self._flush()))
-        elif len(self._batch) >= EARLY_FLUSH_CALLS and self.wire is not None:
+        if self._batch_items >= EARLY_FLUSH_ITEMS and self.wire is not None:
             # Enough to be worth a run of its own: written to Redis now, inside this call, so
             # Redis works on it while this pass makes the rest (a pipeline rather than a lock
             # step of whole bursts). Only on the lean connection, whose first step to the
             # write enters no asyncio.timeout (eager.py); the scheduled flush takes the rest.
-            batch, self._batch = self._batch, []
+            batch, self._batch, self._batch_items = self._batch, [], 0
             task = eager.start(loop, self._run(batch))
             if task is not None:
                 self._track(task)
@@ -207,7 +209,7 @@ class ScriptRunner:
 
     async def _flush(self) -> None:
         """Send every pending call (if an early flush left any) in one pipeline."""
-        batch, self._batch = self._batch, []
+        batch, self._batch, self._batch_items = self._batch, [], 0
         if batch:
             await self._run(batch)
 
@@ -388,9 +390,9 @@ class ScriptRunner:
 # pair per request), and how many ARGV values each request takes.
 FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 7), "complete": (None, 2)}
 FOLD_MAX_ITEMS = 256
-# Calls gathered in one loop pass are written to Redis at its end, or as soon as this many
-# have gathered (on the lean connection), so Redis works while the daemon decodes the rest.
-EARLY_FLUSH_CALLS = 16
+# Calls gathered in one loop pass are written to Redis at its end, or as soon as they carry
+# this many requests (on the lean connection), so Redis works while the daemon decodes the rest.
+EARLY_FLUSH_ITEMS = 16
 
 
 def _items_of(call: _Call) -> int:
