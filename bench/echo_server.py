@@ -37,13 +37,18 @@ from sidecar.protocol import (
 READY_LINE = "ready"
 # The daemon's default frame limit; the echo never sees a frame near it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# Enqueue results made in advance for batches of up to this many items (AsyncClient sends the
+# single enqueues of one loop pass as one batch, sidecar/client_fold.py).
+ENQUEUE_BATCH_RESULTS = 1000
 
 
 class _Envelope(msgspec.Struct):
-    """The two fields the echo reads; msgspec skips the rest without building it."""
+    """The fields the echo reads; msgspec skips the rest without building it. An enqueue's
+    items are counted (not decoded): a batch gets one result item per item, as the daemon's."""
 
     id: int | None = None
     op: str = ""
+    items: list[msgspec.Raw] | None = None
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
@@ -80,6 +85,10 @@ def canned_results() -> dict[str, msgspec.Raw]:
     )
     return {
         "enqueue": msgspec.Raw(_encode(EnqueueResult(items=[enqueued]))),
+        **{
+            f"enqueue/{n}": msgspec.Raw(_encode(EnqueueResult(items=[enqueued] * n)))
+            for n in range(2, ENQUEUE_BATCH_RESULTS + 1)
+        },
         "dequeue": msgspec.Raw(_encode(DequeueResult(items=[job]))),
         "complete": msgspec.Raw(_encode(info)),
         "fail": msgspec.Raw(_encode(info)),
@@ -106,7 +115,10 @@ class EchoConnection(asyncio.Protocol):
                 env = _envelope.decode(body)
             except DECODE_ERRORS:
                 env = _Envelope()
-            append_frame(out, OkReply(id=env.id, result=self.results.get(env.op)))
+            op = env.op
+            if op == "enqueue" and env.items is not None and len(env.items) > 1:
+                op = f"enqueue/{len(env.items)}"
+            append_frame(out, OkReply(id=env.id, result=self.results.get(op)))
         if self.reader.error is not None:
             self.transport.close()
         if out:

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import msgspec
 import structlog
@@ -34,10 +34,20 @@ from sidecar.client_conn import (
     observe,
     raise_for,
 )
+from sidecar.client_fold import EnqueueFold
 from sidecar.client_ops import Call, describe, item
 from sidecar.config import default_socket_path
 from sidecar.errors import SidecarError, SidecarUnavailable, error_from_code
-from sidecar.protocol import FrameReader, Job, Reply, Request, encode_frame
+from sidecar.protocol import (
+    Enqueue,
+    EnqueuedItem,
+    EnqueueItem,
+    FrameReader,
+    Job,
+    Reply,
+    Request,
+    encode_frame,
+)
 from sidecar.socket_dir import check_socket_folder
 
 T = TypeVar("T")
@@ -106,6 +116,7 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._conn: ClientConnection | None = None
         self._connecting: asyncio.Task[ClientConnection] | None = None
+        self._fold = EnqueueFold(self._enqueue_items)
 
     async def connect(self, timeout_s: float | None = None) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
@@ -157,6 +168,7 @@ class AsyncClient:
         if conn is not None:
             conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))
             await asyncio.gather(conn.reader_task, return_exceptions=True)
+        await self._fold.close()
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -182,8 +194,17 @@ class AsyncClient:
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    async def _enqueue_items(self, items: list[EnqueueItem]) -> list[EnqueuedItem]:
+        return await self._call(ops.enqueue_many(items))
+
     async def _call(self, call: Call[T]) -> T:
         req, extra_timeout_s = call.request, call.extra_timeout_s
+        if call.fold:
+            [one] = cast(Enqueue, req).items
+            if self._fold.takes(one):
+                # Concurrent single enqueues leave as one batch, each caller with its own
+                # result or error (client_fold.py).
+                return cast(T, await self._fold.enqueue(one))
         try:
             reply = await self._exchange(req, extra_timeout_s)
         except SidecarUnavailable as lost:

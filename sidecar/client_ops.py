@@ -53,10 +53,14 @@ _encoder = msgspec.msgpack.Encoder()
 class Call(Generic[T]):
     """One request about to be sent, its op's registry entry, and what the caller gets back."""
 
-    __slots__ = ("request", "spec", "unwrap")
+    __slots__ = ("fold", "request", "spec", "unwrap")
 
-    def __init__(self, request: Request, unwrap: Callable[[Any], T] | None = None) -> None:
+    def __init__(
+        self, request: Request, unwrap: Callable[[Any], T] | None = None, *, fold: bool = False
+    ) -> None:
         self.request = request
+        # A single enqueue, which AsyncClient may send in one batch with others (client_fold).
+        self.fold = fold
         self.spec: OpSpec = SPECS[type(request)]
         # The result as decoded (the spec's result type) becomes the method's return value.
         self.unwrap: Callable[[Any], T] = unwrap or _same
@@ -120,7 +124,7 @@ def enqueue(payload: object, **options: Any) -> Call[EnqueuedItem]:
     """Enqueue one request; options are those of `item` (priority, ttl_s, queue_id, ...)."""
     if options.get("queue_id") is None:
         options["queue_id"] = _new_id()  # named here, so a resend cannot duplicate it
-    return Call(Enqueue(id=0, items=[item(payload, **options)]), _only_item)
+    return Call(Enqueue(id=0, items=[item(payload, **options)]), _only_item, fold=True)
 
 
 def enqueue_many(items: Sequence[EnqueueItem]) -> Call[list[EnqueuedItem]]:

@@ -1,0 +1,168 @@
+"""AsyncClient sends the single enqueues of one loop pass as one batch (sidecar/client_fold.py),
+and every caller still gets what it alone would have got. Against the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sidecar.client import AsyncClient
+from sidecar.client_fold import FOLD_ITEM_MAX_BYTES, FOLD_MAX_BYTES, FOLD_MAX_ITEMS
+from sidecar.errors import InternalError, PayloadTooLarge, QueueFull, SidecarUnavailable
+from sidecar.protocol import (
+    EnqueuedItem,
+    EnqueueResult,
+    FrameReader,
+    OkReply,
+    append_frame,
+    decode_request,
+)
+from tests.daemon import running_daemon
+from tests.metrics_scrape import value
+
+
+async def _enqueue_requests(client: AsyncClient) -> float:
+    """How many enqueue requests the daemon has answered (its own metric)."""
+    text = (await client.metrics()).text
+    return value(text, "sidecar_request_duration_seconds_count", op="enqueue")
+
+
+async def test_concurrent_enqueues_leave_as_one_request_and_each_caller_gets_its_own() -> None:
+    with running_daemon() as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            before = await _enqueue_requests(client)
+            n = FOLD_MAX_ITEMS - 1
+            calls = (client.enqueue({"n": i}, priority=i % 10) for i in range(n))
+            got = await asyncio.gather(*calls)
+            assert await _enqueue_requests(client) == before + 1
+            assert len({g.queue_id for g in got}) == n and all(g.created for g in got)
+            jobs = await client.dequeue(n)
+            by_id = {j.queue_id: j for j in jobs}
+            for i, g in enumerate(got):  # each caller's id names its own payload and priority
+                assert by_id[g.queue_id].priority == i % 10
+            # Past FOLD_MAX_ITEMS, the batch leaves at once and the rest make another.
+            before = await _enqueue_requests(client)
+            await asyncio.gather(*(client.enqueue({"n": i}) for i in range(FOLD_MAX_ITEMS + 1)))
+            assert await _enqueue_requests(client) == before + 2
+            # A payload too large to fold goes alone, beside the batch of the small ones.
+            before = await _enqueue_requests(client)
+            big = "x" * (FOLD_ITEM_MAX_BYTES + 1)
+            await asyncio.gather(client.enqueue(big), client.enqueue("a"), client.enqueue("b"))
+            assert await _enqueue_requests(client) == before + 2
+
+
+async def test_one_refused_item_fails_alone_and_the_others_are_stored_once() -> None:
+    with running_daemon(SIDECAR_MAX_PAYLOAD_BYTES="1024") as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            calls = [client.enqueue(f"small {i}") for i in range(5)]
+            calls.insert(2, client.enqueue("y" * 2000))  # over this daemon's payload limit
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            bad = results.pop(2)
+            assert isinstance(bad, PayloadTooLarge)
+            assert bad.details["size"] > 1024  # its own error, as if sent alone
+            assert not any(isinstance(r, BaseException) for r in results)
+            stats = await client.stats()
+            assert stats.accepted == 5 and stats.queued == 5
+
+
+async def test_a_full_queue_takes_what_fits_as_single_enqueues_would() -> None:
+    async def stored(client: AsyncClient, concurrent: bool) -> int:
+        if concurrent:
+            calls = [client.enqueue({"n": i}) for i in range(8)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        else:
+            results = []
+            for i in range(8):  # one at a time: nothing to fold
+                try:
+                    results.append(await client.enqueue({"n": i}))
+                except QueueFull as exc:
+                    results.append(exc)
+        assert all(isinstance(r, QueueFull) for r in results if isinstance(r, BaseException))
+        ok = sum(not isinstance(r, BaseException) for r in results)
+        assert (await client.stats()).queued == ok
+        return ok
+
+    counts = []
+    for concurrent in (True, False):
+        with running_daemon(QUEUE_MAX_SIZE="5") as daemon:
+            async with AsyncClient(daemon.socket_path) as client:
+                counts.append(await stored(client, concurrent))
+    # The refused batch was resent item by item: as many got in as one at a time.
+    assert counts[0] == counts[1] and 0 < counts[0] < 8
+
+
+async def test_a_daemon_frame_limit_below_a_batch_turns_folding_off() -> None:
+    # A 2 KiB frame limit: each enqueue of a 900-byte payload fits alone, four together do not.
+    assert FOLD_MAX_BYTES > 4 * 900
+    with running_daemon(SIDECAR_MAX_FRAME_BYTES="2048") as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            got = await asyncio.gather(*(client.enqueue("z" * 900) for _ in range(4)))
+            assert len({g.queue_id for g in got}) == 4
+            assert (await client.stats()).queued == 4
+            before = await _enqueue_requests(client)
+            again = await asyncio.gather(*(client.enqueue("z" * 900) for _ in range(4)))
+            assert len(again) == 4 and (await client.stats()).queued == 8
+            assert await _enqueue_requests(client) == before + 4  # each alone from now on
+
+
+async def test_a_caller_cancelled_before_the_batch_leaves_stores_nothing() -> None:
+    with running_daemon() as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            tasks = [asyncio.create_task(client.enqueue({"n": i})) for i in range(3)]
+            await asyncio.sleep(0)  # each has joined the batch; the batch leaves a pass later
+            tasks[1].cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(done[1], asyncio.CancelledError)
+            assert (await client.stats()).accepted == 2
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_daemon_gone_fails_every_caller_of_the_batch(n: int) -> None:
+    with running_daemon() as daemon:
+        client = await AsyncClient(daemon.socket_path, timeout_s=2.0).connect()
+        daemon.stop()
+        try:
+            results = await asyncio.gather(
+                *(client.enqueue({"n": i}) for i in range(n)), return_exceptions=True
+            )
+        finally:
+            await client.close()
+    assert all(isinstance(r, SidecarUnavailable) for r in results)
+
+
+async def test_a_reply_with_the_wrong_number_of_items_fails_each_caller_not_hangs(
+    tmp_path: Path,
+) -> None:
+    """A daemon that answers a batch with one result (a bug, or a server that ignores batches)
+    leaves no caller waiting: each gets an internal error."""
+    one = EnqueueResult(items=[EnqueuedItem(queue_id="x", status="queued", created=True,
+                                            priority=5, expires_at=1.0)])  # fmt: skip
+
+    served: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
+
+    def answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def serve() -> None:
+            frames = FrameReader(1 << 20)
+            while data := await reader.read(65536):
+                out = bytearray()
+                for body in frames.feed(data):
+                    append_frame(out, OkReply(id=decode_request(body).id, result=one))
+                writer.write(out)
+
+        served.append((asyncio.get_running_loop().create_task(serve()), writer))
+
+    path = str(tmp_path / "s.sock")
+    server = await asyncio.start_unix_server(answer_one, path)
+    try:
+        async with AsyncClient(path, timeout_s=5.0) as client:
+            results = await asyncio.gather(
+                *(client.enqueue({"n": i}) for i in range(3)), return_exceptions=True
+            )
+    finally:
+        server.close()
+        for task, writer in served:
+            writer.close()
+            await asyncio.gather(task, writer.wait_closed(), return_exceptions=True)
+    assert all(isinstance(r, InternalError) for r in results), results
