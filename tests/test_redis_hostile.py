@@ -383,3 +383,21 @@ async def test_an_eviction_policy_changed_while_running_is_reported_then_cleared
         ("redis_eviction_policy_unsafe", "volatile-lru", "noeviction"),
         ("redis_eviction_policy_safe", "noeviction", "volatile-lru"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [("1700000000.25", 1700000000.25), ("0x10", 16.0), (" 12", 12.0), ("1e300", MAX_TIME_S)],
+)
+async def test_enqueue_script_stores_any_time_it_accepts_as_text_the_store_reads_back(
+    make_queue: QueueFactory, raw: Redis, text: str, stored: float
+) -> None:
+    """enqueue.lua keeps a plain decimal time as sent and formats anything else Lua's tonumber
+    accepts (hex, spaces, past MAX_TIME), so no record holds a time Python cannot parse."""
+    queue = await make_queue()
+    keys = queue.keys
+    args = [1700000000.0, RETENTION_S, 1, "odd", 5, text, text, 3, b"p", 0]
+    fixed = keys.script_keys()
+    await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
+    st = await queue.status("odd")
+    assert st is not None and st.created_at == stored and st.expires_at == stored

@@ -15,19 +15,27 @@ local n = arg_int(3, 'n', 0, 1000000)
 if #KEYS ~= NKEYS + n then
   error({err = 'ERR sidecar: enqueue of ' .. n .. ' requests needs ' .. (NKEYS + n) .. ' keys'})
 end
-local checked = {}
+-- Every item is checked before the first write. Its times are kept as parsed (in two flat
+-- arrays: a table per item, or a formatted copy of each time, costs Redis more).
+local created, expires = {}, {}
 for i = 1, n do
   local base = 4 + (i - 1) * 7
   local max_attempts = arg_int(base + 4, 'max_attempts', 1, 2147483647)
-  local created_at = arg_time(base + 2, 'created_at')
-  local expires_at, expires_s = arg_time(base + 3, 'expires_at')
+  arg_int(base + 1, 'priority', 0, 9)
+  arg_int(base + 6, 'attempts', 0, max_attempts)
+  created[i] = arg_number(base + 2, 'created_at')
+  expires[i] = arg_number(base + 3, 'expires_at')
   arg_text(base, 'queue_id')
   arg_text(base + 5, 'payload')
-  checked[i] = {
-    priority = arg_int(base + 1, 'priority', 0, 9), created_s = fmt(created_at),
-    expires_at = expires_at, expires_s = expires_s, max_attempts = max_attempts,
-    attempts = arg_int(base + 6, 'attempts', 0, max_attempts),
-  }
+end
+-- A checked time as stored: the caller's own text when it is a plain decimal number (the
+-- daemon sends the shortest text that reads back as the same number), else (hex, spaces, a time
+-- past MAX_TIME) the number formatted here, as every reader parses it.
+local function time_text(text, t)
+  if t > MAX_TIME or string.find(text, '[^%d%.%-+eE]') then
+    return fmt(clamp_time(t))
+  end
+  return text
 end
 -- Which items are new (a queue_id already stored, or repeated earlier in the batch, is not),
 -- so the whole batch takes its seqs in one INCRBY and its index entries in one ZADD each.
@@ -51,18 +59,19 @@ if #new > 0 then
   local pending, expiry, bytes = {}, {}, 0
   for _, i in ipairs(new) do
     local base = 4 + (i - 1) * 7
-    local id, key, c = ARGV[base], KEYS[NKEYS + i], checked[i]
-    local payload = ARGV[base + 5]
+    local id, key, payload = ARGV[base], KEYS[NKEYS + i], ARGV[base + 5]
+    local priority, expires_s = tonumber(ARGV[base + 1]), time_text(ARGV[base + 3], expires[i])
     seq = seq + 1
     -- No native TTL while pending: the sweep, not Redis, moves it to expired (common.lua).
-    redis.call('HSET', key, 'queue_id', id, 'priority', c.priority, 'seq', seq,
-      'created_at', c.created_s, 'expires_at', c.expires_s, 'status', 'queued',
-      'attempts', c.attempts, 'max_attempts', c.max_attempts, 'updated_at', NOW_S,
-      'size_bytes', #payload)
+    redis.call('HSET', key, 'queue_id', id, 'priority', priority, 'seq', seq,
+      'created_at', time_text(ARGV[base + 2], created[i]), 'expires_at', expires_s,
+      'status', 'queued',
+      'attempts', tonumber(ARGV[base + 6]), 'max_attempts', tonumber(ARGV[base + 4]),
+      'updated_at', NOW_S, 'size_bytes', #payload)
     redis.call('SET', body_key(key), payload)
-    pending[#pending + 1] = string.format('%d', c.priority * SHIFT + seq)
+    pending[#pending + 1] = string.format('%d', priority * SHIFT + seq)
     pending[#pending + 1] = id
-    expiry[#expiry + 1] = c.expires_s
+    expiry[#expiry + 1] = expires_s
     expiry[#expiry + 1] = id
     bytes = bytes + #payload
     items[i] = {1, seq}
