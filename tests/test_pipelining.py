@@ -17,7 +17,7 @@ from sidecar import eager
 from sidecar.client_conn import EARLY_WRITE_FRAMES, ClientConnection
 from sidecar.errors import SidecarUnavailable
 from sidecar.protocol import FrameReader, Status, decode_request
-from sidecar.queue.redis_io import EARLY_FLUSH_ITEMS
+from sidecar.queue.redis_fold import EARLY_FLUSH_ITEMS
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     QueueFactory,

@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from sidecar.errors import LeaseMismatch, NotFound
 from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.queue.redis import RedisQueue
-from sidecar.queue.redis_io import EARLY_FLUSH_ITEMS, FOLD_MAX_ITEMS
+from sidecar.queue.redis_fold import EARLY_FLUSH_ITEMS, FOLD_MAX_ITEMS
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     QueueFactory,

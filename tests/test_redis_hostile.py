@@ -396,7 +396,8 @@ async def test_enqueue_script_stores_any_time_it_accepts_as_text_the_store_reads
     accepts (hex, spaces, past MAX_TIME), so no record holds a time Python cannot parse."""
     queue = await make_queue()
     keys = queue.keys
-    args = [1700000000.0, RETENTION_S, 1, "odd", 5, text, text, 3, b"p", 0]
+    args: list[str | bytes | float] = [1700000000.0, RETENTION_S, 1, "odd", 5]
+    args += [text, text, 3, b"p", 0]
     fixed = keys.script_keys()
     await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
     st = await queue.status("odd")

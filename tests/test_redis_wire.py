@@ -25,7 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import Settings
-from sidecar.queue.redis_io import ScriptRunner, _Call, redis_client, unavailable_kind
+from sidecar.queue.redis_fold import ScriptCall
+from sidecar.queue.redis_io import ScriptRunner, redis_client, unavailable_kind
 from sidecar.queue.redis_keys import SCRIPT_SHAS, RedisKeys
 from sidecar.queue.redis_wire import WireClient, WireSpec, encode_command, wire_spec
 from tests.helpers import FakeClock, make_request
@@ -250,9 +251,9 @@ def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:
     plain = ScriptRunner(client, structlog.get_logger())
     unused: Any = None  # _encode never touches the call's future
     calls = [
-        _Call("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease"), unused),
-        _Call("stats", keys, (1.5, 600.0, 500), unused),
-        _Call("status", ("other", "keys"), (1.5, 600.0, "a"), unused),
+        ScriptCall("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease"), unused),
+        ScriptCall("stats", keys, (1.5, 600.0, 500), unused),
+        ScriptCall("status", ("other", "keys"), (1.5, 600.0, "a"), unused),
     ]
     for call in calls:
         sha = SCRIPT_SHAS[call.script]

@@ -13,7 +13,6 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import eager
 from sidecar.config import ConfigError, Settings, parse_sentinel_url, sentinel_hosts
 from sidecar.errors import BackendUnavailable
+from sidecar.queue.redis_fold import (
+    EARLY_FLUSH_ITEMS,
+    FOLDED_SCRIPTS,
+    ScriptCall,
+    fold,
+    fold_groups,
+    items_of,
+    unfold,
+)
 from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
 from sidecar.queue.redis_wire import Arg, WireClient, encode_bulks, encode_command, wire_spec
 
@@ -117,14 +125,6 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@dataclass(slots=True)
-class _Call:
-    script: str
-    keys: tuple[str, ...]
-    args: tuple[Arg, ...]
-    future: asyncio.Future[Any]
-
-
 class ScriptRunner:
     """Runs the scripts of lua/: loads them, folds concurrent calls into shared pipelines."""
 
@@ -145,7 +145,7 @@ class ScriptRunner:
         self.script_loads = 0
         self.closed = False
         self._log = log
-        self._batch: list[_Call] = []
+        self._batch: list[ScriptCall] = []
         self._batch_items = 0  # requests the batch's calls carry (a folded script's items)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loading: asyncio.Task[None] | None = None  # a SCRIPT LOAD round after NOSCRIPT
@@ -184,9 +184,9 @@ class ScriptRunner:
         if self.closed:
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
         loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, loop.create_future())
+        call = ScriptCall(script, keys, args, loop.create_future())
         self._batch.append(call)
-        self._batch_items += _items_of(call) if call.script in FOLDED_SCRIPTS else 1
+        self._batch_items += items_of(call) if call.script in FOLDED_SCRIPTS else 1
         if len(self._batch) == 1:
             # The first call of this loop iteration schedules the flush; every call made
             # before the flush task runs joins the same pipeline.
@@ -213,7 +213,7 @@ class ScriptRunner:
         if batch:
             await self._run(batch)
 
-    async def _run(self, batch: list[_Call]) -> None:
+    async def _run(self, batch: list[ScriptCall]) -> None:
         """Send batch in one pipeline and resolve each call's future in order."""
         self.flushes += 1
         try:
@@ -235,7 +235,7 @@ class ScriptRunner:
             else:
                 call.future.set_result(reply)
 
-    async def _folded(self, batch: list[_Call]) -> list[Any]:
+    async def _folded(self, batch: list[ScriptCall]) -> list[Any]:
         """The batch's replies, in order, with concurrent enqueues (and completes) folded into
         shared runs, one script's calls in each.
 
@@ -254,20 +254,20 @@ class ScriptRunner:
         singles = [i for ids in folding for i in ids]
         chosen = set(singles)
         others = [call for i, call in enumerate(batch) if i not in chosen]
-        groups = [g for ids in folding for g in _fold_groups([batch[i] for i in ids])]
-        runs = [_fold(group, batch[0].future.get_loop()) for group in groups]
+        groups = [g for ids in folding for g in fold_groups([batch[i] for i in ids])]
+        runs = [fold(group, batch[0].future.get_loop()) for group in groups]
         replies = await self._pipeline(others + runs)
         parts: list[Any] = []
         for group, reply in zip(groups, replies[len(others) :], strict=True):
             if isinstance(reply, ResponseError) and unavailable_kind(reply) is None:
                 parts += await self._pipeline(group)
             else:
-                parts += _unfold(reply, group)
+                parts += unfold(reply, group)
         merged = iter(replies[: len(others)])
         by_index = dict(zip(singles, parts, strict=True))
         return [by_index[i] if i in chosen else next(merged) for i in range(len(batch))]
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+    async def _pipeline(self, batch: list[ScriptCall]) -> list[Any]:
         loads = self.script_loads
         replies = await self._send(batch)
         # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
@@ -295,7 +295,7 @@ class ScriptRunner:
         if not task.cancelled():
             task.exception()  # observed even when every run that waited was cancelled
 
-    async def _send(self, batch: list[_Call]) -> list[Any]:
+    async def _send(self, batch: list[ScriptCall]) -> list[Any]:
         acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
         wait = self.min_replicas > 0 and bool(acked)
         if self.wire is not None:
@@ -311,7 +311,7 @@ class ScriptRunner:
                         replies[i] = short
         return replies
 
-    async def _send_wire(self, wire: WireClient, batch: list[_Call], wait: bool) -> list[Any]:
+    async def _send_wire(self, wire: WireClient, batch: list[ScriptCall], wait: bool) -> list[Any]:
         commands = [self._encode(call) for call in batch]
         if wait:
             # On the same connection: WAIT counts the replicas that have its writes so far.
@@ -323,7 +323,7 @@ class ScriptRunner:
             # for a connection error only, never a timeout; every script is safe to run twice.
             return await wire.execute(commands)
 
-    def _encode(self, call: _Call) -> bytes:
+    def _encode(self, call: ScriptCall) -> bytes:
         """EVALSHA sha numkeys keys... args..., with the fixed parts encoded at start."""
         fixed, keys, sha = self._fixed_keys, call.keys, SCRIPT_SHAS[call.script]
         if not fixed or keys[: len(fixed)] != fixed:
@@ -333,7 +333,9 @@ class ScriptRunner:
         rest = encode_bulks((*keys[len(fixed) :], *call.args))
         return header + self._sha_bulks[call.script] + count + self._fixed_bulks + rest
 
-    async def _send_pipeline(self, batch: list[_Call], wait: bool, acked: list[int]) -> list[Any]:
+    async def _send_pipeline(
+        self, batch: list[ScriptCall], wait: bool, acked: list[int]
+    ) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for call in batch:
                 # execute_command, not evalsha(): the cluster pipeline refuses the helper,
@@ -382,70 +384,6 @@ class ScriptRunner:
             short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
-
-
-# The scripts whose concurrent calls fold into one run (each takes a batch), and the most
-# requests one folded run carries, so no run holds Redis much longer than a client's batch.
-# Per script: where its ARGV holds the count of requests (None: it is (#ARGV - 2) / 2, one
-# pair per request), and how many ARGV values each request takes.
-FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 7), "complete": (None, 2)}
-FOLD_MAX_ITEMS = 256
-# Calls gathered in one loop pass are written to Redis at its end, or as soon as they carry
-# this many requests (on the lean connection), so Redis works while the daemon decodes the rest.
-EARLY_FLUSH_ITEMS = 16
-
-
-def _items_of(call: _Call) -> int:
-    count_at, per_item = FOLDED_SCRIPTS[call.script]
-    return int(call.args[count_at]) if count_at is not None else (len(call.args) - 2) // per_item
-
-
-def _fold_groups(calls: list[_Call]) -> list[list[_Call]]:
-    """Consecutive calls of one script, cut so no group passes FOLD_MAX_ITEMS requests."""
-    groups: list[list[_Call]] = [[]]
-    items = 0
-    for call in calls:
-        n = _items_of(call)
-        if groups[-1] and items + n > FOLD_MAX_ITEMS:
-            groups.append([])
-            items = 0
-        groups[-1].append(call)
-        items += n
-    return groups
-
-
-def _fold(calls: list[_Call], loop: asyncio.AbstractEventLoop) -> _Call:
-    """One run for several calls of one script: ARGV 1-2 (the latest now), the count where the
-    script has one, then each call's items; KEYS the fixed ones, then each call's hashes."""
-    if len(calls) == 1:
-        return calls[0]
-    first = calls[0]
-    count_at, _ = FOLDED_SCRIPTS[first.script]
-    head = 2 if count_at is None else count_at + 1
-    fixed = first.keys[: len(first.keys) - _items_of(first)]
-    keys: list[str] = list(fixed)
-    items: list[Arg] = []
-    for call in calls:
-        keys += call.keys[len(fixed) :]
-        items += call.args[head:]
-    now = max(float(call.args[0]) for call in calls)
-    count = () if count_at is None else (sum(_items_of(call) for call in calls),)
-    args = (now, first.args[1], *count, *items)
-    return _Call(first.script, tuple(keys), args, loop.create_future())
-
-
-def _unfold(reply: Any, calls: list[_Call]) -> list[Any]:
-    """Each call's share of a folded run's reply ({0, items}); an error goes to every call."""
-    if isinstance(reply, Exception) or len(calls) == 1:
-        return [reply] * len(calls)
-    code, items = reply
-    out: list[Any] = []
-    start = 0
-    for call in calls:
-        end = start + _items_of(call)
-        out.append([code, items[start:end]])
-        start = end
-    return out
 
 
 # -- building a client from Settings ------------------------------------------------------------
