@@ -181,6 +181,31 @@ async def test_a_reset_connection_fails_its_calls_then_reconnects_once(
     assert wire.connects == 2
 
 
+async def test_a_transport_closed_before_its_connection_lost_arrives_is_not_written_to(
+    wire: WireClient, redis_server: RedisServer
+) -> None:
+    """Redis goes away: the transport is closed a loop pass before connection_lost reaches the
+    protocol. A call in between once wrote to the closed transport and raised RuntimeError
+    (seen as a traceback in the daemon's status task, which then stopped the daemon)."""
+    await wire.execute([cmd("PING")])
+    proto = wire._proto
+    assert proto is not None and proto.transport is not None
+    proto.transport.close()  # closed now; connection_lost comes a pass later
+    assert proto.alive  # the window: the protocol has not heard yet
+    # A call in the window takes a fresh connection instead of writing to the closed one.
+    assert await wire.execute([cmd("PING")]) == [b"PONG"]
+    assert wire.connects == 2
+    # The same window with Redis gone: a connection error, the class the store handles.
+    proto = wire._proto
+    assert proto is not None and proto.transport is not None
+    redis_server.kill()
+    proto.transport.close()
+    with pytest.raises(RedisConnectionError):
+        proto.send(cmd("PING"), 1, 1.0)
+    with pytest.raises(RedisConnectionError):
+        await wire.execute([cmd("PING")])
+
+
 async def test_a_dead_redis_is_one_shared_connect_attempt_and_a_connection_error(
     redis_server: RedisServer,
 ) -> None:

@@ -132,9 +132,18 @@ class _WireProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.alive = True
 
+    @property
+    def usable(self) -> bool:
+        """Open for writes. The transport closes (Redis went away) a loop pass before
+        connection_lost reaches this protocol; a write in between would raise RuntimeError."""
+        return self.alive and self.transport is not None and not self.transport.is_closing()
+
     def send(self, data: bytes, count: int, timeout_s: float | None) -> asyncio.Future[list[Any]]:
         """Write count commands (already encoded); the future gets their replies in order."""
         assert self.transport is not None
+        if not self.usable:
+            self._fail(RedisConnectionError("connection to redis lost"))
+            raise RedisConnectionError("connection to redis lost")
         deadline = None if timeout_s is None else self.loop.time() + timeout_s
         batch = _Batch(self.loop.create_future(), count, deadline)
         self._waiting.append(batch)
@@ -196,7 +205,7 @@ class _WireProtocol(asyncio.Protocol):
         for batch in waiting:
             if not batch.future.done():
                 batch.future.set_exception(exc)
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
 
@@ -213,7 +222,7 @@ class WireClient:
     async def execute(self, commands: Sequence[bytes]) -> list[Any]:
         """Send encoded commands in one write; their replies (errors as instances), in order."""
         proto = self._proto
-        if proto is None or not proto.alive:
+        if proto is None or not proto.usable:
             proto = await self._connected()
         future = proto.send(b"".join(commands), len(commands), self.spec.timeout_s)
         return await future
