@@ -34,11 +34,15 @@ from sidecar.client_conn import (
     observe,
     raise_for,
 )
-from sidecar.client_fold import EnqueueFold
+from sidecar.client_fold import CompleteFold, EnqueueFold
 from sidecar.client_ops import Call, describe, item
 from sidecar.config import default_socket_path
 from sidecar.errors import SidecarError, SidecarUnavailable, error_from_code
 from sidecar.protocol import (
+    Complete,
+    CompleteItem,
+    CompleteMany,
+    CompleteManyResult,
     Enqueue,
     EnqueuedItem,
     EnqueueItem,
@@ -46,6 +50,7 @@ from sidecar.protocol import (
     Job,
     Reply,
     Request,
+    RequestInfo,
     encode_frame,
 )
 from sidecar.socket_dir import check_socket_folder
@@ -116,7 +121,8 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._conn: ClientConnection | None = None
         self._connecting: asyncio.Task[ClientConnection] | None = None
-        self._fold = EnqueueFold(self._enqueue_items)
+        self._enqueues = EnqueueFold(self._enqueue_items)
+        self._completes = CompleteFold(self._complete_items, self._complete_one)
 
     async def connect(self, timeout_s: float | None = None) -> AsyncClient:
         """Open the connection, failing fast with SidecarUnavailable when nobody listens."""
@@ -168,7 +174,8 @@ class AsyncClient:
         if conn is not None:
             conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))
             await asyncio.gather(conn.reader_task, return_exceptions=True)
-        await self._fold.close()
+        await self._enqueues.close()
+        await self._completes.close()
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -185,6 +192,7 @@ class AsyncClient:
     extend = _async(ops.extend)
     complete = _async(ops.complete)
     complete_next = _async(ops.complete_next)
+    complete_many = _async(ops.complete_many)
     fail = _async(ops.fail)
     cancel = _async(ops.cancel)
     status = _async(ops.status)
@@ -197,14 +205,26 @@ class AsyncClient:
     async def _enqueue_items(self, items: list[EnqueueItem]) -> list[EnqueuedItem]:
         return await self._call(ops.enqueue_many(items))
 
+    async def _complete_items(self, items: list[CompleteItem]) -> CompleteManyResult:
+        return await self._call(Call(CompleteMany(id=0, items=items)))
+
+    async def _complete_one(self, item: CompleteItem) -> RequestInfo:
+        return await self._call(
+            Call(Complete(id=0, queue_id=item.queue_id, lease_id=item.lease_id))
+        )
+
     async def _call(self, call: Call[T]) -> T:
         req, extra_timeout_s = call.request, call.extra_timeout_s
-        if call.fold:
-            [one] = cast(Enqueue, req).items
-            if self._fold.takes(one):
-                # Concurrent single enqueues leave as one batch, each caller with its own
-                # result or error (client_fold.py).
-                return cast(T, await self._fold.enqueue(one))
+        # Concurrent single enqueues (and completes) leave as one request, each caller with
+        # its own result or error (client_fold.py).
+        if call.fold and isinstance(req, Enqueue):
+            [one] = req.items
+            if self._enqueues.takes(one):
+                return cast(T, await self._enqueues.enqueue(one))
+        elif call.fold and self._completes.enabled:
+            done = cast(Complete, req)
+            item = CompleteItem(queue_id=done.queue_id, lease_id=done.lease_id)
+            return cast(T, await self._completes.complete(item))
         try:
             reply = await self._exchange(req, extra_timeout_s)
         except SidecarUnavailable as lost:
@@ -300,6 +320,7 @@ class Client:
     extend = _sync(ops.extend)
     complete = _sync(ops.complete)
     complete_next = _sync(ops.complete_next)
+    complete_many = _sync(ops.complete_many)
     fail = _sync(ops.fail)
     cancel = _sync(ops.cancel)
     status = _sync(ops.status)
@@ -382,7 +403,6 @@ class Client:
                     self.close()
                     raise_for(reply)
                 if reply.id in (request_id, None):  # one request at a time: nil is ours too
-
                     return reply
 
 

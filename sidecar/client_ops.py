@@ -20,6 +20,9 @@ from sidecar.protocol import (
     SPECS,
     Cancel,
     Complete,
+    CompleteItem,
+    CompleteMany,
+    CompleteManyResult,
     CompleteNext,
     CompleteNextResult,
     Dequeue,
@@ -59,7 +62,8 @@ class Call(Generic[T]):
         self, request: Request, unwrap: Callable[[Any], T] | None = None, *, fold: bool = False
     ) -> None:
         self.request = request
-        # A single enqueue, which AsyncClient may send in one batch with others (client_fold).
+        # A single enqueue or complete, which AsyncClient may send as one request with the
+        # others of its loop pass (client_fold).
         self.fold = fold
         self.spec: OpSpec = SPECS[type(request)]
         # The result as decoded (the spec's result type) becomes the method's return value.
@@ -150,7 +154,21 @@ def extend(queue_id: str, lease_id: str, lease_s: float | None = None) -> Call[R
 
 def complete(queue_id: str, lease_id: str) -> Call[RequestInfo]:
     """Report a leased request done."""
-    return Call(Complete(id=0, queue_id=queue_id, lease_id=lease_id))
+    # AsyncClient sends the completes of one loop pass as one complete_many (client_fold).
+    return Call(Complete(id=0, queue_id=queue_id, lease_id=lease_id), fold=True)
+
+
+def complete_many(
+    leases: Sequence[tuple[str, str]], max_items: int = 0, *, lease_s: float | None = None
+) -> Call[CompleteManyResult]:
+    """Report several leased requests done, each (queue_id, lease_id) on its own, and lease up
+    to max_items more in the same round trip.
+
+    `results` has one entry per lease, in order: `completed` (its info) or `error` (what
+    complete would have answered). Never waits for work.
+    """
+    items = [CompleteItem(queue_id=q, lease_id=lease) for q, lease in leases]
+    return Call(CompleteMany(id=0, items=items, max_items=max_items, lease_s=lease_s))
 
 
 def complete_next(
@@ -212,7 +230,7 @@ BUILDERS: dict[str, Callable[..., Call[Any]]] = {
     f.__name__: f
     for f in (
         hello, enqueue, enqueue_many, dequeue, extend, complete, fail, cancel, status, stats,
-        health, metrics, complete_next,
+        health, metrics, complete_next, complete_many,
     )
 }  # fmt: skip
 

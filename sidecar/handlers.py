@@ -30,6 +30,9 @@ from sidecar.protocol import (
     AnyRequest,
     Cancel,
     Complete,
+    Completed,
+    CompleteMany,
+    CompleteManyResult,
     CompleteNext,
     CompleteNextResult,
     Dequeue,
@@ -38,7 +41,6 @@ from sidecar.protocol import (
     EnqueuedItem,
     EnqueueItem,
     EnqueueResult,
-    ErrorBody,
     Extend,
     Fail,
     Health,
@@ -53,6 +55,7 @@ from sidecar.protocol import (
     Stats,
     StatsResult,
     Status,
+    error_body,
     payload_depth_exceeds,
 )
 from sidecar.queue.base import QueueManager, new_request
@@ -113,6 +116,8 @@ class Ops:
                 return info(await self.queue.complete(req.queue_id, req.lease_id))
             case CompleteNext():
                 return await self._complete_next(req)
+            case CompleteMany():
+                return await self._complete_many(req)
             case Fail():
                 return info(await self._fail(req))
             case Extend():
@@ -261,13 +266,45 @@ class Ops:
             req.lease_s or self.settings.queue_lease_s,
             room,
         )
-        err = got.error
         return CompleteNextResult(
             completed=None if got.completed is None else info(got.completed),
-            error=None if err is None else ErrorBody(code=err.code, message=err.message,
-                                                     details=err.details or None),
+            error=None if got.error is None else error_body(got.error),
             items=[job(r) for r in got.leased],
-        )  # fmt: skip
+        )
+
+    async def _complete_many(self, req: CompleteMany) -> CompleteManyResult:
+        """Settle each item on its own and lease up to max_items more, never waiting
+        (protocol.md 8.13). All go to the store at once: on Redis the completes fold into one
+        script run, and the leasing shares its round trip."""
+        s = self.settings
+        if len(req.items) > s.max_batch:
+            raise InvalidMessage(
+                f"batch of {len(req.items)} items is over the limit of {s.max_batch}",
+                {"items": len(req.items), "max_batch": s.max_batch},
+            )
+        calls: list[Awaitable[object]] = [
+            self.queue.complete(item.queue_id, item.lease_id) for item in req.items
+        ]
+        max_items = min(req.max_items, s.max_batch)
+        if max_items:
+            calls.append(self._lease_within_frame(max_items, req.lease_s or s.queue_lease_s))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        leased = outcomes.pop() if max_items else []
+        # A settle's own error is its item's answer; anything else (the leasing's error, or
+        # a fault) fails the op, as it would fail complete_next.
+        for outcome in (leased, *outcomes):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, SidecarError):
+                raise outcome
+        if isinstance(leased, BaseException):
+            raise leased
+        results = [
+            Completed(error=error_body(o)) if isinstance(o, SidecarError)
+            else Completed(completed=info(cast(QueuedRequest, o)))
+            for o in outcomes
+        ]  # fmt: skip
+        return CompleteManyResult(
+            results=results, items=[job(r) for r in cast(list[QueuedRequest], leased)]
+        )
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""

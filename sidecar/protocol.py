@@ -94,6 +94,19 @@ class CompleteNext(Request, tag="complete_next"):
     lease_s: LeaseSeconds | None = None
 
 
+class CompleteItem(msgspec.Struct, kw_only=True):
+    queue_id: QueueId
+    lease_id: str
+
+
+class CompleteMany(Request, tag="complete_many"):
+    """Complete several leased requests, each on its own, and lease up to max_items more."""
+
+    items: Annotated[list[CompleteItem], msgspec.Meta(min_length=1)]
+    max_items: Annotated[int, msgspec.Meta(ge=0)] = 0
+    lease_s: LeaseSeconds | None = None
+
+
 class Fail(Request, tag="fail"):
     queue_id: QueueId
     lease_id: str
@@ -203,6 +216,20 @@ class CompleteNextResult(msgspec.Struct, kw_only=True):
     items: list[Job]
 
 
+class Completed(msgspec.Struct, kw_only=True):
+    """One item's outcome in complete_many: its info, or the error complete would answer."""
+
+    completed: RequestInfo | None = None
+    error: ErrorBody | None = None
+
+
+class CompleteManyResult(msgspec.Struct, kw_only=True):
+    """Each item's outcome, in the order sent, and the jobs leased (protocol.md 8.13)."""
+
+    results: list[Completed]
+    items: list[Job]
+
+
 class HealthResult(msgspec.Struct, kw_only=True):
     status: str
     mode: str
@@ -294,11 +321,24 @@ REGISTRY: tuple[OpSpec, ...] = (
     OpSpec(Metrics, MetricsResult, retry_safe=True),
     # Not resend-safe: a resend leases further jobs (its settle is harmless, as complete's is).
     OpSpec(CompleteNext, CompleteNextResult, retry_safe=False),
+    # Not resend-safe for the same reason when it leases; a resend's settles are harmless.
+    OpSpec(CompleteMany, CompleteManyResult, retry_safe=False),
 )
 # The registry's requests as one union: the decoder's type, and what dispatch matches over.
 AnyRequest = (
-    Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
-    | Metrics | CompleteNext
+    Hello
+    | Enqueue
+    | Dequeue
+    | Extend
+    | Complete
+    | Fail
+    | Cancel
+    | Status
+    | Stats
+    | Health
+    | Metrics
+    | CompleteNext
+    | CompleteMany
 )
 SPECS: dict[type[Request], OpSpec] = {spec.request: spec for spec in REGISTRY}
 OPS: frozenset[str] = frozenset(spec.name for spec in REGISTRY)
@@ -337,11 +377,13 @@ class Reply(msgspec.Struct, kw_only=True):
     error: ErrorBody | None = None
 
 
+def error_body(err: SidecarError) -> ErrorBody:
+    """An error as an error reply carries it (section 4.2); results that hold one use it too."""
+    return ErrorBody(code=err.code, message=err.message, details=err.details or None)
+
+
 def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
-    return ErrorReply(
-        id=request_id,
-        error=ErrorBody(code=err.code, message=err.message, details=err.details or None),
-    )
+    return ErrorReply(id=request_id, error=error_body(err))
 
 
 # -- codec ---------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from sidecar.client import AsyncClient
 
 log = structlog.get_logger("sidecar.client")
-
+# The most completions one complete_many carries. Smaller requests keep several in flight, so
+# the worker, the daemon and Redis work at once instead of in turns on one large batch.
+SETTLE_BATCH = 16
 
 
 class PermanentFailure(Exception):
@@ -43,9 +45,9 @@ async def run_worker(
     A handler that returns completes the request; one that raises fails it with a retry
     (PermanentFailure: without). Runs until `stop` is set. Long-polling dequeues use their own
     connection: on a shared one, replies come in order, so every extend and complete would
-    wait behind the poll and leases could lapse under a running handler. A job that completes
-    takes the next jobs for its own slot and any free ones in the same request
-    (complete_next), so a busy worker needs one round trip per job, not two.
+    wait behind the poll and leases could lapse under a running handler. The jobs that
+    complete in one loop pass are settled in one request that also takes as many next jobs
+    (complete_many), so a busy worker needs one round trip per batch of jobs, not two per job.
     """
     from sidecar.client import AsyncClient  # here: sidecar.client re-exports this module
 
@@ -61,7 +63,9 @@ async def run_worker(
         backoff = 0.05
         try:
             while not stop.is_set():
-                free = slots.take(concurrency)
+                # While completions are out, they take the next jobs (and free slots);
+                # the poller asks for jobs only when none is, so it never races them.
+                free = slots.take(concurrency) if not jobs.settling else 0
                 if free <= 0:  # a free slot first: a job taken is always run at once
                     await slots.wait_freed()
                     continue
@@ -87,7 +91,7 @@ async def run_worker(
 
 class _Slots:
     """How many of the worker's `concurrency` slots are taken: one by each job whose handler
-    runs, and one by each job that a request in flight (a dequeue, a complete_next) may bring
+    runs, and one by each job that a request in flight (a dequeue, a complete_many) may bring
     back. A job's settle does not hold a slot: the next jobs are asked for while it is sent."""
 
     def __init__(self, concurrency: int, max_batch: int) -> None:
@@ -107,14 +111,17 @@ class _Slots:
             self.taken -= n
             self._freed.set()
 
+    def wake(self) -> None:
+        self._freed.set()
+
     async def wait_freed(self) -> None:
         self._freed.clear()
         await self._freed.wait()
 
 
 class _Jobs:
-    """The running jobs: each holds one slot from its start until its handler ends; its task
-    then settles it outside the slot."""
+    """The running jobs: each holds one slot from its start until its handler ends. The jobs
+    that complete in one loop pass are then settled together, and bring the next jobs."""
 
     def __init__(
         self,
@@ -128,23 +135,25 @@ class _Jobs:
         self.client, self.handler, self.keeper = client, handler, keeper
         self.slots, self.stop, self.lease_s = slots, stop, lease_s
         self.running: set[asyncio.Task[None]] = set()
-        self.settling = False  # a complete_next is in flight
+        self.settling = 0  # completions waiting to be sent or in flight
+        self._done: list[Job] = []  # completed this loop pass, not sent yet
+        self._scheduled = False
         self._loop = asyncio.get_running_loop()
 
     def start(self, jobs: list[Job]) -> None:
         """Run each job in a slot already taken for it."""
         for job in jobs:
-            task = self._loop.create_task(self._run(job))
-            self.running.add(task)
-            task.add_done_callback(self._finished)
-            task.add_done_callback(observe)
+            self._track(self._loop.create_task(self._run(job)))
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self.running.discard(task)
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        task.add_done_callback(observe)
 
     async def wait_all(self) -> None:
-        """Until every job has ended (a job ending may have started others)."""
-        while self.running:
+        """Until every job has ended and been settled (a settle may have started others)."""
+        while self.running or self._done:
+            self._send_completes()
             await asyncio.gather(*self.running, return_exceptions=True)
 
     async def _run(self, job: Job) -> None:
@@ -159,41 +168,66 @@ class _Jobs:
                 failed = (f"{type(exc).__name__}: {exc}", True)
             finally:
                 self.slots.give(1)  # the handler's slot, free while its outcome is sent
-            if failed is None:
-                await self._complete(job)
-            else:
-                reason, retry = failed
-                call = self.client.fail(job.queue_id, job.lease_id, reason, retry=retry)
-                await _settle(call, job)
+        except BaseException:
+            self.keeper.remove(job)
+            raise
+        if failed is None:
+            self._complete(job)  # its lease is kept until the completion is answered
+            return
+        try:
+            reason, retry = failed
+            await _settle(self.client.fail(job.queue_id, job.lease_id, reason, retry=retry), job)
         finally:
             self.keeper.remove(job)
 
-    async def _complete(self, job: Job) -> None:
-        """Complete the job. One completion at a time (none in flight, not stopping) also takes
-        the next jobs in the same request: one for this job's slot (handed on) and one for each
-        slot free now. Completions that come meanwhile are sent plainly: the daemon folds them
-        into one Redis run, and the poller refills their slots in one dequeue, which measured
-        faster than a complete_next each (their dequeues do not fold)."""
-        # Its own slot was given back a moment ago, with no await since: it is free for the
-        # jobs this request brings, unless a dequeue in flight already counts on it.
-        want = 0 if self.stop.is_set() or self.settling else self.slots.take(self.slots.max_batch)
-        if want == 0:
-            await _settle(self.client.complete(job.queue_id, job.lease_id), job)
-            return
-        self.settling = True
+    def _complete(self, job: Job) -> None:
+        """Join the completions of this loop pass: they leave together (at most SETTLE_BATCH
+        in one request), and each request asks for as many new jobs as it completes."""
+        self._done.append(job)
+        self.settling += 1
+        if len(self._done) >= SETTLE_BATCH:
+            self._send_completes()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._send_scheduled)
+
+    def _send_scheduled(self) -> None:
+        self._scheduled = False
+        self._send_completes()
+
+    def _send_completes(self) -> None:
+        batch, self._done = self._done, []
+        if batch:
+            # The slots the batch's jobs gave back (and up to SETTLE_BATCH free ones): a job
+            # taken is always run at once, and the poller waits while completions are out.
+            want = 0 if self.stop.is_set() else self.slots.take(max(len(batch), SETTLE_BATCH))
+            self._track(self._loop.create_task(self._settle_batch(batch, want)))
+
+    async def _settle_batch(self, batch: list[Job], want: int) -> None:
+        leases = [(job.queue_id, job.lease_id) for job in batch]
         try:
-            got = await self.client.complete_next(
-                job.queue_id, job.lease_id, want, lease_s=self.lease_s
-            )
+            got = await self.client.complete_many(leases, want, lease_s=self.lease_s)
         except SidecarError as exc:
+            # The daemon or its store is briefly away: a completion not taken lapses, and its
+            # request is handed out again (delivery is at least once).
             self.slots.give(want)
-            log.warning("settle_failed", queue_id=job.queue_id, code=exc.code, error=exc.message)
+            for job in batch:
+                log.warning("settle_failed", queue_id=job.queue_id, code=exc.code,
+                            error=exc.message)  # fmt: skip
             return
+        except BaseException:
+            self.slots.give(want)
+            raise
         finally:
-            self.settling = False
-        if got.error is not None:
-            log.warning("settle_failed", queue_id=job.queue_id, code=got.error.code,
-                        error=got.error.message)  # fmt: skip
+            self.settling -= len(batch)
+            for job in batch:
+                self.keeper.remove(job)
+            if not self.settling:
+                self.slots.wake()  # the poller's turn: it waits while completions are out
+        for job, one in zip(batch, got.results, strict=False):
+            if one.error is not None:
+                log.warning("settle_failed", queue_id=job.queue_id, code=one.error.code,
+                            error=one.error.message)  # fmt: skip
         # Each new job holds a slot of its own from now; `want` was only held for the reply.
         self.slots.taken += len(got.items)
         self.slots.give(want)

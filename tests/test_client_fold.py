@@ -1,5 +1,6 @@
-"""AsyncClient sends the single enqueues of one loop pass as one batch (sidecar/client_fold.py),
-and every caller still gets what it alone would have got. Against the real daemon."""
+"""AsyncClient sends the single enqueues of one loop pass as one batch, and the single completes
+as one complete_many (sidecar/client_fold.py), and every caller still gets what it alone would
+have got. Against the real daemon."""
 
 from __future__ import annotations
 
@@ -8,16 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.client import AsyncClient
+from sidecar.client import AsyncClient, item
 from sidecar.client_fold import FOLD_ITEM_MAX_BYTES, FOLD_MAX_BYTES, FOLD_MAX_ITEMS
-from sidecar.errors import InternalError, PayloadTooLarge, QueueFull, SidecarUnavailable
+from sidecar.errors import (
+    InternalError,
+    LeaseMismatch,
+    PayloadTooLarge,
+    QueueFull,
+    SidecarUnavailable,
+    UnknownOp,
+)
 from sidecar.protocol import (
+    Complete,
     EnqueuedItem,
     EnqueueResult,
     FrameReader,
     OkReply,
+    RequestInfo,
     append_frame,
     decode_request,
+    error_reply,
 )
 from tests.daemon import running_daemon
 from tests.metrics_scrape import value
@@ -166,3 +177,79 @@ async def test_a_reply_with_the_wrong_number_of_items_fails_each_caller_not_hang
             writer.close()
             await asyncio.gather(task, writer.wait_closed(), return_exceptions=True)
     assert all(isinstance(r, InternalError) for r in results), results
+
+
+async def _requests(client: AsyncClient, op: str) -> float:
+    text = (await client.metrics()).text
+    return value(text, "sidecar_request_duration_seconds_count", op=op)
+
+
+async def test_concurrent_completes_leave_as_one_complete_many_each_with_its_own_answer() -> None:
+    with running_daemon() as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            await client.enqueue_many([item({"n": n}) for n in range(6)])
+            jobs = await client.dequeue(6)
+            before = await _requests(client, "complete_many")
+            leases = [(j.queue_id, "not-its-lease" if i == 3 else j.lease_id)
+                      for i, j in enumerate(jobs)]  # fmt: skip
+            calls = [client.complete(queue_id, lease) for queue_id, lease in leases]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert await _requests(client, "complete_many") == before + 1
+            assert await _requests(client, "complete") == 0  # none went alone
+            lost = results.pop(3)
+            assert isinstance(lost, LeaseMismatch)  # its own error, as complete raises it
+            assert lost.details == {"queue_id": jobs[3].queue_id}
+            assert [r.queue_id for r in results if isinstance(r, RequestInfo)] == [
+                j.queue_id for i, j in enumerate(jobs) if i != 3
+            ]
+            assert all(isinstance(r, RequestInfo) and r.status == "completed" for r in results)
+            stats = await client.stats()
+            assert (stats.completed, stats.processing) == (5, 1)
+            # One complete alone is sent as a plain complete.
+            await client.complete(jobs[3].queue_id, jobs[3].lease_id)
+            assert await _requests(client, "complete") == 1
+
+
+async def test_a_daemon_without_complete_many_gets_single_completes(tmp_path: Path) -> None:
+    """An older daemon answers complete_many with unknown_op: each caller's complete is sent
+    alone and answered, and the client stops folding completes."""
+    ops: list[str] = []
+
+    def info(queue_id: str) -> RequestInfo:
+        return RequestInfo(queue_id=queue_id, status="completed", priority=5, attempts=1,
+                           max_attempts=3, created_at=1.0, expires_at=2.0, updated_at=1.5,
+                           size_bytes=1)  # fmt: skip
+
+    def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def serve() -> None:
+            frames = FrameReader(1 << 20)
+            while data := await reader.read(65536):
+                out = bytearray()
+                for body in frames.feed(data):
+                    req = decode_request(body)
+                    ops.append(type(req).__name__)
+                    if isinstance(req, Complete):
+                        append_frame(out, OkReply(id=req.id, result=info(req.queue_id)))
+                    else:
+                        err = UnknownOp(f"unknown op {type(req).__name__}", {"op": "x"})
+                        append_frame(out, error_reply(req.id, err))
+                writer.write(out)
+
+        tasks.append(asyncio.get_running_loop().create_task(serve()))
+        writers.append(writer)
+
+    tasks: list[asyncio.Task[None]] = []
+    writers: list[asyncio.StreamWriter] = []
+    path = str(tmp_path / "s.sock")
+    server = await asyncio.start_unix_server(answer, path)
+    try:
+        async with AsyncClient(path, timeout_s=5.0) as client:
+            first = await asyncio.gather(*(client.complete(f"q{i}", "l") for i in range(3)))
+            second = await asyncio.gather(*(client.complete(f"r{i}", "l") for i in range(2)))
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r.queue_id for r in first + second] == ["q0", "q1", "q2", "r0", "r1"]
+    assert ops == ["CompleteMany"] + ["Complete"] * 5

@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from sidecar.client import AsyncClient, Client, PermanentFailure, decode_payload, item, run_worker
-from sidecar.errors import InvalidState, LeaseMismatch, NotFound, SidecarUnavailable
+from sidecar.errors import (
+    InvalidMessage,
+    InvalidState,
+    LeaseMismatch,
+    NotFound,
+    SidecarUnavailable,
+)
 from sidecar.protocol import Job
 from tests.daemon import Daemon, daemon_env, running_daemon, serve_expecting_refusal, short_tmpdir
 from tests.metrics_scrape import exported_names
@@ -113,6 +119,46 @@ async def test_complete_next_settles_and_leases_in_one_request(client: AsyncClie
     assert lost.error.details == {"queue_id": got.items[0].queue_id}
     for j in got.items:
         assert (await client.complete(j.queue_id, j.lease_id)).status == "completed"
+
+
+async def test_complete_many_settles_each_lease_on_its_own_and_leases_more(
+    client: AsyncClient,
+) -> None:
+    done = await client.enqueue_many([item({"n": n}, priority=0) for n in range(3)])
+    waiting = await client.enqueue({"n": 3}, priority=0)
+    jobs = await client.dequeue(3)
+    assert [j.queue_id for j in jobs] == [d.queue_id for d in done]
+    leases = [(j.queue_id, j.lease_id) for j in jobs]
+    leases[1] = (jobs[1].queue_id, "wrong-lease")  # one lost lease among them
+    leases.append(("no-such-request", "x"))
+    got = await client.complete_many(leases, 5, lease_s=20)
+    assert len(got.results) == 4
+    first, lost, third, unknown = got.results
+    assert first.error is None and first.completed is not None
+    assert (first.completed.queue_id, first.completed.status) == (jobs[0].queue_id, "completed")
+    assert third.completed is not None and third.completed.queue_id == jobs[2].queue_id
+    # Each refusal is its item's own, exactly what complete would have raised.
+    assert lost.completed is None and lost.error is not None
+    assert (lost.error.code, lost.error.details) == (
+        "lease_mismatch",
+        {"queue_id": jobs[1].queue_id},
+    )
+    assert unknown.error is not None and unknown.error.code == "not_found"
+    # The one request still queued was leased in the same round trip.
+    assert [j.queue_id for j in got.items] == [waiting.queue_id]
+    assert got.items[0].lease_expires_at is not None
+    assert (await client.status(jobs[1].queue_id)).status == "processing"
+    # Without max_items it only settles; a repeat of a settle answers the same info.
+    again = await client.complete_many(
+        [(jobs[1].queue_id, jobs[1].lease_id), (jobs[0].queue_id, jobs[0].lease_id)]
+    )
+    assert [r.completed.status for r in again.results if r.completed] == ["completed"] * 2
+    assert again.items == []
+    over = [("q", "l")] * 1001  # past the default max_batch of 1,000
+    with pytest.raises(InvalidMessage) as refused:
+        await client.complete_many(over)
+    assert refused.value.details == {"items": 1001, "max_batch": 1000}
+    await client.complete(got.items[0].queue_id, got.items[0].lease_id)
 
 
 async def test_batch_enqueue_and_batch_dequeue(client: AsyncClient) -> None:

@@ -85,6 +85,9 @@ test_batch_enqueue_and_batch_dequeue = local_suite.test_batch_enqueue_and_batch_
 test_complete_next_settles_and_leases_in_one_request = (
     local_suite.test_complete_next_settles_and_leases_in_one_request
 )
+test_complete_many_settles_each_lease_on_its_own_and_leases_more = (
+    local_suite.test_complete_many_settles_each_lease_on_its_own_and_leases_more
+)
 test_idempotent_enqueue_over_the_wire = local_suite.test_idempotent_enqueue_over_the_wire
 test_many_tasks_share_one_connection = local_suite.test_many_tasks_share_one_connection
 test_long_poll_dequeue_wakes_on_enqueue = local_suite.test_long_poll_dequeue_wakes_on_enqueue

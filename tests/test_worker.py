@@ -12,20 +12,23 @@ from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient, item, run_worker
 from sidecar.config import Settings
 from sidecar.models import QueuedRequest
-from sidecar.protocol import Job
-from sidecar.queue.base import CompleteNextOutcome, QueueManager
+from sidecar.protocol import AnyRequest, CompleteMany, Job
+from sidecar.queue.base import QueueManager
 from sidecar.server import SidecarServer
+from sidecar.worker import SETTLE_BATCH
 from tests.daemon import short_tmpdir
 
 
 class Recording:
-    """The local store, recording the dequeue sizes asked for and the leases extended."""
+    """The local store, recording the dequeue sizes asked for and the leases extended (and,
+    filled by the fixture, each request's op and the complete_many sizes it carried)."""
 
     def __init__(self, inner: object) -> None:
         self._inner = inner
         self.asked: list[int] = []
-        self.next_asked: list[int] = []
         self.extended: list[str] = []
+        self.ops: list[str] = []
+        self.settled: list[int] = []  # completions per complete_many
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -36,13 +39,6 @@ class Recording:
         self.asked.append(max_items)
         inner = cast(QueueManager, self._inner)
         return await inner.dequeue(max_items, lease_s, max_bytes)
-
-    async def complete_next(
-        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
-    ) -> CompleteNextOutcome:
-        self.next_asked.append(max_items)
-        inner = cast(QueueManager, self._inner)
-        return await inner.complete_next(queue_id, lease_id, max_items, lease_s, max_bytes)
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
         self.extended.append(queue_id)
@@ -55,6 +51,15 @@ async def served() -> AsyncIterator[tuple[SidecarServer, Recording]]:
         settings = Settings.from_env({"SIDECAR_SOCKET": str(tmp / "s.sock")})
         store = Recording(build_local_queue(settings, journaled=False))
         server = build_server(settings, cast(QueueManager, store))
+        handle = server.ops.handle
+
+        async def recorded(req: AnyRequest) -> object:
+            store.ops.append(str(type(req).__struct_config__.tag))
+            if isinstance(req, CompleteMany):
+                store.settled.append(len(req.items))
+            return await handle(req)
+
+        server.ops.handle = recorded  # type: ignore[method-assign]
         await server.start()
         try:
             yield server, store
@@ -148,9 +153,11 @@ async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns
             await asyncio.wait_for(worker, 10)
     assert sorted(handled) == sorted(ids)  # each once
     assert most <= 4
-    # Completions took the next jobs (complete_next), each for its own slot and the free ones.
-    assert store.next_asked and max(store.next_asked) <= 4
-    assert sum(store.asked) + sum(store.next_asked) >= len(ids)
+    # Completions took the next jobs (complete_many): after the poller's first dequeue, the
+    # jobs came with the completions of the ones before them, never more than the free slots.
+    assert store.ops.count("complete_many") >= 2 and "complete" not in store.ops
+    assert sum(store.settled) == len(ids)
+    assert max(store.asked) <= 4 and sum(store.asked) >= len(ids)
     assert (await cast(QueueManager, store).stats()).completed == len(ids)
 
 
@@ -182,5 +189,37 @@ async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
             await asyncio.wait_for(worker, 10)
     assert handled == ids
     # The first job came from the poller; the other four each with the completion before it.
-    assert store.asked[:1] == [1] and len(store.next_asked) >= 4
-    assert store.next_asked[:4] == [1, 1, 1, 1]
+    assert store.ops[store.ops.index("dequeue") :][:5] == ["dequeue"] + ["complete_many"] * 4
+    assert store.asked[:5] == [1] * 5 and store.settled[:4] == [1] * 4
+
+
+async def test_completions_leave_in_requests_of_at_most_settle_batch(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """Many jobs ending at once are settled in several smaller requests, each carrying the
+    request for as many next jobs, so several are in flight together."""
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(120)])]
+        handled: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=40, wait_s=0.2, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert sorted(handled) == sorted(ids)
+    assert sum(store.settled) == len(ids) and max(store.settled) == SETTLE_BATCH
+    assert max(store.asked) <= 40
