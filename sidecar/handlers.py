@@ -192,13 +192,17 @@ class Ops:
                 return now
         return rec
 
+    def _check_batch(self, items: int) -> None:
+        limit = self.settings.max_batch
+        if items > limit:
+            raise InvalidMessage(
+                f"batch of {items} items is over the limit of {limit}",
+                {"items": items, "max_batch": limit},
+            )
+
     async def _enqueue(self, req: Enqueue) -> EnqueueResult:
         s = self.settings
-        if len(req.items) > s.max_batch:
-            raise InvalidMessage(
-                f"batch of {len(req.items)} items is over the limit of {s.max_batch}",
-                {"items": len(req.items), "max_batch": s.max_batch},
-            )
+        self._check_batch(len(req.items))
         now = self._clock()
         records: list[QueuedRequest] = []
         for index, item in enumerate(req.items):
@@ -277,11 +281,7 @@ class Ops:
         (protocol.md 8.13). All go to the store at once: on Redis the completes fold into one
         script run, and the leasing shares its round trip."""
         s = self.settings
-        if len(req.items) > s.max_batch:
-            raise InvalidMessage(
-                f"batch of {len(req.items)} items is over the limit of {s.max_batch}",
-                {"items": len(req.items), "max_batch": s.max_batch},
-            )
+        self._check_batch(len(req.items))
         calls: list[Awaitable[object]] = [
             self.queue.complete(item.queue_id, item.lease_id) for item in req.items
         ]
