@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
 
 RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
 LEASE_S = 30.0
+
 
 async def test_two_instances_complete_every_request_exactly_once(
     make_queue: QueueFactory, clock: FakeClock
@@ -377,3 +379,35 @@ async def test_a_delayed_fail_parks_the_request_in_the_delayed_zset(
     assert again.queue_id == "d"
     assert await raw.zcard(keys.delayed) == 0
     assert await raw.hget(keys.request("d"), "not_before") is None
+
+
+async def test_leases_are_scored_in_whole_milliseconds_and_old_second_scores_are_kept(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    """The leases zset scores a lease end in integer ms (rounded up): Redis keeps an integer
+    score as a number in a small zset instead of parsing text at each comparison. A live lease
+    scored in seconds by an older version is indexed again at its end, not dropped, so it is
+    still reclaimed when it lapses."""
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, i, queue_id=f"q{i}") for i in range(2)])
+    first, second = await queue.dequeue(2, LEASE_S)
+    assert first.lease_expires_at is not None
+    keys = queue.keys
+    score = await raw.zscore(keys.leases, first.queue_id)
+    assert score == math.ceil(first.lease_expires_at * 1000) and score == int(score)
+    extended = await queue.extend(first.queue_id, str(first.lease_id), 2 * LEASE_S)
+    assert extended.lease_expires_at is not None
+    assert await raw.zscore(keys.leases, first.queue_id) == math.ceil(
+        extended.lease_expires_at * 1000
+    )
+    # As an older version scored it: seconds, so it looks long lapsed to a millisecond bound.
+    assert second.lease_expires_at is not None
+    await raw.zadd(keys.leases, {second.queue_id: second.lease_expires_at})
+    assert (await queue.sweep()).requeued == 0  # live: neither reclaimed nor dropped
+    assert await raw.zscore(keys.leases, second.queue_id) == math.ceil(
+        second.lease_expires_at * 1000
+    )
+    clock.advance(LEASE_S + 1)
+    assert (await queue.sweep()).requeued == 1  # the second lapsed; the first was extended
+    now = await queue.status(second.queue_id)
+    assert now is not None and now.status == QueueStatus.QUEUED

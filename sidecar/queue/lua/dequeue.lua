@@ -12,8 +12,9 @@
 --   leases queued again, lapsed leases failed), for the daemon's per-host counters.
 -- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
 -- run leased, and leases nothing more: every request a run leases carries one of the call's
--- lease ids and sits in the leases zset at exactly lease_until.
+-- lease ids and sits in the leases zset at exactly lease_until's score (lease_score).
 local lease_until, lease_until_s = arg_time(3, 'lease_until')
+local lease_ms = lease_score(lease_until)
 local limit = arg_int(4, 'sweep_limit', 0, 1000000)
 local room = arg_int(5, 'max_bytes', -1, 1e15)
 local bounded = room >= 0 -- room itself goes below 0 after a first job over the budget
@@ -27,7 +28,7 @@ end
 
 local function leased_before()
   local found = {}
-  local same = redis.call('ZRANGEBYSCORE', K_LEASES, lease_until_s, lease_until_s)
+  local same = redis.call('ZRANGEBYSCORE', K_LEASES, lease_ms, lease_ms)
   for _, id in ipairs(same) do
     local key = K_REQ .. id
     local pos = mine[redis.call('HGET', key, 'lease_id')]
@@ -84,7 +85,7 @@ while #out < want and not full do
       unexpiring[#unexpiring + 1] = id
       redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
         'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
-      leased[#leased + 1] = lease_until_s
+      leased[#leased + 1] = lease_ms
       leased[#leased + 1] = id
       -- Leased means it must stay: drop a native TTL that an older version may have set.
       redis.call('PERSIST', r.key)
