@@ -282,8 +282,9 @@ class Ops:
         script run, and the leasing shares its round trip."""
         s = self.settings
         self._check_batch(len(req.items))
+        settle = self.queue.complete if req.info else self.queue.complete_brief
         calls: list[Awaitable[object]] = [
-            self.queue.complete(item.queue_id, item.lease_id) for item in req.items
+            settle(item.queue_id, item.lease_id) for item in req.items
         ]
         max_items = min(req.max_items, s.max_batch)
         if max_items:
@@ -299,7 +300,7 @@ class Ops:
             raise leased
         results = [
             Completed(error=error_body(o)) if isinstance(o, SidecarError)
-            else Completed(completed=info(cast(QueuedRequest, o)))
+            else Completed(completed=None if o is None else info(cast(QueuedRequest, o)))
             for o in outcomes
         ]  # fmt: skip
         return CompleteManyResult(

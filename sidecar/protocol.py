@@ -105,6 +105,9 @@ class CompleteMany(Request, tag="complete_many"):
     items: Annotated[list[CompleteItem], msgspec.Meta(min_length=1)]
     max_items: Annotated[int, msgspec.Meta(ge=0)] = 0
     lease_s: LeaseSeconds | None = None
+    # False: a settled item's entry carries no info (nor error), and the store need not read
+    # the record back.
+    info: bool = True
 
 
 class Fail(Request, tag="fail"):

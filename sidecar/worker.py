@@ -206,7 +206,7 @@ class _Jobs:
     async def _settle_batch(self, batch: list[Job], want: int) -> None:
         leases = [(job.queue_id, job.lease_id) for job in batch]
         try:
-            got = await self.client.complete_many(leases, want, lease_s=self.lease_s)
+            got = await self.client.complete_many(leases, want, lease_s=self.lease_s, info=False)
         except SidecarError as exc:
             # The daemon or its store is briefly away: a completion not taken lapses, and its
             # request is handed out again (delivery is at least once).

@@ -154,11 +154,19 @@ async def test_complete_many_settles_each_lease_on_its_own_and_leases_more(
     )
     assert [r.completed.status for r in again.results if r.completed] == ["completed"] * 2
     assert again.items == []
+    # info=False: a completed lease's entry is empty; an error is still its own.
+    [late] = got.items
+    brief = await client.complete_many(
+        [(late.queue_id, late.lease_id), (late.queue_id, "wrong-lease")], info=False
+    )
+    assert brief.results[0].completed is None and brief.results[0].error is None
+    assert brief.results[1].error is not None
+    assert brief.results[1].error.code == "invalid_state"  # completed by the first entry
+    assert (await client.status(late.queue_id)).status == "completed"
     over = [("q", "l")] * 1001  # past the default max_batch of 1,000
     with pytest.raises(InvalidMessage) as refused:
         await client.complete_many(over)
     assert refused.value.details == {"items": 1001, "max_batch": 1000}
-    await client.complete(got.items[0].queue_id, got.items[0].lease_id)
 
 
 async def test_batch_enqueue_and_batch_dequeue(client: AsyncClient) -> None:

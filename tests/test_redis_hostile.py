@@ -125,7 +125,7 @@ async def test_scripts_clamp_huge_times_on_their_own(
     # A huge retention: the terminal hash gets an expiry in the future, not one that wrapped.
     key = queue.keys.request("raw0")
     reply = await raw.evalsha(
-        SCRIPT_SHAS["complete"], len(keys) + 1, *keys, key, now, "1e300", "raw0", "l0"
+        SCRIPT_SHAS["complete"], len(keys) + 1, *keys, key, now, "1e300", "raw0", "l0", "1"
     )
     assert reply[0] == 0
     assert await raw.exists(key) == 1 and await raw.pttl(key) > 0

@@ -240,9 +240,9 @@ async def test_script_error_codes(make_queue: QueueFactory, clock: FakeClock, ra
         ("extend", ("x", "l", later), [-2, b"queued"]),
         ("extend", ("queued", "not-it", later), [-3]),
         # complete.lua takes a batch: each request's own code inside {0, results}.
-        ("complete", ("nope", "l"), [0, [[-1]]]),
-        ("complete", ("x", "l"), [0, [[-2, b"queued"]]]),
-        ("complete", ("queued", "not-it"), [0, [[-3]]]),
+        ("complete", ("nope", "l", "1"), [0, [[-1]]]),
+        ("complete", ("x", "l", "0"), [0, [[-2, b"queued"]]]),
+        ("complete", ("queued", "not-it", "1"), [0, [[-3]]]),
         ("fail", ("nope", "l", "r", "1"), [-1]),
         ("fail", ("x", "l", "r", "0"), [-2, b"queued"]),
         ("fail", ("queued", "not-it", "r", "1"), [-3]),
@@ -411,3 +411,28 @@ async def test_leases_are_scored_in_whole_milliseconds_and_old_second_scores_are
     assert (await queue.sweep()).requeued == 1  # the second lapsed; the first was extended
     now = await queue.status(second.queue_id)
     assert now is not None and now.status == QueueStatus.QUEUED
+
+
+async def test_a_brief_complete_settles_like_complete_without_the_record(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, i, queue_id=f"b{i}") for i in range(2)])
+    first, second = await queue.dequeue(2, LEASE_S)
+    assert first.lease_id is not None and second.lease_id is not None
+    await queue.complete_brief(first.queue_id, first.lease_id)
+    await queue.complete_brief(first.queue_id, first.lease_id)  # a repeat changes nothing
+    done = await queue.status(first.queue_id)
+    assert done is not None and done.status == QueueStatus.COMPLETED
+    with pytest.raises(LeaseMismatch):
+        await queue.complete_brief(second.queue_id, "not-its-lease")
+    with pytest.raises(NotFound):
+        await queue.complete_brief("never-enqueued", "x")
+    # A brief and a full complete folded into one run each get their own reply.
+    full, _ = await asyncio.gather(
+        queue.complete(second.queue_id, second.lease_id),
+        queue.complete_brief(first.queue_id, first.lease_id),
+    )
+    assert full.status == QueueStatus.COMPLETED
+    stats = await queue.stats()
+    assert (stats.completed, stats.processing) == (2, 0)

@@ -276,7 +276,7 @@ def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:
     plain = ScriptRunner(client, structlog.get_logger())
     unused: Any = None  # _encode never touches the call's future
     calls = [
-        ScriptCall("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease"), unused),
+        ScriptCall("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease", "1"), unused),
         ScriptCall("stats", keys, (1.5, 600.0, 500), unused),
         ScriptCall("status", ("other", "keys"), (1.5, 600.0, "a"), unused),
     ]

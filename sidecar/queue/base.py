@@ -62,6 +62,10 @@ class QueueRepository(Protocol):
         """Mark a leased request completed (repeating it with the same lease is harmless)."""
         ...
 
+    async def complete_brief(self, queue_id: str, lease_id: str) -> None:
+        """complete, for a caller that needs no record back (a store may skip reading it)."""
+        ...
+
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
     ) -> CompleteNextOutcome:

@@ -251,10 +251,19 @@ class RedisQueue:
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
         reply = await self._call(
-            "complete", self._clock(), queue_id, lease_id, keys=self._req(queue_id)
+            "complete", self._clock(), queue_id, lease_id, "1", keys=self._req(queue_id)
         )
         [result] = reply[1]  # complete.lua takes a batch; concurrent calls share a run
         return settled_record(result, "complete", queue_id, lease_id)
+
+    async def complete_brief(self, queue_id: str, lease_id: str) -> None:
+        """complete, without reading the record back (Redis skips the read and the reply)."""
+        reply = await self._call(
+            "complete", self._clock(), queue_id, lease_id, "0", keys=self._req(queue_id)
+        )
+        [result] = reply[1]
+        if result[0] != ScriptCode.OK:
+            settled_record(result, "complete", queue_id, lease_id)  # raises its error
 
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None

@@ -243,6 +243,12 @@ class ResilientQueue:
             return await self.local.complete(queue_id, lease_id)
         return await self._on_redis(lambda: self.redis.complete(queue_id, lease_id), queue_id)
 
+    async def complete_brief(self, queue_id: str, lease_id: str) -> None:
+        if self.local.holds(queue_id):
+            await self.local.complete(queue_id, lease_id)
+            return
+        await self._on_redis(lambda: self.redis.complete_brief(queue_id, lease_id), queue_id)
+
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
     ) -> CompleteNextOutcome:

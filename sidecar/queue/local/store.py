@@ -205,6 +205,10 @@ class LocalQueue:
         self._state.finish(rec, now, QueueStatus.COMPLETED, None)
         return await self._done(rec)
 
+    async def complete_brief(self, queue_id: str, lease_id: str) -> None:
+        """complete: the record is at hand here, so there is nothing to spare."""
+        await self.complete(queue_id, lease_id)
+
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
     ) -> CompleteNextOutcome:

@@ -205,6 +205,9 @@ end
 -- to_terminal then leaves each request's index and counter updates in it, and
 -- flush_deferred applies them all in one call per key before the script returns.
 local DEFER = nil
+-- Whether to_terminal keeps the record it leaves (r.snapshot, the settle's reply); complete.lua
+-- clears it for a settle whose caller wants no record.
+local SNAPSHOT = true
 
 local function defer_start()
   DEFER = {leases = {}, retained = {}, counts = {}, bytes = 0}
@@ -263,7 +266,9 @@ local function to_terminal(r, status, reason, settled_by)
     redis.call('HINCRBY', K_STATS, status, 1)
     redis.call('HINCRBY', K_STATS, 'bytes', -r.size)
   end
-  r.snapshot = redis.call('HGETALL', r.key)
+  if SNAPSHOT then
+    r.snapshot = redis.call('HGETALL', r.key)
+  end
   r.status = status
   r.purge_at = purge_at
   if purge_at <= NOW then
