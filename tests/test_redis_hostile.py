@@ -402,3 +402,24 @@ async def test_enqueue_script_stores_any_time_it_accepts_as_text_the_store_reads
     await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
     st = await queue.status("odd")
     assert st is not None and st.created_at == stored and st.expires_at == stored
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"), [("7", 7), ("07", 7), ("7.0", 7), ("0x7", 7), (" 7", 7), ("7e0", 7)]
+)
+async def test_enqueue_script_stores_any_whole_number_it_accepts_as_digits(
+    make_queue: QueueFactory, raw: Redis, text: str, stored: int
+) -> None:
+    """enqueue.lua keeps plain digits as sent and formats any other text Lua's tonumber reads
+    as a whole number, so priority and attempts always read back as Python ints."""
+    queue = await make_queue()
+    keys = queue.keys
+    args: list[str | bytes | float] = [1700000000.0, RETENTION_S, 1, "odd", text]
+    args += [1700000000.5, 1700009000.5, text, b"p", text]
+    fixed = keys.script_keys()
+    await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
+    st = await queue.status("odd")
+    assert st is not None
+    assert (st.priority, st.max_attempts, st.attempts) == (stored, stored, stored)
+    kept = await raw.hget(keys.request("odd"), "priority")
+    assert isinstance(kept, bytes) and kept.isdigit()

@@ -84,7 +84,8 @@ while #out < want and not full do
       end
       unexpiring[#unexpiring + 1] = id
       redis.call('HSET', r.key, 'status', 'processing', 'lease_id', ARGV[FIRST_LEASE + #out],
-        'lease_expires_at', lease_until_s, 'updated_at', NOW_S, 'attempts', r.attempts + 1)
+        'lease_expires_at', lease_until_s, 'updated_at', NOW_S,
+        'attempts', string.format('%d', r.attempts + 1)) -- not a Lua number: '%.14g' costs more
       leased[#leased + 1] = lease_ms
       leased[#leased + 1] = id
       -- Leased means it must stay: drop a native TTL that an older version may have set.
