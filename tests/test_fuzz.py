@@ -105,6 +105,8 @@ FIELDS: dict[str, list[str]] = {
     "status": ["queue_id"],
     "stats": [],
     "health": [],
+    "complete_next": ["queue_id", "lease_id", "max_items", "lease_s"],
+    "complete_many": ["items", "max_items", "lease_s", "info"],
 }
 ITEM_FIELDS = ["payload", "priority", "ttl_s", "queue_id", "max_attempts"]
 
@@ -160,6 +162,12 @@ class Fuzzer:
             "lease_id": lambda: lease,
             "reason": lambda: r.choice(["", "provider 503", "x" * 1024]),
             "retry": lambda: r.random() < 0.5,
+            "info": lambda: r.random() < 0.5,
+            # complete_many's items: leases the daemon handed out, and some it never did.
+            "settles": lambda: [
+                dict(zip(("queue_id", "lease_id"), r.choice(self.leases), strict=True))
+                for _ in range(r.randint(1, 12))
+            ],
         }
         return values
 
@@ -202,7 +210,8 @@ class Fuzzer:
         good = self.good()
         for field in FIELDS.get(op, []):
             if r.random() < 0.7:
-                msg[field] = good[field]()
+                maker = "settles" if (op, field) == ("complete_many", "items") else field
+                msg[field] = good[maker]()
             if r.random() < 0.1:
                 msg[field] = self.value()
         if r.random() < 0.05:
