@@ -24,6 +24,8 @@ import uvloop
 from bench.payload import llm_request
 from sidecar.protocol import (
     DECODE_ERRORS,
+    Completed,
+    CompleteManyResult,
     DequeueResult,
     EnqueuedItem,
     EnqueueResult,
@@ -37,14 +39,16 @@ from sidecar.protocol import (
 READY_LINE = "ready"
 # The daemon's default frame limit; the echo never sees a frame near it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-# Enqueue results made in advance for batches of up to this many items (AsyncClient sends the
-# single enqueues of one loop pass as one batch, sidecar/client_fold.py).
+# Enqueue (and complete_many) results made in advance for batches of up to this many items
+# (AsyncClient sends the single enqueues and completes of one loop pass as one request,
+# sidecar/client_fold.py).
 ENQUEUE_BATCH_RESULTS = 1000
 
 
 class _Envelope(msgspec.Struct):
-    """The fields the echo reads; msgspec skips the rest without building it. An enqueue's
-    items are counted (not decoded): a batch gets one result item per item, as the daemon's."""
+    """The fields the echo reads; msgspec skips the rest without building it. An enqueue's (or
+    a complete_many's) items are counted (not decoded): a batch gets one result item per item,
+    as the daemon's."""
 
     id: int | None = None
     op: str = ""
@@ -89,6 +93,12 @@ def canned_results() -> dict[str, msgspec.Raw]:
             f"enqueue/{n}": msgspec.Raw(_encode(EnqueueResult(items=[enqueued] * n)))
             for n in range(2, ENQUEUE_BATCH_RESULTS + 1)
         },
+        **{
+            f"complete_many/{n}": msgspec.Raw(
+                _encode(CompleteManyResult(results=[Completed(completed=info)] * n, items=[]))
+            )
+            for n in range(1, ENQUEUE_BATCH_RESULTS + 1)
+        },
         "dequeue": msgspec.Raw(_encode(DequeueResult(items=[job]))),
         "complete": msgspec.Raw(_encode(info)),
         "fail": msgspec.Raw(_encode(info)),
@@ -118,6 +128,8 @@ class EchoConnection(asyncio.Protocol):
             op = env.op
             if op == "enqueue" and env.items is not None and len(env.items) > 1:
                 op = f"enqueue/{len(env.items)}"
+            elif op == "complete_many" and env.items is not None:
+                op = f"complete_many/{len(env.items)}"
             append_frame(out, OkReply(id=env.id, result=self.results.get(op)))
         if self.reader.error is not None:
             self.transport.close()

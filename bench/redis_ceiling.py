@@ -163,7 +163,8 @@ class RedisSession:
         pairs = reply[1][0]
         fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
         queue_id = fields[b"queue_id"].decode()
-        done: list[Arg] = [time.time(), RETENTION_S, queue_id, lease_id]
+        # "1": the record back, as the daemon's complete asks for it (complete.lua).
+        done: list[Arg] = [time.time(), RETENTION_S, queue_id, lease_id, "1"]
         await self.coalescer.call("complete", ((*SCRIPT_KEYS, KEYS.request(queue_id)), done))
 
     async def prefill(self, count: int) -> None:

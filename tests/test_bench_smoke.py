@@ -5,6 +5,7 @@ It asserts nothing about speed; the numbers of a few-second run on a shared mach
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.echo_server import EchoConnection, canned_results
 from bench.growth import QUICK_GROWTH_SIZES
 from bench.journal import QUICK_REPLAY_SIZES
 from bench.run import modes, parse_args
+from sidecar.client import AsyncClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 180
@@ -174,3 +177,29 @@ def test_quick_bullmq_section_prints_every_goal() -> None:
         assert _number(row["sidecar-redis jobs/s"]) > 0, row
         assert _number(row["BullMQ jobs/s"]) > 0, row
         assert row["met"] in ("yes", "no", "-"), row
+
+
+async def test_the_echo_ceiling_answers_folded_requests_per_item(tmp_path: Path) -> None:
+    """AsyncClient folds concurrent enqueues and completes into one request each; the echo
+    must answer them with one result per item, as the daemon does, or the client would resend
+    them one by one and the ceiling would do more work than the daemon."""
+    frames: list[int] = []
+
+    class Counting(EchoConnection):
+        def data_received(self, data: bytes) -> None:
+            frames.append(len(data))
+            super().data_received(data)
+
+    results = canned_results()
+    path = str(tmp_path / "echo.sock")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: Counting(results), path)
+    try:
+        async with AsyncClient(path) as client:
+            done = await asyncio.gather(*(client.complete(f"q{i}", "l") for i in range(5)))
+            stored = await asyncio.gather(*(client.enqueue({"n": i}) for i in range(5)))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [d.status for d in done] == ["completed"] * 5 and len(stored) == 5
+    assert len(frames) == 2  # one read per folded request: nothing was resent alone
