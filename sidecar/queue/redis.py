@@ -6,7 +6,7 @@ Redis. Scripts take `now` from this process's clock: every expiry, lease and ret
 uses it, so hosts sharing a Redis need synchronised clocks (NTP). Redis's own TTL on each
 request hash only collects garbage. The key layout is documented in redis_keys.py; client
 construction, error classification and the folding of concurrent calls into shared pipelines
-live in redis_io.py.
+live in redis_io.py, the sweeper's loop in redis_sweep.py.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from sidecar.queue.redis_keys import (
     pending_score,
     settled_record,
 )
+from sidecar.queue.redis_sweep import sweep_forever
 from sidecar.queue.redis_watch import RedisWatch
 from sidecar.queue.redis_wire import Arg
 
@@ -154,7 +155,11 @@ class RedisQueue:
             await self._watch.start()
         self._started = True
         if self._sweep_interval_s is not None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            sweeping = sweep_forever(
+                self, interval_s=self._sweep_interval_s, limit=self._sweep_limit,
+                closing=self._closing, log=self._log,
+            )  # fmt: skip
+            self._sweeper = asyncio.get_running_loop().create_task(sweeping)
         self._log.info("redis_queue_started", generation=self.generation)
 
     async def close(self) -> None:
@@ -250,20 +255,20 @@ class RedisQueue:
 
     async def complete(self, queue_id: str, lease_id: str) -> QueuedRequest:
         """Complete a leased request; a repeat with the same lease returns the completed record."""
-        reply = await self._call(
-            "complete", self._clock(), queue_id, lease_id, "1", keys=self._req(queue_id)
-        )
-        [result] = reply[1]  # complete.lua takes a batch; concurrent calls share a run
+        result = await self._complete(queue_id, lease_id, "1")
         return settled_record(result, "complete", queue_id, lease_id)
 
     async def complete_brief(self, queue_id: str, lease_id: str) -> None:
         """complete, without reading the record back (Redis skips the read and the reply)."""
-        reply = await self._call(
-            "complete", self._clock(), queue_id, lease_id, "0", keys=self._req(queue_id)
-        )
-        [result] = reply[1]
+        result = await self._complete(queue_id, lease_id, "0")
         if result[0] != ScriptCode.OK:
             settled_record(result, "complete", queue_id, lease_id)  # raises its error
+
+    async def _complete(self, queue_id: str, lease_id: str, want: str) -> list[Any]:
+        args = (queue_id, lease_id, want)
+        reply = await self._call("complete", self._clock(), *args, keys=self._req(queue_id))
+        result: list[Any] = reply[1][0]  # complete.lua takes a batch; concurrent calls share a run
+        return result
 
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
@@ -439,29 +444,6 @@ class RedisQueue:
         # Waking every waiter and starting a fresh event means no waiter can miss a notice.
         self._work.set()
         self._work = asyncio.Event()
-
-    async def _sweep_forever(self) -> None:
-        """Sweep every interval until closed; an outage is logged once, not per tick."""
-        assert self._sweep_interval_s is not None
-        failing = False
-        while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._sweep_interval_s)
-                return
-            try:
-                counts = await self.sweep()
-                while max(counts) >= self._sweep_limit:  # a backlog: keep going
-                    counts = await self.sweep()
-            except BackendUnavailable as exc:
-                if not failing:
-                    self._log.warning("redis_sweep_failed", error=exc.message)
-                failing = True
-            except Exception:  # a bug must not stop the sweeper for good
-                self._log.exception("redis_sweep_crashed")
-            else:
-                if failing:
-                    self._log.info("redis_sweep_recovered")
-                failing = False
 
     # -- the coalescer ---------------------------------------------------------------------------
 
