@@ -58,6 +58,7 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
+    MAX_TIME_S,
     SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
@@ -188,31 +189,33 @@ class RedisQueue:
     # -- the contract ---------------------------------------------------------------------------
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
-        """Store new requests all-or-none; existing queue_ids come back unchanged.
-
-        Times past MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
-        """
+        """Store new requests all-or-none; existing queue_ids come back unchanged. Times past
+        MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError."""
         if not requests:
             return []
         now = self._clock()
         args: list[Arg] = [len(requests)]
+        bounded: list[float] = []  # each request's expires_at as stored
         for req in requests:
             payload = req.payload if req.payload is not None else b""
-            created = bounded_time(req.created_at, "created_at")
-            expires = bounded_time(req.expires_at, "expires_at")
-            args += [req.queue_id, req.priority, created, expires]
-            args += [req.max_attempts, payload, req.attempts]
+            created, expires = req.created_at, req.expires_at
+            if not created <= MAX_TIME_S:  # rare (NaN fails it too): bounded_time decides
+                created = bounded_time(created, "created_at")
+            if not expires <= MAX_TIME_S:
+                expires = bounded_time(expires, "expires_at")
+            bounded.append(expires)
+            args.extend((req.queue_id, req.priority, created, expires, req.max_attempts,
+                         payload, req.attempts))  # fmt: skip
         keys = tuple(self.keys.request(r.queue_id) for r in requests)
         reply = await self._call("enqueue", now, *args, keys=keys)
         results: list[EnqueueOutcome] = []
-        for req, (created, data) in zip(requests, reply[1], strict=True):
+        for req, expires, (created, data) in zip(requests, bounded, reply[1], strict=True):
             if created:
                 payload = req.payload if req.payload is not None else b""
                 rec = msgspec.structs.replace(
                     req, seq=int(data), status=QueueStatus.QUEUED, updated_at=now,
                     payload=payload, size_bytes=len(payload), lease_id=None,
-                    lease_expires_at=None, reason=None,
-                    expires_at=bounded_time(req.expires_at, "expires_at"),
+                    lease_expires_at=None, reason=None, expires_at=expires,
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
