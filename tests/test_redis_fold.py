@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -199,7 +200,7 @@ async def test_a_folded_batch_keeps_every_index_and_counter_exact(
     assert len({r.seq for r in stored}) == 13
     for rec in stored:
         assert await raw.zscore(keys.pending, rec.queue_id) == rec.priority * 2**48 + rec.seq
-        assert await raw.zscore(keys.expiry, rec.queue_id) == rec.expires_at
+        assert await raw.zscore(keys.expiry, rec.queue_id) == math.ceil(rec.expires_at * 1000)
     assert await raw.zcard(keys.pending) == await raw.zcard(keys.expiry) == 13
     held = sum(len(r.payload or b"") for r in stored)
     assert await raw.hmget(keys.stats, "accepted", "bytes") == [b"13", str(held).encode()]

@@ -436,3 +436,29 @@ async def test_a_brief_complete_settles_like_complete_without_the_record(
     assert full.status == QueueStatus.COMPLETED
     stats = await queue.stats()
     assert (stats.completed, stats.processing) == (2, 0)
+
+
+async def test_expiry_is_scored_in_whole_milliseconds_and_old_second_scores_are_kept(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    """Like the leases: the expiry zset scores in integer ms (rounded up), and a queued
+    request scored in seconds by an older version is indexed again at its expiry by the sweep,
+    not dropped, so it still expires on time."""
+    queue = await make_queue()
+    [new, old] = [make_request(clock, i, ttl_s=3600, queue_id=f"e{i}") for i in range(2)]
+    await queue.enqueue([new, old])
+    keys = queue.keys
+    assert await raw.zscore(keys.expiry, "e0") == math.ceil(new.expires_at * 1000)
+    await raw.zadd(keys.expiry, {"e1": old.expires_at})  # as an older version scored it
+    assert (await queue.sweep()).expired == 0  # not due: neither expired nor dropped
+    assert await raw.zscore(keys.expiry, "e1") == math.ceil(old.expires_at * 1000)
+    # A request put back in line (its lease lapsed) is indexed in ms too.
+    [job] = await queue.dequeue(1, LEASE_S)
+    clock.advance(LEASE_S + 1)
+    assert (await queue.sweep()).requeued == 1
+    assert await raw.zscore(keys.expiry, job.queue_id) == math.ceil(job.expires_at * 1000)
+    clock.advance(3600)
+    assert (await queue.sweep()).expired == 2
+    for queue_id in ("e0", "e1"):
+        st = await queue.status(queue_id)
+        assert st is not None and st.status == QueueStatus.EXPIRED

@@ -9,7 +9,7 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:req:<queue_id>:p` | string | its payload (raw bytes) until it is settled |
 | `{sidecar}:pending` | zset | queued queue_ids by `priority * 2**48 + seq` (exact in a double) |
 | `{sidecar}:leases` | zset | processing queue_ids by lease end (epoch ms, rounded up to an int) |
-| `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch seconds) |
+| `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch ms, rounded up to an int) |
 | `{sidecar}:delayed` | zset | queued queue_ids held back by a `fail` with delay_s, by not_before |
 | `{sidecar}:retained` | zset | terminal queue_ids by the end of their retention |
 | `{sidecar}:seq` | string | the arrival counter that assigns `seq` |

@@ -2,7 +2,7 @@
 --
 -- KEYS (see sidecar/queue/redis_keys.py; every key shares one hash tag, so one cluster slot):
 --   1 pending (zset: queue_id by priority * 2^48 + seq)   2 leases (zset: queue_id by lease end, ms)
---   3 expiry (zset: queued queue_id by expires_at)         4 retained (zset: terminal queue_id by purge time)
+--   3 expiry (zset: queued queue_id by expires_at, ms)         4 retained (zset: terminal queue_id by purge time)
 --   5 seq (string counter)   6 stats (hash of counters)   7 generation (string marker)
 --   8 the request key prefix, e.g. "{sidecar}:req:" (declared, so the only keys a script builds
 --     itself are those of ids it reads from an index, and each hash's payload key `<hash>:p`,
@@ -88,14 +88,16 @@ end
 
 local NOW, NOW_S = arg_time(1, 'now')
 
--- The leases zset scores each lease's end in whole milliseconds, rounded up. An integer score
--- is kept as a number in a small (listpack) zset, where a fractional one is text that Redis
--- parses again at every comparison: with ~64 leases out, strtod under ZADD and ZREM was an
--- eighth of Redis's work per job (callgrind). The lease's exact end stays in its hash.
-local function lease_score(t)
+-- The leases and expiry zsets score a time (a lease's end, a request's expiry) in whole
+-- milliseconds, rounded up. An integer score is kept as a number in a small (listpack) zset,
+-- where a fractional one is text that Redis parses again at every comparison: with ~64 leases
+-- out, strtod under ZADD and ZREM was an eighth of Redis's work per job (callgrind), and an
+-- insert into a small expiry zset parsed every score before its place. The exact time stays
+-- in the request's hash, which decides.
+local function ms_score(t)
   return string.format('%d', math.ceil(clamp_time(t) * 1000))
 end
--- Leases whose score is at most this may have lapsed (a lapse is decided on the hash's time).
+-- Entries whose score is at most this may be due (whether one is, its hash's time decides).
 local NOW_MS = string.format('%d', math.floor(NOW * 1000))
 local RETENTION = arg_number(2, 'retention_s')
 if RETENTION < 0 then
@@ -154,7 +156,7 @@ local function load(id, key)
     return nil
   end
   return setmetatable({
-    id = id, key = key, raw = v, status = v[1], expires_s = v[4], lease_id = v[8],
+    id = id, key = key, raw = v, status = v[1], lease_id = v[8],
     settled_by = v[12],
   }, LAZY)
 end
@@ -312,7 +314,7 @@ local function to_requeued(r, reason, settled_by, not_before)
   else
     pending_add(r)
   end
-  redis.call('ZADD', K_EXPIRY, r.expires_s, r.id)
+  redis.call('ZADD', K_EXPIRY, ms_score(r.expires_at), r.id)
   r.status = 'queued'
 end
 
@@ -406,7 +408,7 @@ local function reclaim_leases(limit)
     elseif r.status == 'processing' and r.lease_expires_at then
       -- A live lease scored in seconds (by a version before millisecond scores): indexed
       -- again at its end, never dropped, or it would not be reclaimed if its worker died.
-      redis.call('ZADD', K_LEASES, lease_score(r.lease_expires_at), id)
+      redis.call('ZADD', K_LEASES, ms_score(r.lease_expires_at), id)
     else
       redis.call('ZREM', K_LEASES, id) -- stale entry: the request moved on
     end
@@ -417,7 +419,7 @@ end
 -- Expire up to `limit` queued requests past their TTL; returns how many.
 local function expire_queued(limit)
   local n = 0
-  local due = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', NOW_S, 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', NOW_MS, 'LIMIT', 0, limit)
   for _, id in ipairs(due) do
     local r = load(id)
     if not r then
@@ -426,6 +428,10 @@ local function expire_queued(limit)
     elseif r.status == 'queued' and r.expires_at <= NOW then
       to_expired(r)
       n = n + 1
+    elseif r.status == 'queued' then
+      -- Scored in seconds by a version before millisecond scores: indexed again at its
+      -- expiry, never dropped, or the sweep would not expire it.
+      redis.call('ZADD', K_EXPIRY, ms_score(r.expires_at), id)
     else
       redis.call('ZREM', K_EXPIRY, id)
     end

@@ -12,9 +12,9 @@
 --   leases queued again, lapsed leases failed), for the daemon's per-host counters.
 -- Run twice with the same lease ids (a resent pipeline), it returns the requests the first
 -- run leased, and leases nothing more: every request a run leases carries one of the call's
--- lease ids and sits in the leases zset at exactly lease_until's score (lease_score).
+-- lease ids and sits in the leases zset at exactly lease_until's score (ms_score).
 local lease_until, lease_until_s = arg_time(3, 'lease_until')
-local lease_ms = lease_score(lease_until)
+local lease_ms = ms_score(lease_until)
 local limit = arg_int(4, 'sweep_limit', 0, 1000000)
 local room = arg_int(5, 'max_bytes', -1, 1e15)
 local bounded = room >= 0 -- room itself goes below 0 after a first job over the budget

@@ -81,7 +81,7 @@ if #new > 0 then
     redis.call('SET', body_key(key), payload)
     pending[#pending + 1] = string.format('%d', priority * SHIFT + seq)
     pending[#pending + 1] = id
-    expiry[#expiry + 1] = expires_s
+    expiry[#expiry + 1] = ms_score(expires[i])
     expiry[#expiry + 1] = id
     bytes = bytes + #payload
     items[i] = {1, seq}

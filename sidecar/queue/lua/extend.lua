@@ -9,5 +9,5 @@ if err then
   return err
 end
 redis.call('HSET', r.key, 'lease_expires_at', lease_until_s, 'updated_at', NOW_S)
-redis.call('ZADD', K_LEASES, lease_score(lease_until), r.id)
+redis.call('ZADD', K_LEASES, ms_score(lease_until), r.id)
 return {OK, record(r)}
