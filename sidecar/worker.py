@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from sidecar.client_conn import observe
-from sidecar.errors import BackendUnavailable, SidecarError, SidecarUnavailable
+from sidecar.errors import BackendUnavailable, SidecarError, SidecarUnavailable, UnknownOp
 from sidecar.protocol import Job, RequestInfo
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ class _Jobs:
         self.settling = 0  # completions waiting to be sent or in flight
         self._done: list[Job] = []  # completed this loop pass, not sent yet
         self._scheduled = False
+        self._batches = True  # False once the daemon turns out older than complete_many
         self._loop = asyncio.get_running_loop()
 
     def start(self, jobs: list[Job]) -> None:
@@ -206,7 +207,17 @@ class _Jobs:
     async def _settle_batch(self, batch: list[Job], want: int) -> None:
         leases = [(job.queue_id, job.lease_id) for job in batch]
         try:
+            if not self._batches:
+                raise UnknownOp("complete_many", {"op": "complete_many"})
             got = await self.client.complete_many(leases, want, lease_s=self.lease_s, info=False)
+        except UnknownOp:
+            # A daemon older than complete_many: plain completes (which AsyncClient still
+            # sends together), and the poller fills the slots.
+            self._batches = False
+            self.slots.give(want)
+            complete = self.client.complete
+            await asyncio.gather(*(_settle(complete(j.queue_id, j.lease_id), j) for j in batch))
+            return
         except SidecarError as exc:
             # The daemon or its store is briefly away: a completion not taken lapses, and its
             # request is handed out again (delivery is at least once).

@@ -11,6 +11,7 @@ import pytest
 from sidecar.app import build_local_queue, build_server
 from sidecar.client import AsyncClient, item, run_worker
 from sidecar.config import Settings
+from sidecar.errors import UnknownOp
 from sidecar.models import QueuedRequest
 from sidecar.protocol import AnyRequest, CompleteMany, Job
 from sidecar.queue.base import QueueManager
@@ -223,3 +224,42 @@ async def test_completions_leave_in_requests_of_at_most_settle_batch(
     assert sorted(handled) == sorted(ids)
     assert sum(store.settled) == len(ids) and max(store.settled) == SETTLE_BATCH
     assert max(store.asked) <= 40
+
+
+async def test_a_daemon_older_than_complete_many_gets_plain_completes(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """run_worker against a daemon that answers complete_many with unknown_op (an older one):
+    every job is still completed, with plain completes, and the poller fills the slots."""
+    server, store = served
+    handle = server.ops.handle
+
+    async def old(req: AnyRequest) -> object:
+        if isinstance(req, CompleteMany):
+            raise UnknownOp("unknown op 'complete_many'", {"op": "complete_many"})
+        return await handle(req)
+
+    server.ops.handle = old  # type: ignore[method-assign]
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(30)])]
+        handled: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=8, wait_s=0.2, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert sorted(handled) == sorted(ids)  # each once: no lease lapsed into a redelivery
+    assert (await cast(QueueManager, store).stats()).completed == len(ids)
