@@ -58,7 +58,6 @@ from sidecar.queue.redis_io import (
     unavailable_kind,
 )
 from sidecar.queue.redis_keys import (
-    MAX_TIME_S,
     SCRIPT_ERRORS,
     RedisKeys,
     ScriptCode,
@@ -198,11 +197,8 @@ class RedisQueue:
         bounded: list[float] = []  # each request's expires_at as stored
         for req in requests:
             payload = req.payload if req.payload is not None else b""
-            created, expires = req.created_at, req.expires_at
-            if not created <= MAX_TIME_S:  # rare (NaN fails it too): bounded_time decides
-                created = bounded_time(created, "created_at")
-            if not expires <= MAX_TIME_S:
-                expires = bounded_time(expires, "expires_at")
+            created = bounded_time(req.created_at, "created_at")
+            expires = bounded_time(req.expires_at, "expires_at")
             bounded.append(expires)
             args.extend((req.queue_id, req.priority, created, expires, req.max_attempts,
                          payload, req.attempts))  # fmt: skip
