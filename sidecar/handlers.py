@@ -58,7 +58,7 @@ from sidecar.protocol import (
     error_body,
     payload_depth_exceeds,
 )
-from sidecar.queue.base import QueueManager, new_request
+from sidecar.queue.base import QueueManager, new_request, settle_then_lease
 
 log = structlog.get_logger("sidecar.ops")
 
@@ -283,29 +283,20 @@ class Ops:
         s = self.settings
         self._check_batch(len(req.items))
         settle = self.queue.complete if req.info else self.queue.complete_brief
-        calls: list[Awaitable[object]] = [
-            settle(item.queue_id, item.lease_id) for item in req.items
-        ]
-        max_items = min(req.max_items, s.max_batch)
-        if max_items:
-            calls.append(self._lease_within_frame(max_items, req.lease_s or s.queue_lease_s))
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        leased = outcomes.pop() if max_items else []
-        # A settle's own error is its item's answer; anything else (the leasing's error, or
-        # a fault) fails the op, as it would fail complete_next.
-        for outcome in (leased, *outcomes):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, SidecarError):
-                raise outcome
-        if isinstance(leased, BaseException):
-            raise leased
+        outcomes, leased = await settle_then_lease(
+            [settle(item.queue_id, item.lease_id) for item in req.items],
+            self.queue,
+            min(req.max_items, s.max_batch),
+            req.lease_s or s.queue_lease_s,
+            s.max_frame_bytes - REPLY_OVERHEAD_BYTES,
+        )
+        # A settle's own error is its item's answer (settle_then_lease raises any other).
         results = [
             Completed(error=error_body(o)) if isinstance(o, SidecarError)
-            else Completed(completed=None if o is None else info(cast(QueuedRequest, o)))
+            else Completed(completed=None if o is None else info(o))
             for o in outcomes
         ]  # fmt: skip
-        return CompleteManyResult(
-            results=results, items=[job(r) for r in cast(list[QueuedRequest], leased)]
-        )
+        return CompleteManyResult(results=results, items=[job(r) for r in leased])
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""

@@ -6,9 +6,9 @@ import asyncio
 import itertools
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from sidecar.errors import SidecarError
 from sidecar.models import (
@@ -107,6 +107,36 @@ class CompleteNextOutcome:
     leased: list[QueuedRequest]
 
 
+# One settle's outcome in settle_then_lease: the record (None from complete_brief), or the
+# SidecarError that settle answered.
+Settled = QueuedRequest | None | SidecarError
+
+
+async def settle_then_lease(
+    settles: Sequence[Awaitable[QueuedRequest | None]],
+    store: QueueRepository,
+    max_items: int,
+    lease_s: float,
+    max_bytes: int | None,
+) -> tuple[list[Settled], list[QueuedRequest]]:
+    """The settles, then (when max_items > 0) the store's dequeue, run as tasks of one loop
+    pass: the settles start first, and on Redis they all go out together, one round trip. The
+    leases stand whether or not a settle succeeds: a settle's SidecarError (lease lost, not
+    found, Redis away for a request held there) is returned in its place, not raised, so a
+    worker's free slots are filled either way (protocol.md 8.12, 8.13). An error of the dequeue,
+    or any other error of a settle, is raised once all have ended.
+    """
+    leasing = [store.dequeue(max_items, lease_s, max_bytes)] if max_items > 0 else []
+    outcomes = await asyncio.gather(*settles, *leasing, return_exceptions=True)
+    leased = outcomes.pop() if leasing else []
+    if isinstance(leased, BaseException):
+        raise leased
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, SidecarError):
+            raise outcome
+    return cast(list[Settled], outcomes), cast(list[QueuedRequest], leased)
+
+
 async def complete_then_lease(
     store: QueueRepository,
     queue_id: str,
@@ -115,24 +145,12 @@ async def complete_then_lease(
     lease_s: float,
     max_bytes: int | None,
 ) -> CompleteNextOutcome:
-    """The store's complete, then its dequeue, run as two tasks of one loop pass: the settle
-    starts first (so it is applied before the leasing), and on Redis both scripts go out
-    together, one round trip. The leases stand whether or not the settle succeeds: its
-    SidecarError (lease lost, not found, Redis away for a request held there) is returned beside
-    them, not raised, so a worker's free slots are filled either way (protocol.md 8.12). An
-    error of the dequeue, or any other error of the settle, is raised once both have ended.
-    """
-    settled, leased = await asyncio.gather(
-        store.complete(queue_id, lease_id),
-        store.dequeue(max_items, lease_s, max_bytes),
-        return_exceptions=True,
+    """complete_next on any store: its complete, then its dequeue (settle_then_lease)."""
+    [settled], leased = await settle_then_lease(
+        [store.complete(queue_id, lease_id)], store, max_items, lease_s, max_bytes
     )
-    if isinstance(leased, BaseException):
-        raise leased
     if isinstance(settled, SidecarError):
         return CompleteNextOutcome(None, settled, leased)
-    if isinstance(settled, BaseException):
-        raise settled
     return CompleteNextOutcome(settled, None, leased)
 
 
