@@ -13,7 +13,7 @@ import structlog
 
 from sidecar.client_conn import observe
 from sidecar.errors import BackendUnavailable, SidecarError, SidecarUnavailable, UnknownOp
-from sidecar.protocol import Job, RequestInfo
+from sidecar.protocol import CompleteManyResult, Job, RequestInfo
 
 if TYPE_CHECKING:
     from sidecar.client import AsyncClient
@@ -201,23 +201,29 @@ class _Jobs:
         if batch:
             # The slots the batch's jobs gave back (and up to SETTLE_BATCH free ones): a job
             # taken is always run at once, and the poller waits while completions are out.
-            want = 0 if self.stop.is_set() else self.slots.take(max(len(batch), SETTLE_BATCH))
+            # None when stopping, nor for plain completes (a daemon older than complete_many).
+            asks = not self.stop.is_set() and self._batches
+            want = self.slots.take(max(len(batch), SETTLE_BATCH)) if asks else 0
             self._track(self._loop.create_task(self._settle_batch(batch, want)))
 
+    async def _completed(self, batch: list[Job], want: int) -> CompleteManyResult | None:
+        """complete_many for batch; None when the daemon is older than it, after plain
+        completes (which AsyncClient still sends together)."""
+        if self._batches:
+            leases = [(job.queue_id, job.lease_id) for job in batch]
+            try:
+                return await self.client.complete_many(
+                    leases, want, lease_s=self.lease_s, info=False
+                )
+            except UnknownOp:
+                self._batches = False
+        complete = self.client.complete
+        await asyncio.gather(*(_settle(complete(j.queue_id, j.lease_id), j) for j in batch))
+        return None
+
     async def _settle_batch(self, batch: list[Job], want: int) -> None:
-        leases = [(job.queue_id, job.lease_id) for job in batch]
         try:
-            if not self._batches:
-                raise UnknownOp("complete_many", {"op": "complete_many"})
-            got = await self.client.complete_many(leases, want, lease_s=self.lease_s, info=False)
-        except UnknownOp:
-            # A daemon older than complete_many: plain completes (which AsyncClient still
-            # sends together), and the poller fills the slots.
-            self._batches = False
-            self.slots.give(want)
-            complete = self.client.complete
-            await asyncio.gather(*(_settle(complete(j.queue_id, j.lease_id), j) for j in batch))
-            return
+            got = await self._completed(batch, want)
         except SidecarError as exc:
             # The daemon or its store is briefly away: a completion not taken lapses, and its
             # request is handed out again (delivery is at least once).
@@ -235,6 +241,9 @@ class _Jobs:
                 self.keeper.remove(job)
             if not self.settling:
                 self.slots.wake()  # the poller's turn: it waits while completions are out
+        if got is None:
+            self.slots.give(want)
+            return
         for job, one in zip(batch, got.results, strict=False):
             if one.error is not None:
                 log.warning("settle_failed", queue_id=job.queue_id, code=one.error.code,
