@@ -5,6 +5,8 @@ have got. Against the real daemon."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,11 @@ from sidecar.errors import (
     UnknownOp,
 )
 from sidecar.protocol import (
+    AnyRequest,
     Complete,
     EnqueuedItem,
     EnqueueResult,
+    ErrorReply,
     FrameReader,
     OkReply,
     RequestInfo,
@@ -143,6 +147,34 @@ async def test_a_daemon_gone_fails_every_caller_of_the_batch(n: int) -> None:
     assert all(isinstance(r, SidecarUnavailable) for r in results)
 
 
+@contextlib.asynccontextmanager
+async def fake_daemon(
+    path: str, answer: Callable[[AnyRequest], OkReply | ErrorReply]
+) -> AsyncIterator[None]:
+    """A server on path that answers each request frame with answer(request)."""
+    served: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def serve() -> None:
+            frames = FrameReader(1 << 20)
+            while data := await reader.read(65536):
+                out = bytearray()
+                for body in frames.feed(data):
+                    append_frame(out, answer(decode_request(body)))
+                writer.write(out)
+
+        served.append((asyncio.get_running_loop().create_task(serve()), writer))
+
+    server = await asyncio.start_unix_server(connected, path)
+    try:
+        yield
+    finally:
+        server.close()
+        for task, writer in served:
+            writer.close()
+            await asyncio.gather(task, writer.wait_closed(), return_exceptions=True)
+
+
 async def test_a_reply_with_the_wrong_number_of_items_fails_each_caller_not_hangs(
     tmp_path: Path,
 ) -> None:
@@ -151,31 +183,15 @@ async def test_a_reply_with_the_wrong_number_of_items_fails_each_caller_not_hang
     one = EnqueueResult(items=[EnqueuedItem(queue_id="x", status="queued", created=True,
                                             priority=5, expires_at=1.0)])  # fmt: skip
 
-    served: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
-
-    def answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def serve() -> None:
-            frames = FrameReader(1 << 20)
-            while data := await reader.read(65536):
-                out = bytearray()
-                for body in frames.feed(data):
-                    append_frame(out, OkReply(id=decode_request(body).id, result=one))
-                writer.write(out)
-
-        served.append((asyncio.get_running_loop().create_task(serve()), writer))
-
     path = str(tmp_path / "s.sock")
-    server = await asyncio.start_unix_server(answer_one, path)
-    try:
-        async with AsyncClient(path, timeout_s=5.0) as client:
-            results = await asyncio.gather(
-                *(client.enqueue({"n": i}) for i in range(3)), return_exceptions=True
-            )
-    finally:
-        server.close()
-        for task, writer in served:
-            writer.close()
-            await asyncio.gather(task, writer.wait_closed(), return_exceptions=True)
+
+    def answer_one(req: AnyRequest) -> OkReply:
+        return OkReply(id=req.id, result=one)
+
+    async with fake_daemon(path, answer_one), AsyncClient(path, timeout_s=5.0) as client:
+        results = await asyncio.gather(
+            *(client.enqueue({"n": i}) for i in range(3)), return_exceptions=True
+        )
     assert all(isinstance(r, InternalError) for r in results), results
 
 
@@ -220,36 +236,15 @@ async def test_a_daemon_without_complete_many_gets_single_completes(tmp_path: Pa
                            max_attempts=3, created_at=1.0, expires_at=2.0, updated_at=1.5,
                            size_bytes=1)  # fmt: skip
 
-    def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def serve() -> None:
-            frames = FrameReader(1 << 20)
-            while data := await reader.read(65536):
-                out = bytearray()
-                for body in frames.feed(data):
-                    req = decode_request(body)
-                    ops.append(type(req).__name__)
-                    if isinstance(req, Complete):
-                        append_frame(out, OkReply(id=req.id, result=info(req.queue_id)))
-                    else:
-                        err = UnknownOp(f"unknown op {type(req).__name__}", {"op": "x"})
-                        append_frame(out, error_reply(req.id, err))
-                writer.write(out)
+    def answer(req: AnyRequest) -> OkReply | ErrorReply:
+        ops.append(type(req).__name__)
+        if isinstance(req, Complete):
+            return OkReply(id=req.id, result=info(req.queue_id))
+        return error_reply(req.id, UnknownOp(f"unknown op {type(req).__name__}", {"op": "x"}))
 
-        tasks.append(asyncio.get_running_loop().create_task(serve()))
-        writers.append(writer)
-
-    tasks: list[asyncio.Task[None]] = []
-    writers: list[asyncio.StreamWriter] = []
     path = str(tmp_path / "s.sock")
-    server = await asyncio.start_unix_server(answer, path)
-    try:
-        async with AsyncClient(path, timeout_s=5.0) as client:
-            first = await asyncio.gather(*(client.complete(f"q{i}", "l") for i in range(3)))
-            second = await asyncio.gather(*(client.complete(f"r{i}", "l") for i in range(2)))
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with fake_daemon(path, answer), AsyncClient(path, timeout_s=5.0) as client:
+        first = await asyncio.gather(*(client.complete(f"q{i}", "l") for i in range(3)))
+        second = await asyncio.gather(*(client.complete(f"r{i}", "l") for i in range(2)))
     assert [r.queue_id for r in first + second] == ["q0", "q1", "q2", "r0", "r1"]
     assert ops == ["CompleteMany"] + ["Complete"] * 5

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
 import pytest
@@ -120,31 +120,33 @@ async def until_completed(client: AsyncClient, queue_id: str) -> None:
     pytest.fail(f"{queue_id} never completed")
 
 
-async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns_its_slots(
-    served: tuple[SidecarServer, Recording],
-) -> None:
-    server, store = served
+async def work_through(
+    server: SidecarServer,
+    count: int,
+    concurrency: int,
+    *,
+    wait_s: float = 0.2,
+    during: Callable[[Job], Awaitable[None]] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Enqueue count requests and run a worker until each was handled and reads completed;
+    (the ids enqueued, the ids handled in order). `during` runs inside the handler."""
     async with AsyncClient(server.path) as producer:
-        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(40)])]
-        running = 0
-        most = 0
-        done = asyncio.Event()
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(count)])]
         handled: list[str] = []
+        done = asyncio.Event()
 
         async def handler(job: Job) -> None:
-            nonlocal running, most
-            running += 1
-            most = max(most, running)
-            await asyncio.sleep(0)  # let the other jobs' settles interleave with this one
-            running -= 1
+            if during is not None:
+                await during(job)
             handled.append(job.queue_id)
             if len(handled) == len(ids):
                 done.set()
 
         stop = asyncio.Event()
         worker = asyncio.create_task(
-            run_worker(handler, path=server.path, concurrency=4, wait_s=0.2, stop=stop)
-        )
+            run_worker(handler, path=server.path, concurrency=concurrency, wait_s=wait_s,
+                       stop=stop)
+        )  # fmt: skip
         try:
             await asyncio.wait_for(done.wait(), 10)
             for qid in ids:
@@ -152,6 +154,24 @@ async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns
         finally:
             stop.set()
             await asyncio.wait_for(worker, 10)
+    return ids, handled
+
+
+async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns_its_slots(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    server, store = served
+    running = 0
+    most = 0
+
+    async def during(job: Job) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0)  # let the other jobs' settles interleave with this one
+        running -= 1
+
+    ids, handled = await work_through(server, 40, 4, during=during)
     assert sorted(handled) == sorted(ids)  # each once
     assert most <= 4
     # Completions took the next jobs (complete_many): after the poller's first dequeue, the
@@ -167,27 +187,7 @@ async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
 ) -> None:
     """One request per job, not two: every completion carries the request for the next job."""
     server, store = served
-    async with AsyncClient(server.path) as producer:
-        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(5)])]
-        handled: list[str] = []
-        done = asyncio.Event()
-
-        async def handler(job: Job) -> None:
-            handled.append(job.queue_id)
-            if len(handled) == len(ids):
-                done.set()
-
-        stop = asyncio.Event()
-        worker = asyncio.create_task(
-            run_worker(handler, path=server.path, concurrency=1, wait_s=0.5, stop=stop)
-        )
-        try:
-            await asyncio.wait_for(done.wait(), 10)
-            for qid in ids:
-                await until_completed(producer, qid)
-        finally:
-            stop.set()
-            await asyncio.wait_for(worker, 10)
+    ids, handled = await work_through(server, 5, 1, wait_s=0.5)
     assert handled == ids
     # The first job came from the poller; the other four each with the completion before it.
     assert store.ops[store.ops.index("dequeue") :][:5] == ["dequeue"] + ["complete_many"] * 4
@@ -200,27 +200,7 @@ async def test_completions_leave_in_requests_of_at_most_settle_batch(
     """Many jobs ending at once are settled in several smaller requests, each carrying the
     request for as many next jobs, so several are in flight together."""
     server, store = served
-    async with AsyncClient(server.path) as producer:
-        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(120)])]
-        handled: list[str] = []
-        done = asyncio.Event()
-
-        async def handler(job: Job) -> None:
-            handled.append(job.queue_id)
-            if len(handled) == len(ids):
-                done.set()
-
-        stop = asyncio.Event()
-        worker = asyncio.create_task(
-            run_worker(handler, path=server.path, concurrency=40, wait_s=0.2, stop=stop)
-        )
-        try:
-            await asyncio.wait_for(done.wait(), 10)
-            for qid in ids:
-                await until_completed(producer, qid)
-        finally:
-            stop.set()
-            await asyncio.wait_for(worker, 10)
+    ids, handled = await work_through(server, 120, 40)
     assert sorted(handled) == sorted(ids)
     assert sum(store.settled) == len(ids) and max(store.settled) == SETTLE_BATCH
     assert max(store.asked) <= 40
@@ -240,26 +220,6 @@ async def test_a_daemon_older_than_complete_many_gets_plain_completes(
         return await handle(req)
 
     server.ops.handle = old  # type: ignore[method-assign]
-    async with AsyncClient(server.path) as producer:
-        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(30)])]
-        handled: list[str] = []
-        done = asyncio.Event()
-
-        async def handler(job: Job) -> None:
-            handled.append(job.queue_id)
-            if len(handled) == len(ids):
-                done.set()
-
-        stop = asyncio.Event()
-        worker = asyncio.create_task(
-            run_worker(handler, path=server.path, concurrency=8, wait_s=0.2, stop=stop)
-        )
-        try:
-            await asyncio.wait_for(done.wait(), 10)
-            for qid in ids:
-                await until_completed(producer, qid)
-        finally:
-            stop.set()
-            await asyncio.wait_for(worker, 10)
+    ids, handled = await work_through(server, 30, 8)
     assert sorted(handled) == sorted(ids)  # each once: no lease lapsed into a redelivery
     assert (await cast(QueueManager, store).stats()).completed == len(ids)
