@@ -39,11 +39,6 @@ from sidecar.protocol import (
 READY_LINE = "ready"
 # The daemon's default frame limit; the echo never sees a frame near it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-# Enqueue (and complete_many) results made in advance for batches of up to this many items
-# (AsyncClient sends the single enqueues and completes of one loop pass as one request,
-# sidecar/client_fold.py).
-ENQUEUE_BATCH_RESULTS = 1000
-
 
 class _Envelope(msgspec.Struct):
     """The fields the echo reads; msgspec skips the rest without building it. An enqueue's (or
@@ -59,7 +54,7 @@ _envelope = msgspec.msgpack.Decoder(_Envelope)
 _encode = msgspec.msgpack.encode
 
 
-def canned_results() -> dict[str, msgspec.Raw]:
+def canned_results() -> CannedResults:
     """A pre-encoded result per op, shaped like the daemon's, so the client decodes it alike."""
     now = time.time()
     info = RequestInfo(
@@ -87,29 +82,44 @@ def canned_results() -> dict[str, msgspec.Raw]:
         created_at=now,
         expires_at=now + 3600,
     )
-    return {
+    singles = {
         "enqueue": msgspec.Raw(_encode(EnqueueResult(items=[enqueued]))),
-        **{
-            f"enqueue/{n}": msgspec.Raw(_encode(EnqueueResult(items=[enqueued] * n)))
-            for n in range(2, ENQUEUE_BATCH_RESULTS + 1)
-        },
-        **{
-            f"complete_many/{n}": msgspec.Raw(
-                _encode(CompleteManyResult(results=[Completed(completed=info)] * n, items=[]))
-            )
-            for n in range(1, ENQUEUE_BATCH_RESULTS + 1)
-        },
         "dequeue": msgspec.Raw(_encode(DequeueResult(items=[job]))),
         "complete": msgspec.Raw(_encode(info)),
         "fail": msgspec.Raw(_encode(info)),
         "extend": msgspec.Raw(_encode(info)),
     }
+    return CannedResults(singles, enqueued, Completed(completed=info))
+
+
+class CannedResults(dict[str, msgspec.Raw]):
+    """The pre-encoded result of each op; a batch's (`enqueue/n`, `complete_many/n`: one result
+    item per item, as the daemon's) is encoded the first time its size is asked for, and kept.
+    AsyncClient sends the single enqueues and completes of one loop pass as one request
+    (sidecar/client_fold.py)."""
+
+    def __init__(
+        self, singles: dict[str, msgspec.Raw], enqueued: EnqueuedItem, completed: Completed
+    ) -> None:
+        super().__init__(singles)
+        self._enqueued, self._completed = enqueued, completed
+
+    def __missing__(self, key: str) -> msgspec.Raw:
+        op, _, count = key.partition("/")
+        n = int(count)
+        result = (
+            EnqueueResult(items=[self._enqueued] * n)
+            if op == "enqueue"
+            else CompleteManyResult(results=[self._completed] * n, items=[])
+        )
+        raw = self[key] = msgspec.Raw(_encode(result))
+        return raw
 
 
 class EchoConnection(asyncio.Protocol):
     """Answers every frame of one read with one write, as the daemon does."""
 
-    def __init__(self, results: dict[str, msgspec.Raw]) -> None:
+    def __init__(self, results: CannedResults) -> None:
         self.results = results
         self.reader = FrameReader(MAX_FRAME_BYTES)
         self.transport: asyncio.Transport | None = None
@@ -125,12 +135,12 @@ class EchoConnection(asyncio.Protocol):
                 env = _envelope.decode(body)
             except DECODE_ERRORS:
                 env = _Envelope()
-            op = env.op
-            if op == "enqueue" and env.items is not None and len(env.items) > 1:
-                op = f"enqueue/{len(env.items)}"
-            elif op == "complete_many" and env.items is not None:
-                op = f"complete_many/{len(env.items)}"
-            append_frame(out, OkReply(id=env.id, result=self.results.get(op)))
+            op, n = env.op, len(env.items or ())
+            if env.items is not None and (op == "complete_many" or (op == "enqueue" and n > 1)):
+                result: msgspec.Raw | None = self.results[f"{op}/{n}"]
+            else:
+                result = self.results.get(op)
+            append_frame(out, OkReply(id=env.id, result=result))
         if self.reader.error is not None:
             self.transport.close()
         if out:
