@@ -329,19 +329,8 @@ REGISTRY: tuple[OpSpec, ...] = (
 )
 # The registry's requests as one union: the decoder's type, and what dispatch matches over.
 AnyRequest = (
-    Hello
-    | Enqueue
-    | Dequeue
-    | Extend
-    | Complete
-    | Fail
-    | Cancel
-    | Status
-    | Stats
-    | Health
-    | Metrics
-    | CompleteNext
-    | CompleteMany
+    Hello | Enqueue | Dequeue | Extend | Complete | Fail | Cancel | Status | Stats | Health
+    | Metrics | CompleteNext | CompleteMany
 )
 SPECS: dict[type[Request], OpSpec] = {spec.request: spec for spec in REGISTRY}
 OPS: frozenset[str] = frozenset(spec.name for spec in REGISTRY)
