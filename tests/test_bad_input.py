@@ -156,6 +156,10 @@ def test_one_frame_in_one_byte_writes(daemon: Daemon, raw: Raw) -> None:
     assert reply["id"] == 77 and reply["ok"] is True
 
 
+# A well-formed complete_many item, for the requests refused for another field.
+LEASE = {"queue_id": "q", "lease_id": "l"}
+
+
 @pytest.mark.parametrize(
     ("body", "expect_id", "code", "fragment"),
     [
@@ -248,6 +252,42 @@ def test_one_frame_in_one_byte_writes(daemon: Daemon, raw: Raw) -> None:
             "invalid_message",
             "lease_id",
         ),
+        (
+            msgspec.msgpack.encode({"op": "complete_many", "id": 20, "items": []}),
+            20,
+            "invalid_message",
+            "$.items",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"op": "complete_many", "id": 21, "items": [{"queue_id": "q"}]}
+            ),
+            21,
+            "invalid_message",
+            "lease_id",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"op": "complete_many", "id": 22, "items": [LEASE], "max_items": -1}
+            ),
+            22,
+            "invalid_message",
+            "$.max_items",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"op": "complete_many", "id": 23, "items": [LEASE], "info": "no"}
+            ),
+            23,
+            "invalid_message",
+            "$.info",
+        ),
+        (
+            msgspec.msgpack.encode({"op": "complete_many", "id": 24, "items": [LEASE] * 11}),
+            24,
+            "invalid_message",
+            "over the limit of 10",
+        ),
     ],
     ids=[
         "invalid-msgpack",
@@ -268,6 +308,11 @@ def test_one_frame_in_one_byte_writes(daemon: Daemon, raw: Raw) -> None:
         "batch-too-large",
         "complete-next-of-no-jobs",
         "complete-next-without-a-lease",
+        "complete-many-of-nothing",
+        "complete-many-without-a-lease",
+        "complete-many-negative-max-items",
+        "complete-many-info-not-a-bool",
+        "complete-many-batch-too-large",
     ],
 )
 def test_invalid_body_is_answered_and_the_connection_survives(
