@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, cast, get_args
+from typing import Annotated, Any, get_args
 
 import msgspec
 
@@ -381,7 +381,7 @@ def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:
 # -- codec ---------------------------------------------------------------------------------------
 
 
-_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_request_decoder: msgspec.msgpack.Decoder[AnyRequest] = msgspec.msgpack.Decoder(AnyRequest)
 # Read on the error path only, to echo the id and tell an unknown op apart: keys of any
 # hashable type (a request's keys are str, but a bad one must not hide a good `id`), values
 # left raw so nothing but `id` and `op` is decoded.
@@ -398,7 +398,7 @@ DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeErro
 def decode_request(body: bytes | memoryview) -> AnyRequest:
     """Decode one frame body; raise a SidecarError carrying the request id when it can be read."""
     try:
-        return cast(AnyRequest, _request_decoder.decode(body))
+        return _request_decoder.decode(body)
     except DECODE_ERRORS as exc:
         request_id, op = _salvage(body)
         if op is not None and op not in OPS:

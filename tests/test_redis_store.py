@@ -144,7 +144,7 @@ async def test_redis_removes_a_terminal_hash_itself_when_retention_ends(
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # redis-py leaves it unannotated
 
 
 async def test_requests_survive_closing_and_reopening_the_store(

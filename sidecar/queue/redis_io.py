@@ -403,7 +403,7 @@ def redis_client(settings: Settings) -> Client:
             "retry": Retry(NoBackoff(), 0),
         }
         # redis-py leaves Sentinel.__init__ unannotated.
-        manager = Sentinel(  # type: ignore[no-untyped-call]
+        manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             hosts, sentinel_kwargs=sentinel_options, **options
         )
         # The pool asks the sentinels for the primary at every new connection, and drops its
