@@ -7,7 +7,6 @@ raises SidecarUnavailable quickly (a service must never hang on the sidecar).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import socket
@@ -151,15 +150,15 @@ class AsyncClient:
     async def _open(self) -> ClientConnection:
         check_socket_folder(self.path)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path), self.connect_timeout_s
+            conn = await asyncio.wait_for(
+                ClientConnection.open(self.path, self.timeout_s), self.connect_timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise SidecarUnavailable(
                 f"sidecar unavailable at {self.path}: {exc.__class__.__name__}: {exc}",
                 {"path": self.path, "sent": False},
             ) from exc
-        old, self._conn = self._conn, ClientConnection(reader, writer, self.timeout_s)
+        old, self._conn = self._conn, conn
         if old is not None:
             old.close(lost("replaced by a new connection", "connection_lost"))
         return self._conn
@@ -173,7 +172,7 @@ class AsyncClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close(SidecarUnavailable("client closed", {"sent": True, "reason": "closed"}))
-            await asyncio.gather(conn.reader_task, return_exceptions=True)
+            await conn.closed
         await self._enqueues.close()
         await self._completes.close()
 
@@ -249,11 +248,10 @@ class AsyncClient:
         req.id = next(self._ids)
         fut = conn.send(req, extra_timeout_s)
         try:
-            if conn.writer.transport.get_write_buffer_size() > _WRITE_HIGH_BYTES:
+            if conn.write_buffer_size() > _WRITE_HIGH_BYTES:
                 # The daemon reads slower than we write: wait (the deadline timer aborts the
                 # connection if it never reads, which ends this wait too).
-                with contextlib.suppress(OSError):
-                    await conn.writer.drain()
+                await conn.drain()
             return await fut
         finally:
             if fut.done() and not fut.cancelled():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import structlog
@@ -116,28 +116,75 @@ def observe(task: asyncio.Task[Any]) -> None:
         log.error("client_task_failed", error=repr(exc))
 
 
-class ClientConnection:
-    """One socket and the calls sent on it; only its own reader and timer ever fail them.
+class ClientConnection(asyncio.Protocol):
+    """One socket and the calls sent on it; only its own replies and timer ever fail them.
+
+    A Protocol, not a stream: a reply frame resolves its call's future in data_received, with
+    no reader task to wake in between (one task step less per call).
 
     Replies come in request order, so the oldest unanswered call has the earliest deadline:
     one timer armed at that deadline watches the whole connection, not one timer per call.
     """
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float
-    ) -> None:
+    def __init__(self, timeout_s: float) -> None:
         self.loop = asyncio.get_running_loop()
-        self.writer = writer
         self.timeout_s = timeout_s
+        self.transport: asyncio.Transport | None = None
         self.pending: dict[int, tuple[asyncio.Future[Reply], float]] = {}
         self.error: SidecarError | None = None
+        # Done once the socket is closed (connection_lost): close() then has nothing to wait on.
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._frames = FrameReader(CLIENT_MAX_FRAME)
         self._outbox = bytearray()
         self._outbox_frames = 0
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_deadline = 0.0
-        self.reader_task = self.loop.create_task(self._read(reader))
-        self.reader_task.add_done_callback(observe)
+        self._drained: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def open(cls, path: str, timeout_s: float) -> ClientConnection:
+        """Connect to the daemon's socket at path (OSError when nobody listens)."""
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_unix_connection(lambda: cls(timeout_s), path)
+        return conn
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        frames = self._frames
+        try:
+            for body in frames.feed(data):
+                self._deliver(decode_reply(body))
+        except SidecarError as err:
+            self.close(err)
+            return
+        if frames.error is not None:
+            self.close(InternalError(f"reply from the sidecar: {frames.error.message}"))
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost fails what is pending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self.close(lost("the sidecar closed the connection", "connection_lost"))
+        else:
+            self.close(lost(f"connection to the sidecar failed: {exc}", "connection_lost"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake_writers()
+
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writers()
+
+    # -- calls -----------------------------------------------------------------------------
 
     def send(self, req: Request, extra_timeout_s: float) -> asyncio.Future[Reply]:
         """Queue req's frame (frames of one loop pass leave in one write); its reply's future."""
@@ -162,14 +209,30 @@ class ClientConnection:
             self._timer = loop.call_at(deadline, self._check_deadline)
         return fut
 
+    async def drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark (or until closed)."""
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+
+    def write_buffer_size(self) -> int:
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def _wake_writers(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._write_out()
 
     def _write_out(self) -> None:
         self._outbox_frames = 0
-        if self._outbox and self.error is None and not self.writer.is_closing():
-            self.writer.write(self._outbox)
+        transport = self.transport
+        if self._outbox and self.error is None and transport is not None:
+            if not transport.is_closing():
+                transport.write(self._outbox)
             self._outbox = bytearray()  # the transport may keep the old buffer; never reuse it
 
     def _check_deadline(self) -> None:
@@ -187,22 +250,6 @@ class ClientConnection:
                 "timeout",
             )
         )
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        frames = FrameReader(CLIENT_MAX_FRAME)
-        error: SidecarError = lost("the sidecar closed the connection", "connection_lost")
-        try:
-            while data := await reader.read(65536):
-                for body in frames.feed(data):
-                    self._deliver(decode_reply(body))
-            if frames.error is not None:
-                error = InternalError(f"reply from the sidecar: {frames.error.message}")
-        except SidecarError as err:
-            error = err
-        except OSError as exc:
-            error = lost(f"connection to the sidecar failed: {exc}", "connection_lost")
-        finally:
-            self.close(error)
 
     def _deliver(self, reply: Reply) -> None:
         if reply.id is None:
@@ -234,20 +281,11 @@ class ClientConnection:
             self._timer.cancel()
             self._timer = None
         # abort, not close: a frozen daemon never reads what is buffered, and close would wait.
-        self.writer.transport.abort()
-        # The stream keeps the error that ended the connection (a reset, say) in its close
-        # waiter; nobody awaits that here, so observe it, or asyncio reports it as never
-        # retrieved (Python 3.11 does not do this for a stream it collects).
-        self.loop.create_task(self.writer.wait_closed()).add_done_callback(_observe)
-        if asyncio.current_task() is not self.reader_task:
-            self.reader_task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self.closed.set_result(None)
         pending, self.pending = self.pending, {}
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(error)
-
-
-def _observe(task: asyncio.Task[None]) -> None:
-    """Retrieve a finished task's exception: it was expected and needs no handling."""
-    if not task.cancelled():
-        task.exception()

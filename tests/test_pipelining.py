@@ -43,8 +43,8 @@ def _frames_waiting(sock: socket.socket) -> list[int]:
 async def test_the_client_writes_once_enough_frames_gathered_and_the_rest_at_the_pass_end() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     theirs.setblocking(False)
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
-    conn = ClientConnection(reader, writer, timeout_s=5.0)
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_unix_connection(lambda: ClientConnection(5.0), sock=ours)
     try:
         n = EARLY_WRITE_FRAMES + 3
         futures = []
