@@ -1,5 +1,8 @@
 """Concurrent single calls on one AsyncClient, sent as one request per loop pass.
 
+A call made while none of its kind is in flight leaves at once, alone (Nagle's rule): folding
+pays only when calls overlap, and a lone call must not wait a loop pass and a task for it.
+
 A service that shares one AsyncClient among its tasks (the README's advice) makes many
 `enqueue` calls at once, and a worker many `complete` calls. Each would cost a frame, a request
 and a reply of its own; folded, the daemon handles one request of many items, which costs it a
@@ -72,9 +75,23 @@ class _PassFold(Generic[I, R]):
         self._bytes = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Requests of this kind sent and not yet answered (single or folded).
+        self._in_flight = 0
 
     async def call(self, item: I, size: int = 0) -> R:
-        """Send item with the others of this loop pass; its own result or error."""
+        """Send item with the others of this loop pass; its own result or error.
+
+        As Nagle's algorithm does: a call goes out at once, alone, when none of its kind is in
+        flight; only calls made while one is gather, and leave together at the pass's end.
+        One call at a time so pays nothing for the folding (bench: a lone call through the
+        fold cost about 60 µs more than the same call sent straight).
+        """
+        if not self._in_flight and not self._items:
+            self._in_flight += 1
+            try:
+                return await self._one(item)
+            finally:
+                self._in_flight -= 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._items.append(item)
@@ -105,6 +122,7 @@ class _PassFold(Generic[I, R]):
 
     async def _send(self, items: list[I], futures: list[asyncio.Future[R]]) -> None:
         live = [(item, fut) for item, fut in zip(items, futures, strict=True) if not fut.done()]
+        self._in_flight += 1
         try:
             if len(live) == 1:
                 await self._alone(*live[0])
@@ -115,6 +133,7 @@ class _PassFold(Generic[I, R]):
                 fut.cancel()
             raise
         finally:
+            self._in_flight -= 1
             # Whatever went wrong above, no caller may wait forever on its future.
             _fail_all(live, InternalError("the folded request ended without a result"))
 

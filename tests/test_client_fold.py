@@ -48,10 +48,12 @@ async def test_concurrent_enqueues_leave_as_one_request_and_each_caller_gets_its
     with running_daemon() as daemon:
         async with AsyncClient(daemon.socket_path) as client:
             before = await _enqueue_requests(client)
-            n = FOLD_MAX_ITEMS - 1
+            n = FOLD_MAX_ITEMS + 1
             calls = (client.enqueue({"n": i}, priority=i % 10) for i in range(n))
             got = await asyncio.gather(*calls)
-            assert await _enqueue_requests(client) == before + 1
+            # The first left at once, with nothing in flight; the rest, made while it was out,
+            # left together.
+            assert await _enqueue_requests(client) == before + 2
             assert len({g.queue_id for g in got}) == n and all(g.created for g in got)
             jobs = await client.dequeue(n)
             by_id = {j.queue_id: j for j in jobs}
@@ -59,13 +61,15 @@ async def test_concurrent_enqueues_leave_as_one_request_and_each_caller_gets_its
                 assert by_id[g.queue_id].priority == i % 10
             # Past FOLD_MAX_ITEMS, the batch leaves at once and the rest make another.
             before = await _enqueue_requests(client)
-            await asyncio.gather(*(client.enqueue({"n": i}) for i in range(FOLD_MAX_ITEMS + 1)))
-            assert await _enqueue_requests(client) == before + 2
+            calls = (client.enqueue({"n": i}) for i in range(2 * FOLD_MAX_ITEMS + 3))
+            await asyncio.gather(*calls)
+            assert await _enqueue_requests(client) == before + 4  # 1, 32, 32, then 2
             # A payload too large to fold goes alone, beside the batch of the small ones.
             before = await _enqueue_requests(client)
             big = "x" * (FOLD_ITEM_MAX_BYTES + 1)
-            await asyncio.gather(client.enqueue(big), client.enqueue("a"), client.enqueue("b"))
-            assert await _enqueue_requests(client) == before + 2
+            small = (client.enqueue(s) for s in "abc")
+            await asyncio.gather(client.enqueue(big), *small)
+            assert await _enqueue_requests(client) == before + 3  # big, "a" at once, "b" + "c"
 
 
 async def test_one_refused_item_fails_alone_and_the_others_are_stored_once() -> None:
@@ -126,14 +130,15 @@ async def test_a_caller_cancelled_before_the_batch_leaves_stores_nothing() -> No
     with running_daemon() as daemon:
         async with AsyncClient(daemon.socket_path) as client:
             tasks = [asyncio.create_task(client.enqueue({"n": i})) for i in range(3)]
-            await asyncio.sleep(0)  # each has joined the batch; the batch leaves a pass later
+            # The first left at once, the others joined the batch, which leaves a pass later.
+            await asyncio.sleep(0)
             tasks[1].cancel()
             done = await asyncio.gather(*tasks, return_exceptions=True)
             assert isinstance(done[1], asyncio.CancelledError)
             assert (await client.stats()).accepted == 2
 
 
-@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("n", [1, 3])  # 3: the first alone, then a batch of two
 async def test_a_daemon_gone_fails_every_caller_of_the_batch(n: int) -> None:
     with running_daemon() as daemon:
         client = await AsyncClient(daemon.socket_path, timeout_s=2.0).connect()
@@ -190,9 +195,11 @@ async def test_a_reply_with_the_wrong_number_of_items_fails_each_caller_not_hang
 
     async with fake_daemon(path, answer_one), AsyncClient(path, timeout_s=5.0) as client:
         results = await asyncio.gather(
-            *(client.enqueue({"n": i}) for i in range(3)), return_exceptions=True
+            *(client.enqueue({"n": i}) for i in range(4)), return_exceptions=True
         )
-    assert all(isinstance(r, InternalError) for r in results), results
+    # The first left alone, and one result is its right answer; the batch of three is short.
+    assert isinstance(results[0], EnqueuedItem)
+    assert all(isinstance(r, InternalError) for r in results[1:]), results
 
 
 async def _requests(client: AsyncClient, op: str) -> float:
@@ -211,7 +218,8 @@ async def test_concurrent_completes_leave_as_one_complete_many_each_with_its_own
             calls = [client.complete(queue_id, lease) for queue_id, lease in leases]
             results = await asyncio.gather(*calls, return_exceptions=True)
             assert await _requests(client, "complete_many") == before + 1
-            assert await _requests(client, "complete") == 0  # none went alone
+            # The first left at once, with nothing in flight: the only one that went alone.
+            assert await _requests(client, "complete") == 1
             lost = results.pop(3)
             assert isinstance(lost, LeaseMismatch)  # its own error, as complete raises it
             assert lost.details == {"queue_id": jobs[3].queue_id}
@@ -223,7 +231,7 @@ async def test_concurrent_completes_leave_as_one_complete_many_each_with_its_own
             assert (stats.completed, stats.processing) == (5, 1)
             # One complete alone is sent as a plain complete.
             await client.complete(jobs[3].queue_id, jobs[3].lease_id)
-            assert await _requests(client, "complete") == 1
+            assert await _requests(client, "complete") == 2
 
 
 async def test_a_daemon_without_complete_many_gets_single_completes(tmp_path: Path) -> None:
@@ -247,4 +255,6 @@ async def test_a_daemon_without_complete_many_gets_single_completes(tmp_path: Pa
         first = await asyncio.gather(*(client.complete(f"q{i}", "l") for i in range(3)))
         second = await asyncio.gather(*(client.complete(f"r{i}", "l") for i in range(2)))
     assert [r.queue_id for r in first + second] == ["q0", "q1", "q2", "r0", "r1"]
-    assert ops == ["CompleteMany"] + ["Complete"] * 5
+    # q0 left at once; q1 and q2 as a complete_many, refused, then each alone; from then on
+    # every complete goes alone.
+    assert ops == ["Complete", "CompleteMany"] + ["Complete"] * 4
