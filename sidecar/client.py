@@ -213,17 +213,28 @@ class AsyncClient:
         )
 
     async def _call(self, call: Call[T]) -> T:
-        req, extra_timeout_s = call.request, call.extra_timeout_s
+        req = call.request
         # Concurrent single enqueues (and completes) leave as one request, each caller with
-        # its own result or error (client_fold.py).
+        # its own result or error (client_fold.py); one with none of its kind out leaves now.
         if call.fold and isinstance(req, Enqueue):
             [one] = req.items
             if self._enqueues.takes(one):
-                return cast(T, await self._enqueues.enqueue(one))
+                if not self._enqueues.idle:
+                    return cast(T, await self._enqueues.enqueue(one))
+                with self._enqueues.out():
+                    return await self._send(call)
         elif call.fold and self._completes.enabled:
             done = cast(Complete, req)
-            item = CompleteItem(queue_id=done.queue_id, lease_id=done.lease_id)
-            return cast(T, await self._completes.complete(item))
+            if not self._completes.idle:
+                item = CompleteItem(queue_id=done.queue_id, lease_id=done.lease_id)
+                return cast(T, await self._completes.complete(item))
+            with self._completes.out():
+                return await self._send(call)
+        return await self._send(call)
+
+    async def _send(self, call: Call[T]) -> T:
+        """call's request on the connection (resent once where that is safe); its result."""
+        req, extra_timeout_s = call.request, call.extra_timeout_s
         try:
             reply = await self._exchange(req, extra_timeout_s)
         except SidecarUnavailable as lost:
