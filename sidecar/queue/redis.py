@@ -441,8 +441,11 @@ class RedisQueue:
 
     def _notify_work(self) -> None:
         # Waking every waiter and starting a fresh event means no waiter can miss a notice.
-        self._work.set()
-        self._work = asyncio.Event()
+        # With none waiting there is nobody to wake (a waiter takes the event and counts
+        # itself in one step, wait_for_work), so an enqueue makes no event.
+        if self._waiters:
+            self._work.set()
+            self._work = asyncio.Event()
 
     # -- the coalescer ---------------------------------------------------------------------------
 
