@@ -204,14 +204,16 @@ class Ops:
         s = self.settings
         self._check_batch(len(req.items))
         now = self._clock()
+        # Read once per request, not per item: request_ttl_s is a computed property.
+        ttl_s, max_attempts = s.request_ttl_s, s.queue_max_attempts
         records: list[QueuedRequest] = []
         for index, item in enumerate(req.items):
             records.append(
                 new_request(
                     payload=self._checked_payload(index, item),
                     priority=item.priority,
-                    ttl_s=item.ttl_s or s.request_ttl_s,
-                    max_attempts=item.max_attempts or s.queue_max_attempts,
+                    ttl_s=item.ttl_s or ttl_s,
+                    max_attempts=item.max_attempts or max_attempts,
                     now=now,
                     queue_id=item.queue_id,
                 )

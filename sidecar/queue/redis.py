@@ -202,21 +202,23 @@ class RedisQueue:
             bounded.append(expires)
             args.extend((req.queue_id, req.priority, created, expires, req.max_attempts,
                          payload, req.attempts))  # fmt: skip
-        keys = tuple(self.keys.request(r.queue_id) for r in requests)
+        keys = tuple([self.keys.request_prefix + r.queue_id for r in requests])  # request()
         reply = await self._call("enqueue", now, *args, keys=keys)
         results: list[EnqueueOutcome] = []
+        queued, any_created = QueueStatus.QUEUED, False
         for req, expires, (created, data) in zip(requests, bounded, reply[1], strict=True):
             if created:
+                any_created = True
                 payload = req.payload if req.payload is not None else b""
                 rec = msgspec.structs.replace(
-                    req, seq=int(data), status=QueueStatus.QUEUED, updated_at=now,
+                    req, seq=int(data), status=queued, updated_at=now,
                     payload=payload, size_bytes=len(payload), lease_id=None,
                     lease_expires_at=None, reason=None, expires_at=expires,
                 )  # fmt: skip
             else:
                 rec = decode_record(data)
             results.append(EnqueueOutcome(request=rec, created=bool(created)))
-        if any(r.created for r in results):
+        if any_created:
             self._notify_work()
         return results
 
@@ -441,8 +443,7 @@ class RedisQueue:
 
     def _notify_work(self) -> None:
         # Waking every waiter and starting a fresh event means no waiter can miss a notice.
-        # With none waiting there is nobody to wake (a waiter takes the event and counts
-        # itself in one step, wait_for_work), so an enqueue makes no event.
+        # None counted, none to wake (a waiter takes the event and counts itself at once).
         if self._waiters:
             self._work.set()
             self._work = asyncio.Event()

@@ -193,7 +193,7 @@ class ResilientQueue:
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Redis when it is up, else (or when it fails inside this call) the local queue."""
-        if any(self.local.holds(r.queue_id) for r in requests):
+        if not self.local.empty and any(self.local.holds(r.queue_id) for r in requests):
             # An id this daemon already holds locally (being moved to Redis included) is
             # answered from there, never copied; new ones in the same batch go with it (all
             # or none), and move to Redis later.

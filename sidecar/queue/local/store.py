@@ -343,6 +343,11 @@ class LocalQueue:
         return queue_id in self._state.records
 
     @property
+    def empty(self) -> bool:
+        """No record at all: holds() is False for every queue_id."""
+        return not self._state.records
+
+    @property
     def queued(self) -> int:
         """Queued here and not being moved: what the hand-over still has to move."""
         return self._state.queued - len(self._state.taken)
