@@ -214,6 +214,11 @@ class ClientConnection(asyncio.Protocol):
         if self._drained is not None:
             await asyncio.shield(self._drained)
 
+    @property
+    def paused(self) -> bool:
+        """The transport holds more than its high-water mark: drain() waits."""
+        return self._drained is not None
+
     def write_buffer_size(self) -> int:
         transport = self.transport
         return 0 if transport is None else transport.get_write_buffer_size()
