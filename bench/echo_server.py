@@ -7,17 +7,22 @@ the bench's), so the same client code runs against it and against the daemon. Wh
 framing, syscalls and the event loop: the most any server of this protocol could do here.
 
 Run: `python -m bench.echo_server SOCKET_PATH`; prints `ready` on stdout once it listens and
-stops on SIGTERM or SIGINT.
+stops on SIGTERM or SIGINT. With `--relay REDIS_SOCKET_PATH` it answers each request only after
+Redis has run a no-op script for it: the daemon's extra hop without its work (bench/hop.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import cast
 
+import hiredis
 import msgspec
 import uvloop
 
@@ -35,6 +40,7 @@ from sidecar.protocol import (
     RequestInfo,
     append_frame,
 )
+from sidecar.queue.redis_wire import encode_command
 
 READY_LINE = "ready"
 # The daemon's default frame limit; the echo never sees a frame near it.
@@ -131,40 +137,111 @@ class EchoConnection(asyncio.Protocol):
         assert self.transport is not None
         out = bytearray()
         for body in self.reader.feed(data):
-            try:
-                env = _envelope.decode(body)
-            except DECODE_ERRORS:
-                env = _Envelope()
-            op, n = env.op, len(env.items or ())
-            if env.items is not None and (op == "complete_many" or (op == "enqueue" and n > 1)):
-                result: msgspec.Raw | None = self.results[f"{op}/{n}"]
-            else:
-                result = self.results.get(op)
-            append_frame(out, OkReply(id=env.id, result=result))
+            append_frame(out, self.reply(body))
         if self.reader.error is not None:
             self.transport.close()
         if out:
             self.transport.write(out)
 
+    def reply(self, body: bytes) -> OkReply:
+        """The canned answer to one request frame."""
+        try:
+            env = _envelope.decode(body)
+        except DECODE_ERRORS:
+            env = _Envelope()
+        op, n = env.op, len(env.items or ())
+        if env.items is not None and (op == "complete_many" or (op == "enqueue" and n > 1)):
+            result: msgspec.Raw | None = self.results[f"{op}/{n}"]
+        else:
+            result = self.results.get(op)
+        return OkReply(id=env.id, result=result)
 
-async def serve(path: str) -> None:
-    """Listen on path until SIGTERM or SIGINT."""
+
+# The relay's one Redis command per request: a script that does nothing, so what it costs is
+# the round trip to Redis and Redis's fixed cost per call.
+NOOP_SCRIPT = "return 1"
+
+
+class RedisLink(asyncio.Protocol):
+    """The relay's connection to Redis: replies matched first in, first out (hiredis)."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[tuple[asyncio.Transport, bytes]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        sha = hashlib.sha1(NOOP_SCRIPT.encode()).hexdigest()
+        self.command = encode_command(("EVALSHA", sha, 0))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        out: dict[asyncio.Transport, bytearray] = {}
+        while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"relay: redis answered {reply}")
+            client, frame = self.waiting.popleft()
+            out.setdefault(client, bytearray()).extend(frame)
+        for client, frames in out.items():
+            if not client.is_closing():
+                client.write(frames)
+
+
+class RelayConnection(EchoConnection):
+    """The echo's answers, each sent only once Redis has run one no-op script for it: the
+    extra hop of the daemon (client, relay, Redis) without any of the daemon's work."""
+
+    def __init__(self, results: CannedResults, link: RedisLink) -> None:
+        super().__init__(results)
+        self.link = link
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None and self.link.transport is not None
+        commands = 0
+        for body in self.reader.feed(data):
+            out = bytearray()
+            append_frame(out, self.reply(body))
+            self.link.waiting.append((self.transport, bytes(out)))
+            commands += 1
+        if self.reader.error is not None:
+            self.transport.close()
+        if commands:
+            self.link.transport.write(self.link.command * commands)
+
+
+async def serve(path: str, redis_path: str | None = None) -> None:
+    """Listen on path until SIGTERM or SIGINT; relay each request to Redis at redis_path."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     results = canned_results()
-    server = await loop.create_unix_server(lambda: EchoConnection(results), path, backlog=1024)
+    factory: Callable[[], EchoConnection] = lambda: EchoConnection(results)  # noqa: E731
+    if redis_path is not None:
+        _, link = await loop.create_unix_connection(RedisLink, redis_path)
+        await _load_noop(redis_path)
+        factory = lambda: RelayConnection(results, link)  # noqa: E731
+    server = await loop.create_unix_server(factory, path, backlog=1024)
     print(READY_LINE, flush=True)
     await stop.wait()
     server.close()
     await server.wait_closed()
 
 
+async def _load_noop(redis_path: str) -> None:
+    reader, writer = await asyncio.open_unix_connection(redis_path)
+    writer.write(encode_command(("SCRIPT", "LOAD", NOOP_SCRIPT)))
+    line = await reader.readline()
+    writer.close()
+    if not line.startswith(b"$"):
+        raise RuntimeError(f"relay: SCRIPT LOAD answered {line!r}")
+
+
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.echo_server SOCKET_PATH")
-    uvloop.run(serve(sys.argv[1]))
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--relay"):
+        sys.exit("usage: python -m bench.echo_server SOCKET_PATH [--relay REDIS_SOCKET_PATH]")
+    uvloop.run(serve(sys.argv[1], sys.argv[3] if len(sys.argv) == 4 else None))
 
 
 if __name__ == "__main__":

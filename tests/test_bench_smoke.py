@@ -151,6 +151,26 @@ def test_quick_llm_bench_prints_its_ratios() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_hop_bench_prints_the_daemon_beside_the_relay() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.hop", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = _section(_sections(proc.stdout), "hop:")
+    assert [(r["client"], r["target"]) for r in rows] == [
+        ("lean", "daemon"), ("lean", "relay"), ("AsyncClient", "daemon"), ("AsyncClient", "relay")
+    ]
+    for row in rows:
+        assert _number(row["calls/s"]) > 0 and _number(row["p50 µs"]) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 30)
 def test_quick_bullmq_section_prints_every_goal() -> None:
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
