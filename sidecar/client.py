@@ -220,14 +220,14 @@ class AsyncClient:
             [one] = req.items
             if self._enqueues.takes(one):
                 if not self._enqueues.idle:
-                    return cast(T, await self._enqueues.enqueue(one))
+                    return cast(T, await self._enqueues.call(one, len(one.payload)))
                 with self._enqueues.out():
                     return await self._send(call)
         elif call.fold and self._completes.enabled:
             done = cast(Complete, req)
             if not self._completes.idle:
                 item = CompleteItem(queue_id=done.queue_id, lease_id=done.lease_id)
-                return cast(T, await self._completes.complete(item))
+                return cast(T, await self._completes.call(item))
             with self._completes.out():
                 return await self._send(call)
         return await self._send(call)

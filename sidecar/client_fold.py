@@ -179,9 +179,6 @@ class EnqueueFold(_PassFold[EnqueueItem, EnqueuedItem]):
         """Whether item may be folded (small enough, and folding is on)."""
         return self.enabled and len(item.payload) <= FOLD_ITEM_MAX_BYTES
 
-    async def enqueue(self, item: EnqueueItem) -> EnqueuedItem:
-        return await self.call(item, len(item.payload))
-
     async def _one(self, item: EnqueueItem) -> EnqueuedItem:
         [result] = await self._send_many([item])
         return result
@@ -218,9 +215,6 @@ class CompleteFold(_PassFold[CompleteItem, RequestInfo]):
         super().__init__()
         self._send_many = send_many
         self._send_one = send_one
-
-    async def complete(self, item: CompleteItem) -> RequestInfo:
-        return await self.call(item)
 
     async def _one(self, item: CompleteItem) -> RequestInfo:
         return await self._send_one(item)

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from sidecar.models import PRIORITY_DEFAULT
 from sidecar.protocol import (
     SPECS,
     Cancel,
@@ -89,10 +90,13 @@ def item(
     max_attempts: int | None = None,
 ) -> EnqueueItem:
     """One request to enqueue; payload is any value MessagePack can encode."""
-    fields: dict[str, Any] = {"payload": msgspec.Raw(_encoder.encode(payload))}
-    if priority is not None:
-        fields["priority"] = priority
-    return EnqueueItem(ttl_s=ttl_s, queue_id=queue_id, max_attempts=max_attempts, **fields)
+    return EnqueueItem(
+        payload=msgspec.Raw(_encoder.encode(payload)),
+        priority=PRIORITY_DEFAULT if priority is None else priority,
+        ttl_s=ttl_s,
+        queue_id=queue_id,
+        max_attempts=max_attempts,
+    )
 
 
 def _new_id() -> str:
