@@ -43,6 +43,20 @@ def _sections(stdout: str) -> dict[str, Table]:
     return tables
 
 
+def _bench(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the repository root; it must exit 0 (its output shown if not)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
 def _number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
@@ -101,15 +115,7 @@ def _check_replay(rows: Table) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 30)
 def test_quick_bench_prints_every_section() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT_S,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = _bench("bench.run", "--quick", timeout_s=BENCH_TIMEOUT_S)
     tables = _sections(proc.stdout)
     _check_ratio_table(_section(tables, "local:"), "local")
     _check_ratio_table(_section(tables, "redis:"), "redis")
@@ -133,15 +139,7 @@ def test_layout_sections_run_only_when_named() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_llm_bench_prints_its_ratios() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.llm", "--quick"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = _bench("bench.llm", "--quick", timeout_s=90)
     rows = _section(_sections(proc.stdout), "llm:")
     assert [r["way"] for r in rows] == ["direct", "gateway fresh", "gateway queued"]
     assert _number(rows[0]["ratio over direct"]) == 1.0
@@ -153,15 +151,7 @@ def test_quick_llm_bench_prints_its_ratios() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_hop_bench_prints_the_daemon_beside_the_relay() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.hop", "--quick"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = _bench("bench.hop", "--quick", timeout_s=90)
     rows = _section(_sections(proc.stdout), "hop:")
     assert [(r["client"], r["target"]) for r in rows] == [
         ("lean", "daemon"), ("lean", "relay"), ("AsyncClient", "daemon"), ("AsyncClient", "relay")
@@ -176,15 +166,7 @@ def test_quick_bullmq_section_prints_every_goal() -> None:
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"the BullMQ row needs {' and '.join(missing)}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--mode", "bullmq"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT_S,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = _bench("bench.run", "--quick", "--mode", "bullmq", timeout_s=BENCH_TIMEOUT_S)
     if "bullmq: skipped" in proc.stderr:  # node is here but the install failed (no registry)
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     rows = _section(_sections(proc.stdout), "bullmq:")
