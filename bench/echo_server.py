@@ -179,9 +179,12 @@ class RedisLink(asyncio.Protocol):
         self.reader.feed(data)
         out: dict[asyncio.Transport, bytearray] = {}
         while (reply := self.reader.gets()) is not False:
-            if isinstance(reply, hiredis.ReplyError):
-                raise RuntimeError(f"relay: redis answered {reply}")
             client, frame = self.waiting.popleft()
+            if isinstance(reply, hiredis.ReplyError):
+                # No canned answer for a request Redis refused: its client sees the
+                # connection end rather than wait for a reply that never comes.
+                client.abort()
+                continue
             out.setdefault(client, bytearray()).extend(frame)
         for client, frames in out.items():
             if not client.is_closing():
