@@ -217,11 +217,14 @@ class Connection(asyncio.Protocol):
         slot = _Slot(len(body))
         self.inbox.append(slot)
         self.inbox_bytes += slot.size
-        op = self._serve(slot, req, perf_counter())
         if not self.server.eager_ops:
-            # Ops that may enter asyncio.timeout (the Redis path) need a task from their start.
-            self._track(self.server.loop.create_task(self._in_task(op)), op)
+            # Ops that may enter asyncio.timeout (the Redis path) need a task from their start;
+            # the task runs the op itself and writes its reply when made.
+            task = self.server.loop.create_task(self._serve(slot, req, perf_counter(), True))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
             return
+        op = self._serve(slot, req, perf_counter())
         # Eager: the op's first step runs here. An op of the local store finishes in it (its
         # reply is ready before this read's replies are written, and no task is made); one that
         # suspends (the journal's fsync, a long poll) goes on in a task of its own.
@@ -237,23 +240,22 @@ class Connection(asyncio.Protocol):
         # left suspended for the garbage collector nor reported as never awaited.
         task.add_done_callback(lambda _: op.close())
 
-    async def _in_task(self, op: Coroutine[object, None, None]) -> None:
-        try:
-            await op
-        finally:
-            self.wakeup.set()
-
     async def _resume(self, op: Coroutine[object, None, None], waiting: object) -> None:
         """Run op, suspended in its eager first step, to its end in this task (eager.py)."""
         try:
             await eager.resume(op, waiting)
         finally:
-            self.wakeup.set()
+            self._write_now()
 
-    async def _serve(self, slot: _Slot, req: AnyRequest, started: float) -> None:
+    async def _serve(
+        self, slot: _Slot, req: AnyRequest, started: float, tasked: bool = False
+    ) -> None:
+        """Answer req into its slot; tasked (the op runs in a task of its own): write it too."""
         reply: OkReply | ErrorReply
         try:
-            reply = await self._answer(req)
+            reply = OkReply(id=req.id, result=await self.server.ops.handle(req))
+        except SidecarError as err:
+            reply = error_reply(req.id, err)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self.closed or (task is not None and task.cancelling()):
@@ -261,6 +263,9 @@ class Connection(asyncio.Protocol):
             # A cancellation from inside the op (a shared future cancelled under it): the
             # slot must still get a reply, or every later reply would wait behind it forever.
             self.log.error("op_cancelled_inside", op=type(req).__name__.lower())
+            reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
+        except Exception:
+            self.log.exception("op_failed", op=type(req).__name__.lower())
             reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
         frame = slot.frame = _frame(reply)
         self.server.observer.request_done(
@@ -275,6 +280,8 @@ class Connection(asyncio.Protocol):
             slot.size = len(frame)
             self._account()
             self._update_reading()
+        if tasked:
+            self._write_now()
 
     async def _run(self) -> None:
         """The writer: every ready prefix of replies, in request order, in one write."""
@@ -345,15 +352,6 @@ class Connection(asyncio.Protocol):
             task.cancel()
         if running:
             await asyncio.wait(running)
-
-    async def _answer(self, item: AnyRequest) -> OkReply | ErrorReply:
-        try:
-            return OkReply(id=item.id, result=await self.server.ops.handle(item))
-        except SidecarError as err:
-            return error_reply(item.id, err)
-        except Exception:
-            self.log.exception("op_failed", op=type(item).__name__.lower())
-            return error_reply(item.id, InternalError("internal error; see the daemon's log"))
 
     def _flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():

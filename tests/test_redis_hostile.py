@@ -7,6 +7,7 @@ The store is called directly, below the protocol's bounds, so the scripts must b
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -261,7 +262,7 @@ def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     happened. Both paths are armed: the lean connection (a plain server) and redis-py's.
     """
     real = Pipeline._execute_pipeline
-    real_wire = WireClient.execute
+    real_wire = WireClient.send
     dropped: list[int] = []
 
     async def lossy(self: Pipeline, connection: Any, commands: Any, raise_on_error: bool) -> Any:
@@ -271,16 +272,22 @@ def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             raise RedisConnectionError("connection dropped before the reply was read")
         return replies
 
-    async def lossy_wire(self: WireClient, commands: Sequence[bytes]) -> list[Any]:
-        replies = await real_wire(self, commands)
-        if not dropped and any(b"EVALSHA" in command for command in commands):
-            dropped.append(len(commands))
-            await self.close()  # the connection really goes: the resend needs a fresh one
-            raise RedisConnectionError("connection dropped before the reply was read")
-        return replies
+    def lossy_wire(self: WireClient, commands: Sequence[bytes]) -> asyncio.Future[list[Any]] | None:
+        sent = real_wire(self, commands)
+        if sent is None or dropped or not any(b"EVALSHA" in command for command in commands):
+            return sent
+        dropped.append(len(commands))
+        lost: asyncio.Future[list[Any]] = sent.get_loop().create_future()
+
+        def drop(_: object) -> None:  # Redis has run them: the replies are never read
+            self.drop()  # the connection really goes: the resend needs a fresh one
+            lost.set_exception(RedisConnectionError("connection dropped before the reply was read"))
+
+        sent.add_done_callback(drop)
+        return lost
 
     monkeypatch.setattr(Pipeline, "_execute_pipeline", lossy)
-    monkeypatch.setattr(WireClient, "execute", lossy_wire)
+    monkeypatch.setattr(WireClient, "send", lossy_wire)
     return dropped
 
 

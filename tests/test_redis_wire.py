@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import Settings
+from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_fold import ScriptCall
 from sidecar.queue.redis_io import ScriptRunner, redis_client, unavailable_kind
 from sidecar.queue.redis_keys import SCRIPT_SHAS, RedisKeys
@@ -267,6 +268,75 @@ async def test_the_store_reloads_scripts_after_a_script_flush(
     assert all(r.created for [r] in results)
     # One reload for the whole batch that met NOSCRIPT, not one per call.
     assert queue.script_loads == loads + 1
+
+
+async def test_a_lone_call_after_a_script_flush_reloads_and_is_stored_once(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    """One call at a time is written inside the loop pass, with no task (ScriptRunner._flush);
+    its NOSCRIPT reply hands it to the task path, which loads the scripts and sends it again."""
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="warm")])  # the connection is open
+    loads = queue.script_loads
+    await raw.script_flush()
+    [res] = await queue.enqueue([make_request(clock, queue_id="after-flush")])
+    assert res.created and res.request.queue_id == "after-flush"
+    assert queue.script_loads == loads + 1
+    stats = await queue.stats()
+    assert (stats.accepted, stats.queued) == (2, 2)
+
+
+async def test_a_lone_call_on_a_lost_connection_is_resent_once_and_no_more(
+    make_queue: QueueFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every reply lost: the lone write and its one retry, then a connection error (kind
+    connection), never a third send."""
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="warm")])
+    real_send = WireClient.send
+    sends: list[int] = []
+
+    def lossy(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
+        sent = real_send(self, commands)
+        if sent is None:
+            return None
+        sends.append(len(commands))
+        lost: asyncio.Future[list[Any]] = sent.get_loop().create_future()
+
+        def drop(_: object) -> None:
+            self.drop()
+            lost.set_exception(RedisConnectionError("connection dropped before the reply"))
+
+        sent.add_done_callback(drop)
+        return lost
+
+    monkeypatch.setattr(WireClient, "send", lossy)
+    with pytest.raises(BackendUnavailable) as info:
+        await queue.status("warm")
+    assert info.value.details == {"kind": "connection"}
+    assert sends == [1, 1]
+    monkeypatch.undo()
+    st = await queue.status("warm")  # and the next call connects afresh
+    assert st is not None and st.queue_id == "warm"
+
+
+async def test_close_sends_the_calls_of_its_pass_and_waits_for_their_replies(
+    make_queue: QueueFactory, clock: FakeClock
+) -> None:
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="warm")])
+    assert await queue.status("warm") is not None  # the connection open, no task left
+    runner = queue._runner
+    keys = queue._script_keys + queue._req("warm")
+    assert runner.wire is not None and not runner._tasks
+    connects = runner.wire.connects
+    made = runner.call("status", keys, (clock(), queue.retention_s, "warm"))
+    await runner.close()  # in the same pass: the call is neither lost nor left waiting
+    assert made.done() and made.result()[0] == 0
+    # It went out on the open connection before close dropped it, not on a new one after.
+    assert runner.wire.connects == connects
+    with pytest.raises(BackendUnavailable):
+        runner.call("status", keys, (clock(), queue.retention_s, "warm"))
 
 
 def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:

@@ -34,6 +34,14 @@ def items_of(call: ScriptCall) -> int:
     return int(call.args[count_at]) if count_at is not None else (len(call.args) - 2) // per_item
 
 
+def folds(batch: list[ScriptCall]) -> bool:
+    """Whether batch holds two calls or more of one script that folds."""
+    if len(batch) < 2:
+        return False
+    scripts = [call.script for call in batch if call.script in FOLDED_SCRIPTS]
+    return len(scripts) > len(set(scripts))
+
+
 def fold_groups(calls: list[ScriptCall]) -> list[list[ScriptCall]]:
     """Consecutive calls of one script, cut so no group passes FOLD_MAX_ITEMS requests."""
     groups: list[list[ScriptCall]] = [[]]

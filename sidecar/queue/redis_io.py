@@ -1,7 +1,7 @@
 """Redis I/O behind one seam: client construction, error classification, script calls.
 
-Concurrent calls share round trips: each call adds its EVALSHA to a batch, and one task per
-event-loop iteration sends the whole batch in one pipeline (ScriptRunner). On a plain server
+Concurrent calls share round trips: each call adds its EVALSHA to a batch, and the batch of
+each event-loop iteration goes out in one pipeline at its end (ScriptRunner). On a plain server
 the batch goes out on the lean connection of redis_wire.py; Sentinel and Cluster clients
 (and fakes) keep redis-py's pipeline. Everything but the scripts uses redis-py.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from sidecar.queue.redis_fold import (
     ScriptCall,
     fold,
     fold_groups,
+    folds,
     items_of,
     unfold,
 )
@@ -148,6 +150,7 @@ class ScriptRunner:
         self._batch: list[ScriptCall] = []
         self._batch_items = 0  # requests the batch's calls carry (a folded script's items)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[list[Any]]] = set()  # lone batches' writes (_flush)
         self._loading: asyncio.Task[None] | None = None  # a SCRIPT LOAD round after NOSCRIPT
         spec = wire_spec(client)
         # The lean connection where the client reaches one plain server, else redis-py's.
@@ -169,8 +172,9 @@ class ScriptRunner:
     async def close(self) -> None:
         """Refuse new calls, let in-flight pipelines finish, close the connections."""
         self.closed = True
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush()  # the calls of this loop pass go out now, not after the connection closes
+        while self._tasks or self._sending:  # a write's reply may hand its calls to a task
+            await asyncio.gather(*self._tasks, *self._sending, return_exceptions=True)
         if self.wire is not None:
             await self.wire.close()
         await self.client.aclose()
@@ -179,8 +183,10 @@ class ScriptRunner:
         for sentinel in getattr(manager, "sentinels", ()):
             await sentinel.aclose()
 
-    async def call(self, script: str, keys: tuple[str, ...], args: tuple[Arg, ...]) -> list[Any]:
-        """Run one script in the next shared pipeline and return its reply."""
+    def call(
+        self, script: str, keys: tuple[str, ...], args: tuple[Arg, ...]
+    ) -> asyncio.Future[list[Any]]:
+        """Run one script in the next shared pipeline: the future of its reply."""
         if self.closed:
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
         loop = asyncio.get_running_loop()
@@ -189,8 +195,8 @@ class ScriptRunner:
         self._batch_items += items_of(call) if call.script in FOLDED_SCRIPTS else 1
         if len(self._batch) == 1:
             # The first call of this loop iteration schedules the flush; every call made
-            # before the flush task runs joins the same pipeline.
-            self._track(loop.create_task(self._flush()))
+            # before it runs joins the same pipeline.
+            loop.call_soon(self._flush)
         if self._batch_items >= EARLY_FLUSH_ITEMS and self.wire is not None:
             # Enough to be worth a run of its own: written to Redis now, inside this call, so
             # Redis works on it while this pass makes the rest (a pipeline rather than a lock
@@ -200,42 +206,80 @@ class ScriptRunner:
             task = eager.start(loop, self._run(batch))
             if task is not None:
                 self._track(task)
-        result: list[Any] = await call.future
-        return result
+        return call.future
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self) -> None:
-        """Send every pending call (if an early flush left any) in one pipeline."""
-        batch, self._batch, self._batch_items = self._batch, [], 0
-        if batch:
-            await self._run(batch)
+    def _flush(self) -> None:
+        """At the end of the loop pass: send its calls (if an early flush left any).
 
-    async def _run(self, batch: list[ScriptCall]) -> None:
-        """Send batch in one pipeline and resolve each call's future in order."""
+        A batch that needs nothing but its write (the lean connection open, no calls to fold,
+        no WAIT: one call at a time, say) is written here and resolved by a callback on its
+        reply, with no task and no coroutines to resume. Any other batch, and any reply but a
+        plain one (a lost connection, NOSCRIPT), goes through _run in a task.
+        """
+        batch, self._batch, self._batch_items = self._batch, [], 0
+        if not batch:
+            return
+        wire = self.wire
+        sent = None
+        if wire is not None and not self.min_replicas and not folds(batch):
+            try:
+                sent = wire.send([self._encode(call) for call in batch])
+            except Exception as exc:  # an argument of a type Redis cannot take
+                _fail(batch, exc)
+                return
+        if sent is None:  # no connection open (it connects in the task), or not a lone batch
+            self._track(asyncio.get_running_loop().create_task(self._run(batch)))
+            return
+        self.flushes += 1
+        self._sending.add(sent)
+        sent.add_done_callback(functools.partial(self._sent, batch))
+
+    def _sent(self, batch: list[ScriptCall], sent: asyncio.Future[list[Any]]) -> None:
+        """The replies to a batch _flush wrote: resolved here, or its calls handed to _run."""
+        self._sending.discard(sent)
+        if sent.cancelled():  # pragma: no cover - nothing cancels it: only its protocol settles it
+            _fail(batch, RedisConnectionError("redis write cancelled"))
+            return
+        exc = sent.exception()
+        if exc is not None:
+            if isinstance(exc, RedisConnectionError) and not self.closed:
+                # _send_wire's one retry, on a fresh connection: the only one.
+                self._track(asyncio.get_running_loop().create_task(self._run(batch, retry=False)))
+            else:
+                _fail(batch, exc)
+            return
+        pairs = list(zip(batch, sent.result(), strict=True))
+        for _, reply in pairs:
+            if isinstance(reply, NoScriptError):
+                # That call never ran (Redis restarted, or SCRIPT FLUSH): _run loads, resends.
+                missing = [call for call, reply in pairs if isinstance(reply, NoScriptError)]
+                self._track(asyncio.get_running_loop().create_task(self._run(missing)))
+                pairs = [pair for pair in pairs if not isinstance(pair[1], NoScriptError)]
+                break
+        _settle(pairs)
+
+    async def _run(self, batch: list[ScriptCall], retry: bool = True) -> None:
+        """Send batch in one pipeline and resolve each call's future in order.
+
+        retry: one more try on a fresh connection when the lean one is lost (_send_wire).
+        """
         self.flushes += 1
         try:
-            replies = await self._folded(batch)
+            replies = await self._folded(batch, retry)
         except asyncio.CancelledError:
             for call in batch:
                 call.future.cancel()
             raise
         except Exception as exc:  # every waiter must hear of the failure
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(translate_error(exc))
+            _fail(batch, exc)
             return
-        for call, reply in zip(batch, replies, strict=True):
-            if call.future.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, Exception):
-                call.future.set_exception(translate_error(reply))
-            else:
-                call.future.set_result(reply)
+        _settle(zip(batch, replies, strict=True))
 
-    async def _folded(self, batch: list[ScriptCall]) -> list[Any]:
+    async def _folded(self, batch: list[ScriptCall], retry: bool) -> list[Any]:
         """The batch's replies, in order, with concurrent enqueues (and completes) folded into
         shared runs, one script's calls in each.
 
@@ -250,31 +294,31 @@ class ScriptRunner:
                 by_script.setdefault(call.script, []).append(i)
         folding = [ids for ids in by_script.values() if len(ids) > 1]
         if not folding:
-            return await self._pipeline(batch)
+            return await self._pipeline(batch, retry)
         singles = [i for ids in folding for i in ids]
         chosen = set(singles)
         others = [call for i, call in enumerate(batch) if i not in chosen]
         groups = [g for ids in folding for g in fold_groups([batch[i] for i in ids])]
         runs = [fold(group, batch[0].future.get_loop()) for group in groups]
-        replies = await self._pipeline(others + runs)
+        replies = await self._pipeline(others + runs, retry)
         parts: list[Any] = []
         for group, reply in zip(groups, replies[len(others) :], strict=True):
             if isinstance(reply, ResponseError) and unavailable_kind(reply) is None:
-                parts += await self._pipeline(group)
+                parts += await self._pipeline(group, retry)
             else:
                 parts += unfold(reply, group)
         merged = iter(replies[: len(others)])
         by_index = dict(zip(singles, parts, strict=True))
         return [by_index[i] if i in chosen else next(merged) for i in range(len(batch))]
 
-    async def _pipeline(self, batch: list[ScriptCall]) -> list[Any]:
+    async def _pipeline(self, batch: list[ScriptCall], retry: bool) -> list[Any]:
         loads = self.script_loads
-        replies = await self._send(batch)
+        replies = await self._send(batch, retry)
         # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await self._reload(loads)
-            again = await self._send([batch[i] for i in missing])
+            again = await self._send([batch[i] for i in missing], retry)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
@@ -295,11 +339,11 @@ class ScriptRunner:
         if not task.cancelled():
             task.exception()  # observed even when every run that waited was cancelled
 
-    async def _send(self, batch: list[ScriptCall]) -> list[Any]:
+    async def _send(self, batch: list[ScriptCall], retry: bool) -> list[Any]:
         acked = [i for i, call in enumerate(batch) if call.script in ACKED_SCRIPTS]
         wait = self.min_replicas > 0 and bool(acked)
         if self.wire is not None:
-            replies = await self._send_wire(self.wire, batch, wait)
+            replies = await self._send_wire(self.wire, batch, wait, retry)
         else:
             replies = await self._send_pipeline(batch, wait, acked)
         if wait:
@@ -311,7 +355,9 @@ class ScriptRunner:
                         replies[i] = short
         return replies
 
-    async def _send_wire(self, wire: WireClient, batch: list[ScriptCall], wait: bool) -> list[Any]:
+    async def _send_wire(
+        self, wire: WireClient, batch: list[ScriptCall], wait: bool, retry: bool
+    ) -> list[Any]:
         commands = [self._encode(call) for call in batch]
         if wait:
             # On the same connection: WAIT counts the replicas that have its writes so far.
@@ -319,6 +365,8 @@ class ScriptRunner:
         try:
             return await wire.execute(commands)
         except RedisConnectionError:
+            if not retry:
+                raise
             # The same one retry as redis-py's (see _client_options): on a fresh connection,
             # for a connection error only, never a timeout; every script is safe to run twice.
             return await wire.execute(commands)
@@ -384,6 +432,24 @@ class ScriptRunner:
             short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
+
+
+def _settle(replies: Iterable[tuple[ScriptCall, Any]]) -> None:
+    """Resolve each call's future with its reply (an error reply as its exception)."""
+    for call, reply in replies:
+        if call.future.done():
+            continue  # its caller was cancelled
+        if isinstance(reply, Exception):
+            call.future.set_exception(translate_error(reply))
+        else:
+            call.future.set_result(reply)
+
+
+def _fail(batch: list[ScriptCall], exc: BaseException) -> None:
+    """Every call of a batch that failed as a whole hears of the failure."""
+    for call in batch:
+        if not call.future.done():
+            call.future.set_exception(translate_error(exc))
 
 
 # -- building a client from Settings ------------------------------------------------------------

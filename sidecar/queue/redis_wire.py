@@ -219,16 +219,30 @@ class WireClient:
         self._proto: _WireProtocol | None = None
         self._connecting: asyncio.Task[_WireProtocol] | None = None
 
-    async def execute(self, commands: Sequence[bytes]) -> list[Any]:
-        """Send encoded commands in one write; their replies (errors as instances), in order."""
+    def send(self, commands: Sequence[bytes]) -> asyncio.Future[list[Any]] | None:
+        """Write encoded commands now, in one write, on the open connection: the future of
+        their replies (errors as instances), in order; None when none is open."""
         proto = self._proto
         if proto is None or not proto.usable:
-            proto = await self._connected()
-        future = proto.send(b"".join(commands), len(commands), self.spec.timeout_s)
-        return await future
+            return None
+        return proto.send(b"".join(commands), len(commands), self.spec.timeout_s)
+
+    async def execute(self, commands: Sequence[bytes]) -> list[Any]:
+        """send(), connecting first when no connection is open."""
+        sent = self.send(commands)
+        if sent is None:
+            await self._connected()
+            sent = self.send(commands)
+            if sent is None:  # lost again while the connect's outcome reached this call
+                raise RedisConnectionError("connection to redis lost")
+        return await sent
 
     async def close(self) -> None:
         """Drop the connection; calls waiting on it fail with a connection error."""
+        self.drop()
+
+    def drop(self) -> None:
+        """close(), from a callback: the next call connects afresh."""
         if self._connecting is not None:
             self._connecting.cancel()
         if self._proto is not None:
