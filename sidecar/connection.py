@@ -268,20 +268,19 @@ class Connection(asyncio.Protocol):
             self.log.exception("op_failed", op=type(req).__name__.lower())
             reply = error_reply(req.id, InternalError("internal error; see the daemon's log"))
         frame = slot.frame = _frame(reply)
-        self.server.observer.request_done(
-            _OP_NAMES[type(req)],
-            perf_counter() - started,
-            reply.error.code if isinstance(reply, ErrorReply) else None,
-        )
-        if self.closed:
-            return  # an op that ignored its cancellation: its bytes were released already
-        if len(frame) > slot.size:
-            self.inbox_bytes += len(frame) - slot.size
-            slot.size = len(frame)
-            self._account()
-            self._update_reading()
-        if tasked:
-            self._write_now()
+        elapsed = perf_counter() - started
+        # Not when closed: an op that ignored its cancellation; its bytes were released already.
+        if not self.closed:
+            if len(frame) > slot.size:
+                self.inbox_bytes += len(frame) - slot.size
+                slot.size = len(frame)
+                self._account()
+                self._update_reading()
+            if tasked:
+                self._write_now()
+        # Recorded once the reply is out: the client's next request need not wait for it.
+        code = reply.error.code if isinstance(reply, ErrorReply) else None
+        self.server.observer.request_done(_OP_NAMES[type(req)], elapsed, code)
 
     async def _run(self) -> None:
         """The writer: every ready prefix of replies, in request order, in one write."""
