@@ -1,7 +1,7 @@
 """The ceiling for the Redis mode: raw redis-py doing the daemon's Redis work, nothing else.
 
-Each operation is the EVALSHA the daemon's RedisQueue sends for it, of the same script
-(sidecar.queue.redis_keys SCRIPTS / SCRIPT_SHAS) with the same KEYS and ARGV shape: `enqueue`
+Each operation is the FCALL the daemon's RedisQueue sends for it, of the same function
+(sidecar.queue.redis_keys LIBRARY / FUNCTION_NAMES) with the same KEYS and ARGV shape: `enqueue`
 of one request; `dequeue` of one, then `complete` of it. The client is built by the daemon's
 own `redis_client` (hiredis parser, the same timeouts, retry and options), and concurrent
 calls of one loop pass go out in one pipeline, as the daemon's coalescer sends them: many
@@ -29,7 +29,7 @@ from sidecar.config import Settings
 from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX
 from sidecar.queue.base import JOB_FIXED_BYTES
 from sidecar.queue.redis import redis_client
-from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
+from sidecar.queue.redis_keys import FUNCTION_NAMES, LIBRARY, RedisKeys
 
 Arg = str | bytes | int | float
 # The daemon's defaults: request TTL 4 h, retention 24 h, 3 attempts, lease 60 s, sweep 500.
@@ -68,8 +68,7 @@ def enqueue_call(payloads: Sequence[bytes], priority: int = PRIORITY_DEFAULT) ->
 
 
 async def load_scripts(client: Redis) -> None:
-    for source in SCRIPTS.values():
-        await client.script_load(source)
+    await client.function_load(LIBRARY, replace=True)
 
 
 class Coalescer:
@@ -83,7 +82,7 @@ class Coalescer:
     async def call(self, script: str, call: Call) -> Any:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self.batch.append((SCRIPT_SHAS[script], call, fut))
+        self.batch.append((FUNCTION_NAMES[script], call, fut))
         if len(self.batch) == 1:
             task = loop.create_task(self._flush())
             self.tasks.add(task)
@@ -94,8 +93,8 @@ class Coalescer:
         batch, self.batch = self.batch, []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for sha, (keys, args), _ in batch:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
+                for name, (keys, args), _ in batch:
+                    pipe.fcall(name, len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             for _, _, fut in batch:
@@ -191,7 +190,7 @@ async def fill_backlog(
                 if n == 0:
                     break
                 keys, args = enqueue_call([payload] * n, priority)
-                pipe.evalsha(SCRIPT_SHAS["enqueue"], len(keys), *keys, *args)
+                pipe.fcall(FUNCTION_NAMES["enqueue"], len(keys), *keys, *args)
                 count -= n
             await pipe.execute()
 

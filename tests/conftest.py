@@ -83,14 +83,18 @@ def make_local(
     )
 
 
-@pytest.fixture(params=["local", "local_fsync", "redis", "fakeredis", "resilient", "cluster"])
+@pytest.fixture(
+    params=["local", "local_fsync", "redis", "redis_scripts", "fakeredis", "resilient", "cluster"]
+)
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[QueueRepository]:
     """Every store that keeps the contract; the contract suite runs once per param.
 
     The local store is the durable one, journaled in tmp_path: fsync off for speed, and once
-    more with fsync on every commit (`local_fsync`), as the daemon runs by default.
+    more with fsync on every commit (`local_fsync`), as the daemon runs by default. Redis runs
+    the scripts as Functions, and once more as plain scripts (`redis_scripts`), as on a server
+    older than Redis 7.
     """
     repo: QueueRepository
     if request.param == "local":
@@ -99,6 +103,8 @@ async def store(
         repo = make_local(clock, tmp_path / "state", fsync=True)
     elif request.param == "redis":
         repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
+    elif request.param == "redis_scripts":
+        repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S, functions=False)
     elif request.param == "fakeredis":
         repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
     elif request.param == "cluster":

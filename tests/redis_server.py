@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from sidecar.config import Settings
 from sidecar.queue.redis import RedisQueue, redis_client
+from sidecar.queue.redis_keys import FUNCTION_NAMES, SCRIPT_SHAS
 
 # How long a start or restart may take before the test fails (an AOF replay included).
 READY_TIMEOUT_S = 10.0
@@ -256,13 +257,25 @@ def redis_queue_for(
 
 
 def make_redis_contract_store(
-    request: pytest.FixtureRequest, clock: Callable[[], float], retention_s: float
+    request: pytest.FixtureRequest,
+    clock: Callable[[], float],
+    retention_s: float,
+    **options: Any,
 ) -> RedisQueue:
     """For the contract suite: a RedisQueue on its own fresh redis-server, stopped at teardown."""
     server = RedisServer().start()
     # Registered before the store fixture's own teardown, so it runs after the queue closed.
     request.addfinalizer(server.cleanup)
-    return redis_queue_for(server.url, clock, retention_s=retention_s)
+    return redis_queue_for(server.url, clock, retention_s=retention_s, **options)
+
+
+async def run_script(
+    raw: Redis, queue: RedisQueue, name: str, keys: Sequence[str], *args: Any
+) -> Any:
+    """Call one of the queue's scripts directly, as its runner does: FCALL, or EVALSHA."""
+    if queue.uses_functions:
+        return await raw.fcall(FUNCTION_NAMES[name], len(keys), *keys, *args)
+    return await raw.evalsha(SCRIPT_SHAS[name], len(keys), *keys, *args)
 
 
 def make_fakeredis_contract_store(clock: Callable[[], float], retention_s: float) -> RedisQueue:
@@ -286,4 +299,5 @@ __all__ = [
     "make_redis_contract_store",
     "redis_queue_for",
     "redis_server_fixture",
+    "run_script",
 ]

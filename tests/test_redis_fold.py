@@ -24,21 +24,22 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
 )
 
 
-async def _evalsha_calls(raw: Redis) -> int:
+async def _script_runs(raw: Redis) -> int:
+    """Script runs so far: FCALL, or EVALSHA where the scripts run as plain scripts."""
     stats: dict[str, Any] = await raw.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("fcall", "evalsha"))
 
 
 async def test_concurrent_enqueues_share_one_script_run(
     make_queue: QueueFactory, clock: FakeClock, raw: Redis
 ) -> None:
     queue = await make_queue()
-    before = await _evalsha_calls(raw)
+    before = await _script_runs(raw)
     n = EARLY_FLUSH_ITEMS  # past it, a fold is written early and the rest make another
     results = await asyncio.gather(
         *(queue.enqueue([make_request(clock, i, queue_id=f"q{i}")]) for i in range(n))
     )
-    assert await _evalsha_calls(raw) == before + 1
+    assert await _script_runs(raw) == before + 1
     assert [r.request.queue_id for [r] in results] == [f"q{i}" for i in range(n)]
     assert all(r.created for [r] in results)
     # Each caller got its own record: seqs follow the call order.
@@ -93,7 +94,7 @@ async def test_folds_past_the_cap_split_into_several_runs(
     await queue.start()
     assert queue._runner.wire is None  # redis-py's pipeline, not the lean connection
     calls = FOLD_MAX_ITEMS // per_call + 3
-    before = await _evalsha_calls(raw)
+    before = await _script_runs(raw)
     try:
         results = await asyncio.gather(
             *(
@@ -104,7 +105,7 @@ async def test_folds_past_the_cap_split_into_several_runs(
     finally:
         await queue.close()
     # Whole calls per run, each run at most FOLD_MAX_ITEMS requests: here two runs.
-    assert await _evalsha_calls(raw) - before == 2
+    assert await _script_runs(raw) - before == 2
     assert sum(len(r) for r in results) == calls * per_call
     assert all(res.created for r in results for res in r)
     assert int(await raw.zcard(queue.keys.pending)) == calls * per_call
@@ -125,9 +126,9 @@ async def test_concurrent_completes_share_one_script_run(
 ) -> None:
     queue = await make_queue()
     jobs = await _leased(queue, clock, 16)
-    before = await _evalsha_calls(raw)
+    before = await _script_runs(raw)
     done = await asyncio.gather(*(queue.complete(j.queue_id, j.lease_id) for j in jobs))
-    assert await _evalsha_calls(raw) == before + 1
+    assert await _script_runs(raw) == before + 1
     assert [d.queue_id for d in done] == [j.queue_id for j in jobs]  # each caller its own
     assert all(d.status is QueueStatus.COMPLETED for d in done)
     stats = await queue.stats()
@@ -143,9 +144,9 @@ async def test_a_refused_complete_fails_alone_and_its_neighbours_complete(
     # Ahead of its right one in the run: the request is still processing, under another lease.
     calls.insert(0, queue.complete(jobs[0].queue_id, "not-the-lease"))
     calls.insert(3, queue.complete("no-such-id", "x"))
-    before = await _evalsha_calls(raw)
+    before = await _script_runs(raw)
     results = await asyncio.gather(*calls, return_exceptions=True)
-    assert await _evalsha_calls(raw) == before + 1
+    assert await _script_runs(raw) == before + 1
     assert isinstance(results.pop(3), NotFound)
     assert isinstance(results.pop(0), LeaseMismatch)
     assert all(isinstance(r, QueuedRequest) and r.status is QueueStatus.COMPLETED for r in results)
@@ -169,12 +170,12 @@ async def test_enqueues_and_completes_of_one_pass_fold_by_script(
 ) -> None:
     queue = await make_queue()
     jobs = await _leased(queue, clock, 3)
-    before = await _evalsha_calls(raw)
+    before = await _script_runs(raw)
     results: list[Any] = await asyncio.gather(
         *(queue.complete(j.queue_id, j.lease_id) for j in jobs),
         *(queue.enqueue([make_request(clock, queue_id=f"new{i}")]) for i in range(3)),
     )
-    assert await _evalsha_calls(raw) == before + 2  # one complete run, one enqueue run
+    assert await _script_runs(raw) == before + 2  # one complete run, one enqueue run
     assert [r.queue_id for r in results[:3]] == [j.queue_id for j in jobs]
     assert [r[0].request.queue_id for r in results[3:]] == ["new0", "new1", "new2"]
     stats = await queue.stats()

@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from sidecar.errors import InvalidState, NotFound
 from sidecar.models import QueueStatus
 from sidecar.queue.redis import RedisQueue
-from sidecar.queue.redis_keys import MAX_TIME_S, SCRIPT_SHAS
+from sidecar.queue.redis_keys import MAX_TIME_S
 from sidecar.queue.redis_wire import WireClient
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
@@ -31,6 +31,7 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
     make_queue_fixture,  # noqa: F401
     raw_fixture,  # noqa: F401
     redis_server_fixture,  # noqa: F401
+    run_script,
 )
 
 RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
@@ -105,28 +106,27 @@ async def test_dequeue_with_a_huge_lease_destroys_no_other_producers_requests(
 async def test_scripts_clamp_huge_times_on_their_own(
     make_queue: QueueFactory, clock: FakeClock, raw: Redis
 ) -> None:
-    # Called as a caller that skips RedisQueue's own bounds would: raw EVALSHA.
+    # Called as a caller that skips RedisQueue's own bounds would: a raw FCALL (or EVALSHA).
     queue = await make_queue()
     keys = queue.keys.script_keys()
     now = clock()
     for n, expires in enumerate(("inf", "1e16", "1e300")):
         qid = f"raw{n}"
         item = (qid, 5, now, expires, 3, b"x", 0)
-        reply = await raw.evalsha(
-            SCRIPT_SHAS["enqueue"], len(keys) + 1, *keys, queue.keys.request(qid),
-            now, RETENTION_S, 1, *item,
-        )  # fmt: skip
+        reply = await run_script(
+            raw, queue, "enqueue", (*keys, queue.keys.request(qid)), now, RETENTION_S, 1, *item
+        )
         assert reply[1][0][0] == 1
     lease = ("l0", "l1", "l2")
-    reply = await raw.evalsha(
-        SCRIPT_SHAS["dequeue"], len(keys), *keys, now, RETENTION_S, "inf", 10, -1, 160, *lease
+    reply = await run_script(
+        raw, queue, "dequeue", keys, now, RETENTION_S, "inf", 10, -1, 160, *lease
     )
     assert len(reply[1]) == 3
     assert await _books(queue, raw) == (0, 3)
     # A huge retention: the terminal hash gets an expiry in the future, not one that wrapped.
     key = queue.keys.request("raw0")
-    reply = await raw.evalsha(
-        SCRIPT_SHAS["complete"], len(keys) + 1, *keys, key, now, "1e300", "raw0", "l0", "1"
+    reply = await run_script(
+        raw, queue, "complete", (*keys, key), now, "1e300", "raw0", "l0", "1"
     )
     assert reply[0] == 0
     assert await raw.exists(key) == 1 and await raw.pttl(key) > 0
@@ -143,25 +143,20 @@ async def test_a_bad_argument_is_refused_before_anything_changes(
     now = clock()
     # NaN reaches a script only from a caller below RedisQueue; it must not pop anything first.
     with pytest.raises(ResponseError, match=r"lease_until"):
-        await raw.evalsha(
-            SCRIPT_SHAS["dequeue"], len(keys), *keys, now, RETENTION_S, "nan", 10, "l0", "l1"
-        )
+        await run_script(raw, queue, "dequeue", keys, now, RETENTION_S, "nan", 10, "l0", "l1")
     good = ("new-a", 5, now, now + 60, 3, b"x", 0)
     bad = ("new-b", 42, now, now + 60, 3, b"x", 0)
     with pytest.raises(ResponseError, match=r"priority"):
-        await raw.evalsha(
-            SCRIPT_SHAS["enqueue"], len(keys) + 2, *keys, queue.keys.request("new-a"),
-            queue.keys.request("new-b"), now, RETENTION_S, 2, *good, *bad,
-        )  # fmt: skip
+        both = (*keys, queue.keys.request("new-a"), queue.keys.request("new-b"))
+        await run_script(raw, queue, "enqueue", both, now, RETENTION_S, 2, *good, *bad)
     assert await queue.status("new-a") is None  # all or none
     # A settle missing an argument fails before its lease is touched.
     [job] = await queue.dequeue(1, LEASE_S)
     key = queue.keys.request(job.queue_id)
     with pytest.raises(ResponseError, match=r"reason"):
-        await raw.evalsha(
-            SCRIPT_SHAS["fail"], len(keys) + 1, *keys, key, now, RETENTION_S, job.queue_id,
-            job.lease_id or "",
-        )  # fmt: skip
+        await run_script(
+            raw, queue, "fail", (*keys, key), now, RETENTION_S, job.queue_id, job.lease_id or ""
+        )
     st = await queue.status(job.queue_id)
     assert st is not None and (st.status, st.lease_id) == (QueueStatus.PROCESSING, job.lease_id)
     assert await queue.fail(job.queue_id, job.lease_id or "", "ok now", retry=True)
@@ -252,6 +247,9 @@ async def test_fail_repeated_with_the_same_lease_answers_the_same_outcome(
         await queue.fail("retry", job.lease_id, "late", retry=False)
 
 
+_SCRIPT_COMMANDS = ("FCALL", "EVALSHA")
+
+
 @pytest.fixture
 def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The next pipeline of scripts runs on Redis, then its connection drops before the reply.
@@ -267,14 +265,15 @@ def drop_first_reply(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     async def lossy(self: Pipeline, connection: Any, commands: Any, raise_on_error: bool) -> Any:
         replies = await real(self, connection, commands, raise_on_error)
-        if not dropped and any(args[0] == "EVALSHA" for args, _ in commands):
+        if not dropped and any(args[0] in _SCRIPT_COMMANDS for args, _ in commands):
             dropped.append(len(commands))
             raise RedisConnectionError("connection dropped before the reply was read")
         return replies
 
     def lossy_wire(self: WireClient, commands: Sequence[bytes]) -> asyncio.Future[list[Any]] | None:
         sent = real_wire(self, commands)
-        if sent is None or dropped or not any(b"EVALSHA" in command for command in commands):
+        scripts = any(name.encode() in c for name in _SCRIPT_COMMANDS for c in commands)
+        if sent is None or dropped or not scripts:
             return sent
         dropped.append(len(commands))
         lost: asyncio.Future[list[Any]] = sent.get_loop().create_future()
@@ -406,7 +405,7 @@ async def test_enqueue_script_stores_any_time_it_accepts_as_text_the_store_reads
     args: list[str | bytes | float] = [1700000000.0, RETENTION_S, 1, "odd", 5]
     args += [text, text, 3, b"p", 0]
     fixed = keys.script_keys()
-    await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
+    await run_script(raw, queue, "enqueue", (*fixed, keys.request("odd")), *args)
     st = await queue.status("odd")
     assert st is not None and st.created_at == stored and st.expires_at == stored
 
@@ -424,7 +423,7 @@ async def test_enqueue_script_stores_any_whole_number_it_accepts_as_digits(
     args: list[str | bytes | float] = [1700000000.0, RETENTION_S, 1, "odd", text]
     args += [1700000000.5, 1700009000.5, text, b"p", text]
     fixed = keys.script_keys()
-    await raw.evalsha(SCRIPT_SHAS["enqueue"], len(fixed) + 1, *fixed, keys.request("odd"), *args)
+    await run_script(raw, queue, "enqueue", (*fixed, keys.request("odd")), *args)
     st = await queue.status("odd")
     assert st is not None
     assert (st.priority, st.max_attempts, st.attempts) == (stored, stored, stored)

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueueStatus
 from sidecar.queue.redis import SCRIPT_ERRORS, RedisQueue, SweepCounts
-from sidecar.queue.redis_keys import SCRIPT_SHAS, ScriptCode
+from sidecar.queue.redis_keys import ScriptCode
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (  # the fixtures are imported to be found by name
     FACTORY_RETENTION_S,
@@ -25,6 +25,7 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
     raw_fixture,  # noqa: F401
     redis_queue_for,
     redis_server_fixture,  # noqa: F401
+    run_script,
 )
 
 RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
@@ -226,8 +227,7 @@ async def _raw_eval(
     keys = queue.keys.script_keys()
     if script not in ("dequeue", "sweep", "stats", "enqueue"):
         keys += tuple(queue.keys.request(q) for q in args[:named])
-    common = (now, queue.retention_s)
-    return await raw.evalsha(SCRIPT_SHAS[script], len(keys), *keys, *common, *args)
+    return await run_script(raw, queue, script, keys, now, queue.retention_s, *args)
 
 
 async def test_script_error_codes(make_queue: QueueFactory, clock: FakeClock, raw: Redis) -> None:

@@ -28,7 +28,7 @@ from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_fold import ScriptCall
 from sidecar.queue.redis_io import ScriptRunner, redis_client, unavailable_kind
-from sidecar.queue.redis_keys import SCRIPT_SHAS, RedisKeys
+from sidecar.queue.redis_keys import FUNCTION_NAMES, SCRIPT_SHAS, RedisKeys
 from sidecar.queue.redis_wire import WireClient, WireSpec, encode_command, wire_spec
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (
@@ -256,11 +256,13 @@ async def test_the_store_survives_a_reset_connection_without_an_error(
     assert st is not None and st.queue_id == "after"
 
 
-async def test_the_store_reloads_scripts_after_a_script_flush(
-    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
+async def test_the_store_reloads_scripts_after_a_flush(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis, functions: bool
 ) -> None:
-    queue = await make_queue()
+    queue = await make_queue(functions=functions)
     loads = queue.script_loads
+    await raw.function_flush()
     await raw.script_flush()
     results = await asyncio.gather(
         *(queue.enqueue([make_request(clock, queue_id=f"q{i}")]) for i in range(20))
@@ -270,14 +272,17 @@ async def test_the_store_reloads_scripts_after_a_script_flush(
     assert queue.script_loads == loads + 1
 
 
-async def test_a_lone_call_after_a_script_flush_reloads_and_is_stored_once(
-    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
+async def test_a_lone_call_after_a_flush_reloads_and_is_stored_once(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis, functions: bool
 ) -> None:
-    """One call at a time is written inside the loop pass, with no task (ScriptRunner._flush);
-    its NOSCRIPT reply hands it to the task path, which loads the scripts and sends it again."""
-    queue = await make_queue()
+    """One call at a time is written at the end of its pass, with no task (ScriptRunner._flush);
+    its reply (function not found, or NOSCRIPT) hands it to the task path, which loads the
+    scripts and sends it again."""
+    queue = await make_queue(functions=functions)
     await queue.enqueue([make_request(clock, queue_id="warm")])  # the connection is open
     loads = queue.script_loads
+    await raw.function_flush()
     await raw.script_flush()
     [res] = await queue.enqueue([make_request(clock, queue_id="after-flush")])
     assert res.created and res.request.queue_id == "after-flush"
@@ -339,11 +344,12 @@ async def test_close_sends_the_calls_of_its_pass_and_waits_for_their_replies(
         runner.call("status", keys, (clock(), queue.retention_s, "warm"))
 
 
-def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:
+@pytest.mark.parametrize("functions", [True, False])
+def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes(functions: bool) -> None:
     keys = RedisKeys.for_prefix("sidecar").script_keys()
     client = Redis.from_url("unix:///tmp/never-connected.sock")
-    cached = ScriptRunner(client, structlog.get_logger(), fixed_keys=keys)
-    plain = ScriptRunner(client, structlog.get_logger())
+    cached = ScriptRunner(client, structlog.get_logger(), fixed_keys=keys, functions=functions)
+    plain = ScriptRunner(client, structlog.get_logger(), functions=functions)
     unused: Any = None  # _encode never touches the call's future
     calls = [
         ScriptCall("complete", (*keys, "{sidecar}:req:a"), (1.5, 600.0, "a", "lease", "1"), unused),
@@ -351,6 +357,7 @@ def test_the_runner_encodes_its_fixed_keys_once_to_the_same_bytes() -> None:
         ScriptCall("status", ("other", "keys"), (1.5, 600.0, "a"), unused),
     ]
     for call in calls:
-        sha = SCRIPT_SHAS[call.script]
-        want = encode_command(("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
+        name = FUNCTION_NAMES[call.script] if functions else SCRIPT_SHAS[call.script]
+        head = ("FCALL" if functions else "EVALSHA", name)
+        want = encode_command((*head, len(call.keys), *call.keys, *call.args))
         assert cached._encode(call) == plain._encode(call) == want

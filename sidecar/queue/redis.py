@@ -109,7 +109,9 @@ class RedisQueue:
         min_replicas_ack: int = 0,
         replicas_ack_timeout_ms: int = 500,
         hooks: StoreHooks = NO_HOOKS,
+        functions: bool | None = None,
     ) -> None:
+        """functions: run the scripts as Redis Functions (None: where the server has them)."""
         self.keys = RedisKeys.for_prefix(prefix)
         self._hooks = hooks
         check_one_slot(self.keys)
@@ -127,6 +129,7 @@ class RedisQueue:
             min_replicas=min_replicas_ack,
             replicas_timeout_ms=replicas_ack_timeout_ms,
             fixed_keys=self.keys.script_keys(),
+            functions=functions,
         )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
@@ -160,7 +163,9 @@ class RedisQueue:
                 closing=self._closing, log=self._log,
             )  # fmt: skip
             self._sweeper = asyncio.get_running_loop().create_task(sweeping)
-        self._log.info("redis_queue_started", generation=self.generation)
+        self._log.info(
+            "redis_queue_started", generation=self.generation, functions=self.uses_functions
+        )
 
     async def close(self) -> None:
         """Stop the sweeper, let in-flight pipelines finish, close the connections."""
@@ -181,8 +186,14 @@ class RedisQueue:
         return self._runner.flushes
 
     @property
+    def uses_functions(self) -> bool:
+        """Whether the scripts run as Redis Functions (FCALL), else as plain scripts (EVALSHA)."""
+        return self._runner.uses_functions
+
+    @property
     def script_loads(self) -> int:
-        """SCRIPT LOAD rounds so far (one at start, one per NOSCRIPT recovery)."""
+        """Script load rounds so far (one at start, one per recovery from a server that lost
+        them: NOSCRIPT, or a function not found)."""
         return self._runner.script_loads
 
     # -- the contract ---------------------------------------------------------------------------

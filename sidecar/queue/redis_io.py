@@ -1,7 +1,9 @@
 """Redis I/O behind one seam: client construction, error classification, script calls.
 
-Concurrent calls share round trips: each call adds its EVALSHA to a batch, and the batch of
-each event-loop iteration goes out in one pipeline at its end (ScriptRunner). On a plain server
+The scripts run as Redis Functions of one library (FCALL), or as plain scripts (EVALSHA) where
+the server has no Functions. Concurrent calls share round trips: each call adds its command to
+a batch, and the batch of each event-loop iteration goes out in one pipeline at its end
+(ScriptRunner). On a plain server
 the batch goes out on the lean connection of redis_wire.py; Sentinel and Cluster clients
 (and fakes) keep redis-py's pipeline. Everything but the scripts uses redis-py.
 """
@@ -51,7 +53,13 @@ from sidecar.queue.redis_fold import (
     items_of,
     unfold,
 )
-from sidecar.queue.redis_keys import SCRIPT_SHAS, SCRIPTS, RedisKeys
+from sidecar.queue.redis_keys import (
+    FUNCTION_NAMES,
+    LIBRARY,
+    SCRIPT_SHAS,
+    SCRIPTS,
+    RedisKeys,
+)
 from sidecar.queue.redis_wire import Arg, WireClient, encode_bulks, encode_command, wire_spec
 
 # One server (or the primary Sentinel names) or a cluster: the calls used here exist on both.
@@ -127,6 +135,19 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def missing_script(reply: object) -> bool:
+    """Whether a reply says its call never ran because the server lacks the script: NOSCRIPT,
+    a function not found (Redis restarted empty, FUNCTION FLUSH), or no FCALL at all (a
+    failover to a server older than Redis 7). Loading the scripts again, and resending, heals it.
+    """
+    if isinstance(reply, NoScriptError):
+        return True
+    return isinstance(reply, ResponseError) and str(reply).startswith(_MISSING)
+
+
+_MISSING = ("Function not found", "unknown command 'FCALL'", "unknown command `FCALL`")
+
+
 class ScriptRunner:
     """Runs the scripts of lua/: loads them, folds concurrent calls into shared pipelines."""
 
@@ -138,8 +159,12 @@ class ScriptRunner:
         min_replicas: int = 0,
         replicas_timeout_ms: int = 0,
         fixed_keys: tuple[str, ...] = (),
+        functions: bool | None = None,
     ) -> None:
+        """functions: FCALL the library's functions, or (False) EVALSHA plain scripts; None
+        decides at each load: Functions unless the server does not know FUNCTION LOAD."""
         self.client = client
+        self.functions = functions
         self.min_replicas = min_replicas
         self.replicas_timeout_ms = replicas_timeout_ms
         # Counters for tests and metrics: pipelines sent, and SCRIPT LOAD rounds.
@@ -159,14 +184,35 @@ class ScriptRunner:
         # call's arguments, which the lean path would otherwise encode again every time.
         self._fixed_keys = fixed_keys
         self._fixed_bulks = encode_bulks(fixed_keys)
-        self._sha_bulks = {n: encode_bulks(("EVALSHA", sha)) for n, sha in SCRIPT_SHAS.items()}
+        self._use(functions is not False)
+
+    @property
+    def uses_functions(self) -> bool:
+        """Whether calls go out as FCALL (else EVALSHA)."""
+        return self._heads is _FUNCTION_HEADS
+
+    def _use(self, functions: bool) -> None:
+        self._heads = _FUNCTION_HEADS if functions else _SCRIPT_HEADS
+        self._head_bulks = {n: encode_bulks(head) for n, head in self._heads.items()}
 
     async def load_scripts(self) -> None:
-        """SCRIPT LOAD every script; their SHAs are known in advance (redis_keys.SCRIPT_SHAS)."""
-        for name, source in SCRIPTS.items():
-            sha = await self.client.script_load(source)
-            if sha != SCRIPT_SHAS[name]:  # pragma: no cover - would mean Redis hashes differently
-                raise RuntimeError(f"script {name}: Redis named it {sha}")
+        """FUNCTION LOAD the library (REPLACE: every daemon of this version loads the same), or
+        SCRIPT LOAD every script on a server without Functions; either way the names calls use
+        are known in advance (redis_keys)."""
+        functions = self.functions is not False
+        if functions:
+            try:
+                await self.client.function_load(LIBRARY, replace=True)
+            except ResponseError as exc:
+                if self.functions or not str(exc).lower().startswith("unknown command"):
+                    raise
+                functions = False  # before Redis 7
+        if not functions:
+            for name, source in SCRIPTS.items():
+                sha = await self.client.script_load(source)
+                if sha != SCRIPT_SHAS[name]:  # pragma: no cover - Redis would hash differently
+                    raise RuntimeError(f"script {name}: Redis named it {sha}")
+        self._use(functions)
         self.script_loads += 1
 
     async def close(self) -> None:
@@ -254,11 +300,11 @@ class ScriptRunner:
             return
         pairs = list(zip(batch, sent.result(), strict=True))
         for _, reply in pairs:
-            if isinstance(reply, NoScriptError):
-                # That call never ran (Redis restarted, or SCRIPT FLUSH): _run loads, resends.
-                missing = [call for call, reply in pairs if isinstance(reply, NoScriptError)]
+            if isinstance(reply, ResponseError) and missing_script(reply):
+                # That call never ran (Redis restarted empty, say): _run loads, resends.
+                missing = [call for call, reply in pairs if missing_script(reply)]
                 self._track(asyncio.get_running_loop().create_task(self._run(missing)))
-                pairs = [pair for pair in pairs if not isinstance(pair[1], NoScriptError)]
+                pairs = [pair for pair in pairs if not missing_script(pair[1])]
                 break
         _settle(pairs)
 
@@ -314,8 +360,8 @@ class ScriptRunner:
     async def _pipeline(self, batch: list[ScriptCall], retry: bool) -> list[Any]:
         loads = self.script_loads
         replies = await self._send(batch, retry)
-        # NOSCRIPT means that call never ran (Redis restarted or SCRIPT FLUSH): load, resend.
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        # That call never ran (Redis restarted empty, SCRIPT or FUNCTION FLUSH): load, resend.
+        missing = [i for i, reply in enumerate(replies) if missing_script(reply)]
         if missing:
             await self._reload(loads)
             again = await self._send([batch[i] for i in missing], retry)
@@ -372,24 +418,25 @@ class ScriptRunner:
             return await wire.execute(commands)
 
     def _encode(self, call: ScriptCall) -> bytes:
-        """EVALSHA sha numkeys keys... args..., with the fixed parts encoded at start."""
-        fixed, keys, sha = self._fixed_keys, call.keys, SCRIPT_SHAS[call.script]
+        """FCALL name (or EVALSHA sha) numkeys keys... args..., fixed parts encoded once."""
+        fixed, keys = self._fixed_keys, call.keys
         if not fixed or keys[: len(fixed)] != fixed:
-            return encode_command(("EVALSHA", sha, len(keys), *keys, *call.args))
+            return encode_command((*self._heads[call.script], len(keys), *keys, *call.args))
         header = b"*%d\r\n" % (3 + len(keys) + len(call.args))
         count = encode_bulks((len(keys),))
         rest = encode_bulks((*keys[len(fixed) :], *call.args))
-        return header + self._sha_bulks[call.script] + count + self._fixed_bulks + rest
+        return header + self._head_bulks[call.script] + count + self._fixed_bulks + rest
 
     async def _send_pipeline(
         self, batch: list[ScriptCall], wait: bool, acked: list[int]
     ) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for call in batch:
-                # execute_command, not evalsha(): the cluster pipeline refuses the helper,
-                # but routes a raw EVALSHA by its keys (all in one slot: check_one_slot).
-                sha = SCRIPT_SHAS[call.script]
-                pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+                # execute_command, not fcall() or evalsha(): the cluster pipeline refuses the
+                # helpers, but routes a raw FCALL or EVALSHA by its keys (all in one slot:
+                # check_one_slot).
+                head = self._heads[call.script]
+                pipe.execute_command(*head, len(call.keys), *call.keys, *call.args)
             if wait:
                 # In the same round trip, on the same connection: WAIT counts the replicas
                 # that have every write this connection made so far.
@@ -432,6 +479,11 @@ class ScriptRunner:
             short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
+
+
+# The first two words of each script's command, by script name.
+_FUNCTION_HEADS = {name: ("FCALL", fn) for name, fn in FUNCTION_NAMES.items()}
+_SCRIPT_HEADS = {name: ("EVALSHA", sha) for name, sha in SCRIPT_SHAS.items()}
 
 
 def _settle(replies: Iterable[tuple[ScriptCall, Any]]) -> None:

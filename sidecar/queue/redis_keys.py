@@ -199,15 +199,37 @@ def settled_record(reply: list[Any], op: str, queue_id: str, lease_id: str | Non
     raise cls(message, details)
 
 
-def _script_sources() -> dict[str, str]:
+def _sources() -> tuple[dict[str, str], str]:
+    """(each script as a plain script, keyed by name; the library of them all as Functions)."""
     lua = resources.files("sidecar.queue") / "lua"
     common = (lua / "common.lua").read_text(encoding="utf-8")
-    return {n: common + "\n" + (lua / f"{n}.lua").read_text(encoding="utf-8") for n in SCRIPT_NAMES}
+    bodies = {n: (lua / f"{n}.lua").read_text(encoding="utf-8") for n in SCRIPT_NAMES}
+    scripts = {
+        n: f"local KEYS, ARGV = KEYS, ARGV\n{common}\nbegin(KEYS, ARGV)\n{body}"
+        for n, body in bodies.items()
+    }
+    functions = "".join(
+        f"\nredis.register_function{{function_name = '{_LIBRARY_NAME}_{n}', flags = {{"
+        + ("" if n in _DENY_OOM else "'allow-oom'")
+        + f"}}, callback = function(keys, args)\nbegin(keys, args)\n{body}\nend}}\n"
+        for n, body in bodies.items()
+    )
+    return scripts, f"local KEYS, ARGV\n{common}{functions}"
 
 
-SCRIPTS = _script_sources()
+_LIBRARY_NAME = "@LIBRARY@"  # stands for the library's name in its code until it is known
+# The functions Redis refuses at once while used_memory is past maxmemory: those that add.
+# The rest (settles, reads, sweeps) run, as a plain script does until its first write that
+# needs memory, so a full Redis still drains: they free more than the fields they set.
+_DENY_OOM = frozenset({"enqueue"})
+SCRIPTS, _library_code = _sources()
 # Redis names a script by the SHA1 of its text, so the SHAs are known before any SCRIPT LOAD.
 SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+# The library is named after its code, and its functions after it: daemons of different
+# versions sharing one Redis each call their own (function names are global in Redis).
+LIBRARY_NAME = "sidecar_" + hashlib.sha1(_library_code.encode()).hexdigest()[:16]
+LIBRARY = f"#!lua name={LIBRARY_NAME}\n" + _library_code.replace(_LIBRARY_NAME, LIBRARY_NAME)
+FUNCTION_NAMES = {name: f"{LIBRARY_NAME}_{name}" for name in SCRIPT_NAMES}
 
 
 # -- request hashes -------------------------------------------------------------------------

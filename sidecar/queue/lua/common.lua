@@ -1,4 +1,11 @@
--- common.lua: shared helpers, prepended to every other script when it is loaded.
+-- common.lua: shared helpers, loaded with every other script (redis_keys.py assembles them).
+--
+-- Every script runs as a Redis Function of one library: this file once, at the library's top,
+-- then each script's body as a function that starts with begin(keys, args). A library's
+-- top-level locals live from one call to the next, so begin() sets every one that depends on
+-- the call (the keys, the times, DEFER and SNAPSHOT); the helpers are made once, not per call.
+-- Where the server has no Functions (before Redis 7) each script is sent as a plain script:
+-- this file, begin(KEYS, ARGV), the body. Both ways declare `local KEYS, ARGV` before this file.
 --
 -- KEYS (see sidecar/queue/redis_keys.py; every key shares one hash tag, so one cluster slot):
 --   1 pending (zset: queue_id by priority * 2^48 + seq)   2 leases (zset: queue_id by lease end, ms)
@@ -28,8 +35,10 @@
 --   connection): dequeue recognises its own leases, settles record who settled them
 --   (settled_by) and answer a repeat with the record as it is.
 
-local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_SEQ, K_STATS, K_REQ, K_DELAYED = KEYS[5], KEYS[6], KEYS[8], KEYS[9]
+-- Set per call by begin(): the fixed keys, `now` (number and stored text), the whole
+-- milliseconds at or before it, and retention_s.
+local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED, K_SEQ, K_STATS, K_REQ, K_DELAYED
+local NOW, NOW_S, NOW_MS, RETENTION
 -- The fixed keys before the request hashes a call names.
 local NKEYS = 9
 
@@ -86,8 +95,6 @@ local function arg_time(i, what)
   return t, fmt(t)
 end
 
-local NOW, NOW_S = arg_time(1, 'now')
-
 -- The leases and expiry zsets score a time (a lease's end, a request's expiry) in whole
 -- milliseconds, rounded up. An integer score is kept as a number in a small (listpack) zset,
 -- where a fractional one is text that Redis parses again at every comparison: with ~64 leases
@@ -96,12 +103,6 @@ local NOW, NOW_S = arg_time(1, 'now')
 -- in the request's hash, which decides.
 local function ms_score(t)
   return string.format('%d', math.ceil(clamp_time(t) * 1000))
-end
--- Entries whose score is at most this may be due (whether one is, its hash's time decides).
-local NOW_MS = string.format('%d', math.floor(NOW * 1000))
-local RETENTION = arg_number(2, 'retention_s')
-if RETENTION < 0 then
-  fail_arg(2, 'retention_s')
 end
 
 -- One ZADD (flat: score, member, score, member, ...) or ZREM (flat: members) for many
@@ -206,10 +207,10 @@ end
 -- A script that settles many requests in one run (complete.lua) sets DEFER to a fresh table:
 -- to_terminal then leaves each request's index and counter updates in it, and
 -- flush_deferred applies them all in one call per key before the script returns.
-local DEFER = nil
+local DEFER
 -- Whether to_terminal keeps the record it leaves (r.snapshot, the settle's reply); complete.lua
 -- clears it for a settle whose caller wants no record.
-local SNAPSHOT = true
+local SNAPSHOT
 
 local function defer_start()
   DEFER = {leases = {}, retained = {}, counts = {}, bytes = 0}
@@ -461,4 +462,20 @@ local function sweep(limit)
   local leases = reclaim_leases(limit)
   local purged = purge_retained(limit)
   return {expired + leases.expired, leases.requeued, leases.failed, purged}
+end
+
+-- The start of every call: its keys and arguments, and the state derived from them.
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  K_SEQ, K_STATS, K_REQ, K_DELAYED = KEYS[5], KEYS[6], KEYS[8], KEYS[9]
+  NOW, NOW_S = arg_time(1, 'now')
+  -- Entries whose score is at most this may be due (whether one is, its hash's time decides).
+  NOW_MS = string.format('%d', math.floor(NOW * 1000))
+  RETENTION = arg_number(2, 'retention_s')
+  if RETENTION < 0 then
+    fail_arg(2, 'retention_s')
+  end
+  DEFER = nil
+  SNAPSHOT = true
 end
