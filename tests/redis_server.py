@@ -269,6 +269,14 @@ def make_redis_contract_store(
     return redis_queue_for(server.url, clock, retention_s=retention_s, **options)
 
 
+def script_runs(commandstats: dict[str, Any]) -> int:
+    """Script runs counted in INFO commandstats: FCALL, and EVALSHA (plain scripts)."""
+    return sum(int(commandstats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in SCRIPT_COMMANDS)
+
+
+SCRIPT_COMMANDS = ("fcall", "evalsha")
+
+
 async def run_script(
     raw: Redis, queue: RedisQueue, name: str, keys: Sequence[str], *args: Any
 ) -> Any:
@@ -300,4 +308,5 @@ __all__ = [
     "redis_queue_for",
     "redis_server_fixture",
     "run_script",
+    "script_runs",
 ]

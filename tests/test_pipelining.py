@@ -25,6 +25,7 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
     make_queue_fixture,  # noqa: F401
     raw_fixture,  # noqa: F401
     redis_server_fixture,  # noqa: F401
+    script_runs,
 )
 
 
@@ -62,9 +63,8 @@ async def test_the_client_writes_once_enough_frames_gathered_and_the_rest_at_the
     assert all(isinstance(f.exception(), SidecarUnavailable) for f in futures)  # none answered
 
 
-def _evalsha_calls(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+def _script_runs(client: redis.Redis) -> int:
+    return script_runs(client.info("commandstats"))
 
 
 async def test_the_daemon_sends_a_full_fold_to_redis_before_its_loop_pass_ends(
@@ -74,7 +74,7 @@ async def test_the_daemon_sends_a_full_fold_to_redis_before_its_loop_pass_ends(
     await queue.enqueue([make_request(clock, queue_id="warm")])  # the lean connection is up
     look = redis.Redis(unix_socket_path=redis_server.socket_path)
     try:
-        before = _evalsha_calls(look)
+        before = _script_runs(look)
         calls: list[Coroutine[object, None, None]] = []
         waits: list[object] = []
         n = 2 * EARLY_FLUSH_ITEMS + 3
@@ -87,11 +87,11 @@ async def test_the_daemon_sends_a_full_fold_to_redis_before_its_loop_pass_ends(
         # This coroutine has not yielded since the first call: only a write made inside the
         # calls can have reached Redis. Two full folds did; the last three wait for the pass.
         deadline = time.monotonic() + 5.0
-        while _evalsha_calls(look) < before + 2 and time.monotonic() < deadline:
+        while _script_runs(look) < before + 2 and time.monotonic() < deadline:
             time.sleep(0.001)  # noqa: ASYNC251 - blocking on purpose: the loop must not run
-        assert _evalsha_calls(look) == before + 2
+        assert _script_runs(look) == before + 2
         await asyncio.gather(*(eager.resume(c, w) for c, w in zip(calls, waits, strict=True)))
-        assert _evalsha_calls(look) == before + 3
+        assert _script_runs(look) == before + 3
     finally:
         look.close()
     seqs = [(await queue.status(f"q{i}")) for i in range(n)]

@@ -24,6 +24,8 @@ from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.models import QueueStatus
 from sidecar.queue.redis import RedisQueue, open_redis_queue, translate_error, unavailable_kind
+from sidecar.queue.redis_io import missing_script
+from sidecar.queue.redis_keys import FUNCTION_NAMES
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (
     RedisServer,
@@ -145,6 +147,31 @@ async def test_out_of_memory_is_backend_unavailable_and_stores_nothing(
     assert res.created
 
 
+async def test_a_full_redis_refuses_enqueues_but_still_drains(
+    queue: RedisQueue, clock: FakeClock, raw: Redis
+) -> None:
+    """Past maxmemory only what adds is refused: leases, settles and reads still run, so the
+    workers can empty a full Redis (its functions carry allow-oom; enqueue does not)."""
+    await queue.enqueue([make_request(clock, queue_id=q) for q in ("a", "b")])
+    [first] = await queue.dequeue(1, LEASE_S)
+    await raw.set("ballast", b"x" * 3_000_000)
+    await raw.config_set("maxmemory", "1mb")
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            await queue.enqueue([make_request(clock, queue_id="c")])
+        assert info.value.details["kind"] == "out_of_memory"
+        done = await queue.complete(first.queue_id, first.lease_id or "")
+        assert done.status is QueueStatus.COMPLETED
+        [second] = await queue.dequeue(1, LEASE_S)
+        assert second.queue_id == "b"
+        await queue.complete(second.queue_id, second.lease_id or "")
+        stats = await queue.stats()
+        assert (stats.queued, stats.processing, stats.completed) == (0, 0, 2)
+    finally:
+        await raw.config_set("maxmemory", "0")
+    assert await queue.status("c") is None
+
+
 async def test_read_only_replica_and_master_down_are_backend_unavailable(
     queue: RedisQueue, clock: FakeClock, raw: Redis
 ) -> None:
@@ -167,6 +194,31 @@ async def test_read_only_replica_and_master_down_are_backend_unavailable(
         await raw.replicaof("NO", "ONE")
     st = await queue.status("kept")
     assert st is not None and st.status is QueueStatus.QUEUED
+
+
+async def test_a_server_without_functions_runs_the_plain_scripts(clock: FakeClock) -> None:
+    """Before Redis 7 there is no FUNCTION: the store loads the scripts and calls EVALSHA. A
+    server with FUNCTION and FCALL renamed away answers as such a server does."""
+    hidden = ("--rename-command", "FUNCTION", "", "--rename-command", "FCALL", "")
+    with RedisServer(extra_args=hidden) as server:
+        queue = redis_queue_for(server.url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
+        await queue.start()
+        raw = Redis.from_url(server.url)
+        try:
+            assert not queue.uses_functions
+            [res] = await queue.enqueue([make_request(clock, queue_id="old")])
+            assert res.created
+            [job] = await queue.dequeue(1, LEASE_S)
+            assert (await queue.complete(job.queue_id, job.lease_id or "")).status is (
+                QueueStatus.COMPLETED
+            )
+            # What a failover to such a server answers a function call: missing, so reload.
+            with pytest.raises(ResponseError) as info:
+                await raw.fcall(FUNCTION_NAMES["status"], 0)
+            assert missing_script(info.value)
+        finally:
+            await raw.aclose()
+            await queue.close()
 
 
 async def test_eviction_policy_other_than_noeviction_is_reported(clock: FakeClock) -> None:

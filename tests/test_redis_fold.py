@@ -21,13 +21,12 @@ from tests.redis_server import (  # the fixtures are imported to be found by nam
     make_queue_fixture,  # noqa: F401
     raw_fixture,  # noqa: F401
     redis_server_fixture,  # noqa: F401
+    script_runs,
 )
 
 
 async def _script_runs(raw: Redis) -> int:
-    """Script runs so far: FCALL, or EVALSHA where the scripts run as plain scripts."""
-    stats: dict[str, Any] = await raw.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("fcall", "evalsha"))
+    return script_runs(await raw.info("commandstats"))
 
 
 async def test_concurrent_enqueues_share_one_script_run(
