@@ -240,7 +240,7 @@ async def test_app_wires_every_new_setting_into_its_component(tmp_path: Path) ->
         )  # fmt: skip
         assert got == (0.3, 7.0, 4, 90.0, 2.5, 17, 5.0)
         redis = queue.redis
-        assert (redis._sweep_interval_s, redis._sweep_limit, redis._poll_interval_s) == (
+        assert (redis._sweep_interval_s, redis._sweep_limit, redis._pending.poll_interval_s) == (
             3.0, 50, 0.7,
         )  # fmt: skip
         assert local.recover_every_s == 9.0

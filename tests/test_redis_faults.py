@@ -24,8 +24,8 @@ from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.models import QueueStatus
 from sidecar.queue.redis import RedisQueue, open_redis_queue, translate_error, unavailable_kind
-from sidecar.queue.redis_io import missing_script
 from sidecar.queue.redis_keys import FUNCTION_NAMES
+from sidecar.queue.redis_scripts import missing_script
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (
     RedisServer,

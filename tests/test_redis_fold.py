@@ -1,4 +1,4 @@
-"""Concurrent enqueues (and completes) of one loop pass fold into one run per script (redis_io)."""
+"""Concurrent enqueues (and completes) of one loop pass fold into one run per script."""
 
 from __future__ import annotations
 

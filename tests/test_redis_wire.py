@@ -27,8 +27,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis_fold import ScriptCall
-from sidecar.queue.redis_io import ScriptRunner, redis_client, unavailable_kind
+from sidecar.queue.redis_io import redis_client, unavailable_kind
 from sidecar.queue.redis_keys import FUNCTION_NAMES, SCRIPT_SHAS, RedisKeys
+from sidecar.queue.redis_scripts import ScriptRunner
 from sidecar.queue.redis_wire import WireClient, WireSpec, encode_command, wire_spec
 from tests.helpers import FakeClock, make_request
 from tests.redis_server import (

@@ -1,12 +1,13 @@
 """RedisQueue: the durable store shared by every host, with the contract of LocalQueue.
 
 Every change of state is one Lua script (sidecar/queue/lua/, one file per operation, with
-common.lua prepended), so a request moves exactly once even when several daemons share one
+common.lua's helpers), so a request moves exactly once even when several daemons share one
 Redis. Scripts take `now` from this process's clock: every expiry, lease and retention decision
 uses it, so hosts sharing a Redis need synchronised clocks (NTP). Redis's own TTL on each
 request hash only collects garbage. The key layout is documented in redis_keys.py; client
-construction, error classification and the folding of concurrent calls into shared pipelines
-live in redis_io.py, the sweeper's loop in redis_sweep.py.
+construction and error classification live in redis_io.py, the scripts' loading and the
+folding of concurrent calls into shared pipelines in redis_scripts.py, the sweeper's loop in
+redis_sweep.py.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from sidecar.queue.hooks import (
 )
 from sidecar.queue.redis_io import (
     Client,
-    ScriptRunner,
     check_one_slot,
     redis_client,
     redis_errors,
@@ -69,8 +69,9 @@ from sidecar.queue.redis_keys import (
     pending_score,
     settled_record,
 )
+from sidecar.queue.redis_scripts import ScriptRunner
 from sidecar.queue.redis_sweep import sweep_forever
-from sidecar.queue.redis_watch import RedisWatch
+from sidecar.queue.redis_watch import PendingWatch, RedisWatch
 from sidecar.queue.redis_wire import Arg
 
 __all__ = [
@@ -134,13 +135,10 @@ class RedisQueue:
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
-        self._poll_interval_s = poll_interval_s
         self._script_keys = self.keys.script_keys()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
-        self._work = asyncio.Event()
-        self._waiters = 0
-        self._watcher: asyncio.Task[None] | None = None
+        self._pending = PendingWatch(client, self.keys, clock, poll_interval_s, self._closing)
         self._started = False
         self._log = log.bind(redis=url_for_logs, prefix=prefix)
 
@@ -175,9 +173,7 @@ class RedisQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._pending.close()
         await self._runner.close()
 
     @property
@@ -230,7 +226,7 @@ class RedisQueue:
                 rec = decode_record(data)
             results.append(EnqueueOutcome(request=rec, created=bool(created)))
         if any_created:
-            self._notify_work()
+            self._pending.notify()
         return results
 
     async def dequeue(
@@ -306,7 +302,7 @@ class RedisQueue:
         if rec.status is QueueStatus.QUEUED:
             self._hooks.retried(self.name, RETRY_WORKER, 1)
             if not delay_s:
-                self._notify_work()
+                self._pending.notify()
         elif rec.status is QueueStatus.FAILED:
             self._hooks.failed(self.name, failure_kind(rec.reason), 1)
         return rec
@@ -361,39 +357,8 @@ class RedisQueue:
         return HealthReport(status="ok", mode="redis")
 
     async def wait_for_work(self, timeout: float) -> None:
-        """Wake on an enqueue through this instance, or when Redis shows queued requests.
-
-        Other hosts' enqueues reach this Redis without telling us, so one shared watcher per
-        instance looks (ZCARD, O(1)) every poll interval while anyone waits: a thousand idle
-        long polls cost one command per interval, not a thousand dequeue scripts.
-        """
-        event = self._work
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_pending())
-        self._waiters += 1
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), max(0.0, timeout))
-        finally:
-            self._waiters -= 1
-
-    async def _watch_pending(self) -> None:
-        """Notify waiters when requests are queued in Redis; stop once nobody waits."""
-        while self._waiters > 0 and not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._poll_interval_s)
-                return
-            try:
-                with redis_errors():
-                    queued = await self._redis.zcard(self.keys.pending)
-                    if not queued:
-                        # A delayed request whose time has come: the next dequeue promotes it.
-                        due = bounded_time(self._clock(), "now")
-                        queued = await self._redis.zcount(self.keys.delayed, "-inf", due)
-            except BackendUnavailable:
-                queued = 1  # let the waiters try, and meet the outage in their own call
-            if queued:
-                self._notify_work()
+        """Wake on an enqueue through this instance, or when Redis shows queued requests."""
+        await self._pending.wait(timeout)
 
     async def sweep(self) -> SweepCounts:
         """One bounded sweep step: expire, reclaim lapsed leases, forget past retention."""
@@ -401,7 +366,7 @@ class RedisQueue:
         counts = SweepCounts(*(int(n) for n in reply[1]))
         self._count_swept(counts)
         if counts.requeued:
-            self._notify_work()
+            self._pending.notify()
         return counts
 
     async def discard_queued(self, queue_id: str) -> bool:
@@ -451,13 +416,6 @@ class RedisQueue:
             self._hooks.retried(self.name, RETRY_LEASE_EXPIRED, counts.requeued)
         if counts.failed:
             self._hooks.failed(self.name, FAILED_EXHAUSTED, counts.failed)
-
-    def _notify_work(self) -> None:
-        # Waking every waiter and starting a fresh event means no waiter can miss a notice.
-        # None counted, none to wake (a waiter takes the event and counts itself at once).
-        if self._waiters:
-            self._work.set()
-            self._work = asyncio.Event()
 
     # -- the coalescer ---------------------------------------------------------------------------
 

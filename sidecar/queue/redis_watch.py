@@ -1,16 +1,22 @@
-"""RedisWatch: what the Redis store checks about the server itself, not about any request.
+"""What the Redis store watches besides its calls: the server itself, and work for long polls.
 
-Two checks, run at start and then every watch interval by the failover manager: the eviction
-policy (a queue needs `noeviction`) and the generation marker (a Redis that restarted empty, or
-was flushed, has lost what this daemon acknowledged, and the failover manager must know).
+RedisWatch: two checks, run at start and then every watch interval by the failover manager:
+the eviction policy (a queue needs `noeviction`) and the generation marker (a Redis that
+restarted empty, or was flushed, has lost what this daemon acknowledged, and the failover
+manager must know). PendingWatch: wakes the store's long polls when work shows up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.queue.redis_io import Client, as_text
+from sidecar.errors import BackendUnavailable
+from sidecar.queue.redis_io import Client, as_text, redis_errors
+from sidecar.queue.redis_keys import RedisKeys, bounded_time
 
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.
 POLICY_WARNING = "redis maxmemory-policy"
@@ -95,3 +101,71 @@ class RedisWatch:
         await self._redis.set(self._key, token, nx=True)
         value = await self._redis.get(self._key)
         return token if value is None else as_text(value)
+
+
+class PendingWatch:
+    """Wakes long polls on an enqueue through this store, or when Redis shows queued requests.
+
+    Other hosts' enqueues reach this Redis without telling us, so one shared watcher per store
+    looks (ZCARD, O(1)) every poll interval while anyone waits: a thousand idle long polls cost
+    one command per interval, not a thousand dequeue scripts.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        keys: RedisKeys,
+        clock: Callable[[], float],
+        poll_interval_s: float,
+        closing: asyncio.Event,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._clock = clock
+        self.poll_interval_s = poll_interval_s
+        self._closing = closing
+        self._work = asyncio.Event()
+        self._waiters = 0
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def wait(self, timeout: float) -> None:
+        """Until notified, or timeout seconds."""
+        event = self._work
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        finally:
+            self._waiters -= 1
+
+    def notify(self) -> None:
+        """Wake every waiter. A fresh event each time, so no waiter can miss a notice; none
+        counted, none to wake (a waiter takes the event and counts itself at once)."""
+        if self._waiters:
+            self._work.set()
+            self._work = asyncio.Event()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        """Notify waiters when requests are queued in Redis; stop once nobody waits."""
+        while self._waiters > 0 and not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.poll_interval_s)
+                return
+            try:
+                with redis_errors():
+                    queued = await self._redis.zcard(self._keys.pending)
+                    if not queued:
+                        # A delayed request whose time has come: the next dequeue promotes it.
+                        due = bounded_time(self._clock(), "now")
+                        queued = await self._redis.zcount(self._keys.delayed, "-inf", due)
+            except BackendUnavailable:
+                queued = 1  # let the waiters try, and meet the outage in their own call
+            if queued:
+                self.notify()
