@@ -28,7 +28,7 @@ import uvloop
 
 from bench.payload import llm_request
 from bench.redis_server import redis_running, redis_socket
-from bench.servers import daemon_spec, running
+from bench.servers import daemon_spec, relay_spec, running
 from bench.tables import markdown_table, note
 from sidecar.client import AsyncClient, item, run_worker
 from sidecar.protocol import Job
@@ -43,6 +43,7 @@ NODE_TIMEOUT_S = 600
 # (key, workload, goal as sidecar ÷ BullMQ, or None where the issue sets none)
 ROWS = (
     ("enqueue_1", "enqueue, 1 in flight", 0.6),
+    ("floor", "enqueue, 1 in flight, through a relay that only makes the hop (the floor)", None),
     ("enqueue_many", "enqueue, {n} in flight on one shared client", 1.0),
     ("enqueue_batches", f"enqueue, batches of {BATCH}", None),
     ("dequeue_complete_1", "dequeue + complete, 1 at a time", 0.6),
@@ -96,14 +97,16 @@ def run_bullmq(args: argparse.Namespace) -> str | None:
             payload_file = folder / "payload.json"
             payload_file.write_text(json.dumps(llm_request()))
             env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
-            path = str(folder / "sidecar.sock")
+            path, relay_path = str(folder / "sidecar.sock"), str(folder / "relay.sock")
             with (
                 running(daemon_spec(path, env)) as daemon,
+                running(relay_spec(relay_path, sock)) as relay,
                 NodeBench(sock, args.in_flight, payload_file, server.proc.pid) as theirs,
             ):
                 ours = Meter(daemon.pid, server.proc.pid)
-                uvloop.run(_alternate(path, sock, args, ours, theirs))
-    return _table(ours, theirs, args.in_flight)
+                floor = Meter(relay.pid, server.proc.pid)
+                uvloop.run(_alternate(path, relay_path, sock, args, (ours, floor), theirs))
+    return _table(ours, floor, theirs, args.in_flight)
 
 
 class NodeBench:
@@ -245,21 +248,42 @@ def _slice_runs(
 
 
 async def _alternate(
-    path: str, sock: str, args: argparse.Namespace, ours: Meter, theirs: NodeBench
+    path: str,
+    relay_path: str,
+    sock: str,
+    args: argparse.Namespace,
+    meters: tuple[Meter, Meter],
+    theirs: NodeBench,
 ) -> None:
-    """Each row in slices, alternating BullMQ and the sidecar (and who goes first) per slice."""
+    """Each row in slices, alternating BullMQ and the sidecar (and who goes first) per slice.
+
+    The lone enqueue's slices run a third target too: AsyncClient through the relay, which
+    makes the hop and has Redis run a no-op script, so its ratio to BullMQ is the most any
+    daemon could reach here one at a time (the "floor" row, with the same BullMQ slices).
+    """
+    ours, floor = meters
     n = max(1, args.ops // args.slices)
-    async with AsyncClient(path) as client:
+    async with AsyncClient(path) as client, AsyncClient(relay_path) as relayed:
         runs = _slice_runs(client, path, n, args.in_flight)
+        payload = llm_request()
+
+        async def hop() -> None:
+            for i in range(n):
+                await relayed.enqueue(payload, priority=i % 10, ttl_s=TTL_S)
+
         for key, setup in runs.items():
             count, run = await setup()  # warm-up, untimed: one slice each
             await run()
+            if key == "enqueue_1":
+                await hop()
             theirs.ask(key, n)
             for s in range(args.slices):
                 count, run = await setup()
                 if s % 2:
                     theirs.timed(key, n)
                 await ours.timed(key, count, run)
+                if key == "enqueue_1":
+                    await floor.timed("floor", n, hop)
                 if not s % 2:
                     theirs.timed(key, n)
             note(f"bullmq: {key}: ratio {_ratio(ours.slices[key], theirs.slices[key]):.2f}")
@@ -320,7 +344,7 @@ def _mean(slices: list[dict[str, float]], name: str) -> float:
     return statistics.fmean(s[name] for s in slices)
 
 
-def _table(ours: Meter, theirs: NodeBench, n: int) -> str:
+def _table(ours: Meter, floor: Meter, theirs: NodeBench, n: int) -> str:
     head = (
         "workload",
         "sidecar-redis jobs/s",
@@ -333,7 +357,10 @@ def _table(ours: Meter, theirs: NodeBench, n: int) -> str:
     )
     body = []
     for key, label, goal in ROWS:
-        mine, bull = ours.slices[key], theirs.slices[key]
+        if key == "floor":  # the relay's slices, beside the lone enqueue's BullMQ slices
+            mine, bull = floor.slices[key], theirs.slices["enqueue_1"]
+        else:
+            mine, bull = ours.slices[key], theirs.slices[key]
         ratio = _ratio(mine, bull)
         body.append(
             (

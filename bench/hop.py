@@ -26,7 +26,7 @@ import uvloop
 from bench.bullmq import ROOM, cpu_s
 from bench.lean import LeanSession
 from bench.redis_server import redis_running, redis_socket
-from bench.servers import ServerSpec, daemon_spec, running
+from bench.servers import daemon_spec, relay_spec, running
 from bench.sessions import SessionFactory, SidecarSession
 from bench.tables import markdown_table, note
 
@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         redis_path = redis_socket(folder)
         paths = {"daemon": str(folder / "daemon.sock"), "relay": str(folder / "relay.sock")}
-        relay = ServerSpec(
-            name="relay",
-            argv=[sys.executable, "-m", "bench.echo_server", paths["relay"], "--relay", redis_path],
-        )
+        relay = relay_spec(paths["relay"], redis_path)
         with redis_running(redis_path) as redis_proc:
             assert redis_proc.proc is not None
             env = {**ROOM, "REDIS_URL": redis_proc.url}

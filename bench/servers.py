@@ -68,6 +68,14 @@ def echo_spec(socket_path: str) -> ServerSpec:
     return ServerSpec(name="echo", argv=[sys.executable, "-m", "bench.echo_server", socket_path])
 
 
+def relay_spec(socket_path: str, redis_path: str) -> ServerSpec:
+    """The relay: the daemon's framing, and one no-op script on Redis per request (the hop)."""
+    return ServerSpec(
+        name="relay",
+        argv=[sys.executable, "-m", "bench.echo_server", socket_path, "--relay", redis_path],
+    )
+
+
 def _is_serving_event(line: str) -> bool:
     try:
         event = json.loads(line)

@@ -171,7 +171,7 @@ def test_quick_bullmq_section_prints_every_goal() -> None:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     rows = _section(_sections(proc.stdout), "bullmq:")
     assert [r["workload"].split(",")[0] for r in rows] == [
-        "enqueue", "enqueue", "enqueue", "dequeue + complete", "complete_next",
+        "enqueue", "enqueue", "enqueue", "enqueue", "dequeue + complete", "complete_next",
         "run_worker(concurrency=64) / "
         "Worker(concurrency=64)", "Redis used_memory per queued request (bytes)",
     ]  # fmt: skip
