@@ -8,8 +8,10 @@ in request order. Only broken framing closes a connection.
 
 With the local store alone the ops run eagerly: an op's first step runs inside the read, and
 the replies of the ops that finished in it are written before data_received returns; an op
-that suspends goes on in a task, and the connection's writer task sends its reply when made.
-Other stores (Redis) enter asyncio.timeout, which needs a task, so each op gets one.
+that suspends goes on in a task. Other stores (Redis) enter asyncio.timeout, which needs a
+task, so each op gets one. An op that ends in its task writes the ready prefix of replies
+itself; the connection's writer task waits for what cannot leave yet (a reply behind a slow
+one, a full socket buffer, a framing error, the drain).
 """
 
 from __future__ import annotations

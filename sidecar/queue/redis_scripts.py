@@ -73,7 +73,7 @@ class ScriptRunner:
         self.functions = functions
         self.min_replicas = min_replicas
         self.replicas_timeout_ms = replicas_timeout_ms
-        # Counters for tests and metrics: pipelines sent, and SCRIPT LOAD rounds.
+        # Counters for tests and metrics: pipelines sent, and load rounds (library or scripts).
         self.flushes = 0
         self.script_loads = 0
         self.closed = False
@@ -82,7 +82,7 @@ class ScriptRunner:
         self._batch_items = 0  # requests the batch's calls carry (a folded script's items)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Future[list[Any]]] = set()  # lone batches' writes (_flush)
-        self._loading: asyncio.Task[None] | None = None  # a SCRIPT LOAD round after NOSCRIPT
+        self._loading: asyncio.Task[None] | None = None  # a load after a missing script
         spec = wire_spec(client)
         # The lean connection where the client reaches one plain server, else redis-py's.
         self.wire = None if spec is None else WireClient(spec)
@@ -170,7 +170,7 @@ class ScriptRunner:
         A batch that needs nothing but its write (the lean connection open, no calls to fold,
         no WAIT: one call at a time, say) is written here and resolved by a callback on its
         reply, with no task and no coroutines to resume. Any other batch, and any reply but a
-        plain one (a lost connection, NOSCRIPT), goes through _run in a task.
+        plain one (a lost connection, a missing script), goes through _run in a task.
         """
         batch, self._batch, self._batch_items = self._batch, [], 0
         if not batch:
@@ -276,7 +276,7 @@ class ScriptRunner:
         return replies
 
     async def _reload(self, loads_when_sent: int) -> None:
-        """Load the scripts once for every run that met NOSCRIPT: runs in flight together
+        """Load the scripts once for every run that met a missing script: runs in flight together
         share one load, and a run sent before a load that has ended since needs none."""
         if self.script_loads != loads_when_sent:
             return
