@@ -20,7 +20,7 @@ from sidecar.errors import BackendUnavailable, QueueFull
 from sidecar.models import QueuedRequest
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.redis_io import check_one_slot
-from sidecar.queue.redis_keys import RedisKeys
+from sidecar.queue.redis_keys import LIBRARY_NAME, RedisKeys
 from sidecar.queue.resilient import ResilientQueue
 from tests.bounded import in_thread, settle
 from tests.conftest import make_local
@@ -77,6 +77,29 @@ async def test_queue_keys_live_on_the_node_that_owns_the_slot(
             held = _exists(node.port, key)
             assert held == (node is owner), f"{key} on port {node.port}: {held}"
         assert (await queue.health()).status == "ok"
+    finally:
+        await queue.close()
+
+
+async def test_a_node_without_the_library_gets_it_on_the_first_call_that_meets_it(
+    redis_cluster: ClusterLayout,
+) -> None:
+    """A node that joined empty, or lost its functions (FUNCTION FLUSH here): the call that
+    meets "Function not found" loads the library on every primary and is sent again."""
+    from tests.redis_topology import cli
+
+    queue = cluster_queue(redis_cluster, time.time, retention_s=60.0, sweep_interval_s=None)
+    await queue.start()
+    try:
+        assert queue.uses_functions
+        [res] = await queue.enqueue([make_request(time.time)])
+        owner = redis_cluster.owner(key_slot(queue.keys.pending.encode()))
+        assert cli(owner.port, "FUNCTION", "FLUSH") == "OK"
+        loads = queue.script_loads
+        st = await queue.status(res.request.queue_id)
+        assert st is not None and st.queue_id == res.request.queue_id
+        assert queue.script_loads == loads + 1
+        assert cli(owner.port, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME) != ""
     finally:
         await queue.close()
 
