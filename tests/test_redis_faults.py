@@ -221,6 +221,29 @@ async def test_a_server_without_functions_runs_the_plain_scripts(clock: FakeCloc
             await queue.close()
 
 
+async def test_a_user_the_acl_denies_functions_gets_the_plain_scripts(
+    redis_server: RedisServer, clock: FakeClock, raw: Redis
+) -> None:
+    await raw.acl_setuser(
+        "sc", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-function"]
+    )
+    url = redis_server.url.replace("unix://", "unix://sc:pw@")
+    queue = redis_queue_for(url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
+    with structlog.testing.capture_logs() as logs:
+        await queue.start()
+    try:
+        assert not queue.uses_functions
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "redis_functions_denied"
+        ]
+        [res] = await queue.enqueue([make_request(clock, queue_id="acl")])
+        assert res.created
+        st = await queue.status("acl")
+        assert st is not None and st.status is QueueStatus.QUEUED
+    finally:
+        await queue.close()
+
+
 async def test_eviction_policy_other_than_noeviction_is_reported(clock: FakeClock) -> None:
     with RedisServer(maxmemory_policy="allkeys-lru") as server:
         with structlog.testing.capture_logs() as logs:

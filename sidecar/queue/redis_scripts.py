@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from sidecar import eager
 from sidecar.errors import BackendUnavailable
@@ -103,16 +103,19 @@ class ScriptRunner:
 
     async def load_scripts(self) -> None:
         """FUNCTION LOAD the library (REPLACE: every daemon of this version loads the same), or
-        SCRIPT LOAD every script on a server without Functions; either way the names calls use
-        are known in advance (redis_keys)."""
+        SCRIPT LOAD every script where the server has no Functions (before Redis 7) or refuses
+        them (an ACL without FUNCTION); either way the names calls use are known in advance."""
         functions = self.functions is not False
         if functions:
             try:
                 await self.client.function_load(LIBRARY, replace=True)
             except ResponseError as exc:
-                if self.functions or not str(exc).lower().startswith("unknown command"):
+                denied = isinstance(exc, NoPermissionError)
+                if self.functions or not (denied or str(exc).startswith("unknown command")):
                     raise
-                functions = False  # before Redis 7
+                if denied:
+                    self._log.warning("redis_functions_denied", error=str(exc), using="scripts")
+                functions = False
         if not functions:
             for name, source in SCRIPTS.items():
                 sha = await self.client.script_load(source)
