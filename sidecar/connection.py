@@ -115,6 +115,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.eof = False
+        self.half_closed = False  # the daemon's end of stream is sent (draining): no more ops
         self.closed = False
         self.fatal = False
         self.reading_paused = False
@@ -145,7 +146,9 @@ class Connection(asyncio.Protocol):
         self.log.debug("connection_opened")
 
     def data_received(self, data: bytes) -> None:
-        if self.fatal or self.eof:
+        if self.fatal or self.eof or self.half_closed:
+            # After the daemon's end of stream, a request is neither run nor answered: the
+            # client reads the end first and sends it again to the next daemon (_linger).
             return
         now = self.last_active = self.server.loop.time()
         bodies = self.reader.feed(data)
@@ -355,8 +358,11 @@ class Connection(asyncio.Protocol):
             await asyncio.wait(running)
 
     def _flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.out)
+        transport = self.transport
+        if not self.out or transport is None or self.half_closed:
+            return
+        if not transport.is_closing():
+            transport.write(self.out)
             self.out = bytearray()  # the transport may keep the old buffer; never reuse it
             self.last_active = self.server.loop.time()
 
@@ -372,6 +378,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             return
+        self.half_closed = True
         transport.write_eof()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LINGER_S):

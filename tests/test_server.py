@@ -54,6 +54,39 @@ async def test_shutdown_answers_a_waiting_dequeue_then_closes(settings: Settings
     await worker.close()
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
+async def test_a_request_sent_after_the_daemons_end_of_stream_is_not_run(
+    settings: Settings, eager: bool
+) -> None:
+    """Draining, the daemon half-closes each idle connection and lingers for the client's end.
+    A request the client sent meanwhile is neither run nor answered: the client read the end
+    first, and sends it again to the next daemon. (Run and then written, its reply met the
+    closed write side: an error in the op's task, and an enqueue stored but never answered.)"""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    queue = build_local_queue(settings)
+    server = build_server(settings, queue, eager_ops=eager)
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(settings.socket_path)
+    try:
+        writer.write(encode_frame({"op": "health", "id": 1}))
+        [reply] = await read_replies_async(reader, 1)
+        assert reply.id == 1
+        drain = asyncio.create_task(server.drain(5.0))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the daemon's end of stream
+        item = {"payload": b"\x80", "queue_id": "late"}
+        writer.write(encode_frame({"op": "enqueue", "id": 2, "items": [item]}))
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(drain, 10)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+    assert await queue.status("late") is None
+    await queue.close()
+
+
 class GatedStatus:
     """The local store, except that status of "slow" waits for a gate and "fast" signals."""
 
