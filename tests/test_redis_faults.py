@@ -221,6 +221,31 @@ async def test_a_server_without_functions_runs_the_plain_scripts(clock: FakeCloc
             await queue.close()
 
 
+async def test_a_full_redis_that_lost_the_library_runs_the_plain_scripts(
+    redis_server: RedisServer, clock: FakeClock, raw: Redis
+) -> None:
+    """Past maxmemory FUNCTION LOAD is refused (OOM) and SCRIPT LOAD is not: a Redis that lost
+    the library while full (an operator's FUNCTION FLUSH, a cluster node given the slot empty)
+    still answers reads and settles, through the plain scripts."""
+    queue = redis_queue_for(redis_server.url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
+    await queue.start()
+    try:
+        assert queue.uses_functions
+        await queue.enqueue([make_request(clock, queue_id=q) for q in ("a", "b")])
+        [job] = await queue.dequeue(1, LEASE_S)
+        await raw.set("ballast", b"x" * 3_000_000)
+        await raw.config_set("maxmemory", "1mb")
+        await raw.function_flush()
+        done = await queue.complete(job.queue_id, job.lease_id or "")
+        assert done.status is QueueStatus.COMPLETED
+        assert not queue.uses_functions
+        st = await queue.status("b")
+        assert st is not None and st.status is QueueStatus.QUEUED
+    finally:
+        await raw.config_set("maxmemory", "0")
+        await queue.close()
+
+
 async def test_a_user_the_acl_denies_functions_gets_the_plain_scripts(
     redis_server: RedisServer, clock: FakeClock, raw: Redis
 ) -> None:
@@ -234,7 +259,7 @@ async def test_a_user_the_acl_denies_functions_gets_the_plain_scripts(
     try:
         assert not queue.uses_functions
         assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
-            "redis_functions_denied"
+            "redis_functions_refused"
         ]
         [res] = await queue.enqueue([make_request(clock, queue_id="acl")])
         assert res.created

@@ -273,21 +273,42 @@ async def test_the_store_reloads_scripts_after_a_flush(
     assert queue.script_loads == loads + 1
 
 
+def _count_sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the commands of each write on the lean connection, one entry per write."""
+    real_send = WireClient.send
+    sends: list[int] = []
+
+    def counted(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
+        sent = real_send(self, commands)
+        if sent is not None:
+            sends.append(len(commands))
+        return sent
+
+    monkeypatch.setattr(WireClient, "send", counted)
+    return sends
+
+
 @pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
 async def test_a_lone_call_after_a_flush_reloads_and_is_stored_once(
-    make_queue: QueueFactory, clock: FakeClock, raw: Redis, functions: bool
+    make_queue: QueueFactory,
+    clock: FakeClock,
+    raw: Redis,
+    functions: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One call at a time is written at the end of its pass, with no task (ScriptRunner._flush);
-    its reply (function not found, or NOSCRIPT) hands it to the task path, which loads the
-    scripts and sends it again."""
+    its reply (function not found, or NOSCRIPT) hands it to a task that loads the scripts, then
+    sends it again: two writes of the call in all, not a second failed one before the load."""
     queue = await make_queue(functions=functions)
     await queue.enqueue([make_request(clock, queue_id="warm")])  # the connection is open
+    sends = _count_sends(monkeypatch)
     loads = queue.script_loads
     await raw.function_flush()
     await raw.script_flush()
     [res] = await queue.enqueue([make_request(clock, queue_id="after-flush")])
     assert res.created and res.request.queue_id == "after-flush"
     assert queue.script_loads == loads + 1
+    assert sends == [1, 1]
     stats = await queue.stats()
     assert (stats.accepted, stats.queued) == (2, 2)
 
@@ -323,6 +344,41 @@ async def test_a_lone_call_on_a_lost_connection_is_resent_once_and_no_more(
     assert sends == [1, 1]
     monkeypatch.undo()
     st = await queue.status("warm")  # and the next call connects afresh
+    assert st is not None and st.queue_id == "warm"
+
+
+async def test_a_lone_call_that_times_out_is_never_sent_again(
+    make_queue: QueueFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed-out write may still run once Redis answers: it fails as unavailable (timeout),
+    the caller answers from the local queue, and it is never resent. Redis runs the call; the
+    protocol then gives up on its reply, as its timer does (WireClient drops the connection)."""
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="warm")])  # the connection is open
+    real_send = WireClient.send
+    sends: list[int] = []
+
+    def slow(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
+        sent = real_send(self, commands)
+        if sent is None:
+            return None
+        sends.append(len(commands))
+        late: asyncio.Future[list[Any]] = sent.get_loop().create_future()
+
+        def give_up(_: object) -> None:
+            self.drop()
+            late.set_exception(RedisTimeoutError("timeout reading from redis"))
+
+        sent.add_done_callback(give_up)
+        return late
+
+    monkeypatch.setattr(WireClient, "send", slow)
+    with pytest.raises(BackendUnavailable) as info:
+        await queue.status("warm")
+    assert info.value.details == {"kind": "timeout"}
+    assert sends == [1]
+    monkeypatch.undo()
+    st = await queue.status("warm")
     assert st is not None and st.queue_id == "warm"
 
 

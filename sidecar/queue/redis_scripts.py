@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, OutOfMemoryError, ResponseError
 
 from sidecar import eager
 from sidecar.errors import BackendUnavailable
@@ -103,18 +103,19 @@ class ScriptRunner:
 
     async def load_scripts(self) -> None:
         """FUNCTION LOAD the library (REPLACE: every daemon of this version loads the same), or
-        SCRIPT LOAD every script where the server has no Functions (before Redis 7) or refuses
-        them (an ACL without FUNCTION); either way the names calls use are known in advance."""
+        SCRIPT LOAD every script where the server has no Functions or refuses to load them;
+        either way the names calls use are known in advance (redis_keys)."""
         functions = self.functions is not False
         if functions:
             try:
                 await self.client.function_load(LIBRARY, replace=True)
             except ResponseError as exc:
-                denied = isinstance(exc, NoPermissionError)
-                if self.functions or not (denied or str(exc).startswith("unknown command")):
+                if self.functions or not _functions_refused(exc):
                     raise
-                if denied:
-                    self._log.warning("redis_functions_denied", error=str(exc), using="scripts")
+                if str(exc).startswith("unknown command"):  # before Redis 7
+                    self._log.info("redis_functions_missing", using="scripts")
+                else:
+                    self._log.warning("redis_functions_refused", error=str(exc), using="scripts")
                 functions = False
         if not functions:
             for name, source in SCRIPTS.items():
@@ -191,17 +192,17 @@ class ScriptRunner:
             return
         self.flushes += 1
         self._sending.add(sent)
-        sent.add_done_callback(functools.partial(self._sent, batch))
+        sent.add_done_callback(functools.partial(self._sent, batch, self.script_loads))
 
-    def _sent(self, batch: list[ScriptCall], sent: asyncio.Future[list[Any]]) -> None:
-        """The replies to a batch _flush wrote: resolved here, or its calls handed to _run."""
+    def _sent(self, batch: list[ScriptCall], loads: int, sent: asyncio.Future[list[Any]]) -> None:
+        """The replies to a batch _flush wrote: resolved here, or its calls handed to a task."""
         self._sending.discard(sent)
-        if sent.cancelled():  # pragma: no cover - nothing cancels it: only its protocol settles it
+        if sent.cancelled():  # only by a cancelled close(), which gathers the writes in flight
             _fail(batch, RedisConnectionError("redis write cancelled"))
             return
         exc = sent.exception()
         if exc is not None:
-            if isinstance(exc, RedisConnectionError) and not self.closed:
+            if isinstance(exc, RedisConnectionError):
                 # _send_wire's one retry, on a fresh connection: the only one.
                 self._track(asyncio.get_running_loop().create_task(self._run(batch, retry=False)))
             else:
@@ -210,12 +211,26 @@ class ScriptRunner:
         pairs = list(zip(batch, sent.result(), strict=True))
         for _, reply in pairs:
             if isinstance(reply, ResponseError) and missing_script(reply):
-                # That call never ran (Redis restarted empty, say): _run loads, resends.
+                # That call never ran (Redis restarted empty, say): load, then send it again.
                 missing = [call for call, reply in pairs if missing_script(reply)]
-                self._track(asyncio.get_running_loop().create_task(self._run(missing)))
+                task = self._reload_then_run(missing, loads)
+                self._track(asyncio.get_running_loop().create_task(task))
                 pairs = [pair for pair in pairs if not missing_script(pair[1])]
                 break
         _settle(pairs)
+
+    async def _reload_then_run(self, calls: list[ScriptCall], loads_when_sent: int) -> None:
+        """Calls a lone write found without their script: one load (shared), then _run."""
+        try:
+            await self._reload(loads_when_sent)
+        except asyncio.CancelledError:
+            for call in calls:
+                call.future.cancel()
+            raise
+        except Exception as exc:  # the load failed: so does every call that waited on it
+            _fail(calls, exc)
+            return
+        await self._run(calls)
 
     async def _run(self, batch: list[ScriptCall], retry: bool = True) -> None:
         """Send batch in one pipeline and resolve each call's future in order.
@@ -393,6 +408,16 @@ class ScriptRunner:
 # The first two words of each script's command, by script name.
 _FUNCTION_HEADS = {name: ("FCALL", fn) for name, fn in FUNCTION_NAMES.items()}
 _SCRIPT_HEADS = {name: ("EVALSHA", sha) for name, sha in SCRIPT_SHAS.items()}
+
+
+def _functions_refused(exc: ResponseError) -> bool:
+    """Whether a FUNCTION LOAD that failed leaves plain scripts to try: no FUNCTION (before
+    Redis 7), an ACL that denies it, a full Redis (FUNCTION LOAD needs memory, SCRIPT LOAD
+    does not), or a refusal in words of its own (another Redis-compatible server). Not an
+    outage (READONLY, LOADING, a lost connection...), which SCRIPT LOAD would meet as well."""
+    if isinstance(exc, (NoPermissionError, OutOfMemoryError)):
+        return True
+    return unavailable_kind(exc) is None
 
 
 def _settle(replies: Iterable[tuple[ScriptCall, Any]]) -> None:
