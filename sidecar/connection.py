@@ -359,12 +359,11 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         transport = self.transport
-        if not self.out or transport is None or self.half_closed:
+        if not self.out or transport is None or transport.is_closing() or self.half_closed:
             return
-        if not transport.is_closing():
-            transport.write(self.out)
-            self.out = bytearray()  # the transport may keep the old buffer; never reuse it
-            self.last_active = self.server.loop.time()
+        transport.write(self.out)
+        self.out = bytearray()  # the transport may keep the old buffer; never reuse it
+        self.last_active = self.server.loop.time()
 
     async def _linger(self) -> None:
         """Draining, all read answered: half-close, and give the client a moment to close first.

@@ -5,13 +5,10 @@ It asserts nothing about speed; the ratio of a few-second run on a shared machin
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from bench.run import parse_args
-from tests.test_bench_smoke import REPO_ROOT, _number, _section, _sections
+from tests.test_bench_smoke import _bench, _number, _section, _sections
 
 TIMEOUT_S = 150
 
@@ -24,15 +21,7 @@ def test_metrics_section_runs_only_when_named() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_quick_metrics_bench_prints_both_modes() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--mode", "metrics"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = _bench("bench.run", "--quick", "--mode", "metrics", timeout_s=TIMEOUT_S)
     rows = _section(_sections(proc.stdout), "metrics:")
     assert [r["mode"] for r in rows] == ["local", "redis", "local, in-process"]
     assert [r["workload"] for r in rows] == ["enqueue x64 (1 AsyncClient)"] * 2 + [

@@ -273,16 +273,32 @@ async def test_the_store_reloads_scripts_after_a_flush(
     assert queue.script_loads == loads + 1
 
 
-def _count_sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """From now on, the commands of each write on the lean connection, one entry per write."""
+def _count_sends(
+    monkeypatch: pytest.MonkeyPatch, lose_replies: Exception | None = None
+) -> list[int]:
+    """From now on, the commands of each write on the lean connection, one entry per write.
+
+    lose_replies: Redis runs each write, then its reply is lost with this error and the
+    connection goes (a reset, or the protocol's timer giving up), so a resend needs a new one.
+    """
     real_send = WireClient.send
     sends: list[int] = []
 
     def counted(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
         sent = real_send(self, commands)
-        if sent is not None:
-            sends.append(len(commands))
-        return sent
+        if sent is None:
+            return None
+        sends.append(len(commands))
+        if lose_replies is None:
+            return sent
+        lost: asyncio.Future[list[Any]] = sent.get_loop().create_future()
+
+        def drop(_: object) -> None:
+            self.drop()
+            lost.set_exception(lose_replies)
+
+        sent.add_done_callback(drop)
+        return lost
 
     monkeypatch.setattr(WireClient, "send", counted)
     return sends
@@ -320,24 +336,8 @@ async def test_a_lone_call_on_a_lost_connection_is_resent_once_and_no_more(
     connection), never a third send."""
     queue = await make_queue()
     await queue.enqueue([make_request(clock, queue_id="warm")])
-    real_send = WireClient.send
-    sends: list[int] = []
-
-    def lossy(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
-        sent = real_send(self, commands)
-        if sent is None:
-            return None
-        sends.append(len(commands))
-        lost: asyncio.Future[list[Any]] = sent.get_loop().create_future()
-
-        def drop(_: object) -> None:
-            self.drop()
-            lost.set_exception(RedisConnectionError("connection dropped before the reply"))
-
-        sent.add_done_callback(drop)
-        return lost
-
-    monkeypatch.setattr(WireClient, "send", lossy)
+    lost = RedisConnectionError("connection dropped before the reply")
+    sends = _count_sends(monkeypatch, lose_replies=lost)
     with pytest.raises(BackendUnavailable) as info:
         await queue.status("warm")
     assert info.value.details == {"kind": "connection"}
@@ -355,24 +355,8 @@ async def test_a_lone_call_that_times_out_is_never_sent_again(
     protocol then gives up on its reply, as its timer does (WireClient drops the connection)."""
     queue = await make_queue()
     await queue.enqueue([make_request(clock, queue_id="warm")])  # the connection is open
-    real_send = WireClient.send
-    sends: list[int] = []
-
-    def slow(self: WireClient, commands: Any) -> asyncio.Future[list[Any]] | None:
-        sent = real_send(self, commands)
-        if sent is None:
-            return None
-        sends.append(len(commands))
-        late: asyncio.Future[list[Any]] = sent.get_loop().create_future()
-
-        def give_up(_: object) -> None:
-            self.drop()
-            late.set_exception(RedisTimeoutError("timeout reading from redis"))
-
-        sent.add_done_callback(give_up)
-        return late
-
-    monkeypatch.setattr(WireClient, "send", slow)
+    late = RedisTimeoutError("timeout reading from redis")
+    sends = _count_sends(monkeypatch, lose_replies=late)
     with pytest.raises(BackendUnavailable) as info:
         await queue.status("warm")
     assert info.value.details == {"kind": "timeout"}

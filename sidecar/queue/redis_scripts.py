@@ -209,36 +209,26 @@ class ScriptRunner:
                 _fail(batch, exc)
             return
         pairs = list(zip(batch, sent.result(), strict=True))
-        for _, reply in pairs:
-            if isinstance(reply, ResponseError) and missing_script(reply):
-                # That call never ran (Redis restarted empty, say): load, then send it again.
-                missing = [call for call, reply in pairs if missing_script(reply)]
-                task = self._reload_then_run(missing, loads)
-                self._track(asyncio.get_running_loop().create_task(task))
-                pairs = [pair for pair in pairs if not missing_script(pair[1])]
-                break
+        missing = [call for call, reply in pairs if missing_script(reply)]
+        if missing:
+            # Those calls never ran (Redis restarted empty, say): load, then send them again.
+            run = self._run(missing, reload_from=loads)
+            self._track(asyncio.get_running_loop().create_task(run))
+            pairs = [pair for pair in pairs if not missing_script(pair[1])]
         _settle(pairs)
 
-    async def _reload_then_run(self, calls: list[ScriptCall], loads_when_sent: int) -> None:
-        """Calls a lone write found without their script: one load (shared), then _run."""
-        try:
-            await self._reload(loads_when_sent)
-        except asyncio.CancelledError:
-            for call in calls:
-                call.future.cancel()
-            raise
-        except Exception as exc:  # the load failed: so does every call that waited on it
-            _fail(calls, exc)
-            return
-        await self._run(calls)
-
-    async def _run(self, batch: list[ScriptCall], retry: bool = True) -> None:
+    async def _run(
+        self, batch: list[ScriptCall], retry: bool = True, reload_from: int | None = None
+    ) -> None:
         """Send batch in one pipeline and resolve each call's future in order.
 
         retry: one more try on a fresh connection when the lean one is lost (_send_wire).
+        reload_from: the batch met a missing script when the load count was this; load first.
         """
         self.flushes += 1
         try:
+            if reload_from is not None:
+                await self._reload(reload_from)
             replies = await self._folded(batch, retry)
         except asyncio.CancelledError:
             for call in batch:
