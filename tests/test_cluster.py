@@ -147,11 +147,23 @@ async def _produce(
             results = await queue.enqueue(batch)
         except QueueFull:  # the local queue took the load while the slot moved: back off
             async with grew:
-                await grew.wait()  # until a worker settles something (or a producer adds)
+                # Until a worker settles something, a producer adds, or the test stops the
+                # load: _stop_load() notifies, as the workers may already have ended.
+                await grew.wait()
             continue
         async with grew:
             acked += [r.request.queue_id for r in results if r.created]
             grew.notify_all()
+
+
+async def _stop_load(stop: asyncio.Event, grew: asyncio.Condition) -> None:
+    """Stop the load and wake a producer held back by a full local queue.
+
+    Its workers may have ended already, so nothing else would wake it.
+    """
+    stop.set()
+    async with grew:
+        grew.notify_all()
 
 
 async def _work(
@@ -205,12 +217,12 @@ async def test_slot_migration_under_load_loses_nothing(
             at_move = len(acked)
             # The load goes on against the new owner.
             await _load_reaches(grew, lambda: len(acked) >= at_move + 500, tasks)
-            stop.set()
+            await _stop_load(stop, grew)
             await settle(tasks, SETTLE_S)
             await queue.wait_until(queue.backlog_moved, LOAD_TIMEOUT_S)
             await _drain(queue, completed)
     finally:
-        stop.set()
+        await _stop_load(stop, grew)
         try:
             await settle(tasks, SETTLE_S)  # re-raises what a load task raised
         finally:
