@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -44,12 +45,22 @@ NODE_TIMEOUT_S = 600
 ROWS = (
     ("enqueue_1", "enqueue, 1 in flight", 0.6),
     ("floor", "enqueue, 1 in flight, through a relay that only makes the hop (the floor)", None),
+    (
+        "floor_enqueue",
+        "enqueue, 1 in flight, through a relay that makes the hop and runs the daemon's enqueue "
+        "function (the floor with Redis's work)",
+        None,
+    ),
     ("enqueue_many", "enqueue, {n} in flight on one shared client", 1.0),
     ("enqueue_batches", f"enqueue, batches of {BATCH}", None),
     ("dequeue_complete_1", "dequeue + complete, 1 at a time", 0.6),
     ("complete_next_1", "complete_next, 1 at a time / moveToCompleted fetching the next", None),
     ("worker", "run_worker(concurrency={n}) / Worker(concurrency={n})", 1.0),
 )
+
+
+# The relays run in the lone enqueue's slices (see _alternate).
+FLOORS = ("floor", "floor_enqueue")
 
 
 def add_bullmq_args(p: argparse.ArgumentParser) -> None:
@@ -97,16 +108,21 @@ def run_bullmq(args: argparse.Namespace) -> str | None:
             payload_file = folder / "payload.json"
             payload_file.write_text(json.dumps(llm_request()))
             env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
-            path, relay_path = str(folder / "sidecar.sock"), str(folder / "relay.sock")
+            path = str(folder / "sidecar.sock")
+            relays = {key: str(folder / f"{key}.sock") for key in FLOORS}
             with (
                 running(daemon_spec(path, env)) as daemon,
-                running(relay_spec(relay_path, sock)) as relay,
+                running(relay_spec(relays["floor"], sock)) as relay,
+                running(relay_spec(relays["floor_enqueue"], sock, enqueue=True)) as relay_enqueue,
                 NodeBench(sock, args.in_flight, payload_file, server.proc.pid) as theirs,
             ):
                 ours = Meter(daemon.pid, server.proc.pid)
-                floor = Meter(relay.pid, server.proc.pid)
-                uvloop.run(_alternate(path, relay_path, sock, args, (ours, floor), theirs))
-    return _table(ours, floor, theirs, args.in_flight)
+                floors = {
+                    "floor": Meter(relay.pid, server.proc.pid),
+                    "floor_enqueue": Meter(relay_enqueue.pid, server.proc.pid),
+                }
+                uvloop.run(_alternate(path, relays, sock, args, ours, floors, theirs))
+    return _table(ours, floors, theirs, args.in_flight)
 
 
 class NodeBench:
@@ -249,33 +265,43 @@ def _slice_runs(
 
 async def _alternate(
     path: str,
-    relay_path: str,
+    relays: dict[str, str],
     sock: str,
     args: argparse.Namespace,
-    meters: tuple[Meter, Meter],
+    ours: Meter,
+    floors: dict[str, Meter],
     theirs: NodeBench,
 ) -> None:
     """Each row in slices, alternating BullMQ and the sidecar (and who goes first) per slice.
 
-    The lone enqueue's slices run a third target too: AsyncClient through the relay, which
-    makes the hop and has Redis run a no-op script, so its ratio to BullMQ is the most any
-    daemon could reach here one at a time (the "floor" row, with the same BullMQ slices).
+    The lone enqueue's slices run two more targets, AsyncClient through each relay, with the
+    same BullMQ slices: one makes the hop and has Redis run a no-op script, so its ratio is the
+    most any daemon could reach here one at a time (the "floor" row); the other has Redis run
+    the daemon's enqueue function, so its ratio is the most a daemon doing Redis's work as this
+    one does could reach ("floor_enqueue"). What the daemon adds is its own work.
     """
-    ours, floor = meters
     n = max(1, args.ops // args.slices)
-    async with AsyncClient(path) as client, AsyncClient(relay_path) as relayed:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(AsyncClient(path))
+        relayed = {
+            key: await stack.enter_async_context(AsyncClient(relays[key])) for key in FLOORS
+        }
         runs = _slice_runs(client, path, n, args.in_flight)
         payload = llm_request()
 
-        async def hop() -> None:
-            for i in range(n):
-                await relayed.enqueue(payload, priority=i % 10, ttl_s=TTL_S)
+        def hop(key: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                for i in range(n):
+                    await relayed[key].enqueue(payload, priority=i % 10, ttl_s=TTL_S)
+
+            return run
 
         for key, setup in runs.items():
             count, run = await setup()  # warm-up, untimed: one slice each
             await run()
             if key == "enqueue_1":
-                await hop()
+                for floor in FLOORS:
+                    await hop(floor)()
             theirs.ask(key, n)
             for s in range(args.slices):
                 count, run = await setup()
@@ -283,7 +309,8 @@ async def _alternate(
                     theirs.timed(key, n)
                 await ours.timed(key, count, run)
                 if key == "enqueue_1":
-                    await floor.timed("floor", n, hop)
+                    for floor, meter in floors.items():
+                        await meter.timed(floor, n, hop(floor))
                 if not s % 2:
                     theirs.timed(key, n)
             note(f"bullmq: {key}: ratio {_ratio(ours.slices[key], theirs.slices[key]):.2f}")
@@ -344,7 +371,7 @@ def _mean(slices: list[dict[str, float]], name: str) -> float:
     return statistics.fmean(s[name] for s in slices)
 
 
-def _table(ours: Meter, floor: Meter, theirs: NodeBench, n: int) -> str:
+def _table(ours: Meter, floors: dict[str, Meter], theirs: NodeBench, n: int) -> str:
     head = (
         "workload",
         "sidecar-redis jobs/s",
@@ -357,8 +384,8 @@ def _table(ours: Meter, floor: Meter, theirs: NodeBench, n: int) -> str:
     )
     body = []
     for key, label, goal in ROWS:
-        if key == "floor":  # the relay's slices, beside the lone enqueue's BullMQ slices
-            mine, bull = floor.slices[key], theirs.slices["enqueue_1"]
+        if key in floors:  # a relay's slices, beside the lone enqueue's BullMQ slices
+            mine, bull = floors[key].slices[key], theirs.slices["enqueue_1"]
         else:
             mine, bull = ours.slices[key], theirs.slices[key]
         ratio = _ratio(mine, bull)

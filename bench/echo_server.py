@@ -9,16 +9,21 @@ framing, syscalls and the event loop: the most any server of this protocol could
 Run: `python -m bench.echo_server SOCKET_PATH`; prints `ready` on stdout once it listens and
 stops on SIGTERM or SIGINT. With `--relay REDIS_SOCKET_PATH` it answers each request only after
 Redis has run a no-op script for it: the daemon's extra hop without its work (bench/hop.py).
+With `--enqueue` too, Redis runs the daemon's own enqueue function instead, storing a request
+with a payload of the bench's size under the key prefix `relay` for each request: the hop and
+Redis's work, without the daemon's (bench/bullmq.py, the second floor row).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import hashlib
+import itertools
 import signal
-import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import cast
 
@@ -40,6 +45,7 @@ from sidecar.protocol import (
     RequestInfo,
     append_frame,
 )
+from sidecar.queue.redis_keys import FUNCTION_NAMES, LIBRARY, RedisKeys
 from sidecar.queue.redis_wire import encode_command
 
 READY_LINE = "ready"
@@ -160,17 +166,51 @@ class EchoConnection(asyncio.Protocol):
 # The relay's one Redis command per request: a script that does nothing, so what it costs is
 # the round trip to Redis and Redis's fixed cost per call.
 NOOP_SCRIPT = "return 1"
+# With --enqueue: the daemon's enqueue function, under keys of their own.
+RELAY_PREFIX = "relay"
+RELAY_TTL_S = 3600.0
+RELAY_RETENTION_S = 600.0
+
+
+def noop_commands() -> Callable[[int], bytes]:
+    """n runs of the no-op script."""
+    command = encode_command(("EVALSHA", hashlib.sha1(NOOP_SCRIPT.encode()).hexdigest(), 0))
+    return lambda n: command * n
+
+
+def enqueue_commands() -> Callable[[int], bytes]:
+    """n runs of the daemon's enqueue function, each storing a new request as the daemon would
+    store a lone enqueue of the bench's payload (priorities 0-9 in turn, a TTL)."""
+    keys = RedisKeys.for_prefix(RELAY_PREFIX)
+    head: tuple[str | int, ...] = (
+        "FCALL", FUNCTION_NAMES["enqueue"], len(keys.script_keys()) + 1, *keys.script_keys()
+    )
+    payload = msgspec.msgpack.encode(llm_request())
+    run, count = uuid.uuid4().hex[:8], itertools.count()
+
+    def commands(n: int) -> bytes:
+        out = bytearray()
+        now = time.time()
+        for _ in range(n):
+            i = next(count)
+            queue_id = f"{run}-{i}"
+            out += encode_command(
+                (*head, keys.request(queue_id), now, RELAY_RETENTION_S, 1, queue_id, i % 10,
+                 now, now + RELAY_TTL_S, 3, payload, 0)
+            )  # fmt: skip
+        return bytes(out)
+
+    return commands
 
 
 class RedisLink(asyncio.Protocol):
     """The relay's connection to Redis: replies matched first in, first out (hiredis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, commands: Callable[[int], bytes]) -> None:
         self.reader = hiredis.Reader()
         self.waiting: collections.deque[tuple[asyncio.Transport, bytes]] = collections.deque()
         self.transport: asyncio.Transport | None = None
-        sha = hashlib.sha1(NOOP_SCRIPT.encode()).hexdigest()
-        self.command = encode_command(("EVALSHA", sha, 0))
+        self.commands = commands
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -192,8 +232,9 @@ class RedisLink(asyncio.Protocol):
 
 
 class RelayConnection(EchoConnection):
-    """The echo's answers, each sent only once Redis has run one no-op script for it: the
-    extra hop of the daemon (client, relay, Redis) without any of the daemon's work."""
+    """The echo's answers, each sent only once Redis has run one command for it (the no-op
+    script, or the daemon's enqueue function): the daemon's extra hop (client, relay, Redis)
+    without any of the daemon's work."""
 
     def __init__(self, results: CannedResults, link: RedisLink) -> None:
         super().__init__(results)
@@ -210,11 +251,12 @@ class RelayConnection(EchoConnection):
         if self.reader.error is not None:
             self.transport.close()
         if commands:
-            self.link.transport.write(self.link.command * commands)
+            self.link.transport.write(self.link.commands(commands))
 
 
-async def serve(path: str, redis_path: str | None = None) -> None:
-    """Listen on path until SIGTERM or SIGINT; relay each request to Redis at redis_path."""
+async def serve(path: str, redis_path: str | None = None, enqueue: bool = False) -> None:
+    """Listen on path until SIGTERM or SIGINT; relay each request to Redis at redis_path
+    (a no-op script, or with enqueue the daemon's enqueue function)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -222,8 +264,11 @@ async def serve(path: str, redis_path: str | None = None) -> None:
     results = canned_results()
     factory: Callable[[], EchoConnection] = lambda: EchoConnection(results)  # noqa: E731
     if redis_path is not None:
-        _, link = await loop.create_unix_connection(RedisLink, redis_path)
-        await _load_noop(redis_path)
+        commands = enqueue_commands() if enqueue else noop_commands()
+        _, link = await loop.create_unix_connection(lambda: RedisLink(commands), redis_path)
+        # The library is the daemon's own; REPLACE, as the daemon may have loaded it already.
+        noop = ("SCRIPT", "LOAD", NOOP_SCRIPT)
+        await _load(redis_path, ("FUNCTION", "LOAD", "REPLACE", LIBRARY) if enqueue else noop)
         factory = lambda: RelayConnection(results, link)  # noqa: E731
     server = await loop.create_unix_server(factory, path, backlog=1024)
     print(READY_LINE, flush=True)
@@ -232,19 +277,24 @@ async def serve(path: str, redis_path: str | None = None) -> None:
     await server.wait_closed()
 
 
-async def _load_noop(redis_path: str) -> None:
+async def _load(redis_path: str, command: tuple[str, ...]) -> None:
     reader, writer = await asyncio.open_unix_connection(redis_path)
-    writer.write(encode_command(("SCRIPT", "LOAD", NOOP_SCRIPT)))
+    writer.write(encode_command(command))
     line = await reader.readline()
     writer.close()
-    if not line.startswith(b"$"):
-        raise RuntimeError(f"relay: SCRIPT LOAD answered {line!r}")
+    if not line.startswith(b"$"):  # SCRIPT LOAD's sha, FUNCTION LOAD's library name
+        raise RuntimeError(f"relay: {' '.join(command[:2])} answered {line!r}")
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--relay"):
-        sys.exit("usage: python -m bench.echo_server SOCKET_PATH [--relay REDIS_SOCKET_PATH]")
-    uvloop.run(serve(sys.argv[1], sys.argv[3] if len(sys.argv) == 4 else None))
+    p = argparse.ArgumentParser(prog="python -m bench.echo_server", description=__doc__)
+    p.add_argument("socket_path")
+    p.add_argument("--relay", metavar="REDIS_SOCKET_PATH", help="relay each request to Redis")
+    p.add_argument("--enqueue", action="store_true", help="with --relay: run the daemon's enqueue")
+    args = p.parse_args()
+    if args.enqueue and args.relay is None:
+        p.error("--enqueue needs --relay")
+    uvloop.run(serve(args.socket_path, args.relay, args.enqueue))
 
 
 if __name__ == "__main__":

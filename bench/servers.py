@@ -68,12 +68,11 @@ def echo_spec(socket_path: str) -> ServerSpec:
     return ServerSpec(name="echo", argv=[sys.executable, "-m", "bench.echo_server", socket_path])
 
 
-def relay_spec(socket_path: str, redis_path: str) -> ServerSpec:
-    """The relay: the daemon's framing, and one no-op script on Redis per request (the hop)."""
-    return ServerSpec(
-        name="relay",
-        argv=[sys.executable, "-m", "bench.echo_server", socket_path, "--relay", redis_path],
-    )
+def relay_spec(socket_path: str, redis_path: str, enqueue: bool = False) -> ServerSpec:
+    """The relay: the daemon's framing, and one command on Redis per request: a no-op script
+    (the hop), or with enqueue the daemon's enqueue function (the hop and Redis's work)."""
+    argv = [sys.executable, "-m", "bench.echo_server", socket_path, "--relay", redis_path]
+    return ServerSpec(name="relay", argv=argv + ["--enqueue"] * enqueue)
 
 
 def _is_serving_event(line: str) -> bool:
@@ -128,6 +127,9 @@ def running(spec: ServerSpec) -> Iterator[subprocess.Popen[str]]:
         _stop(proc)
         for pump in pumps:
             pump.join(timeout=STOP_TIMEOUT_S)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:  # read to its end by its pump: nothing is lost
+                stream.close()
 
 
 def _wait_ready(

@@ -9,15 +9,25 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from bench.echo_server import EchoConnection, canned_results
+from bench.echo_server import RELAY_PREFIX, EchoConnection, canned_results
 from bench.growth import QUICK_GROWTH_SIZES
 from bench.journal import QUICK_REPLAY_SIZES
+from bench.payload import llm_request
 from bench.run import modes, parse_args
+from bench.servers import relay_spec, running
 from sidecar.client import AsyncClient
+from sidecar.models import QueueStatus
+from tests.redis_server import (
+    RedisServer,
+    redis_queue_for,
+    redis_server_fixture,  # noqa: F401
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 180
@@ -171,7 +181,8 @@ def test_quick_bullmq_section_prints_every_goal() -> None:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     rows = _section(_sections(proc.stdout), "bullmq:")
     assert [r["workload"].split(",")[0] for r in rows] == [
-        "enqueue", "enqueue", "enqueue", "enqueue", "dequeue + complete", "complete_next",
+        "enqueue", "enqueue", "enqueue", "enqueue", "enqueue", "dequeue + complete",
+        "complete_next",
         "run_worker(concurrency=64) / "
         "Worker(concurrency=64)", "Redis used_memory per queued request (bytes)",
     ]  # fmt: skip
@@ -205,3 +216,27 @@ async def test_the_echo_ceiling_answers_folded_requests_per_item(tmp_path: Path)
         await server.wait_closed()
     assert [d.status for d in done] == ["completed"] * 5 and len(stored) == 5
     assert len(frames) == 2  # one read per folded request: nothing was resent alone
+
+
+async def test_the_enqueue_relay_stores_each_request_as_the_daemon_would(
+    redis_server: RedisServer,
+) -> None:
+    """The second floor row is honest only if Redis does the daemon's work for each request:
+    every request through the relay is a request the daemon's own store can read back."""
+    path = str(redis_server.dir / "relay.sock")
+    with running(relay_spec(path, redis_server.socket_path, enqueue=True)):
+        async with AsyncClient(path) as client:
+            for _ in range(3):
+                await client.enqueue(llm_request())
+    store = redis_queue_for(redis_server.url, time.time, retention_s=60.0, prefix=RELAY_PREFIX)
+    await store.start()
+    try:
+        stats = await store.stats()
+        jobs = await store.dequeue(10, 30.0)
+    finally:
+        await store.close()
+    assert stats.queued == 3
+    assert sorted(job.seq for job in jobs) == [1, 2, 3]
+    for job in jobs:
+        assert job.payload == msgspec.msgpack.encode(llm_request())
+        assert job.status is QueueStatus.PROCESSING
