@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -391,3 +392,35 @@ def test_unavailability_kinds(exc: Exception, kind: str | None) -> None:
         assert isinstance(translated, BackendUnavailable)
         assert translated.__cause__ is exc
         assert translated.details == {"kind": kind}
+
+
+async def test_a_watch_error_that_is_no_outage_wakes_long_polls_and_is_logged_once(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    # An ACL that denies ZCARD (the watcher's look at the queue) but not the scripts: the
+    # watcher must go on, wake the long polls to look for themselves, and say why once, not
+    # end with an exception nobody reads (the long polls would then sleep their whole wait).
+    await raw.acl_setuser(
+        "sc", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-zcard"]
+    )
+    url = redis_server.url.replace("unix://", "unix://sc:pw@")
+    queue = redis_queue_for(
+        url, time.time, retention_s=RETENTION_S, sweep_interval_s=None, poll_interval_s=0.05
+    )
+    await queue.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # Bounded well below the wait asked for: only a wake-up ends it in time.
+            for _ in range(3):
+                await asyncio.wait_for(queue.wait_for_work(60.0), 10.0)
+        refused = [e for e in logs if e["event"] == "redis_watch_failed"]
+        assert len(refused) == 1 and refused[0]["log_level"] == "warning"
+        assert "permission" in refused[0]["error"]
+        # Allowed again, the watcher says so on its next look (which finds the queued one).
+        await raw.acl_setuser("sc", enabled=True, commands=["+zcard"])
+        await queue.enqueue([make_request(time.time)])  # nobody waits: nothing notified yet
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(queue.wait_for_work(60.0), 10.0)
+        assert [e["event"] for e in logs] == ["redis_watch_recovered"]
+    finally:
+        await queue.close()

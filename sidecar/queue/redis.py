@@ -138,9 +138,11 @@ class RedisQueue:
         self._script_keys = self.keys.script_keys()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
-        self._pending = PendingWatch(client, self.keys, clock, poll_interval_s, self._closing)
         self._started = False
         self._log = log.bind(redis=url_for_logs, prefix=prefix)
+        self._pending = PendingWatch(
+            client, self.keys, clock, poll_interval_s, self._closing, self._log
+        )
 
     # -- life cycle ------------------------------------------------------------------------------
 

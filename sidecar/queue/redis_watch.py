@@ -118,8 +118,11 @@ class PendingWatch:
         clock: Callable[[], float],
         poll_interval_s: float,
         closing: asyncio.Event,
+        log: Any,
     ) -> None:
         self._redis = client
+        self._log = log
+        self._failing: str | None = None  # the error the last look met, if not an outage
         self._keys = keys
         self._clock = clock
         self.poll_interval_s = poll_interval_s
@@ -167,5 +170,23 @@ class PendingWatch:
                         queued = await self._redis.zcount(self._keys.delayed, "-inf", due)
             except BackendUnavailable:
                 queued = 1  # let the waiters try, and meet the outage in their own call
+            except Exception as exc:
+                # Not an outage (an ACL that denies ZCARD, say): the watcher goes on, and the
+                # waiters look for themselves every interval, as in an outage. Said once per
+                # error, not once per look.
+                self._report(exc)
+                queued = 1
+            else:
+                self._report(None)
             if queued:
                 self.notify()
+
+    def _report(self, exc: Exception | None) -> None:
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        if error == self._failing:
+            return
+        if error is not None:
+            self._log.warning("redis_watch_failed", error=error)
+        else:
+            self._log.info("redis_watch_recovered", previous=self._failing)
+        self._failing = error
