@@ -54,13 +54,24 @@ ROWS = (
     ("enqueue_many", "enqueue, {n} in flight on one shared client", 1.0),
     ("enqueue_batches", f"enqueue, batches of {BATCH}", None),
     ("dequeue_complete_1", "dequeue + complete, 1 at a time", 0.6),
+    (
+        "floor_dequeue_complete",
+        "dequeue + complete, 1 at a time, through a relay that makes the hop and runs the "
+        "daemon's dequeue and complete functions (the floor with Redis's work)",
+        None,
+    ),
     ("complete_next_1", "complete_next, 1 at a time / moveToCompleted fetching the next", None),
     ("worker", "run_worker(concurrency={n}) / Worker(concurrency={n})", 1.0),
 )
 
 
-# The relays run in the lone enqueue's slices (see _alternate).
-FLOORS = ("floor", "floor_enqueue")
+# Rows run through a relay (bench/relay.py) in the slices of the BullMQ row they sit beside:
+# row key -> (the relay: "noop" makes the hop, "store" runs the daemon's functions, BullMQ's row)
+FLOORS = {
+    "floor": ("noop", "enqueue_1"),
+    "floor_enqueue": ("store", "enqueue_1"),
+    "floor_dequeue_complete": ("store", "dequeue_complete_1"),
+}
 
 
 def add_bullmq_args(p: argparse.ArgumentParser) -> None:
@@ -109,20 +120,20 @@ def run_bullmq(args: argparse.Namespace) -> str | None:
             payload_file.write_text(json.dumps(llm_request()))
             env = {**ROOM, "REDIS_URL": f"unix://{sock}"}
             path = str(folder / "sidecar.sock")
-            relays = {key: str(folder / f"{key}.sock") for key in FLOORS}
+            relays = {name: str(folder / f"relay-{name}.sock") for name in ("noop", "store")}
             with (
                 running(daemon_spec(path, env)) as daemon,
-                running(relay_spec(relays["floor"], sock)) as relay,
-                running(relay_spec(relays["floor_enqueue"], sock, enqueue=True)) as relay_enqueue,
+                running(relay_spec(relays["noop"], sock)) as noop,
+                running(relay_spec(relays["store"], sock, store=True)) as store,
                 NodeBench(sock, args.in_flight, payload_file, server.proc.pid) as theirs,
             ):
                 ours = Meter(daemon.pid, server.proc.pid)
-                floors = {
-                    "floor": Meter(relay.pid, server.proc.pid),
-                    "floor_enqueue": Meter(relay_enqueue.pid, server.proc.pid),
+                meters = {
+                    "noop": Meter(noop.pid, server.proc.pid),
+                    "store": Meter(store.pid, server.proc.pid),
                 }
-                uvloop.run(_alternate(path, relays, sock, args, ours, floors, theirs))
-    return _table(ours, floors, theirs, args.in_flight)
+                uvloop.run(_alternate(path, relays, sock, args, ours, meters, theirs))
+    return _table(ours, meters, theirs, args.in_flight)
 
 
 class NodeBench:
@@ -269,54 +280,76 @@ async def _alternate(
     sock: str,
     args: argparse.Namespace,
     ours: Meter,
-    floors: dict[str, Meter],
+    meters: dict[str, Meter],
     theirs: NodeBench,
 ) -> None:
     """Each row in slices, alternating BullMQ and the sidecar (and who goes first) per slice.
 
-    The lone enqueue's slices run two more targets, AsyncClient through each relay, with the
-    same BullMQ slices: one makes the hop and has Redis run a no-op script, so its ratio is the
-    most any daemon could reach here one at a time (the "floor" row); the other has Redis run
-    the daemon's enqueue function, so its ratio is the most a daemon doing Redis's work as this
-    one does could reach ("floor_enqueue"). What the daemon adds is its own work.
+    The floor rows (FLOORS) run AsyncClient through a relay in the slices of the row they sit
+    beside, with the same BullMQ slices. Through the relay that makes the hop and has Redis run
+    a no-op script, a ratio is the most any daemon could reach here one at a time ("floor");
+    through the one that has Redis run the daemon's own functions, the most a daemon doing
+    this Redis work could reach ("floor_enqueue", "floor_dequeue_complete"). What the daemon
+    adds beyond those is its own work.
     """
     n = max(1, args.ops // args.slices)
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(AsyncClient(path))
         relayed = {
-            key: await stack.enter_async_context(AsyncClient(relays[key])) for key in FLOORS
+            name: await stack.enter_async_context(AsyncClient(sock_path))
+            for name, sock_path in relays.items()
         }
         runs = _slice_runs(client, path, n, args.in_flight)
-        payload = llm_request()
-
-        def hop(key: str) -> Callable[[], Awaitable[None]]:
-            async def run() -> None:
-                for i in range(n):
-                    await relayed[key].enqueue(payload, priority=i % 10, ttl_s=TTL_S)
-
-            return run
-
+        floor_runs = {
+            key: _floor_run(relayed[relay], row, n) for key, (relay, row) in FLOORS.items()
+        }
         for key, setup in runs.items():
+            beside = [floor for floor, (_, row) in FLOORS.items() if row == key]
             count, run = await setup()  # warm-up, untimed: one slice each
             await run()
-            if key == "enqueue_1":
-                for floor in FLOORS:
-                    await hop(floor)()
+            for floor in beside:
+                await (await floor_runs[floor]())()
             theirs.ask(key, n)
             for s in range(args.slices):
                 count, run = await setup()
                 if s % 2:
                     theirs.timed(key, n)
                 await ours.timed(key, count, run)
-                if key == "enqueue_1":
-                    for floor, meter in floors.items():
-                        await meter.timed(floor, n, hop(floor))
+                for floor in beside:
+                    floor_run = await floor_runs[floor]()
+                    await meters[FLOORS[floor][0]].timed(floor, n, floor_run)
                 if not s % 2:
                     theirs.timed(key, n)
             note(f"bullmq: {key}: ratio {_ratio(ours.slices[key], theirs.slices[key]):.2f}")
         await _drain(client)
         ours.memory = await _memory(client, sock, llm_request(), args.memory_jobs)
         theirs.memory = theirs.ask("memory", args.memory_jobs)["bytes_per_job"]
+
+
+def _floor_run(
+    relayed: AsyncClient, row: str, n: int
+) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
+    """One slice of n through a relay, as the row it sits beside: its set-up (untimed) gives
+    the timed part. The relay answers a dequeue with the echo's canned job whatever Redis
+    leased, so its backlog is queued by lone enqueues, one request each, never drained."""
+    payload = llm_request()
+
+    async def enqueue() -> None:
+        for i in range(n):
+            await relayed.enqueue(payload, priority=i % 10, ttl_s=TTL_S)
+
+    async def dequeue_complete() -> None:
+        for _ in range(n):
+            [job] = await relayed.dequeue(1)
+            await relayed.complete(job.queue_id, job.lease_id)
+
+    async def setup() -> Callable[[], Awaitable[None]]:
+        if row == "dequeue_complete_1":
+            await enqueue()
+            return dequeue_complete
+        return enqueue
+
+    return setup
 
 
 def _ratio(mine: list[dict[str, float]], bull: list[dict[str, float]]) -> float:
@@ -371,7 +404,7 @@ def _mean(slices: list[dict[str, float]], name: str) -> float:
     return statistics.fmean(s[name] for s in slices)
 
 
-def _table(ours: Meter, floors: dict[str, Meter], theirs: NodeBench, n: int) -> str:
+def _table(ours: Meter, meters: dict[str, Meter], theirs: NodeBench, n: int) -> str:
     head = (
         "workload",
         "sidecar-redis jobs/s",
@@ -384,8 +417,9 @@ def _table(ours: Meter, floors: dict[str, Meter], theirs: NodeBench, n: int) -> 
     )
     body = []
     for key, label, goal in ROWS:
-        if key in floors:  # a relay's slices, beside the lone enqueue's BullMQ slices
-            mine, bull = floors[key].slices[key], theirs.slices["enqueue_1"]
+        if key in FLOORS:  # a relay's slices, beside the BullMQ slices of the row it sits by
+            relay, row = FLOORS[key]
+            mine, bull = meters[relay].slices[key], theirs.slices[row]
         else:
             mine, bull = ours.slices[key], theirs.slices[key]
         ratio = _ratio(mine, bull)

@@ -1,7 +1,7 @@
 """Where a lone enqueue's time goes: the daemon beside a relay that only makes the hop.
 
 `python -m bench.hop [--ops N] [--slices K] [--quick]`: one redis-server on a Unix socket, the
-daemon in Redis mode on it, and the relay (`bench.echo_server --relay`): a uvloop Protocol that
+daemon in Redis mode on it, and the relay (`bench/relay.py`): a uvloop Protocol that
 has Redis run one no-op script per request and answers a canned reply once Redis has answered,
 with none of the daemon's work. Two clients make enqueues one at a time against each, in
 slices that alternate the two targets: the lean client (frames and writes, nothing else) and

@@ -68,11 +68,11 @@ def echo_spec(socket_path: str) -> ServerSpec:
     return ServerSpec(name="echo", argv=[sys.executable, "-m", "bench.echo_server", socket_path])
 
 
-def relay_spec(socket_path: str, redis_path: str, enqueue: bool = False) -> ServerSpec:
-    """The relay: the daemon's framing, and one command on Redis per request: a no-op script
-    (the hop), or with enqueue the daemon's enqueue function (the hop and Redis's work)."""
-    argv = [sys.executable, "-m", "bench.echo_server", socket_path, "--relay", redis_path]
-    return ServerSpec(name="relay", argv=argv + ["--enqueue"] * enqueue)
+def relay_spec(socket_path: str, redis_path: str, store: bool = False) -> ServerSpec:
+    """The relay (bench/relay.py): the daemon's framing, and one command on Redis per request:
+    a no-op script (the hop), or with store the daemon's functions (the hop and Redis's work)."""
+    argv = [sys.executable, "-m", "bench.relay", socket_path, redis_path]
+    return ServerSpec(name="relay", argv=argv + ["--store"] * store)
 
 
 def _is_serving_event(line: str) -> bool:
