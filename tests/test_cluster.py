@@ -148,7 +148,10 @@ async def _produce(
         except QueueFull:  # the local queue took the load while the slot moved: back off
             async with grew:
                 # Until a worker settles something, a producer adds, or the test stops the
-                # load: _stop_load() notifies, as the workers may already have ended.
+                # load. Checked under the lock: _stop_load() sets stop before it takes the
+                # lock to notify, and the workers may have ended already.
+                if stop.is_set():
+                    break
                 await grew.wait()
             continue
         async with grew:
