@@ -417,9 +417,9 @@ async def test_a_watch_error_that_is_no_outage_wakes_long_polls_and_is_logged_on
         assert len(refused) == 1 and refused[0]["log_level"] == "warning"
         assert "permission" in refused[0]["error"]
         # Allowed again, the watcher says so on its next look (which finds the queued one).
-        await raw.acl_setuser("sc", enabled=True, commands=["+zcard"])
-        await queue.enqueue([make_request(time.time)])  # nobody waits: nothing notified yet
         with structlog.testing.capture_logs() as logs:
+            await raw.acl_setuser("sc", enabled=True, commands=["+zcard"])
+            await queue.enqueue([make_request(time.time)])  # nobody waits: nothing notified
             await asyncio.wait_for(queue.wait_for_work(60.0), 10.0)
         assert [e["event"] for e in logs] == ["redis_watch_recovered"]
     finally:

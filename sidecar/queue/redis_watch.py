@@ -172,8 +172,8 @@ class PendingWatch:
                 queued = 1  # let the waiters try, and meet the outage in their own call
             except Exception as exc:
                 # Not an outage (an ACL that denies ZCARD, say): the watcher goes on, and the
-                # waiters look for themselves every interval, as in an outage. Said once per
-                # error, not once per look.
+                # waiters look for themselves every interval, as in an outage. Logged when
+                # the error changes (or goes away), not at every look.
                 self._report(exc)
                 queued = 1
             else:
