@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 import uvloop
 
-from bench.payload import llm_request
+from bench.payload import TTL_S, llm_request
 from bench.redis_server import redis_running, redis_socket
 from bench.servers import daemon_spec, relay_spec, running
 from bench.tables import markdown_table, note
@@ -38,7 +38,6 @@ NODE_DIR = Path(__file__).resolve().parent / "bullmq"
 MEMORY_JOBS = 100_000
 QUICK_MEMORY_JOBS = 1_000
 BATCH = 64
-TTL_S = 3600.0
 ROOM: dict[str, str | None] = {"QUEUE_MAX_SIZE": "10000000", "QUEUE_MAX_MEMORY_MB": "8192"}
 NODE_TIMEOUT_S = 600
 # (key, workload, goal as sidecar ÷ BullMQ, or None where the issue sets none)

@@ -42,6 +42,7 @@ READY_LINE = "ready"
 # The daemon's default frame limit; the echo never sees a frame near it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
+
 class Envelope(msgspec.Struct):
     """The fields the echo reads; msgspec skips the rest without building it. An enqueue's (or
     a complete_many's) items are counted (not decoded): a batch gets one result item per item,
@@ -61,6 +62,8 @@ def read_envelope(body: bytes) -> Envelope:
         return _envelope.decode(body)
     except DECODE_ERRORS:
         return Envelope()
+
+
 _encode = msgspec.msgpack.encode
 
 

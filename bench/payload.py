@@ -6,6 +6,9 @@ from typing import Any
 
 import msgspec
 
+# The TTL the BullMQ rows and the relay give each request (BullMQ has none for a waiting job).
+TTL_S = 3600.0
+
 _SYSTEM = (
     "You are a support assistant for an online store. Answer in the customer's language, "
     "cite the order number when you use it, never invent a tracking code, and hand the "

@@ -5,11 +5,13 @@ work, so a bench can tell what the hop costs, what Redis's work costs, and what 
 
 - by default Redis runs a script that does nothing per request: the hop alone
   (bench/hop.py, and the "floor" row of bench/bullmq.py);
-- with `--store`, Redis runs the daemon's own functions, under the key prefix `relay`: an
-  enqueue stores a request with the bench's payload (priorities 0-9 in turn, a TTL), a
-  dequeue leases the most urgent request, and a complete settles the lease the last dequeue
-  took (the relay remembers it; the client's ids are the echo's canned ones). Any other op
-  runs the no-op script. The "floor with Redis's work" rows of bench/bullmq.py.
+- with `--store`, Redis runs the daemon's own functions, under the key prefix `relay`, with
+  the arguments a daemon with the default settings passes: an enqueue stores a request with
+  the bench's payload (priorities 0-9 in turn, a TTL of TTL_S; the request's own are not
+  read), a dequeue leases the most urgent request, and a complete settles the oldest lease
+  not settled yet: the last dequeue's, one call at a time (the relay keeps the leases; the
+  client's ids are the echo's canned ones). Any other op runs the no-op script. The "floor
+  with Redis's work" rows of bench/bullmq.py.
 
 Run: `python -m bench.relay SOCKET_PATH REDIS_SOCKET_PATH [--store]`; prints `ready` on stdout
 once it listens and stops on SIGTERM or SIGINT.
@@ -32,7 +34,7 @@ import msgspec
 import uvloop
 
 from bench.echo_server import CannedResults, EchoConnection, canned_results, read_envelope, serve
-from bench.payload import llm_request
+from bench.payload import TTL_S, llm_request
 from sidecar.config import Settings
 from sidecar.handlers import REPLY_OVERHEAD_BYTES
 from sidecar.protocol import append_frame
@@ -42,7 +44,6 @@ from sidecar.queue.redis_wire import encode_command
 
 NOOP_SCRIPT = "return 1"
 RELAY_PREFIX = "relay"
-TTL_S = 3600.0
 # What a daemon with the default settings passes to its functions.
 _DEFAULTS = Settings()
 OnReply = Callable[[Any], None] | None
@@ -170,6 +171,7 @@ async def relay(path: str, redis_path: str, store: NoopStore) -> None:
     writer.write(encode_command(store.load))
     line = await reader.readline()
     writer.close()
+    await writer.wait_closed()
     if not line.startswith(b"$"):  # SCRIPT LOAD's sha, FUNCTION LOAD's library name
         raise RuntimeError(f"relay: {' '.join(store.load[:2])} answered {line!r}")
     loop = asyncio.get_running_loop()

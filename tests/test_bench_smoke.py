@@ -14,15 +14,17 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from redis.asyncio import Redis
 
 from bench.echo_server import EchoConnection, canned_results
 from bench.growth import QUICK_GROWTH_SIZES
 from bench.journal import QUICK_REPLAY_SIZES
-from bench.payload import llm_request
+from bench.payload import TTL_S, llm_request
 from bench.relay import RELAY_PREFIX
 from bench.run import modes, parse_args
 from bench.servers import relay_spec, running
 from sidecar.client import AsyncClient
+from sidecar.config import Settings
 from sidecar.models import QueueStatus
 from tests.redis_server import (
     RedisServer,
@@ -223,22 +225,36 @@ async def test_the_store_relay_does_the_daemons_redis_work_for_each_request(
     redis_server: RedisServer,
 ) -> None:
     """The floor rows with Redis's work are honest only if Redis does the daemon's work for
-    each request: what goes through the relay is what the daemon's own store reads back."""
+    each request, with a default daemon's arguments: what goes through the relay is what the
+    daemon's own store reads back."""
+    defaults = Settings()
     path = str(redis_server.dir / "relay.sock")
     with running(relay_spec(path, redis_server.socket_path, store=True)):
         async with AsyncClient(path) as client:
-            for _ in range(3):
+            for _ in range(4):
                 await client.enqueue(llm_request())
             for _ in range(2):
                 [job] = await client.dequeue(1)  # the echo's canned job
                 await client.complete(job.queue_id, job.lease_id)
+            await client.dequeue(1)  # leased by the relay, and held
     store = redis_queue_for(redis_server.url, time.time, retention_s=60.0, prefix=RELAY_PREFIX)
     await store.start()
     try:
         stats = await store.stats()
+        raw = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            [held_id] = await raw.zrange(store.keys.leases, 0, -1)
+        finally:
+            await raw.aclose()
+        held = await store.status(str(held_id))
         [left] = await store.dequeue(10, 30.0)
     finally:
         await store.close()
-    assert (stats.queued, stats.processing, stats.completed) == (1, 0, 2)
+    assert (stats.queued, stats.processing, stats.completed) == (1, 1, 2)
+    assert held is not None and held.status is QueueStatus.PROCESSING
+    assert held.lease_expires_at is not None
+    assert held.lease_expires_at - held.updated_at == pytest.approx(defaults.queue_lease_s)
+    for rec in (held, left):
+        assert rec.max_attempts == defaults.queue_max_attempts
+        assert rec.expires_at - rec.created_at == pytest.approx(TTL_S)
     assert left.payload == msgspec.msgpack.encode(llm_request())
-    assert left.status is QueueStatus.PROCESSING
