@@ -122,7 +122,8 @@ class PendingWatch:
     ) -> None:
         self._redis = client
         self._log = log
-        self._failing: str | None = None  # the error the last look met, if not an outage
+        # The error (not an outage) the looks meet, from its first until a look works again.
+        self._failing: str | None = None
         self._keys = keys
         self._clock = clock
         self.poll_interval_s = poll_interval_s
