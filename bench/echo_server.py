@@ -109,7 +109,7 @@ class CannedResults(dict[str, msgspec.Raw]):
     """The pre-encoded result of each op; a batch's (`enqueue/n`, `complete_many/n`: one result
     item per item, as the daemon's) is encoded the first time its size is asked for, and kept.
     AsyncClient sends the single enqueues and completes of one loop pass as one request
-    (sidecar/client_fold.py)."""
+    (sidecar/client/fold.py)."""
 
     def __init__(
         self, singles: dict[str, msgspec.Raw], enqueued: EnqueuedItem, completed: Completed

@@ -9,7 +9,7 @@ mode (journal fsync off, as the `local` section) and in Redis mode (one redis-se
 A second daemon with metrics off is the control: its ratio to the first is the noise floor of
 the run (this machine is shared), to read the on/off ratio against.
 
-"on" is what the daemon runs: a Metrics registry the server reports every request and
+"on" is what the daemon runs: a DaemonMetrics registry the server reports every request and
 connection to (request_done, connection_*), whose hooks the stores call, its journal sync
 timed, and a render (a scrape) every 15 s. "off" is the same daemon built with no metrics at
 all (the server's null observer, the stores' default no-op hooks).
@@ -41,10 +41,11 @@ from bench.servers import ServerSpec, running
 from bench.sessions import SessionFactory, SidecarSession
 from bench.tables import markdown_table, note
 from sidecar import __version__
-from sidecar.app import _close_queue, build_queue, build_server, no_metrics
+from sidecar.app import _close_queue, build_server, no_metrics
 from sidecar.config import Settings
-from sidecar.handlers import Ops
-from sidecar.metrics import Metrics
+from sidecar.metrics import DaemonMetrics
+from sidecar.queue.build import build_queue
+from sidecar.server.ops import Ops
 
 METRICS_TITLE = "metrics: the daemon with metrics on beside off (ratio = on / off, target >= 0.95)"
 # The issue's bound: metrics may cost at most 5% of enqueue throughput.
@@ -63,9 +64,12 @@ async def _serve(metrics_on: bool) -> None:
     settings = Settings.from_env()
     metrics = None
     if metrics_on:
-        metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
-                          low_watermark=settings.queue_low_watermark)  # fmt: skip
-    queue, local = await build_queue(settings, metrics)
+        metrics = DaemonMetrics(version=__version__, high_watermark=settings.queue_high_watermark,
+                                low_watermark=settings.queue_low_watermark)  # fmt: skip
+    if metrics is not None:
+        queue, local = build_queue(settings, hooks=metrics)
+    else:
+        queue, local = build_queue(settings)
     if metrics is not None:
         metrics.bind(queue, local)
     await queue.start()
@@ -189,7 +193,7 @@ async def _handler_cost(rounds: int, ops: int) -> tuple[float, float]:
     clock = time.perf_counter
     for k in range(rounds):
         for on in (k % 2 == 0, k % 2 == 1):  # each goes first in every other round
-            metrics = Metrics(version=__version__, high_watermark=0.8, low_watermark=0.6)
+            metrics = DaemonMetrics(version=__version__, high_watermark=0.8, low_watermark=0.6)
             store = LocalQueue(max_items=10**7, max_bytes=10**11, high_watermark=0.8,
                                low_watermark=0.6, retention_s=60.0,
                                hooks=metrics if on else NO_HOOKS)  # fmt: skip

@@ -1,7 +1,7 @@
 """The ceiling for the Redis mode: raw redis-py doing the daemon's Redis work, nothing else.
 
 Each operation is the FCALL the daemon's RedisQueue sends for it, of the same function
-(sidecar.queue.redis_keys LIBRARY / FUNCTION_NAMES) with the same KEYS and ARGV shape: `enqueue`
+(sidecar.queue.redis.keys LIBRARY / FUNCTION_NAMES) with the same KEYS and ARGV shape: `enqueue`
 of one request; `dequeue` of one, then `complete` of it. The client is built by the daemon's
 own `redis_client` (hiredis parser, the same timeouts, retry and options), and concurrent
 calls of one loop pass go out in one pipeline, as the daemon's coalescer sends them: many
@@ -29,7 +29,7 @@ from sidecar.config import Settings
 from sidecar.models import PRIORITY_DEFAULT, PRIORITY_MAX
 from sidecar.queue.base import JOB_FIXED_BYTES
 from sidecar.queue.redis import redis_client
-from sidecar.queue.redis_keys import FUNCTION_NAMES, LIBRARY, RedisKeys
+from sidecar.queue.redis.keys import FUNCTION_NAMES, LIBRARY, RedisKeys
 
 Arg = str | bytes | int | float
 # The daemon's defaults: request TTL 4 h, retention 24 h, 3 attempts, lease 60 s, sweep 500.

@@ -1,8 +1,9 @@
 """A redis-server the bench starts itself, on a Unix socket in the run's temporary folder.
 
-A small equivalent of tests/redis_server.py (which imports pytest): start, stop, and the faults
-the failover figures need (SIGKILL, SIGSTOP / SIGCONT, restart on the same socket). The server
-runs without persistence (`--save ""`, no AOF): the bench measures the queue, not the disk.
+A small equivalent of tests/support/redis_server.py (which imports pytest): start, stop,
+and the faults the failover figures need (SIGKILL, SIGSTOP / SIGCONT, restart on the same
+socket). The server runs without persistence (`--save ""`, no AOF): the bench measures the
+queue, not the disk.
 """
 
 from __future__ import annotations

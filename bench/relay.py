@@ -36,11 +36,11 @@ import uvloop
 from bench.echo_server import CannedResults, EchoConnection, canned_results, read_envelope, serve
 from bench.payload import TTL_S, llm_request
 from sidecar.config import Settings
-from sidecar.handlers import REPLY_OVERHEAD_BYTES
 from sidecar.protocol import append_frame
 from sidecar.queue.base import JOB_FIXED_BYTES, new_lease_id
-from sidecar.queue.redis_keys import FUNCTION_NAMES, LIBRARY, RedisKeys
-from sidecar.queue.redis_wire import encode_command
+from sidecar.queue.redis.keys import FUNCTION_NAMES, LIBRARY, RedisKeys
+from sidecar.queue.redis.wire import encode_command
+from sidecar.server.ops import REPLY_OVERHEAD_BYTES
 
 NOOP_SCRIPT = "return 1"
 RELAY_PREFIX = "relay"

@@ -6,23 +6,20 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import structlog
 import uvloop
 
 from sidecar import __version__, systemd
 from sidecar.config import Settings
-from sidecar.handlers import Ops
-from sidecar.metrics import Metrics
-from sidecar.metrics_http import MetricsListener
+from sidecar.errors import StartupError
+from sidecar.metrics import DaemonMetrics, MetricsListener
 from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueManager
-from sidecar.queue.hooks import NO_HOOKS, StoreHooks
-from sidecar.queue.local import Journal, JournalError, LocalQueue
-from sidecar.server import SidecarServer, StartupError
+from sidecar.queue.build import build_queue
+from sidecar.queue.local import JournalError, LocalQueue
+from sidecar.server import Ops, ServerState, SidecarServer
 
 log = structlog.get_logger("sidecar")
 
@@ -60,8 +57,8 @@ def exit_on_next_signal(
 async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) -> None:
     """Log what the drain leaves behind, then end the process without waiting for it."""
     left: dict[str, object] = {
-        "connections": len(server.connections),
-        "unanswered": sum(len(c.inbox) for c in server.connections),
+        "connections": len(server.state.connections),
+        "unanswered": server.state.unanswered(),
     }
     try:
         stats = await asyncio.wait_for(queue.stats(), FORCED_EXIT_STATS_TIMEOUT_S)
@@ -78,68 +75,9 @@ async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) ->
     os._exit(EXIT_FORCED)
 
 
-def build_local_queue(
-    settings: Settings,
-    clock: Callable[[], float] = time.time,
-    *,
-    journaled: bool = True,
-    hooks: StoreHooks = NO_HOOKS,
-    sync: Callable[[int], None] = os.fdatasync,
-) -> LocalQueue:
-    """The bounded local store sized by the QUEUE_* settings, journaled under the state dir."""
-    journal = None
-    if journaled:
-        journal = Journal(
-            Path(settings.state_dir),
-            fsync=settings.journal_fsync == "always",
-            max_bytes=settings.journal_max_bytes,
-            compact_max_bytes=settings.journal_compact_bytes,
-            sync=sync,
-        )
-    return LocalQueue(
-        max_items=settings.queue_max_size,
-        max_bytes=settings.queue_max_memory_bytes,
-        high_watermark=settings.queue_high_watermark,
-        low_watermark=settings.queue_low_watermark,
-        retention_s=settings.retention_s,
-        retry_after_s=settings.queue_retry_after_s,
-        max_retained=settings.queue_max_retained,
-        clock=clock,
-        journal=journal,
-        recover_every_s=settings.journal_recover_interval_s,
-        hooks=hooks,
-    )
-
-
-async def build_queue(
-    settings: Settings, metrics: Metrics | None = None
-) -> tuple[QueueManager, LocalQueue]:
-    """The one place that decides which store serves: the only wiring in the daemon."""
-    hooks: StoreHooks = NO_HOOKS if metrics is None else metrics
-    sync = os.fdatasync if metrics is None else metrics.timed_sync(os.fdatasync)
-    local = build_local_queue(settings, hooks=hooks, sync=sync)
-    if settings.redis_url is None:
-        log.info("local_queue_only", state_dir=settings.state_dir, fsync=settings.journal_fsync)
-        return local, local
-    from sidecar.queue.redis import build_redis_queue
-    from sidecar.queue.resilient import ResilientQueue
-
-    # The resilient manager starts Redis itself, so a daemon whose Redis is down at boot
-    # still starts, on the local queue, and moves to Redis when it answers.
-    return ResilientQueue(
-        build_redis_queue(settings, hooks=hooks),
-        local,
-        probe_initial_s=settings.redis_probe_initial_s,
-        probe_max_s=settings.redis_probe_max_s,
-        probe_successes=settings.redis_probe_successes,
-        flap_window_s=settings.redis_flap_window_s,
-        watch_interval_s=settings.redis_watch_interval_s,
-        migrate_batch=settings.redis_handover_batch,
-        log_repeat_s=settings.redis_log_repeat_s,
-    ), local
-
-
-async def start_metrics_listener(settings: Settings, metrics: Metrics) -> MetricsListener | None:
+async def start_metrics_listener(
+    settings: Settings, metrics: DaemonMetrics
+) -> MetricsListener | None:
     """The HTTP listener for scrapers when SIDECAR_METRICS_ADDR is set."""
     if settings.metrics_addr is None:
         return None
@@ -180,7 +118,7 @@ def build_server(
     ops = Ops(
         settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics
     )
-    return SidecarServer(
+    state = ServerState(
         settings,
         ops,
         stopping=stopping,
@@ -188,6 +126,7 @@ def build_server(
         observer=observer or NullObserver(),
         eager_ops=eager_ops,
     )
+    return SidecarServer(state)
 
 
 async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) -> int:
@@ -206,9 +145,11 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         shutdown = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-    metrics = Metrics(version=__version__, high_watermark=settings.queue_high_watermark,
+    metrics = DaemonMetrics(version=__version__, high_watermark=settings.queue_high_watermark,
                       low_watermark=settings.queue_low_watermark)  # fmt: skip
-    queue, local = await build_queue(settings, metrics)
+    queue, local = build_queue(
+        settings, hooks=metrics, sync=metrics.timed_sync(os.fdatasync)
+    )
     metrics.bind(queue, local)
     try:
         await queue.start()
@@ -236,7 +177,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         supervisor.start_status(lambda: status_line(queue))
         await shutdown.wait()
         deadline = loop.time() + settings.drain_timeout_s
-        log.info("draining", connections=len(server.connections))
+        log.info("draining", connections=len(server.state.connections))
         if own_signals:
             exit_on_next_signal(loop, server, queue)
         supervisor.stopping(settings.drain_timeout_s)
@@ -267,12 +208,8 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
 
 
 async def _close_queue(queue: QueueManager, timeout_s: float) -> None:
-    from sidecar.queue.resilient import ResilientQueue
-
-    if isinstance(queue, ResilientQueue):
-        await queue.close(timeout_s)
-    else:
-        await queue.close()
+    """Close the store; a manager over two stores hands the backlog over within timeout_s."""
+    await queue.close(timeout_s)
 
 
 def serve(settings: Settings) -> int:

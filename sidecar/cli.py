@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 
 from sidecar.client import Client, decode_payload
-from sidecar.client_conn import TIMEOUT_ENV
+from sidecar.client.connection import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
-from sidecar.config_docs import help_text
+from sidecar.config.docs import help_text
 from sidecar.errors import SidecarError, SidecarUnavailable
 from sidecar.protocol import StatsResult
 
@@ -67,8 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_UNAVAILABLE
     from sidecar.app import serve
+    from sidecar.errors import StartupError, UnsafeSocketFolder
     from sidecar.logs import configure_logging
-    from sidecar.server import StartupError, UnsafeSocketFolder
 
     configure_logging(settings.environment, settings.log_level)
     try:

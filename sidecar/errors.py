@@ -112,6 +112,14 @@ class UnsafeSocket(SidecarUnavailable):
     """Client side only: the socket's folder could be written by another user; not connected."""
 
 
+class StartupError(Exception):
+    """The daemon cannot start (socket path held by a live daemon, or unusable); exit 2."""
+
+
+class UnsafeSocketFolder(StartupError):
+    """The socket's folder belongs to another user or others can write it."""
+
+
 ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
     cls.code: cls
     for cls in (

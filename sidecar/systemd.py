@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
-from sidecar.server import StartupError
+from sidecar.errors import StartupError
 
 log = structlog.get_logger("sidecar.systemd")
 

@@ -12,9 +12,9 @@ import pytest
 from sidecar.queue.base import QueueRepository
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
-from tests.helpers import FakeClock
-from tests.redis_server import make_fakeredis_contract_store, make_redis_contract_store
-from tests.redis_topology import make_cluster_contract_store, redis_cluster_fixture
+from tests.support.helpers import FakeClock
+from tests.support.redis_server import make_fakeredis_contract_store, make_redis_contract_store
+from tests.support.redis_topology import make_cluster_contract_store, redis_cluster_fixture
 
 # The session's Redis Cluster (three primaries), started on first use only.
 redis_cluster = redis_cluster_fixture

@@ -33,8 +33,9 @@ class QueueRepository(Protocol):
     async def start(self) -> None:
         """Connect or prepare; called once before any other method."""
 
-    async def close(self) -> None:
-        """Release connections and timers."""
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Release connections and timers; a manager over two stores first hands its local
+        backlog to Redis, for at most timeout_s."""
 
     async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
         """Store new requests (status queued), all or none; an existing queue_id is returned as is.

@@ -128,8 +128,9 @@ class LocalQueue:
             seconds=round(time.monotonic() - began, 3),
         )
 
-    async def close(self) -> None:
-        """Write the final snapshot; count what could not be kept on disk."""
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write the final snapshot; count what could not be kept on disk (timeout_s: unused,
+        a local store has nothing to hand over)."""
         held = self._state.queued + self._state.processing
         if self._journal is None:
             self.unkept_at_close = held

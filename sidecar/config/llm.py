@@ -1,0 +1,104 @@
+"""The LLM side's settings (gateway, workers, recorder); the daemon never reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.config import parse as p
+from sidecar.config.spec import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMSettings:
+    """The LLM side's rows of the settings table."""
+
+    record_llm_responses: bool = setting(
+        False, "RECORD_LLM_RESPONSES", p.boolean, "true or false",
+        "the development response recorder (`sidecar.llm`): only with "
+        "`ENVIRONMENT=development`; refused with a warning in production",
+    )  # fmt: skip
+    # On by default: a provider outage queues requests (202) instead of failing them; off gives
+    # the old behaviour (503) so a service can be deployed first and switched per environment.
+    llm_queue_enabled: bool = setting(
+        True, "LLM_QUEUE_ENABLED", p.boolean, "true or false",
+        "the gateway queues a request (202) when the provider is unavailable; `false`: "
+        "answers 503 as before",
+    )  # fmt: skip
+    # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
+    # so an outage of minutes must not exhaust them (the daemon's default of 3 would). At most
+    # the protocol's limit on max_attempts.
+    llm_queue_max_attempts: int = setting(
+        10, "LLM_QUEUE_MAX_ATTEMPTS", p.whole(1, 1000), "a whole number >= 1 and <= 1000",
+        "deliveries of a queued LLM request (each worker probe during an outage uses one)",
+    )  # fmt: skip
+    # "": the mock in development, the OpenAI-compatible provider in production.
+    llm_provider: str = setting(
+        "", "LLM_PROVIDER", p.choice("mock", "openai"), "mock or openai",
+        "`mock` or `openai` (any OpenAI-compatible chat-completions API)",
+        shown="`mock` in development, `openai` in production",
+    )  # fmt: skip
+    llm_base_url: str = setting(
+        "https://api.openai.com/v1", "LLM_BASE_URL", p.http_url, "an http:// or https:// URL",
+        "the provider's API",
+    )  # fmt: skip
+    llm_model: str = setting(
+        "gpt-4o-mini", "LLM_MODEL", p.text, "a model name",
+        "the provider's default model",
+    )  # fmt: skip
+    # The API key comes from LLM_API_KEY or this file; it is never kept in Settings or logged.
+    llm_api_key_file: str | None = setting(
+        None, "LLM_API_KEY_FILE", p.text, "a file path",
+        "a file holding the provider's API key (or set `LLM_API_KEY` itself); never logged "
+        "or recorded",
+    )  # fmt: skip
+    # A refused or silent provider must send the request to the queue quickly; a completion
+    # itself may take a while to stream back.
+    llm_connect_timeout_s: float = setting(
+        2.0, "LLM_CONNECT_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "provider connect timeout (a timeout counts as unavailable)",
+    )  # fmt: skip
+    llm_read_timeout_s: float = setting(
+        60.0, "LLM_READ_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "provider read timeout (a timeout counts as unavailable)",
+    )  # fmt: skip
+    # Five failures in a row open the breaker; after 10 s one probe may close it again.
+    llm_breaker_failures: int = setting(
+        5, "LLM_BREAKER_FAILURES", p.whole(1), "a whole number >= 1",
+        "failures in a row that open the provider breaker",
+    )  # fmt: skip
+    llm_breaker_reset_s: float = setting(
+        10.0, "LLM_BREAKER_RESET_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "how long the open breaker waits before one probe may close it",
+    )  # fmt: skip
+    # A failed provider call is retried after 1 s, then 2, 4, ... per delivery: quick for a
+    # blip, and at most a minute apart during a long outage.
+    llm_retry_backoff_base_s: float = setting(
+        1.0, "LLM_RETRY_BACKOFF_BASE_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: the delay before a request whose provider call failed is handed out "
+        "again, doubled per delivery (unless the provider sent `Retry-After`)",
+    )  # fmt: skip
+    llm_retry_backoff_max_s: float = setting(
+        60.0, "LLM_RETRY_BACKOFF_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0, at least LLM_RETRY_BACKOFF_BASE_SECONDS",
+        "`sidecar work`: the longest such delay",
+    )  # fmt: skip
+    # Three tries a few hundred milliseconds apart ride out a restart of the service's handler.
+    llm_callback_attempts: int = setting(
+        3, "LLM_CALLBACK_ATTEMPTS", p.whole(1, 100), "a whole number from 1 to 100",
+        "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
+        "`llm_callback_failed`)",
+    )  # fmt: skip
+    # A callback is the service's own handler: 5 s is far above a healthy answer.
+    llm_callback_timeout_s: float = setting(
+        5.0, "LLM_CALLBACK_TIMEOUT_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: how long one callback delivery may take",
+    )  # fmt: skip
+    llm_response_log_dir: str = setting(
+        "llm_response_logs", "LLM_RESPONSE_LOG_DIR", p.text, "a folder path",
+        "where the recorder writes",
+    )  # fmt: skip
+    # The recorder stops writing (with one log line) once its folder holds this much.
+    llm_response_log_max_mb: float = setting(
+        100.0, "LLM_RESPONSE_LOG_MAX_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "the size at which the recorder stops (logging `llm_recorder_cap_reached`)",
+    )  # fmt: skip

@@ -1,0 +1,40 @@
+"""One row of the settings table: a setting's variable, parser, accepted values and doc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the variable, the value and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is read and shown: its variable, parser, accepted values and doc."""
+
+    env: str
+    parse: Callable[[str], Any]
+    accepted: str
+    doc: str
+    # The default as the README and --help show it, when the value alone would mislead (a
+    # default computed at start, or an empty string that means "chosen by another setting").
+    shown: str | None = None
+
+
+def setting(
+    default: T,
+    env: str,
+    parse: Callable[[str], T],
+    accepted: str,
+    doc: str,
+    *,
+    shown: str | None = None,
+) -> T:
+    """A Settings field carrying its row of the settings table (see SPECS)."""
+    spec = Spec(env, parse, accepted, doc, shown)
+    return field(default=default, metadata={"setting": spec})

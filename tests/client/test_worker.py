@@ -1,0 +1,226 @@
+"""run_worker in-process: how many jobs it asks for, and one lease keeper for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
+
+import pytest
+
+from sidecar.app import build_server
+from sidecar.client import AsyncClient, item, run_worker
+from sidecar.client.worker import SETTLE_BATCH
+from sidecar.config import Settings
+from sidecar.errors import UnknownOp
+from sidecar.models import QueuedRequest
+from sidecar.protocol import AnyRequest, CompleteMany, Job
+from sidecar.queue.base import QueueManager
+from sidecar.queue.build import build_local_queue
+from sidecar.server import SidecarServer
+from tests.support.daemon import short_tmpdir
+
+
+class Recording:
+    """The local store, recording the dequeue sizes asked for and the leases extended (and,
+    filled by the fixture, each request's op and the complete_many sizes it carried)."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.asked: list[int] = []
+        self.extended: list[str] = []
+        self.ops: list[str] = []
+        self.settled: list[int] = []  # completions per complete_many
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def dequeue(
+        self, max_items: int, lease_s: float, max_bytes: int | None = None
+    ) -> list[QueuedRequest]:
+        self.asked.append(max_items)
+        inner = cast(QueueManager, self._inner)
+        return await inner.dequeue(max_items, lease_s, max_bytes)
+
+    async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
+        self.extended.append(queue_id)
+        return await cast(QueueManager, self._inner).extend(queue_id, lease_id, lease_s)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[SidecarServer, Recording]]:
+    with short_tmpdir() as tmp:
+        settings = Settings.from_env({"SIDECAR_SOCKET": str(tmp / "s.sock")})
+        store = Recording(build_local_queue(settings, journaled=False))
+        server = build_server(settings, cast(QueueManager, store))
+        handle = server.state.ops.handle
+
+        async def recorded(req: AnyRequest) -> object:
+            store.ops.append(str(type(req).__struct_config__.tag))
+            if isinstance(req, CompleteMany):
+                store.settled.append(len(req.items))
+            return await handle(req)
+
+        server.state.ops.handle = recorded  # type: ignore[method-assign]
+        await server.start()
+        try:
+            yield server, store
+        finally:
+            await server.drain(5.0)
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"timed out waiting until {what}")
+
+
+async def test_run_worker_asks_for_its_free_slots_and_keeps_every_lease(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(10)])]
+        gate = asyncio.Event()
+        started: list[Job] = []
+
+        async def handler(job: Job) -> None:
+            started.append(job)
+            await gate.wait()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=8, lease_s=1, wait_s=0.2, stop=stop)
+        )
+        try:
+            await until(lambda: len(started) == 8, "eight handlers run")
+            assert store.asked[0] == 8  # one request for all eight free slots
+            # Leases of 1 s, held past two extension rounds: every running job keeps its lease.
+            await until(
+                lambda: all(store.extended.count(j.queue_id) >= 2 for j in started),
+                "every running job's lease is extended twice",
+            )
+            gate.set()
+            await until(lambda: len(started) == 10, "the last two run as slots free")
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            gate.set()
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert max(store.asked) == 8  # never more than its slots
+
+
+async def until_completed(client: AsyncClient, queue_id: str) -> None:
+    for _ in range(1000):
+        if (await client.status(queue_id)).status == "completed":
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{queue_id} never completed")
+
+
+async def work_through(
+    server: SidecarServer,
+    count: int,
+    concurrency: int,
+    *,
+    wait_s: float = 0.2,
+    during: Callable[[Job], Awaitable[None]] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Enqueue count requests and run a worker until each was handled and reads completed;
+    (the ids enqueued, the ids handled in order). `during` runs inside the handler."""
+    async with AsyncClient(server.path) as producer:
+        ids = [r.queue_id for r in await producer.enqueue_many([item(n) for n in range(count)])]
+        handled: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            if during is not None:
+                await during(job)
+            handled.append(job.queue_id)
+            if len(handled) == len(ids):
+                done.set()
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=concurrency, wait_s=wait_s,
+                       stop=stop)
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+            for qid in ids:
+                await until_completed(producer, qid)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    return ids, handled
+
+
+async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns_its_slots(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    server, store = served
+    running = 0
+    most = 0
+
+    async def during(job: Job) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0)  # let the other jobs' settles interleave with this one
+        running -= 1
+
+    ids, handled = await work_through(server, 40, 4, during=during)
+    assert sorted(handled) == sorted(ids)  # each once
+    assert most <= 4
+    # Completions took the next jobs (complete_many): after the poller's first dequeue, the
+    # jobs came with the completions of the ones before them, never more than the free slots.
+    assert store.ops.count("complete_many") >= 2 and "complete" not in store.ops
+    assert sum(store.settled) == len(ids)
+    assert max(store.asked) <= 4 and sum(store.asked) >= len(ids)
+    assert (await cast(QueueManager, store).stats()).completed == len(ids)
+
+
+async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """One request per job, not two: every completion carries the request for the next job."""
+    server, store = served
+    ids, handled = await work_through(server, 5, 1, wait_s=0.5)
+    assert handled == ids
+    # The first job came from the poller; the other four each with the completion before it.
+    assert store.ops[store.ops.index("dequeue") :][:5] == ["dequeue"] + ["complete_many"] * 4
+    assert store.asked[:5] == [1] * 5 and store.settled[:4] == [1] * 4
+
+
+async def test_completions_leave_in_requests_of_at_most_settle_batch(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """Many jobs ending at once are settled in several smaller requests, each carrying the
+    request for as many next jobs, so several are in flight together."""
+    server, store = served
+    ids, handled = await work_through(server, 120, 40)
+    assert sorted(handled) == sorted(ids)
+    assert sum(store.settled) == len(ids) and max(store.settled) == SETTLE_BATCH
+    assert max(store.asked) <= 40
+
+
+async def test_a_daemon_older_than_complete_many_gets_plain_completes(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """run_worker against a daemon that answers complete_many with unknown_op (an older one):
+    every job is still completed, with plain completes, and the poller fills the slots."""
+    server, store = served
+    handle = server.state.ops.handle
+
+    async def old(req: AnyRequest) -> object:
+        if isinstance(req, CompleteMany):
+            raise UnknownOp("unknown op 'complete_many'", {"op": "complete_many"})
+        return await handle(req)
+
+    server.state.ops.handle = old  # type: ignore[method-assign]
+    ids, handled = await work_through(server, 30, 8)
+    assert sorted(handled) == sorted(ids)  # each once: no lease lapsed into a redelivery
+    assert (await cast(QueueManager, store).stats()).completed == len(ids)
