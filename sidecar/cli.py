@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -148,14 +150,45 @@ WATCH_COLUMNS = (
 )  # fmt: skip
 
 
+# How the services (`serve`, `work`) stop. They are services, not interactive tools: they
+# handle SIGTERM and SIGINT themselves (as redis-server does), so an inherited SIGINT ignore
+# does not make them unstoppable by either signal their supervisor or operator may send.
+SERVICE_SIGNALS_HELP = (
+    "SIGTERM or SIGINT (Ctrl-C) stops it: it {what}.\nIt handles both signals itself, also "
+    "when started with SIGINT ignored\n(a background job of a script, `nohup sidecar ... &`)."
+)
+# How `stats --watch` stops (its --help).
+WATCH_STOP_HELP = (
+    "one line per interval (rates per second) until Ctrl-C or SIGTERM, either of which exits 0. "
+    "Started with SIGINT ignored (a background job of a script, `nohup sidecar ... &`), it "
+    "keeps ignoring Ctrl-C, as background jobs do; SIGTERM still stops it"
+)
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler of `stats --watch`: ends the loop as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Raised once: a second SIGTERM while the first unwinds must not land in the cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
+
+
 def watch_stats(client: Client, interval_s: float) -> int:
-    """One line per interval until Ctrl-C (exit 0); rates come from successive stats replies."""
+    """One line per interval until Ctrl-C or SIGTERM (exit 0); rates from successive replies.
+
+    SIGINT keeps the disposition the process inherited: Python's KeyboardInterrupt when it
+    was at its default, ignored when the parent ignored it (a background job must not die of
+    the terminal's Ctrl-C). SIGTERM is handled here, so it stops the watch cleanly either way.
+    """
     if not interval_s > 0:
         print("error: --interval must be a number of seconds > 0", file=sys.stderr)
         return EXIT_ERROR
     previous: tuple[float, StatsResult] | None = None
     lines = 0
     next_at = time.monotonic()
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         while True:
             stats, now = client.stats(), time.monotonic()
@@ -165,8 +198,11 @@ def watch_stats(client: Client, interval_s: float) -> int:
             previous, lines = (now, stats), lines + 1
             next_at += interval_s
             time.sleep(max(0.0, next_at - time.monotonic()))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         return EXIT_OK
+    finally:
+        if before is not None:  # None: a handler Python did not install; nothing to put back
+            signal.signal(signal.SIGTERM, before)
 
 
 def _watch_line(
@@ -282,11 +318,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "serve",
         help="run the daemon (configured by environment variables)",
-        description="Run the daemon. Every setting is an environment variable, listed below.",
+        description="Run the daemon. Every setting is an environment variable, listed below.\n\n"
+        + SERVICE_SIGNALS_HELP.format(what="drains, then exits; a second one cuts the drain short"),
         epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p = sub.add_parser("work", help="run an LLM worker: queued requests -> provider -> callback")
+    p = sub.add_parser(
+        "work",
+        help="run an LLM worker: queued requests -> provider -> callback",
+        description="Run an LLM worker: queued requests -> provider -> callback.\n\n"
+        + SERVICE_SIGNALS_HELP.format(what="finishes the requests in hand, then exits 0"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests handled at once")
     for name, func, text in (
         ("health", _health, "probe: exit 0 ok, 1 degraded, 2 unreachable or unhealthy"),
@@ -296,8 +339,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
         p.set_defaults(run=func)
         if name == "stats":
-            p.add_argument("--watch", action="store_true",
-                           help="one line per interval (rates per second) until Ctrl-C")
+            p.add_argument("--watch", action="store_true", help=WATCH_STOP_HELP)
             p.add_argument("--interval", type=float, default=1.0,
                            help="seconds between lines of --watch (default 1)")  # fmt: skip
     p = sub.add_parser("metrics", help="the daemon's metrics as Prometheus text")

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import default_signals_then
+
 READY_TIMEOUT_S = 15.0
 
 
@@ -44,8 +46,10 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            # The hook only calls setrlimit: nothing that could deadlock on a lock a thread held.
-            preexec_fn=self.preexec,  # noqa: PLW1509
+            # SIGINT/SIGTERM at their defaults whatever the suite inherited (tests/support/
+            # procs.py), then the hook, which only calls setrlimit: nothing that could deadlock
+            # on a lock a thread held.
+            preexec_fn=default_signals_then(self.preexec),  # noqa: PLW1509
         )
         self._reader = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
         self._reader.start()

@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import default_signals
+
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-e2e-secret-0123456789"
 API_VERSION = "2020-10-01"
@@ -151,6 +153,7 @@ class Proc:
         self.proc = subprocess.Popen(
             argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True,
+            preexec_fn=default_signals,  # noqa: PLW1509 (stop() sends SIGTERM; see procs.py)
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from sidecar.config import Settings
 from sidecar.queue.redis import RedisQueue, redis_client
 from sidecar.queue.redis.keys import FUNCTION_NAMES, SCRIPT_SHAS
+from tests.support.procs import default_signals
 
 # How long a start or restart may take before the test fails (an AOF replay included).
 READY_TIMEOUT_S = 10.0
@@ -107,7 +108,10 @@ class RedisServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # a killed server leaves its socket file behind
         self._proc = subprocess.Popen(
-            self._args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            self._args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=default_signals,  # noqa: PLW1509 (stop() sends SIGTERM; see procs.py)
         )
         if wait:
             self.wait_ready()

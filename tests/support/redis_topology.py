@@ -31,6 +31,7 @@ import pytest
 
 from sidecar.config import Settings
 from sidecar.queue.redis import RedisQueue, redis_client
+from tests.support.procs import default_signals
 from tests.support.redis_server import READY_TIMEOUT_S, RedisServer, RedisServerError
 
 MASTER_NAME = "sidecarq"
@@ -128,6 +129,7 @@ class Sentinel:
             ["redis-server", str(self.conf), "--sentinel"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            preexec_fn=default_signals,  # noqa: PLW1509 (stop() sends SIGTERM; see procs.py)
         )
         wait_until("sentinel answers", lambda: cli(self.port, "PING") == "PONG" or None)
         return self
