@@ -1,4 +1,4 @@
-# The sidecar daemon as a container image. Build: `docker build -t sidecar .` (README, Deploy).
+# The sidecar daemon as a container image. Build: `docker build -t sidecar .` (docs/deploy.md).
 # BASE_IMAGE: any Debian-like image with python3 (>= 3.11) and its venv module; both stages use
 # it, so the virtualenv built in the first runs unchanged in the second.
 ARG BASE_IMAGE=python:3.11-slim-bookworm

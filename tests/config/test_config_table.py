@@ -1,4 +1,4 @@
-"""The one settings table: Settings, the README's table and `sidecar serve --help` agree.
+"""The one settings table: Settings, docs/configuration.md's table and `serve --help` agree.
 
 Each setting is declared once (sidecar/config/settings.py); these tests fail when an output derived
 from it drifts, when a default breaks its own validation, or when a component's own default
@@ -24,9 +24,10 @@ from sidecar.config.docs import (
     BEGIN,
     END,
     REGENERATE,
+    TABLE_DOC,
+    doc_table,
     help_text,
     markdown_table,
-    readme_table,
     shown_default,
 )
 from sidecar.llm.worker import WorkerOptions, worker_options
@@ -39,11 +40,30 @@ from tests.support.daemon import serve_expecting_refusal
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_readme_table_is_the_generated_one() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert readme_table(readme) == markdown_table(), (
-        f"README.md's settings table differs from sidecar/config/settings.py: run `{REGENERATE}`"
+def test_the_docs_table_is_the_generated_one() -> None:
+    doc = (ROOT / TABLE_DOC).read_text()
+    assert doc_table(doc) == markdown_table(), (
+        f"{TABLE_DOC}'s settings table differs from sidecar/config/settings.py: run `{REGENERATE}`"
     )
+
+
+def test_the_readme_has_no_copy_of_the_table() -> None:
+    """One generated copy only: the README links to it."""
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN not in readme
+    assert TABLE_DOC in readme
+
+
+def test_regenerating_writes_the_docs_page_by_default(tmp_path: Path) -> None:
+    page = tmp_path / TABLE_DOC
+    page.parent.mkdir()
+    page.write_text(f"# Configuration\n\n{BEGIN}\n| stale |\n{END}\n\nAfter.\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar.config.docs", "--write"],
+        capture_output=True, text=True, timeout=30, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert page.read_text() == f"# Configuration\n\n{BEGIN}\n{markdown_table()}{END}\n\nAfter.\n"
 
 
 def test_regenerating_a_file_without_the_markers_says_what_is_missing(tmp_path: Path) -> None:
@@ -232,11 +252,12 @@ async def test_app_wires_every_new_setting_into_its_component(tmp_path: Path) ->
     )
     queue, local = build_queue(settings)
     assert isinstance(queue, ResilientQueue)
+    failover = queue.failover
     try:
         got = (
-            queue.probe_initial_s, queue.probe_max_s, queue.probe_successes,
-            queue.flap_window_s, queue.watch_interval_s, queue.migrate_batch,
-            queue._repeats.interval_s,
+            failover.probe_initial_s, failover.probe_max_s, failover.probe_successes,
+            failover.flap_window_s, failover.watch_interval_s, queue.handover.migrate_batch,
+            failover._repeats.interval_s,
         )  # fmt: skip
         assert got == (0.3, 7.0, 4, 90.0, 2.5, 17, 5.0)
         redis = queue.redis
@@ -293,7 +314,11 @@ def test_protocol_md_limits_agree_with_the_settings_table() -> None:
 NOT_SETTINGS = {CONNECT_TIMEOUT_ENV, TIMEOUT_ENV, "LLM_API_KEY"}
 
 
-@pytest.mark.parametrize("doc", ["README.md", "protocol.md", "systemd/README.md"])
+PAGES = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").rglob("*.md"))
+DOCS = ["README.md", "protocol.md", "systemd/README.md", *PAGES]
+
+
+@pytest.mark.parametrize("doc", DOCS)
 def test_every_variable_the_docs_name_exists(doc: str) -> None:
     text = (ROOT / doc).read_text()
     named = set(re.findall(r"\b(?:SIDECAR|QUEUE|REDIS|LLM)_[A-Z0-9_]*[A-Z0-9]\b", text))

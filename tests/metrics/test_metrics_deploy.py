@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
-README = ROOT / "README.md"
+MONITORING = ROOT / "docs/monitoring.md"
 DATASOURCE = "${DS_PROMETHEUS}"
 NAME = re.compile(r"\bsidecar_[a-z0-9_]+\b")
 
@@ -40,12 +40,9 @@ def alert_exprs() -> list[str]:
     return [r["expr"] for g in rules["groups"] for r in g["rules"]]
 
 
-def readme_promql() -> list[str]:
-    """The PromQL lines of the README's Monitoring section (its ```promql blocks)."""
-    text = README.read_text()
-    section = text[text.index("## Monitoring") :]
-    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
-    blocks = re.findall(r"```promql\n(.*?)```", section, re.S)
+def docs_promql() -> list[str]:
+    """The PromQL lines of docs/monitoring.md (its ```promql blocks)."""
+    blocks = re.findall(r"```promql\n(.*?)```", MONITORING.read_text(), re.S)
     return [line for b in blocks for line in b.splitlines() if line and not line.startswith("#")]
 
 
@@ -103,8 +100,8 @@ def test_dashboard_is_importable_with_the_datasource_as_an_input() -> None:
 
 def test_every_dashboard_and_readme_expression_parses(tmp_path: Path) -> None:
     """promtool parses each expression as a recording rule (Grafana's variables filled in)."""
-    exprs = dashboard_exprs() + readme_promql()
-    assert len(readme_promql()) >= 3
+    exprs = dashboard_exprs() + docs_promql()
+    assert len(docs_promql()) >= 3
     filled = [e.replace("$__rate_interval", "5m").replace("$instance", ".*") for e in exprs]
     rules = {"groups": [{"name": "exprs", "rules": [
         {"record": f"check:expr_{n}", "expr": e} for n, e in enumerate(filled)]}]}  # fmt: skip
@@ -117,7 +114,7 @@ def test_every_dashboard_and_readme_expression_parses(tmp_path: Path) -> None:
 def test_dashboard_alerts_and_readme_name_only_exported_metrics(exported: set[str]) -> None:
     assert "sidecar_queue_requests" in exported and "sidecar_failovers_total" in exported
     for source, exprs in (("dashboard", dashboard_exprs()), ("alerts", alert_exprs()),
-                          ("README", readme_promql())):  # fmt: skip
+                          ("docs/monitoring.md", docs_promql())):  # fmt: skip
         named = {n for e in exprs for n in NAME.findall(e)}
         assert named, source
         assert named <= exported, f"{source} names metrics the daemon does not export: " + str(
