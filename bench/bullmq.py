@@ -40,7 +40,7 @@ QUICK_MEMORY_JOBS = 1_000
 BATCH = 64
 ROOM: dict[str, str | None] = {"QUEUE_MAX_SIZE": "10000000", "QUEUE_MAX_MEMORY_MB": "8192"}
 NODE_TIMEOUT_S = 600
-# (key, workload, goal as sidecar ÷ BullMQ, or None where the issue sets none)
+# (key, workload, goal as sidecar ÷ BullMQ, or None where none is set)
 ROWS = (
     ("enqueue_1", "enqueue, 1 in flight", 0.6),
     ("floor", "enqueue, 1 in flight, through a relay that only makes the hop (the floor)", None),

@@ -48,7 +48,7 @@ from sidecar.queue.build import build_queue
 from sidecar.server.ops import Ops
 
 METRICS_TITLE = "metrics: the daemon with metrics on beside off (ratio = on / off, target >= 0.95)"
-# The bound: metrics may cost at most 5% of enqueue throughput.
+# The bound: metrics may cost at most 5% of enqueue throughput.
 TARGET_RATIO = 0.95
 IN_FLIGHT = 64
 # Prometheus's default scrape interval. A render reads the stores (O(n) in the local store's
@@ -67,11 +67,11 @@ async def _serve(metrics_on: bool) -> None:
         metrics = DaemonMetrics(version=__version__, high_watermark=settings.queue_high_watermark,
                                 low_watermark=settings.queue_low_watermark)  # fmt: skip
     if metrics is not None:
-        queue, local = build_queue(settings, hooks=metrics)
+        queue, _ = build_queue(settings, hooks=metrics)
     else:
-        queue, local = build_queue(settings)
+        queue, _ = build_queue(settings)
     if metrics is not None:
-        metrics.bind(queue, local)
+        metrics.bind(queue)
     await queue.start()
     # The daemon's own wiring: with metrics, the server reports every request and connection.
     server = build_server(settings, queue, observer=metrics,
@@ -197,7 +197,7 @@ async def _handler_cost(rounds: int, ops: int) -> tuple[float, float]:
             store = LocalQueue(max_items=10**7, max_bytes=10**11, high_watermark=0.8,
                                low_watermark=0.6, retention_s=60.0,
                                hooks=metrics if on else NO_HOOKS)  # fmt: skip
-            metrics.bind(store, store)
+            metrics.bind(store)
             handle, done = Ops(settings, store).handle, metrics.request_done
             reqs = [Enqueue(id=i, items=[EnqueueItem(payload=payload)]) for i in range(ops)]
             gc.collect()  # the last round's garbage is not this one's cost

@@ -16,7 +16,7 @@ from sidecar.config import Settings
 from sidecar.errors import StartupError
 from sidecar.metrics import DaemonMetrics, MetricsListener
 from sidecar.observe import ConnectionCount, NullObserver, Observer
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import QueueStore
 from sidecar.queue.build import build_queue
 from sidecar.queue.local import JournalError, LocalQueue
 from sidecar.server import Ops, ServerState, SidecarServer
@@ -29,7 +29,7 @@ EXIT_FORCED = 1
 FORCED_EXIT_STATS_TIMEOUT_S = 0.5
 
 
-async def status_line(queue: QueueManager) -> str:
+async def status_line(queue: QueueStore) -> str:
     """The one-line STATUS= for systemctl status: health, mode, counts, why degraded."""
     report = await queue.health()
     stats = await queue.stats()
@@ -41,7 +41,7 @@ async def status_line(queue: QueueManager) -> str:
 
 
 def exit_on_next_signal(
-    loop: asyncio.AbstractEventLoop, server: SidecarServer, queue: QueueManager
+    loop: asyncio.AbstractEventLoop, server: SidecarServer, queue: QueueStore
 ) -> None:
     """Once the drain starts, a second SIGTERM/SIGINT exits at once."""
     forced: list[asyncio.Task[None]] = []  # holds the task so it is not collected mid-run
@@ -54,7 +54,7 @@ def exit_on_next_signal(
         loop.add_signal_handler(sig, on_signal, sig.name)
 
 
-async def _exit_now(signame: str, server: SidecarServer, queue: QueueManager) -> None:
+async def _exit_now(signame: str, server: SidecarServer, queue: QueueStore) -> None:
     """Log what the drain leaves behind, then end the process without waiting for it."""
     left: dict[str, object] = {
         "connections": len(server.state.connections),
@@ -97,7 +97,7 @@ async def no_metrics() -> bytes:
 
 def build_server(
     settings: Settings,
-    queue: QueueManager,
+    queue: QueueStore,
     *,
     observer: Observer | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] = no_metrics,
@@ -150,7 +150,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     queue, local = build_queue(
         settings, hooks=metrics, sync=metrics.timed_sync(os.fdatasync)
     )
-    metrics.bind(queue, local)
+    metrics.bind(queue)
     try:
         await queue.start()
     except JournalError as exc:
@@ -207,7 +207,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     return unkept
 
 
-async def _close_queue(queue: QueueManager, timeout_s: float) -> None:
+async def _close_queue(queue: QueueStore, timeout_s: float) -> None:
     """Close the store; a manager over two stores hands the backlog over within timeout_s."""
     await queue.close(timeout_s)
 

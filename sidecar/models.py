@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -36,6 +37,24 @@ class QueueStatus(enum.StrEnum):
     COMPLETED = "completed"
     EXPIRED = "expired"
     FAILED = "failed"
+
+
+class ServingMode(enum.StrEnum):
+    """Which store serves: the local one alone (no Redis configured), Redis, or the local
+    fallback while Redis cannot serve."""
+
+    LOCAL_ONLY = "local_only"
+    REDIS = "redis"
+    LOCAL_FALLBACK = "local_fallback"
+
+
+class HealthStatus(enum.StrEnum):
+    """What a store or the daemon says of its health: ok, degraded (serving, with reasons), or
+    unhealthy (a store that cannot serve)."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
 
 
 # Reasons a request ends up failed or expired, recorded in QueuedRequest.reason.
@@ -112,7 +131,7 @@ class QueueStats(msgspec.Struct, kw_only=True):
     warnings: list[str] = msgspec.field(default_factory=list)
     # Requests this store handed to another store (the local backlog moved to Redis).
     moved_out: int = 0
-    # The failover manager's view; empty or zero for a single store.
+    # The failover manager's view; empty or zero for a single store (mode: a ServingMode).
     mode: str = ""
     stores: dict[str, QueueStats] = msgspec.field(default_factory=dict)
     failovers: int = 0
@@ -154,6 +173,18 @@ def books_balance(s: Books) -> bool:
 class HealthReport(msgspec.Struct, kw_only=True):
     """What a store or the daemon says about its own health."""
 
-    status: str  # "ok" | "degraded" | "unhealthy"
-    mode: str  # "local_only" | "redis" | "local_fallback"
+    status: HealthStatus
+    mode: ServingMode
     reasons: list[str] = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverCounters:
+    """The failover manager's counters since it started (a single store has none)."""
+
+    failovers: int  # times Redis stopped serving and the local store took over
+    recoveries: int  # times Redis served again
+    degraded_s: float  # seconds served from the local fallback
+    data_lost: int  # times Redis came back without its data
+    backlog: int  # local requests still to move to Redis (queued or being moved)
+    moved: int  # requests moved from the local store to Redis

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.queue.base import QueueRepository
+from sidecar.queue.base import QueueStore
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.resilient import ResilientQueue
 from tests.support.helpers import FakeClock
@@ -83,12 +83,26 @@ def make_local(
     )
 
 
+# The quick tier (`tests/run --quick`) runs the contract on the three stores the daemon serves
+# from; the variants of the same code paths (fsync on, plain scripts, fakeredis, a cluster) run
+# in the whole suite.
+_VARIANT = pytest.mark.slow
+
+
 @pytest.fixture(
-    params=["local", "local_fsync", "redis", "redis_scripts", "fakeredis", "resilient", "cluster"]
+    params=[
+        "local",
+        pytest.param("local_fsync", marks=_VARIANT),
+        "redis",
+        pytest.param("redis_scripts", marks=_VARIANT),
+        pytest.param("fakeredis", marks=_VARIANT),
+        "resilient",
+        pytest.param("cluster", marks=_VARIANT),
+    ]
 )
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
-) -> AsyncIterator[QueueRepository]:
+) -> AsyncIterator[QueueStore]:
     """Every store that keeps the contract; the contract suite runs once per param.
 
     The local store is the durable one, journaled in tmp_path: fsync off for speed, and once
@@ -96,7 +110,7 @@ async def store(
     the scripts as Functions, and once more as plain scripts (`redis_scripts`), as on a server
     older than Redis 7.
     """
-    repo: QueueRepository
+    repo: QueueStore
     if request.param == "local":
         repo = make_local(clock, tmp_path / "state")
     elif request.param == "local_fsync":

@@ -15,12 +15,15 @@ from sidecar.client.blocking import Client
 from sidecar.client.calls import decode_payload, item
 from sidecar.client.connection import socket_path
 from sidecar.client.worker import Handler, PermanentFailure, run_worker
+from sidecar.errors import SidecarError, SidecarUnavailable  # what every caller handles
 
 __all__ = [
     "AsyncClient",
     "Client",
     "Handler",
     "PermanentFailure",
+    "SidecarError",
+    "SidecarUnavailable",
     "connect",
     "decode_payload",
     "item",

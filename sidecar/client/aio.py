@@ -57,7 +57,7 @@ P = ParamSpec("P")
 def _async(
     build: Callable[P, Call[T]],
 ) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
-    """AsyncClient's method for an op: build the call once (client_ops), send it."""
+    """AsyncClient's method for an op: build the call once (sidecar.client.calls), send it."""
 
     async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self._call(build(*args, **kwargs))
@@ -152,7 +152,7 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- ops: one line each, derived from the builders in client_ops ---------------------
+    # -- ops: one line each, derived from the builders in calls.py ---------------------
 
     hello = _async(ops.hello)
     enqueue = _async(ops.enqueue)
@@ -185,7 +185,7 @@ class AsyncClient:
     async def _call(self, call: Call[T]) -> T:
         req = call.request
         # Concurrent single enqueues (and completes) leave as one request, each caller with
-        # its own result or error (client_fold.py); one with none of its kind out leaves now.
+        # its own result or error (fold.py); one with none of its kind out leaves now.
         if call.fold and isinstance(req, Enqueue):
             [one] = req.items
             if self._enqueues.takes(one):

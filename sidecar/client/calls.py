@@ -4,7 +4,7 @@ A builder here takes a method's parameters, applies the client's defaults (names
 item, so a resend cannot store it twice) and returns a Call: the request plus what to return
 from the reply. Resend-safety and the long-poll deadline come from the op's registry entry
 (protocol.REGISTRY). AsyncClient and Client declare one line per op, `name = derive(builder)`,
-so both have the same methods with the same parameters (tests/test_client_api.py checks it).
+so both have the same methods with the same parameters (tests/protocol/test_registry.py checks).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Call(Generic[T]):
     ) -> None:
         self.request = request
         # A single enqueue or complete, which AsyncClient may send as one request with the
-        # others of its loop pass (client_fold).
+        # others of its loop pass (sidecar.client.fold).
         self.fold = fold
         self.spec: OpSpec = SPECS[type(request)]
         # The result as decoded (the spec's result type) becomes the method's return value.
@@ -163,7 +163,7 @@ def extend(queue_id: str, lease_id: str, lease_s: float | None = None) -> Call[R
 
 def complete(queue_id: str, lease_id: str) -> Call[RequestInfo]:
     """Report a leased request done."""
-    # AsyncClient sends the completes of one loop pass as one complete_many (client_fold).
+    # AsyncClient sends the completes of one loop pass as one complete_many (sidecar.client.fold).
     return Call(Complete(id=0, queue_id=queue_id, lease_id=lease_id), fold=True)
 
 

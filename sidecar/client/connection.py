@@ -39,7 +39,7 @@ from sidecar.protocol import (
 T = TypeVar("T")
 log = structlog.get_logger("sidecar.client")
 
-# A daemon that is not there must fail a call within a second (the README promises it); one
+# A daemon that is not there must fail a call within a second (docs/client.md says so); one
 # that is there but frozen within the reply deadline. Both can be set per client or by env.
 CONNECT_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0

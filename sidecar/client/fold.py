@@ -3,7 +3,7 @@
 A call made while none of its kind is in flight leaves at once, alone (Nagle's rule): folding
 pays only when calls overlap, and a lone call must not wait a loop pass and a task for it.
 
-A service that shares one AsyncClient among its tasks (the README's advice) makes many
+A service that shares one AsyncClient among its tasks (as docs/client.md advises) makes many
 `enqueue` calls at once, and a worker many `complete` calls. Each would cost a frame, a request
 and a reply of its own; folded, the daemon handles one request of many items, which costs it a
 fraction per item (bench: an enqueue batch of 64 costs the daemon about a third of 64 single

@@ -5,7 +5,7 @@ daemon.py    the daemon's rows
 llm.py       the LLM side's rows (sidecar.llm; the daemon never reads them)
 settings.py  Settings, read from the environment once at start; SPECS
 parse.py     the parsers and the checks across settings
-docs.py      the README's table and `serve --help`, generated from the rows
+docs.py      the table in docs/configuration.md and `serve --help`, generated from the rows
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ class LLMSettings:
         "the development response recorder (`sidecar.llm`): only with "
         "`ENVIRONMENT=development`; refused with a warning in production",
     )  # fmt: skip
-    # On by default: a provider outage queues requests (202) instead of failing them; off gives
-    # the old behaviour (503) so a service can be deployed first and switched per environment.
+    # On by default: a provider outage queues requests (202) instead of failing them; off answers
+    # 503, so a service can be deployed first and switched on per environment.
     llm_queue_enabled: bool = setting(
         True, "LLM_QUEUE_ENABLED", p.boolean, "true or false",
         "the gateway queues a request (202) when the provider is unavailable; `false`: "
-        "answers 503 as before",
+        "answers 503",
     )  # fmt: skip
     # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
     # so an outage of minutes must not exhaust them (the daemon's default of 3 would). At most

@@ -23,7 +23,7 @@ from sidecar.config.spec import ConfigError, Spec
 class Settings(LLMSettings, DaemonSettings):
     """Every tunable of the daemon, each declared once with its variable, parser and doc.
 
-    The README's settings table (`python -m sidecar.config.docs --write README.md`) and
+    The settings table in docs/configuration.md (`python -m sidecar.config.docs --write`) and
     `sidecar serve --help` are generated from these fields (sidecar/config/docs.py).
     """
 

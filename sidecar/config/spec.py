@@ -21,7 +21,7 @@ class Spec:
     parse: Callable[[str], Any]
     accepted: str
     doc: str
-    # The default as the README and --help show it, when the value alone would mislead (a
+    # The default as docs/configuration.md and --help show it, when the value alone would mislead (a
     # default computed at start, or an empty string that means "chosen by another setting").
     shown: str | None = None
 

@@ -1,6 +1,6 @@
 """What a provider call can end in, classified once: unavailable (queue it) or rejected (4xx).
 
-The one table of the issue: connection refused or reset, timeouts, 5xx, 429 and an open breaker
+One table: connection refused or reset, timeouts, 5xx, 408, 429 and an open breaker
 mean the provider cannot answer now, so the request is queued and retried later; any other 4xx
 means the request itself is wrong, so the caller gets that 4xx and nothing is queued.
 """
@@ -20,7 +20,7 @@ class Outcome(enum.StrEnum):
     REJECTED = "rejected"  # answer the 4xx (gateway), fail for good (worker)
 
 
-# The 4xx that mean "not now": 408 Request Timeout (a timeout, as the issue's table says) and
+# The 4xx that mean "not now": 408 Request Timeout (a timeout, like any other) and
 # 429 Too Many Requests. Every other 4xx is the request's own fault.
 _TRANSIENT_4XX = frozenset({408, 429})
 

@@ -10,11 +10,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httpx
 import structlog
 
+from sidecar.config import Settings
 from sidecar.llm.errors import (
     Outcome,
     ProviderRejected,
@@ -22,10 +23,7 @@ from sidecar.llm.errors import (
     classify_status,
     parse_retry_after,
 )
-
-if TYPE_CHECKING:
-    from sidecar.config import Settings
-    from sidecar.llm.recorder import DevelopmentResponseRecorder
+from sidecar.llm.recorder import DevelopmentResponseRecorder
 
 log = structlog.get_logger("sidecar.llm.provider")
 

@@ -9,19 +9,20 @@ Two kinds of series, labelled so that a sum over hosts is right:
   (each host has its own) and `scope="shared"` for the Redis queue, which every host sharing the
   Redis reports alike: take one host's value (`max without (instance) (...)`), never the sum.
 
-The queue gauges are refreshed by `render()` from the stores (`stats()` and a per-priority
-count), so they cost nothing on the request path. Each daemon has its own CollectorRegistry.
+The queue gauges are refreshed by `render()` from the serving store (its `stats()`, its
+per-priority counts and its failover counters), so they cost nothing on the request path. Each
+daemon has its own CollectorRegistry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 from prometheus_client import (
@@ -40,9 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from sidecar.errors import BackendUnavailable
-from sidecar.models import QueueStats
-from sidecar.queue.base import QueueManager
-from sidecar.queue.local import LocalQueue
+from sidecar.models import FailoverCounters, QueueStats, ServingMode
 
 # The `_created` series double the exposition and no dashboard here reads them. The switch is
 # process-wide in prometheus_client; this process is the daemon, whose only registry is ours.
@@ -60,7 +59,10 @@ MAX_LABEL_VALUES = 64
 OTHER = "other"
 
 SCOPES = {"local": "host", "redis": "shared"}
-MODES = ("local_only", "redis", "local_fallback")
+# A single store's failover counters: it has no failover.
+NO_FAILOVER = FailoverCounters(
+    failovers=0, recoveries=0, degraded_s=0.0, data_lost=0, backlog=0, moved=0
+)
 
 # Local round trips take tens of microseconds; a dequeue's long poll up to SIDECAR_MAX_WAIT_S.
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -73,21 +75,29 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
                  0.5, 1.0, 2.5)  # fmt: skip
 
 
+class MeteredStore(Protocol):
+    """What render() reads from the serving store (every sidecar.queue.base.QueueStore has it)."""
+
+    @property
+    def store_names(self) -> tuple[str, ...]: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def queued_by_priority(self) -> dict[str, dict[int, int]]: ...
+
+    def failover_counters(self) -> FailoverCounters | None: ...
+
+
 @dataclass
 class _Snapshot:
     """What one refresh read from the stores."""
 
     stores: dict[str, QueueStats] = field(default_factory=dict)
     ready: dict[str, dict[int, int]] = field(default_factory=dict)
-    mode: str = "local_only"
+    mode: str = ServingMode.LOCAL_ONLY
     high_watermark: float = 0.0
     low_watermark: float = 0.0
-    failovers: int = 0
-    recoveries: int = 0
-    degraded_s: float = 0.0
-    data_lost: int = 0
-    backlog: int = 0
-    moved: int = 0
+    failover: FailoverCounters = NO_FAILOVER
 
 
 class _QueueCollector:
@@ -171,22 +181,23 @@ def _local_families(snap: _Snapshot) -> Iterator[Metric]:
 def _failover_families(snap: _Snapshot) -> Iterator[Metric]:
     mode = GaugeMetricFamily("sidecar_mode", "1 for the mode this daemon serves in.",
                              labels=["mode"])  # fmt: skip
-    for name in MODES:
+    for name in ServingMode:
         mode.add_metric([name], float(name == snap.mode))
     yield mode
+    counters = snap.failover
     yield CounterMetricFamily("sidecar_failovers", "Times this daemon fell back to the local "
-                              "queue because Redis could not serve.", value=snap.failovers)
+                              "queue because Redis could not serve.", value=counters.failovers)
     yield CounterMetricFamily("sidecar_recoveries", "Times Redis served again after a failover.",
-                              value=snap.recoveries)  # fmt: skip
+                              value=counters.recoveries)  # fmt: skip
     yield CounterMetricFamily("sidecar_degraded_seconds", "Seconds this daemon served from the "
-                              "local fallback since it started.", value=snap.degraded_s)
+                              "local fallback since it started.", value=counters.degraded_s)
     yield CounterMetricFamily("sidecar_redis_data_loss_detections",
                               "Times Redis came back without its data (generation marker).",
-                              value=snap.data_lost)  # fmt: skip
+                              value=counters.data_lost)  # fmt: skip
     yield GaugeMetricFamily("sidecar_handover_backlog_requests",
-                            "Local requests still to move to Redis.", value=snap.backlog)
+                            "Local requests still to move to Redis.", value=counters.backlog)
     yield CounterMetricFamily("sidecar_handover_moved", "Requests moved from the local queue "
-                              "to Redis after an outage.", value=snap.moved)
+                              "to Redis after an outage.", value=counters.moved)
 
 
 class LoopHistogram:
@@ -236,8 +247,7 @@ class DaemonMetrics:
 
     def __init__(self, *, version: str, high_watermark: float, low_watermark: float) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._queue: QueueManager | None = None
-        self._local: LocalQueue | None = None
+        self._queue: MeteredStore | None = None
         self._marks = (high_watermark, low_watermark)
         self._view = _QueueCollector()
         self.registry.register(self._view)
@@ -286,11 +296,10 @@ class DaemonMetrics:
         self._by_op: dict[str, LoopHistogram] = {}
         self._bound: dict[tuple[object, ...], Counter] = {}
 
-    def bind(self, queue: QueueManager, local: LocalQueue) -> None:
-        """The stores render() reads (after they are built with this object as their hooks)."""
-        self._queue, self._local = queue, local
-        stores = ["local"] if queue is local else ["local", "redis"]
-        self._wait = {name: self._wait_family.child(name) for name in stores}
+    def bind(self, queue: MeteredStore) -> None:
+        """The serving store render() reads (after it is built with this object as its hooks)."""
+        self._queue = queue
+        self._wait = {name: self._wait_family.child(name) for name in queue.store_names}
 
     # -- the server's calls (per request and per connection) -------------------------------------
 
@@ -361,24 +370,16 @@ class DaemonMetrics:
         return generate_latest(self.registry)
 
     async def _read_stores(self) -> _Snapshot | None:
-        if self._queue is None or self._local is None:
-            return None
-        from sidecar.queue.resilient import ResilientQueue
-
-        stats = await self._queue.stats()
-        snap = _Snapshot(mode=stats.mode or "local_only", high_watermark=self._marks[0],
-                         low_watermark=self._marks[1])  # fmt: skip
-        snap.stores = dict(stats.stores) if stats.stores else {stats.store: stats}
-        snap.ready["local"] = self._local.queued_by_priority()
         queue = self._queue
-        if isinstance(queue, ResilientQueue):
-            snap.failovers, snap.recoveries = queue.failovers, queue.recoveries
-            snap.degraded_s, snap.data_lost = queue.degraded_s(), len(queue.data_lost)
-            snap.backlog, snap.moved = queue.local.queued + queue.local.moving, queue.moved
-            if "redis" in snap.stores:
-                # Redis gone since stats(): the depth by status is there, priorities wait.
-                with contextlib.suppress(BackendUnavailable):
-                    snap.ready["redis"] = await queue.redis.queued_by_priority()
+        if queue is None:
+            return None
+        stats = await queue.stats()
+        snap = _Snapshot(mode=stats.mode or ServingMode.LOCAL_ONLY,
+                         high_watermark=self._marks[0], low_watermark=self._marks[1])  # fmt: skip
+        snap.stores = dict(stats.stores) if stats.stores else {stats.store: stats}
+        snap.failover = queue.failover_counters() or NO_FAILOVER
+        # A store gone since stats() is left out: its depth by status is there, priorities wait.
+        snap.ready = await queue.queued_by_priority()
         return snap
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -239,8 +239,8 @@ class HealthResult(msgspec.Struct, kw_only=True):
 class StatsResult(msgspec.Struct, kw_only=True):
     """What stats answers: a store's counts (models.QueueStats is what the stores keep).
 
-    Filled from the store's QueueStats by name (handlers.stats_result), so a field is added to
-    the wire by adding it here; protocol.md 8.9 is checked against this type.
+    Filled from the store's QueueStats by name (sidecar.server.ops.stats_result), so a field
+    is added to the wire by adding it here; protocol.md 8.9 is checked against this type.
     """
 
     store: str

@@ -54,7 +54,7 @@ class OpSpec:
 
 
 # Every op, in protocol.md's order. Adding an op: its request and result types above, one entry
-# here and in AnyRequest, and a case in handlers.Ops.handle (mypy refuses a missing case).
+# here and in AnyRequest, and a case in sidecar.server.ops.Ops.handle (mypy refuses a missing case).
 REGISTRY: tuple[OpSpec, ...] = (
     OpSpec(Hello, HelloResult, retry_safe=True),
     OpSpec(Enqueue, EnqueueResult, retry_safe=True),

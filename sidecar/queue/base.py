@@ -1,4 +1,5 @@
-"""The interface every store keeps, and the bookkeeping done once above the stores."""
+"""The interface every store keeps (QueueStore), what every store does alike (BaseStore), and
+the bookkeeping done once above the stores."""
 
 from __future__ import annotations
 
@@ -6,22 +7,27 @@ import asyncio
 import itertools
 import os
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 from sidecar.errors import SidecarError
 from sidecar.models import (
     EnqueueOutcome,
+    FailoverCounters,
     HealthReport,
     QueuedRequest,
     QueueStats,
     QueueStatus,
 )
 
+# Each store's clock: epoch seconds (time.time, or a fake one in tests).
+Clock = Callable[[], float]
 
-class QueueRepository(Protocol):
-    """A store of requests keeping the contract in DESIGN.md; one contract suite tests them all.
+
+class QueueStore(Protocol):
+    """A store of requests: LocalQueue, RedisQueue, or ResilientQueue over both, which the
+    server talks to exactly as to a single store. One contract suite tests them all.
 
     Every method that names a request raises NotFound when the store does not hold it,
     InvalidState when its status does not allow the operation and LeaseMismatch when the
@@ -70,7 +76,7 @@ class QueueRepository(Protocol):
     async def complete_next(
         self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
     ) -> CompleteNextOutcome:
-        """complete, and dequeue up to max_items, in one call: see complete_then_lease."""
+        """complete, and dequeue up to max_items, in one call (BaseStore.complete_next)."""
         ...
 
     async def fail(
@@ -98,6 +104,26 @@ class QueueRepository(Protocol):
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a request may have become available, or after timeout seconds."""
 
+    # -- what the metrics read at scrape time, never on the request path ----------------------
+
+    @property
+    def store_names(self) -> tuple[str, ...]:
+        """The names of the stores requests are held in: this store's own, or both under a
+        manager (the `store` label of the metrics)."""
+        ...
+
+    async def queued_by_priority(self) -> dict[str, dict[int, int]]:
+        """Requests waiting in line (not delayed, not being moved) per priority, per store name.
+
+        A manager leaves out its Redis while Redis cannot be read; a RedisQueue alone raises
+        BackendUnavailable then.
+        """
+        ...
+
+    def failover_counters(self) -> FailoverCounters | None:
+        """The failover manager's counters; None from a single store."""
+        ...
+
 
 @dataclass(slots=True)
 class CompleteNextOutcome:
@@ -115,7 +141,7 @@ Settled = QueuedRequest | None | SidecarError
 
 async def settle_then_lease(
     settles: Sequence[Awaitable[QueuedRequest | None]],
-    store: QueueRepository,
+    store: QueueStore,
     max_items: int,
     lease_s: float,
     max_bytes: int | None,
@@ -138,26 +164,29 @@ async def settle_then_lease(
     return cast(list[Settled], outcomes), cast(list[QueuedRequest], leased)
 
 
-async def complete_then_lease(
-    store: QueueRepository,
-    queue_id: str,
-    lease_id: str,
-    max_items: int,
-    lease_s: float,
-    max_bytes: int | None,
-) -> CompleteNextOutcome:
-    """complete_next on any store: its complete, then its dequeue (settle_then_lease)."""
-    [settled], leased = await settle_then_lease(
-        [store.complete(queue_id, lease_id)], store, max_items, lease_s, max_bytes
-    )
-    if isinstance(settled, SidecarError):
-        return CompleteNextOutcome(None, settled, leased)
-    return CompleteNextOutcome(settled, None, leased)
+class BaseStore(QueueStore):
+    """What every store does the same way, written once; each store implements the rest of
+    QueueStore (its own calls to its own data)."""
 
+    async def complete_next(
+        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
+    ) -> CompleteNextOutcome:
+        """Complete one lease and lease up to max_items more (protocol.md 8.12): the store's
+        complete, then its dequeue, in one loop pass (settle_then_lease)."""
+        [settled], leased = await settle_then_lease(
+            [self.complete(queue_id, lease_id)], self, max_items, lease_s, max_bytes
+        )
+        if isinstance(settled, SidecarError):
+            return CompleteNextOutcome(None, settled, leased)
+        return CompleteNextOutcome(settled, None, leased)
 
-# The manager the server talks to has the same shape as a store; ResilientQueue implements it
-# over two stores, and in local-only mode the LocalQueue serves directly.
-QueueManager = QueueRepository
+    @property
+    def store_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def failover_counters(self) -> FailoverCounters | None:
+        return None
+
 
 # What a job adds to a dequeue reply beyond its payload, queue_id and lease_id: nine keys (96
 # bytes), their headers, three float64s and three ints (135 bytes at most), rounded up.

@@ -14,15 +14,13 @@ from pathlib import Path
 import structlog
 
 from sidecar.config import Settings
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import Clock, QueueStore
 from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue, redis_client
 from sidecar.queue.resilient import ResilientQueue
 
 log = structlog.get_logger("sidecar")
-
-Clock = Callable[[], float]
 
 
 def build_local_queue(
@@ -77,23 +75,12 @@ def build_redis_queue(
     )
 
 
-async def open_redis_queue(settings: Settings, *, clock: Clock = time.time) -> RedisQueue:
-    """Build and start a RedisQueue; raises BackendUnavailable when Redis cannot be reached."""
-    queue = build_redis_queue(settings, clock=clock)
-    try:
-        await queue.start()
-    except BaseException:
-        await queue.close()
-        raise
-    return queue
-
-
 def build_queue(
     settings: Settings,
     *,
     hooks: StoreHooks = NO_HOOKS,
     sync: Callable[[int], None] = os.fdatasync,
-) -> tuple[QueueManager, LocalQueue]:
+) -> tuple[QueueStore, LocalQueue]:
     """The store that serves, and the local store under it (the same object without Redis)."""
     local = build_local_queue(settings, hooks=hooks, sync=sync)
     if settings.redis_url is None:

@@ -58,7 +58,7 @@ from sidecar.protocol import (
     error_body,
     payload_depth_exceeds,
 )
-from sidecar.queue.base import QueueManager, new_request, settle_then_lease
+from sidecar.queue.base import QueueStore, new_request, settle_then_lease
 
 log = structlog.get_logger("sidecar.ops")
 
@@ -78,7 +78,7 @@ class Ops:
     def __init__(
         self,
         settings: Settings,
-        queue: QueueManager,
+        queue: QueueStore,
         *,
         stopping: asyncio.Event | None = None,
         connections: ConnectionCount | None = None,

@@ -9,6 +9,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from sidecar.client import AsyncClient
 from sidecar.client import aio as client_module
 from sidecar.errors import SidecarUnavailable
@@ -95,6 +97,7 @@ async def test_calls_wait_while_the_daemon_does_not_read_and_go_on_when_it_does(
     assert len(answered) == 2 * CALLS  # each sent once: no call was lost or resent
 
 
+@pytest.mark.slow
 async def test_calls_waiting_on_a_daemon_that_never_reads_fail_at_their_deadline(
     tmp_path: Path,
 ) -> None:

@@ -138,6 +138,7 @@ async def test_a_caller_cancelled_before_the_batch_leaves_stores_nothing() -> No
             assert (await client.stats()).accepted == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3])  # 3: the first alone, then a batch of two
 async def test_a_daemon_gone_fails_every_caller_of_the_batch(n: int) -> None:
     with running_daemon() as daemon:

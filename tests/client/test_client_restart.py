@@ -21,6 +21,9 @@ from sidecar.protocol import Job
 from tests.support.daemon import Daemon, daemon_env, running_daemon, short_tmpdir
 from tests.support.redis_server import RedisServer
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 BURST = 25
 
 

@@ -15,7 +15,7 @@ from sidecar.config import Settings
 from sidecar.errors import UnknownOp
 from sidecar.models import QueuedRequest
 from sidecar.protocol import AnyRequest, CompleteMany, Job
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import QueueStore
 from sidecar.queue.build import build_local_queue
 from sidecar.server import SidecarServer
 from tests.support.daemon import short_tmpdir
@@ -39,12 +39,12 @@ class Recording:
         self, max_items: int, lease_s: float, max_bytes: int | None = None
     ) -> list[QueuedRequest]:
         self.asked.append(max_items)
-        inner = cast(QueueManager, self._inner)
+        inner = cast(QueueStore, self._inner)
         return await inner.dequeue(max_items, lease_s, max_bytes)
 
     async def extend(self, queue_id: str, lease_id: str, lease_s: float) -> QueuedRequest:
         self.extended.append(queue_id)
-        return await cast(QueueManager, self._inner).extend(queue_id, lease_id, lease_s)
+        return await cast(QueueStore, self._inner).extend(queue_id, lease_id, lease_s)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def served() -> AsyncIterator[tuple[SidecarServer, Recording]]:
     with short_tmpdir() as tmp:
         settings = Settings.from_env({"SIDECAR_SOCKET": str(tmp / "s.sock")})
         store = Recording(build_local_queue(settings, journaled=False))
-        server = build_server(settings, cast(QueueManager, store))
+        server = build_server(settings, cast(QueueStore, store))
         handle = server.state.ops.handle
 
         async def recorded(req: AnyRequest) -> object:
@@ -180,7 +180,7 @@ async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns
     assert store.ops.count("complete_many") >= 2 and "complete" not in store.ops
     assert sum(store.settled) == len(ids)
     assert max(store.asked) <= 4 and sum(store.asked) >= len(ids)
-    assert (await cast(QueueManager, store).stats()).completed == len(ids)
+    assert (await cast(QueueStore, store).stats()).completed == len(ids)
 
 
 async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
@@ -223,4 +223,4 @@ async def test_a_daemon_older_than_complete_many_gets_plain_completes(
     server.state.ops.handle = old  # type: ignore[method-assign]
     ids, handled = await work_through(server, 30, 8)
     assert sorted(handled) == sorted(ids)  # each once: no lease lapsed into a redelivery
-    assert (await cast(QueueManager, store).stats()).completed == len(ids)
+    assert (await cast(QueueStore, store).stats()).completed == len(ids)

@@ -24,6 +24,9 @@ from tests.support.daemon import running_daemon
 from tests.support.helpers import make_request
 from tests.support.redis_server import RedisServer, redis_queue_for
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 WAIT_S = 20.0
 
 
@@ -56,7 +59,7 @@ async def test_the_probe_doubles_its_wait_from_the_initial_one_up_to_the_maximum
     real_probe = queue.redis.probe
 
     async def recording_probe() -> None:
-        waited.append(queue.probe_delay_s)  # the wait that came before this probe
+        waited.append(queue.failover.probe_delay_s)  # the wait that came before this probe
         if len(waited) >= 5:
             enough.set()
         await real_probe()
@@ -91,11 +94,11 @@ async def test_recovery_takes_the_configured_probe_successes_in_a_row(
 
     monkeypatch.setattr(queue.redis, "probe", scripted_probe)
     try:
-        queue._mark_down(out_of_memory(), "test")
+        queue.failover.mark_down(out_of_memory(), "test")
         await queue.wait_until(lambda: queue.redis_up, WAIT_S)
         # One success is enough alone: then the first probe already brought Redis back.
         assert calls == ([True] if needed == 1 else [True, False, True, True, True])
-        assert queue.recoveries == 1
+        assert queue.failover.recoveries == 1
     finally:
         await queue.close(0)
 
@@ -107,11 +110,11 @@ async def test_a_failure_inside_the_flap_window_keeps_the_backoff(
     queue = build(server, probe_initial_s=0.01, probe_max_s=1.0, flap_window_s=window_s)
     await queue.start()
     try:
-        queue._mark_down(out_of_memory(), "test")
+        queue.failover.mark_down(out_of_memory(), "test")
         await queue.wait_until(lambda: queue.redis_up, WAIT_S)  # a recovery, just now
-        queue._mark_down(out_of_memory(), "test")
+        queue.failover.mark_down(out_of_memory(), "test")
         # Inside the window it is a flap: the wait doubles; outside, it starts again.
-        assert queue.probe_delay_s == next_wait_s
+        assert queue.failover.probe_delay_s == next_wait_s
     finally:
         await queue.close(0)
 

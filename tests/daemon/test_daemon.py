@@ -31,6 +31,9 @@ from tests.support.daemon import (
 )
 from tests.support.metrics_scrape import exported_names
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:

@@ -1,6 +1,6 @@
 """The real daemon with REDIS_URL set, on redis-servers these tests start themselves.
 
-The local-mode suite (tests/test_daemon.py) runs here again against a daemon backed by Redis:
+The local-mode suite (tests/daemon/test_daemon.py) runs here again against a daemon backed by Redis:
 its tests are imported by name, so pytest collects them in this module and resolves their
 `daemon` fixture here. The few that assert local-only details have Redis-mode versions below.
 Then what only Redis gives: durability across daemon and Redis restarts, two daemons sharing
@@ -32,6 +32,9 @@ from tests.support.daemon import (
     short_tmpdir,
 )
 from tests.support.redis_server import RedisServer
+
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 

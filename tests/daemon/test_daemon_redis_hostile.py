@@ -13,6 +13,9 @@ from tests.daemon.test_daemon_redis import assert_books, wait_for
 from tests.support.daemon import running_daemon
 from tests.support.redis_server import RedisServer
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 # The daemon re-reads the policy every watch interval (1 s); generous for a loaded machine.
 POLICY_DEADLINE_S = 15.0
 

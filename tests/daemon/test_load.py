@@ -10,6 +10,9 @@ from sidecar.client import AsyncClient, item
 from sidecar.errors import QueueFull
 from tests.support.daemon import running_daemon
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 MAX_SIZE = 2000  # watermarks 0.8 / 0.6: refuse from 1600 held, accept again at 1200
 
 

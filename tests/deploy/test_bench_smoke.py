@@ -32,6 +32,9 @@ from tests.support.redis_server import (
     redis_server_fixture,  # noqa: F401
 )
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_TIMEOUT_S = 180
 

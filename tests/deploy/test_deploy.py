@@ -194,6 +194,7 @@ def unit_syscall_filter() -> tuple[set[str], set[str]]:
     return allowed, denied
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_daemon_makes_only_system_calls_the_unit_allows(tmp_path: Path) -> None:
     """Run the real daemon (Redis mode, notify, watchdog) under strace; check each call."""

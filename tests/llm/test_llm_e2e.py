@@ -1,4 +1,4 @@
-"""The issue's two flows end to end, through real processes only.
+"""The LLM side's two flows end to end (fresh 200, queued 202), through real processes only.
 
 The daemon (on a real redis-server), the example app under uvicorn over loopback HTTP, a
 `sidecar work` worker, a fake OpenAI-compatible provider the test takes down and brings back,
@@ -192,7 +192,7 @@ def _check_recordings(record_dir: Path, provider: FakeProvider) -> None:
 
 
 def test_production_with_queueing_off_answers_503_and_records_nothing() -> None:
-    """LLM_QUEUE_ENABLED=false keeps the old behaviour; the recorder flag is refused."""
+    """LLM_QUEUE_ENABLED=false answers 503 instead of queueing; the recorder flag is refused."""
     provider = FakeProvider()
     provider.start()
     with short_tmpdir() as tmp, running_daemon() as daemon:

@@ -110,6 +110,7 @@ async def test_worker_honours_retry_after_with_a_delayed_fail(client: AsyncClien
     await worker.aclose()
 
 
+@pytest.mark.slow
 async def test_worker_completes_and_calls_back(client: AsyncClient, sink: CallbackSink) -> None:
     provider = MockProvider()
     await client.enqueue({"request": BODY, "callback_url": sink.url}, queue_id="ok1")
@@ -123,6 +124,7 @@ async def test_worker_completes_and_calls_back(client: AsyncClient, sink: Callba
     await worker.aclose()
 
 
+@pytest.mark.slow
 async def test_a_permanent_error_fails_for_good_and_tells_the_callback(
     client: AsyncClient, sink: CallbackSink
 ) -> None:

@@ -10,6 +10,9 @@ import pytest
 from bench.run import parse_args
 from tests.deploy.test_bench_smoke import _bench, _number, _section, _sections
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 150
 
 

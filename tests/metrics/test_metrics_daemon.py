@@ -33,6 +33,9 @@ from tests.support.metrics_scrape import (
     wait_scrape,
 )
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 LOCAL = {"scope": "host", "store": "local"}
 
 

@@ -37,6 +37,7 @@ def redis_daemon() -> Iterator[tuple[Daemon, RedisServer]]:
             daemon.stop()
 
 
+@pytest.mark.slow
 def test_redis_queue_gauges_are_shared_and_its_events_counted(
     redis_daemon: tuple[Daemon, RedisServer],
 ) -> None:
@@ -74,6 +75,7 @@ def test_redis_queue_gauges_are_shared_and_its_events_counted(
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_failover_recovery_and_data_loss_are_counted(
     redis_daemon: tuple[Daemon, RedisServer],
 ) -> None:
@@ -128,6 +130,7 @@ def max_without_instance(found: Samples, name: str, **match: str) -> Samples:
     return dict(groups)
 
 
+@pytest.mark.slow
 def test_documented_promql_gives_the_true_totals_over_two_daemons() -> None:
     with RedisServer() as server, short_tmpdir() as tmp:
         daemons = []

@@ -94,7 +94,7 @@ def local_store(clock: FakeClock, metrics: DaemonMetrics, **limits: int) -> Loca
         clock=clock,
         hooks=metrics,
     )
-    metrics.bind(store, store)
+    metrics.bind(store)
     return store
 
 
@@ -164,6 +164,7 @@ async def get(port: int, request: bytes) -> bytes:
     return reply
 
 
+@pytest.mark.slow
 async def test_listener_caps_connections_and_times_out_silent_ones() -> None:
     listener = MetricsListener(fixed_render, "127.0.0.1", 0, max_connections=1, read_timeout_s=1)
     await listener.start()
@@ -230,7 +231,7 @@ async def test_a_failed_read_of_the_stores_is_counted_and_the_rest_still_served(
     m = make_metrics()
     store = FrozenLocal(max_items=10, max_bytes=1 << 20, high_watermark=0.8, low_watermark=0.6,
                         retention_s=60.0, clock=clock, hooks=m)  # fmt: skip
-    m.bind(store, store)
+    m.bind(store)
     m.request_done("stats", 0.001, None)
     text = (await m.render()).decode()
     assert value(text, "sidecar_metrics_refresh_errors_total") == 1

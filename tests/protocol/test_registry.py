@@ -14,8 +14,7 @@ import msgspec
 import pytest
 
 from sidecar.app import build_server
-from sidecar.client import AsyncClient, Client
-from sidecar.client import calls as client_ops
+from sidecar.client import AsyncClient, Client, calls
 from sidecar.config import Settings
 from sidecar.errors import NotFound, TooManyConnections
 from sidecar.models import EnqueueOutcome, QueuedRequest, QueueStats, QueueStatus
@@ -46,7 +45,7 @@ from tests.support.daemon import short_tmpdir
 @pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
 def test_every_op_is_a_method_of_both_clients_with_the_same_parameters(spec: object) -> None:
     name = spec.name  # type: ignore[attr-defined]
-    build = client_ops.BUILDERS[name]
+    build = calls.BUILDERS[name]
     expected = [*inspect.signature(build).parameters.values()]
     for cls in (AsyncClient, Client):
         method = getattr(cls, name)
@@ -60,18 +59,18 @@ def test_every_op_is_a_method_of_both_clients_with_the_same_parameters(spec: obj
 def test_every_builder_builds_a_registry_op() -> None:
     """No client method outside the registry: each builder's request is an op of it."""
     ops = {spec.name for spec in REGISTRY}
-    assert ops <= set(client_ops.BUILDERS)
-    assert set(client_ops.BUILDERS) - ops == {"enqueue_many"}  # a second method of enqueue
+    assert ops <= set(calls.BUILDERS)
+    assert set(calls.BUILDERS) - ops == {"enqueue_many"}  # a second method of enqueue
 
 
 def test_a_call_takes_resend_safety_and_deadline_from_the_registry() -> None:
-    poll = client_ops.dequeue(3, wait_s=7.5)
+    poll = calls.dequeue(3, wait_s=7.5)
     assert (poll.spec.retry_safe, poll.extra_timeout_s) == (False, 7.5)
-    named = client_ops.enqueue_many([client_ops.item("x"), client_ops.item("y", queue_id="q")])
+    named = calls.enqueue_many([calls.item("x"), calls.item("y", queue_id="q")])
     # Safe to resend because every item got a queue_id here.
     assert named.spec.retry_safe
     assert [len(i.queue_id or "") for i in named.request.items] == [32, 1]  # type: ignore[attr-defined]
-    assert client_ops.metrics().spec.retry_safe and client_ops.metrics().extra_timeout_s == 0
+    assert calls.metrics().spec.retry_safe and calls.metrics().extra_timeout_s == 0
 
 
 # -- exhaustive dispatch -----------------------------------------------------------------------

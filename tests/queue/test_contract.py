@@ -1,4 +1,5 @@
-"""The contract of DESIGN.md, run unchanged against every store the `store` fixture yields."""
+"""The contract both stores keep (docs/architecture.md), run unchanged against every store the
+`store` fixture yields."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import pytest
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueueStatus
-from sidecar.queue.base import QueueRepository, job_bytes
+from sidecar.queue.base import QueueStore, job_bytes
 from tests.conftest import CONTRACT_LEASE_S, CONTRACT_RETENTION_S
 from tests.support.helpers import FakeClock, make_request
 
 LEASE = CONTRACT_LEASE_S
 
 
-async def test_enqueue_then_status_reads_queued(store: QueueRepository, clock: FakeClock) -> None:
+async def test_enqueue_then_status_reads_queued(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock, {"prompt": "hello", "n": [1, 2, 3]}, priority=3)
     [res] = await store.enqueue([req])
     assert res.created
@@ -31,7 +32,7 @@ async def test_enqueue_then_status_reads_queued(store: QueueRepository, clock: F
 
 
 async def test_dequeue_order_is_priority_then_arrival(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     specs = [(5, "a"), (1, "b"), (5, "c"), (0, "d"), (1, "e"), (9, "f"), (5, "g")]
     reqs = []
@@ -45,7 +46,7 @@ async def test_dequeue_order_is_priority_then_arrival(
 
 
 async def test_dequeue_takes_at_most_n_and_empty_gives_nothing(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     assert await store.dequeue(5, LEASE) == []
     await store.enqueue([make_request(clock, i) for i in range(4)])
@@ -57,7 +58,7 @@ async def test_dequeue_takes_at_most_n_and_empty_gives_nothing(
 
 
 async def test_dequeue_stops_before_the_job_that_would_pass_max_bytes(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     reqs = [make_request(clock, "x" * 900, queue_id=f"b-{i}") for i in range(5)]
     await store.enqueue(reqs)
@@ -75,7 +76,7 @@ async def test_dequeue_stops_before_the_job_that_would_pass_max_bytes(
         assert rec is not None and rec.status is QueueStatus.PROCESSING
 
 
-async def test_dequeue_leases_the_request(store: QueueRepository, clock: FakeClock) -> None:
+async def test_dequeue_leases_the_request(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock)
     await store.enqueue([req])
     [job] = await store.dequeue(1, LEASE)
@@ -89,7 +90,7 @@ async def test_dequeue_leases_the_request(store: QueueRepository, clock: FakeClo
 
 
 async def test_complete_keeps_metadata_only_and_repeats_harmlessly(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock)
     await store.enqueue([req])
@@ -108,7 +109,7 @@ async def test_complete_keeps_metadata_only_and_repeats_harmlessly(
 
 @pytest.mark.parametrize("retry", [True, False])
 async def test_fail_repeats_harmlessly_until_the_next_lease(
-    store: QueueRepository, clock: FakeClock, retry: bool
+    store: QueueStore, clock: FakeClock, retry: bool
 ) -> None:
     """A fail resent with the same lease answers the request as it is now, in every store."""
     req = make_request(clock)
@@ -134,7 +135,7 @@ async def test_fail_repeats_harmlessly_until_the_next_lease(
             await store.fail(job.queue_id, job.lease_id, "provider down", retry)
 
 
-async def test_settling_needs_the_current_lease(store: QueueRepository, clock: FakeClock) -> None:
+async def test_settling_needs_the_current_lease(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock)
     await store.enqueue([req])
     with pytest.raises(InvalidState):
@@ -153,7 +154,7 @@ async def test_settling_needs_the_current_lease(store: QueueRepository, clock: F
 
 
 async def test_fail_with_retry_requeues_until_attempts_run_out(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock, max_attempts=2)
     await store.enqueue([req])
@@ -171,7 +172,7 @@ async def test_fail_with_retry_requeues_until_attempts_run_out(
     assert await store.dequeue(1, LEASE) == []
 
 
-async def test_fail_without_retry_is_final(store: QueueRepository, clock: FakeClock) -> None:
+async def test_fail_without_retry_is_final(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock, max_attempts=5)
     await store.enqueue([req])
     [job] = await store.dequeue(1, LEASE)
@@ -184,7 +185,7 @@ async def test_fail_without_retry_is_final(store: QueueRepository, clock: FakeCl
 
 
 async def test_retried_request_keeps_its_place_among_equals(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     first = make_request(clock, queue_id="first")
     clock.advance(0.01)
@@ -197,7 +198,7 @@ async def test_retried_request_keeps_its_place_among_equals(
     assert again.queue_id == "first"
 
 
-async def test_lapsed_lease_puts_the_request_back(store: QueueRepository, clock: FakeClock) -> None:
+async def test_lapsed_lease_puts_the_request_back(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock, max_attempts=2)
     await store.enqueue([req])
     [job] = await store.dequeue(1, LEASE)
@@ -215,7 +216,7 @@ async def test_lapsed_lease_puts_the_request_back(store: QueueRepository, clock:
     assert st.reason is not None and "lease_expired" in st.reason
 
 
-async def test_extend_keeps_the_lease_alive(store: QueueRepository, clock: FakeClock) -> None:
+async def test_extend_keeps_the_lease_alive(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock)
     await store.enqueue([req])
     [job] = await store.dequeue(1, LEASE)
@@ -231,7 +232,7 @@ async def test_extend_keeps_the_lease_alive(store: QueueRepository, clock: FakeC
 
 
 async def test_expired_request_is_never_handed_out(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     short = make_request(clock, "short", ttl_s=10, priority=0)
     long = make_request(clock, "long", ttl_s=1000, priority=9)
@@ -248,7 +249,7 @@ async def test_expired_request_is_never_handed_out(
 
 
 async def test_expiry_is_counted_without_a_dequeue(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     await store.enqueue([make_request(clock, ttl_s=5) for _ in range(3)])
     clock.advance(6)
@@ -259,7 +260,7 @@ async def test_expiry_is_counted_without_a_dequeue(
 
 
 async def test_lease_lapse_after_ttl_expires_the_request(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock, ttl_s=LEASE / 2)
     await store.enqueue([req])
@@ -270,7 +271,7 @@ async def test_lease_lapse_after_ttl_expires_the_request(
 
 
 async def test_terminal_status_is_readable_until_retention_ends(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock)
     await store.enqueue([req])
@@ -284,7 +285,7 @@ async def test_terminal_status_is_readable_until_retention_ends(
     assert await store.status(req.queue_id) is None
 
 
-async def test_expired_status_is_retained_too(store: QueueRepository, clock: FakeClock) -> None:
+async def test_expired_status_is_retained_too(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock, ttl_s=10)
     await store.enqueue([req])
     clock.advance(11)
@@ -297,7 +298,7 @@ async def test_expired_status_is_retained_too(store: QueueRepository, clock: Fak
     assert await store.status(req.queue_id) is None
 
 
-async def test_cancel_only_a_queued_request(store: QueueRepository, clock: FakeClock) -> None:
+async def test_cancel_only_a_queued_request(store: QueueStore, clock: FakeClock) -> None:
     a = make_request(clock)
     b = make_request(clock)
     await store.enqueue([a, b])
@@ -316,7 +317,7 @@ async def test_cancel_only_a_queued_request(store: QueueRepository, clock: FakeC
     assert st is not None and st.reason == "cancelled"
 
 
-async def test_enqueue_is_idempotent_by_queue_id(store: QueueRepository, clock: FakeClock) -> None:
+async def test_enqueue_is_idempotent_by_queue_id(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock, "original", queue_id="client-chosen-1")
     [first] = await store.enqueue([req])
     dup = make_request(clock, "second copy", queue_id="client-chosen-1", priority=0)
@@ -334,7 +335,7 @@ async def test_enqueue_is_idempotent_by_queue_id(store: QueueRepository, clock: 
 
 
 async def test_enqueue_of_a_settled_id_returns_the_settled_entry(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock, queue_id="done-once")
     await store.enqueue([req])
@@ -347,7 +348,7 @@ async def test_enqueue_of_a_settled_id_returns_the_settled_entry(
     assert await store.dequeue(1, LEASE) == []
 
 
-async def test_payload_bytes_come_back_exactly(store: QueueRepository, clock: FakeClock) -> None:
+async def test_payload_bytes_come_back_exactly(store: QueueStore, clock: FakeClock) -> None:
     bodies: list[object] = [
         {"messages": [{"role": "user", "content": "héllo ✓"}]},
         b"\x00\xff" * 100,
@@ -363,7 +364,7 @@ async def test_payload_bytes_come_back_exactly(store: QueueRepository, clock: Fa
         assert payload is not None and msgspec.msgpack.decode(payload) == body
 
 
-async def test_stats_books_balance(store: QueueRepository, clock: FakeClock) -> None:
+async def test_stats_books_balance(store: QueueStore, clock: FakeClock) -> None:
     # Two short-TTL requests at the back of the line, eight long-lived ones in front.
     short = [make_request(clock, i, ttl_s=100, priority=9) for i in range(2)]
     long = [make_request(clock, i, ttl_s=10_000, priority=1) for i in range(8)]
@@ -382,7 +383,7 @@ async def test_stats_books_balance(store: QueueRepository, clock: FakeClock) -> 
     assert stats.balanced, stats
 
 
-async def test_wait_for_work_wakes_on_enqueue(store: QueueRepository, clock: FakeClock) -> None:
+async def test_wait_for_work_wakes_on_enqueue(store: QueueStore, clock: FakeClock) -> None:
     waiter = asyncio.create_task(store.wait_for_work(30))
     await asyncio.sleep(0)  # let the waiter start waiting
     await store.enqueue([make_request(clock)])
@@ -390,7 +391,7 @@ async def test_wait_for_work_wakes_on_enqueue(store: QueueRepository, clock: Fak
     assert len(await store.dequeue(1, LEASE)) == 1
 
 
-async def test_health_is_ok_when_fresh(store: QueueRepository) -> None:
+async def test_health_is_ok_when_fresh(store: QueueStore) -> None:
     report = await store.health()
     assert report.status == "ok"
 
@@ -399,7 +400,7 @@ async def test_health_is_ok_when_fresh(store: QueueRepository) -> None:
 
 
 async def _failed_with_delay(
-    store: QueueRepository, clock: FakeClock, delay_s: float, ttl_s: float = 3600.0
+    store: QueueStore, clock: FakeClock, delay_s: float, ttl_s: float = 3600.0
 ) -> str:
     req = make_request(clock, queue_id="delayed", ttl_s=ttl_s)
     await store.enqueue([req])
@@ -411,7 +412,7 @@ async def _failed_with_delay(
 
 
 async def test_delayed_retry_is_held_back_until_its_time(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     qid = await _failed_with_delay(store, clock, 10.0)
     st = await store.status(qid)
@@ -427,7 +428,7 @@ async def test_delayed_retry_is_held_back_until_its_time(
 
 
 async def test_delayed_retry_keeps_its_place_among_equals(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     first = make_request(clock, queue_id="first")
     clock.advance(0.01)
@@ -444,7 +445,7 @@ async def test_delayed_retry_keeps_its_place_among_equals(
 
 
 async def test_delayed_retry_still_expires_on_its_ttl(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     qid = await _failed_with_delay(store, clock, 50.0, ttl_s=10)
     clock.advance(11)
@@ -457,7 +458,7 @@ async def test_delayed_retry_still_expires_on_its_ttl(
 
 
 async def test_delayed_retry_can_be_cancelled_while_it_waits(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     qid = await _failed_with_delay(store, clock, 10.0)
     gone = await store.cancel(qid)
@@ -468,7 +469,7 @@ async def test_delayed_retry_can_be_cancelled_while_it_waits(
     assert (stats.queued, stats.failed) == (0, 1) and stats.balanced, stats
 
 
-async def test_delayed_fail_repeats_harmlessly(store: QueueRepository, clock: FakeClock) -> None:
+async def test_delayed_fail_repeats_harmlessly(store: QueueStore, clock: FakeClock) -> None:
     req = make_request(clock)
     await store.enqueue([req])
     [job] = await store.dequeue(1, LEASE)
@@ -482,7 +483,7 @@ async def test_delayed_fail_repeats_harmlessly(store: QueueRepository, clock: Fa
 
 
 async def test_a_delay_without_retry_fails_at_once(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     req = make_request(clock, max_attempts=5)
     await store.enqueue([req])
@@ -493,7 +494,7 @@ async def test_a_delay_without_retry_fails_at_once(
 
 
 async def test_wait_for_work_wakes_when_a_delay_ends(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     await _failed_with_delay(store, clock, 5.0)
     clock.advance(6)

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueueStatus
-from sidecar.queue.base import QueueRepository, job_bytes
+from sidecar.queue.base import QueueStore, job_bytes
 from tests.conftest import CONTRACT_LEASE_S
 from tests.support.helpers import FakeClock, make_request
 
 LEASE = CONTRACT_LEASE_S
 
 
-async def _status(store: QueueRepository, queue_id: str) -> QueueStatus:
+async def _status(store: QueueStore, queue_id: str) -> QueueStatus:
     rec = await store.status(queue_id)
     assert rec is not None
     return rec.status
 
 
 async def test_completes_one_and_leases_the_next_in_order(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     specs = [(5, "a"), (1, "b"), (5, "c"), (0, "d")]
     await store.enqueue([make_request(clock, n, priority=p, queue_id=f"q-{n}") for p, n in specs])
@@ -38,7 +38,7 @@ async def test_completes_one_and_leases_the_next_in_order(
     assert await _status(store, "q-c") is QueueStatus.QUEUED
 
 
-async def test_an_empty_queue_still_settles(store: QueueRepository, clock: FakeClock) -> None:
+async def test_an_empty_queue_still_settles(store: QueueStore, clock: FakeClock) -> None:
     await store.enqueue([make_request(clock, queue_id="only")])
     [job] = await store.dequeue(1, LEASE)
     assert job.lease_id is not None
@@ -50,7 +50,7 @@ async def test_an_empty_queue_still_settles(store: QueueRepository, clock: FakeC
 
 
 async def test_a_lost_lease_is_reported_and_the_next_jobs_are_leased_anyway(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     await store.enqueue([make_request(clock, i, queue_id=f"j-{i}") for i in range(3)])
     [job] = await store.dequeue(1, LEASE)
@@ -65,7 +65,7 @@ async def test_a_lost_lease_is_reported_and_the_next_jobs_are_leased_anyway(
 
 
 async def test_an_unknown_or_unleased_request_is_reported_in_the_outcome(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     await store.enqueue([make_request(clock, queue_id="waiting")])
     got = await store.complete_next("no-such-id", "x", 1, LEASE, None)
@@ -80,7 +80,7 @@ async def test_an_unknown_or_unleased_request_is_reported_in_the_outcome(
 
 
 async def test_a_repeated_complete_next_settles_nothing_new_but_leases_again(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     """Why the registry marks it not resend-safe: the settle repeats harmlessly, leasing not."""
     await store.enqueue([make_request(clock, i, queue_id=f"r-{i}") for i in range(3)])
@@ -95,7 +95,7 @@ async def test_a_repeated_complete_next_settles_nothing_new_but_leases_again(
     assert (await store.stats()).completed == 1
 
 
-async def test_the_leases_keep_to_max_bytes(store: QueueRepository, clock: FakeClock) -> None:
+async def test_the_leases_keep_to_max_bytes(store: QueueStore, clock: FakeClock) -> None:
     reqs = [make_request(clock, "x" * 900, queue_id=f"b-{i}") for i in range(5)]
     await store.enqueue(reqs)
     [job] = await store.dequeue(1, LEASE)

@@ -75,7 +75,7 @@ BAD_REQUESTS = [
 def test_out_of_range_durations_are_refused_and_nothing_is_lost(
     daemon: Daemon, raw: Raw, body: dict[str, object], field: str
 ) -> None:
-    """The issue's case: five requests of other producers survive a dequeue with lease 1e16."""
+    """Five requests of other producers survive a dequeue with lease 1e16."""
     with Client(daemon.socket_path) as producer:
         kept = [producer.enqueue({"n": n}, priority=0).queue_id for n in range(5)]
         before = producer.stats()

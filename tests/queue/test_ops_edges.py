@@ -23,7 +23,7 @@ from sidecar.protocol import (
     Status,
     encode_frame,
 )
-from sidecar.queue.base import QueueRepository
+from sidecar.queue.base import QueueStore
 from sidecar.server.ops import Ops
 from tests.support.helpers import FakeClock
 
@@ -31,7 +31,7 @@ FRAME = 64 * 1024
 PAYLOAD = 16 * 1024
 
 
-def ops_for(store: QueueRepository, clock: FakeClock, **settings: object) -> Ops:
+def ops_for(store: QueueStore, clock: FakeClock, **settings: object) -> Ops:
     values: dict[str, object] = {"max_frame_bytes": FRAME, "max_payload_bytes": PAYLOAD}
     values.update(settings)
     return Ops(Settings(**values), store, clock=clock)  # type: ignore[arg-type]
@@ -54,7 +54,7 @@ def reply_size(result: object) -> int:
 
 
 async def test_a_dequeue_reply_never_passes_the_frame_limit(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     """Item 15: 20 payloads of 15 KiB asked at once: as many as fit, the rest stay queued."""
     ops = ops_for(store, clock)
@@ -81,7 +81,7 @@ async def test_a_dequeue_reply_never_passes_the_frame_limit(
 
 
 async def test_small_payloads_still_come_out_in_one_batch(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     ops = ops_for(store, clock)
     await enqueue(ops, 150, 40)
@@ -91,7 +91,7 @@ async def test_small_payloads_still_come_out_in_one_batch(
     assert reply_size(result) <= FRAME
 
 
-async def test_one_job_is_always_handed_out(store: QueueRepository, clock: FakeClock) -> None:
+async def test_one_job_is_always_handed_out(store: QueueStore, clock: FakeClock) -> None:
     """A payload that nearly fills a frame still comes out, within the documented slack."""
     ops = ops_for(store, clock, max_frame_bytes=4096, max_payload_bytes=8192)
     await enqueue(ops, 2, 4000)
@@ -102,7 +102,7 @@ async def test_one_job_is_always_handed_out(store: QueueRepository, clock: FakeC
 
 
 async def test_fail_with_retry_after_the_ttl_answers_expired(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     """Item 13: the reply to the fail and the next status agree (no 'queued' then 'expired')."""
     ops = ops_for(store, clock)
@@ -122,7 +122,7 @@ async def test_fail_with_retry_after_the_ttl_answers_expired(
 
 
 async def test_fail_with_retry_before_the_ttl_still_answers_queued(
-    store: QueueRepository, clock: FakeClock
+    store: QueueStore, clock: FakeClock
 ) -> None:
     ops = ops_for(store, clock)
     [queue_id] = await enqueue(ops, 1, 10, ttl_s=100.0)

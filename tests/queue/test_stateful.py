@@ -9,7 +9,7 @@ every acknowledged request is findable until its retention ends, nothing answers
 Bounded in CI. A long campaign (any failure prints the steps that reproduce it):
 
     STATEFUL_EXAMPLES=2000 STATEFUL_STEPS=80 STATEFUL_RANDOM=1 .venv/bin/python -m pytest -q \\
-        tests/test_stateful.py
+        tests/queue/test_stateful.py
 """
 
 from __future__ import annotations
@@ -58,13 +58,16 @@ from sidecar.protocol import (
     StatsResult,
     Status,
 )
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import QueueStore
 from sidecar.queue.local import LocalQueue
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.resilient import ResilientQueue
 from sidecar.server.ops import Ops
 from tests.support.helpers import FakeClock
 from tests.support.redis_server import RedisServer, redis_queue_for
+
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 
@@ -155,7 +158,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def build(self) -> QueueManager:
+    def build(self) -> QueueStore:
         local = LocalQueue(
             max_items=10_000,
             max_bytes=10**9,

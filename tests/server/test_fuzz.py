@@ -9,7 +9,7 @@ in order, that no reply is `internal_error`, that the daemon logs no traceback a
 
 A longer campaign (any seed reproduces its run exactly):
 
-    FUZZ_FRAMES=1000000 FUZZ_SEED=$RANDOM .venv/bin/python -m pytest -q -s tests/test_fuzz.py
+    FUZZ_FRAMES=1000000 FUZZ_SEED=$RANDOM .venv/bin/python -m pytest -q -s tests/server/test_fuzz.py
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from sidecar.protocol import MAX_PAYLOAD_DEPTH, OPS
 from tests.server.test_bad_input import Raw
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.redis_server import RedisServer
+
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
 
 FRAMES = int(os.environ.get("FUZZ_FRAMES", "20000"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261128"))

@@ -14,7 +14,7 @@ from sidecar.config import Settings
 from sidecar.errors import ShuttingDown
 from sidecar.models import QueuedRequest
 from sidecar.protocol import encode_frame
-from sidecar.queue.base import QueueManager
+from sidecar.queue.base import QueueStore
 from sidecar.queue.build import build_local_queue
 from tests.support.daemon import short_tmpdir
 from tests.support.helpers import live, read_replies_async
@@ -116,7 +116,7 @@ async def test_one_connections_requests_run_concurrently_replies_in_order(
     settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
+    server = build_server(settings, cast(QueueStore, store), eager_ops=eager)
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:
@@ -141,7 +141,7 @@ async def test_a_drain_past_its_timeout_cancels_and_awaits_running_ops(
     settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
+    server = build_server(settings, cast(QueueStore, store), eager_ops=eager)
     await server.start()
     _, writer = await asyncio.open_unix_connection(settings.socket_path)
     writer.write(encode_frame({"op": "status", "id": 1, "queue_id": "slow"}))
@@ -159,7 +159,7 @@ async def test_a_cancellation_inside_an_op_is_an_error_reply_and_later_replies_f
     settings: Settings, eager: bool
 ) -> None:
     store = GatedStatus(build_local_queue(settings))
-    server = build_server(settings, cast(QueueManager, store), eager_ops=eager)
+    server = build_server(settings, cast(QueueStore, store), eager_ops=eager)
     await server.start()
     reader, writer = await asyncio.open_unix_connection(settings.socket_path)
     try:

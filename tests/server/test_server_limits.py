@@ -35,6 +35,7 @@ def read_replies(sock: socket.socket) -> list[Reply]:
     return replies
 
 
+@pytest.mark.slow
 def test_half_frames_lose_their_slots_and_a_new_client_is_served() -> None:
     limit = 5
     with running_daemon(
@@ -61,6 +62,7 @@ def test_half_frames_lose_their_slots_and_a_new_client_is_served() -> None:
         assert reply.ok and reply.id == 1  # a new client is served
 
 
+@pytest.mark.slow
 async def test_a_client_that_never_reads_its_replies_loses_its_slot() -> None:
     with running_daemon(SIDECAR_MAX_CONNECTIONS="1", SIDECAR_FRAME_TIMEOUT_SECONDS="0.5") as d:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as greedy:
@@ -73,6 +75,7 @@ async def test_a_client_that_never_reads_its_replies_loses_its_slot() -> None:
             assert (await c.health()).status == "ok"
 
 
+@pytest.mark.slow
 async def test_idle_connections_close_but_long_polls_and_clients_carry_on() -> None:
     with running_daemon(SIDECAR_IDLE_TIMEOUT_SECONDS="0.5") as d:
         async with AsyncClient(d.socket_path) as shared, AsyncClient(d.socket_path) as poller:
@@ -130,6 +133,7 @@ def padded_health(request_id: int, body_bytes: int) -> bytes:
     return frame
 
 
+@pytest.mark.slow
 async def test_partial_frames_stay_within_the_budget_until_the_frame_timeout_frees_them(
     small_server: SidecarServer,
 ) -> None:

@@ -30,6 +30,9 @@ from sidecar.client import Client
 from sidecar.protocol import Hello, encode_frame
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 ACTIVATE = str(Path(__file__).resolve().parents[1] / "activate.py")
 HANG_S = 20.0  # a reply later than this counts as a hang
 WAIT_S = 30.0

@@ -44,6 +44,7 @@ def test_daemon_refuses_a_folder_others_can_write() -> None:
     )
 
 
+@pytest.mark.slow
 def test_daemon_creates_its_folder_private_or_for_one_group() -> None:
     with short_tmpdir() as tmp:
         private = tmp / "a" / "run"

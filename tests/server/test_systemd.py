@@ -26,6 +26,9 @@ from sidecar.systemd import (
 )
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 WAIT_S = 20.0  # the bound on every wait for a message or a log line
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 import structlog
@@ -24,30 +24,32 @@ from sidecar.models import (
     REASON_CANCELLED,
     EnqueueOutcome,
     HealthReport,
+    HealthStatus,
     QueuedRequest,
     QueueStats,
     QueueStatus,
+    ServingMode,
 )
-from sidecar.queue.base import (
-    CompleteNextOutcome,
-    complete_then_lease,
-    job_bytes,
-    new_lease_id,
-)
+from sidecar.queue.base import BaseStore, Clock, job_bytes, new_lease_id
 from sidecar.queue.hooks import NO_HOOKS, StoreHooks
+from sidecar.queue.local.cost import held_cost
+from sidecar.queue.local.handover import HandoverSide
 from sidecar.queue.local.journal import Journal
-from sidecar.queue.local.observe import transition_observer
-from sidecar.queue.local.state import LocalState, held_cost
+from sidecar.queue.local.reporting import report_transitions
+from sidecar.queue.local.state import LocalState
 
-Clock = Callable[[], float]
 log = structlog.get_logger("sidecar.local")
 
 # While the journal cannot write, an enqueue retries it (a snapshot) at most this often.
 RECOVER_EVERY_S = 1.0
 
 
-class LocalQueue:
-    """The local store; bounded by item count and payload memory, never evicting."""
+class LocalQueue(HandoverSide, BaseStore):
+    """The local store; bounded by item count and payload memory, never evicting.
+
+    Its side of the manager over both stores (where a request is, the hand-over to Redis) is
+    HandoverSide, in handover.py.
+    """
 
     name = "local"
 
@@ -80,7 +82,7 @@ class LocalQueue:
             max_retained=max_retained,
         )
         if hooks is not NO_HOOKS:
-            self._state.observer = transition_observer(self.name, hooks, self._state.records)
+            self._state.observer = report_transitions(self.name, hooks, self._state.records)
         self._work = asyncio.Event()
         self._last_recover = 0.0
         # Requests acknowledged but not kept on disk at close (no journal, or it failed).
@@ -210,12 +212,6 @@ class LocalQueue:
         """complete: the record is at hand here, so there is nothing to spare."""
         await self.complete(queue_id, lease_id)
 
-    async def complete_next(
-        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
-    ) -> CompleteNextOutcome:
-        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
-        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
-
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
     ) -> QueuedRequest:
@@ -307,9 +303,8 @@ class LocalQueue:
             self._maybe_recover()
         if self._journal is not None and self._journal.failed is not None:
             reasons.append(self._storage_reason())
-        return HealthReport(
-            status="degraded" if reasons else "ok", mode="local_only", reasons=reasons
-        )
+        status = HealthStatus.DEGRADED if reasons else HealthStatus.OK
+        return HealthReport(status=status, mode=ServingMode.LOCAL_ONLY, reasons=reasons)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Wait for an enqueue or requeue here, the next lease to lapse or delay to end."""
@@ -325,7 +320,7 @@ class LocalQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    def queued_by_priority(self) -> dict[int, int]:
+    async def queued_by_priority(self) -> dict[str, dict[int, int]]:
         """Requests waiting in line (not delayed, not being moved) per priority.
 
         One pass over the records: read at scrape time only, never on the request path.
@@ -335,89 +330,7 @@ class LocalQueue:
         for qid, rec in st.records.items():
             if rec.status is QueueStatus.QUEUED and qid not in st.not_before:
                 counts[rec.priority] += qid not in st.taken
-        return counts
-
-    # -- the hand-over to Redis: taken -> confirmed | returned ------------------------------
-
-    def holds(self, queue_id: str) -> bool:
-        """Whether this store has a record of queue_id (pending, being moved, or retained)."""
-        return queue_id in self._state.records
-
-    @property
-    def empty(self) -> bool:
-        """No record at all: holds() is False for every queue_id."""
-        return not self._state.records
-
-    @property
-    def queued(self) -> int:
-        """Queued here and not being moved: what the hand-over still has to move."""
-        return self._state.queued - len(self._state.taken)
-
-    @property
-    def processing(self) -> int:
-        return self._state.processing
-
-    @property
-    def moving(self) -> int:
-        return len(self._state.taken)
-
-    async def take_for_handover(self, max_items: int) -> list[QueuedRequest]:
-        """Take up to max_items queued requests, most urgent first, for the move to Redis.
-
-        They stay here, read `queued` and are never dequeued until `confirm_handover` or
-        `return_handover`; the taking is on disk before this returns, so a crash in the
-        middle of the move leaves each one here, marked for reconciliation with Redis.
-        """
-        now = self._tick()
-        picked = {rec.queue_id: rec for rec in self._state.pop_ready(max_items, now)}
-        if not picked:
-            await self._commit()
-            return []
-        self._state.take(list(picked))
-        try:
-            await self._commit()
-        except StorageUnavailable:
-            self._state.give_back(list(picked))
-            return []
-        return [msgspec.structs.replace(rec) for rec in picked.values()]
-
-    async def confirm_handover(self, queue_ids: list[str]) -> None:
-        """Redis holds these requests now: forget them here."""
-        held = [q for q in queue_ids if q in self._state.taken]
-        if held:
-            self._state.move_out(held)
-        await self._commit_quietly()
-
-    async def return_handover(self, queue_ids: list[str], *, uncertain: bool = False) -> None:
-        """The move failed: the requests are queued here again (dequeue, cancel, expiry).
-
-        `uncertain`: Redis may still store them (a timed-out write); recovery settles it.
-        """
-        held = [q for q in queue_ids if q in self._state.taken]
-        if held:
-            self._state.give_back(held, uncertain)
-            self._notify_work()
-        await self._commit_quietly()
-
-    def uncertain_ids(self) -> list[str]:
-        """Requests that may also exist in Redis (a timed-out write, an interrupted move)."""
-        return sorted(self._state.uncertain)
-
-    async def drop_queued(self, queue_id: str) -> bool:
-        """Remove one queued request that Redis already holds; False if not queued here."""
-        self._tick()
-        rec = self._state.records.get(queue_id)
-        if rec is None or rec.status is not QueueStatus.QUEUED or queue_id in self._state.taken:
-            return False
-        self._state.move_out([queue_id])
-        await self._commit_quietly()
-        return True
-
-    async def resolve_uncertain(self, queue_id: str) -> None:
-        """Redis was checked for this request's copy; the one held here is the real one."""
-        if queue_id in self._state.uncertain:
-            self._state.resolve(queue_id)
-            await self._commit_quietly()
+        return {self.name: counts}
 
     # -- capacity and storage -----------------------------------------------------------------
 

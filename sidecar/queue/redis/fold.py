@@ -1,5 +1,5 @@
 """Folding concurrent script calls into shared runs: which scripts fold, how calls are cut
-into runs, and how a run's reply is split back per call (used by redis_scripts.ScriptRunner)."""
+into runs, and how a run's reply is split back per call (used by scripts.ScriptRunner)."""
 
 from __future__ import annotations
 

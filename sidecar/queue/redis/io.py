@@ -1,6 +1,6 @@
 """Redis I/O behind one seam: client construction and error classification.
 
-The scripts' calls (loading, folding, the lean connection) are redis_scripts.ScriptRunner's;
+The scripts' calls (loading, folding, the lean connection) are scripts.ScriptRunner's;
 everything else the store sends goes through the redis-py client built here.
 """
 

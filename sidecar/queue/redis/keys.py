@@ -53,7 +53,6 @@ from sidecar.models import QueuedRequest, QueueStatus
 # seq gets the low 48 bits of the pending score and priority (0-9) the bits above: the largest
 # score, 10 * 2**48, stays below 2**53, so a double holds it exactly and ties never blur.
 PRIORITY_SHIFT = 1 << 48
-MAX_SEQ = PRIORITY_SHIFT - 1
 # The latest time the scripts store, in epoch seconds (about year 287,000): 2**53 ms, so a time
 # in milliseconds is an exact integer in Lua's doubles and PEXPIREAT never sees an overflowed,
 # negative value. Later times (an infinite TTL or lease) are clamped to it (lua/common.lua).

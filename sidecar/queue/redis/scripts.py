@@ -3,8 +3,8 @@
 The scripts run as Redis Functions of one library (FCALL), or as plain scripts (EVALSHA) where
 the server has no Functions. Each call adds its command to a batch, and the batch of each
 event-loop iteration goes out in one pipeline at its end, with concurrent enqueues (and
-completes) folded into shared runs (redis_fold.py). On a plain server the batch goes out on the
-lean connection of redis_wire.py; Sentinel and Cluster clients (and fakes) keep redis-py's
+completes) folded into shared runs (fold.py). On a plain server the batch goes out on the
+lean connection of wire.py; Sentinel and Cluster clients (and fakes) keep redis-py's
 pipeline.
 """
 
@@ -104,7 +104,7 @@ class ScriptRunner:
     async def load_scripts(self) -> None:
         """FUNCTION LOAD the library (REPLACE: every daemon of this version loads the same), or
         SCRIPT LOAD every script where the server has no Functions or refuses to load them;
-        either way the names calls use are known in advance (redis_keys)."""
+        either way the names calls use are known in advance (keys.py)."""
         functions = self.functions is not False
         if functions:
             try:

@@ -4,10 +4,9 @@ Every change of state is one Lua script (sidecar/queue/redis/lua/, one file per 
 common.lua's helpers), so a request moves exactly once even when several daemons share one
 Redis. Scripts take `now` from this process's clock: every expiry, lease and retention decision
 uses it, so hosts sharing a Redis need synchronised clocks (NTP). Redis's own TTL on each
-request hash only collects garbage. The key layout is documented in redis_keys.py; client
-construction and error classification live in redis_io.py, the scripts' loading and the
-folding of concurrent calls into shared pipelines in redis_scripts.py, the sweeper's loop in
-redis_sweep.py.
+request hash only collects garbage. The key layout is documented in keys.py; client
+construction and error classification live in io.py, the scripts' loading in scripts.py and the
+folding of concurrent calls into shared runs in fold.py, the sweeper's loop in sweep.py.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -29,16 +28,13 @@ from sidecar.models import (
     REASON_TTL,
     EnqueueOutcome,
     HealthReport,
+    HealthStatus,
     QueuedRequest,
     QueueStats,
     QueueStatus,
+    ServingMode,
 )
-from sidecar.queue.base import (
-    JOB_FIXED_BYTES,
-    CompleteNextOutcome,
-    complete_then_lease,
-    new_lease_id,
-)
+from sidecar.queue.base import JOB_FIXED_BYTES, BaseStore, Clock, new_lease_id
 from sidecar.queue.hooks import (
     FAILED_CANCELLED,
     FAILED_EXHAUSTED,
@@ -71,10 +67,8 @@ from sidecar.queue.redis.wire import Arg
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], float]
 
-
-class RedisQueue:
+class RedisQueue(BaseStore):
     """The Redis store: requests in hashes, order and timers in sorted sets, changes in Lua."""
 
     name = "redis"
@@ -265,12 +259,6 @@ class RedisQueue:
         result: list[Any] = reply[1][0]  # complete.lua takes a batch; concurrent calls share a run
         return result
 
-    async def complete_next(
-        self, queue_id: str, lease_id: str, max_items: int, lease_s: float, max_bytes: int | None
-    ) -> CompleteNextOutcome:
-        """Complete one lease and lease up to max_items more (protocol.md 8.12)."""
-        return await complete_then_lease(self, queue_id, lease_id, max_items, lease_s, max_bytes)
-
     async def fail(
         self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
     ) -> QueuedRequest:
@@ -338,10 +326,14 @@ class RedisQueue:
             with redis_errors():
                 await self._redis.ping()
         except BackendUnavailable as exc:
-            return HealthReport(status="unhealthy", mode="redis", reasons=[exc.message])
+            return HealthReport(
+                status=HealthStatus.UNHEALTHY, mode=ServingMode.REDIS, reasons=[exc.message]
+            )
         if self.warnings:
-            return HealthReport(status="degraded", mode="redis", reasons=list(self.warnings))
-        return HealthReport(status="ok", mode="redis")
+            return HealthReport(
+                status=HealthStatus.DEGRADED, mode=ServingMode.REDIS, reasons=list(self.warnings)
+            )
+        return HealthReport(status=HealthStatus.OK, mode=ServingMode.REDIS)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Wake on an enqueue through this instance, or when Redis shows queued requests."""
@@ -382,7 +374,7 @@ class RedisQueue:
         """The marker of the data set this store last saw (None before start)."""
         return self._watch.generation
 
-    async def queued_by_priority(self) -> dict[int, int]:
+    async def queued_by_priority(self) -> dict[str, dict[int, int]]:
         """Requests waiting in line (not delayed) per priority: one ZCOUNT per band."""
         with redis_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -390,7 +382,7 @@ class RedisQueue:
                     lo, hi = pending_score(p, 0), pending_score(p + 1, 0)
                     pipe.zcount(self.keys.pending, lo, f"({hi}")
                 counts = await pipe.execute()
-        return {p: int(n) for p, n in enumerate(counts, PRIORITY_MIN)}
+        return {self.name: {p: int(n) for p, n in enumerate(counts, PRIORITY_MIN)}}
 
     # -- helpers ---------------------------------------------------------------------------------
 

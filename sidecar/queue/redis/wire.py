@@ -4,7 +4,7 @@ redis-py's pipeline spends most of the daemon's CPU per job (packing each argume
 a pool checkout, a timeout task per call). This connection writes the commands a loop pass
 gathered, encoded here, in one write, and matches replies first-in first-out with hiredis's
 Reader. One timer per connection watches the oldest unanswered batch instead of one per call.
-Errors are redis-py's classes, so redis_io's classification is the same for both paths.
+Errors are redis-py's classes, so io.py's classification is the same for both paths.
 
 Only a plain server (TCP or Unix socket, no TLS) is reached this way; Sentinel and Cluster
 clients keep redis-py (`wire_spec` answers None for them).
@@ -190,7 +190,7 @@ class _WireProtocol(asyncio.Protocol):
             return
         deadline = self._waiting[0].deadline
         if deadline is not None and deadline <= self.loop.time():
-            # The unanswered writes may still run: the caller must not resend (redis_io).
+            # The unanswered writes may still run: the caller must not resend (io.py).
             self._fail(RedisTimeoutError("timeout reading from redis"))
             return
         when = deadline if deadline is not None else self.loop.time() + 1.0

@@ -10,10 +10,15 @@ import resource
 import signal
 import time
 
+import pytest
+
 from sidecar.client import Client
 from sidecar.errors import StorageUnavailable
 from tests.support.crash import check, load_then
 from tests.support.daemon import Daemon, daemon_env, running_daemon, short_tmpdir
+
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
 
 LOCAL_ENV = {"QUEUE_LEASE_SECONDS": "1", "QUEUE_MAX_SIZE": "100000"}
 

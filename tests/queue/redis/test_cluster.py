@@ -27,6 +27,9 @@ from tests.support.bounded import in_thread, settle
 from tests.support.helpers import make_request
 from tests.support.redis_topology import ClusterLayout, cluster_queue
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 # The whole of the migration test (about 10 s alone, up to 70 s on a machine loaded to a load
 # average of 8), and its parts: inside its pytest-timeout of TEST_TIMEOUT_S (setup and
 # teardown included), so a stall fails the test here, with the stuck tasks' stacks, before
@@ -128,7 +131,7 @@ async def test_a_call_that_meets_only_redirections_goes_to_the_local_queue(
         redis_cluster.move_keys(slot, target, [redis.keys.pending])
         try:
             [res] = await queue.enqueue([make_request(time.time)])
-            assert queue.failovers == 1
+            assert queue.failover.failovers == 1
             assert await local.status(res.request.queue_id) is not None
         finally:
             await in_thread(redis_cluster.migrate_slot, slot, target, timeout_s=MIGRATE_TIMEOUT_S)
@@ -234,7 +237,7 @@ async def test_slot_migration_under_load_loses_nothing(
     twice = [q for q, n in completed.items() if n > 1]
     counts = {"acknowledged": len(acked), "keys_moved": moved, "lost": len(lost),
               "acked_while_moving": at_move - before_move,
-              "settled_twice": len(twice), "failovers": queue.failovers}  # fmt: skip
+              "settled_twice": len(twice), "failovers": queue.failover.failovers}  # fmt: skip
     for k, v in counts.items():
         record_property(k, v)
     print("cluster slot migration:", counts)

@@ -24,7 +24,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.models import QueueStatus
-from sidecar.queue.build import open_redis_queue
 from sidecar.queue.redis import RedisQueue, translate_error, unavailable_kind
 from sidecar.queue.redis.keys import FUNCTION_NAMES
 from sidecar.queue.redis.scripts import missing_script
@@ -34,6 +33,7 @@ from tests.support.redis_server import (
     redis_queue_for,
     redis_server_fixture,  # noqa: F401 (imported for its fixture, `redis_server`)
 )
+from tests.support.stores import open_redis_queue
 
 RETENTION_S = 600.0
 LEASE_S = 30.0
@@ -87,6 +87,7 @@ async def test_retried_enqueue_after_a_timeout_leaves_one_copy(
     assert await queue.dequeue(5, LEASE_S) == []
 
 
+@pytest.mark.slow
 async def test_paused_redis_raises_backend_unavailable_quickly(
     redis_server: RedisServer, queue: RedisQueue, clock: FakeClock
 ) -> None:

@@ -168,7 +168,8 @@ async def test_requests_survive_closing_and_reopening_the_store(
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_requests_survive_a_redis_restart_with_aof(how: str, clock: FakeClock) -> None:
     # appendfsync always: each write reaches the kernel before the reply, so even SIGKILL keeps
-    # it (this proves the AOF is replayed, not that it was fsync'd: see DESIGN.md's traps).
+    # it. This proves the AOF is replayed, not that it was fsync'd: a SIGKILLed redis-server
+    # keeps what reached the page cache.
     with RedisServer(appendonly=True) as server:
         queue = redis_queue_for(server.url, clock, retention_s=RETENTION_S, sweep_interval_s=None)
         await queue.start()

@@ -21,6 +21,9 @@ from tests.support.helpers import FakeClock, make_request
 from tests.support.redis_server import redis_queue_for
 from tests.support.redis_topology import TcpRedis, cli, wait_replica_linked
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 WAIT_MS = 100
 RECOVERY_TIMEOUT_S = 20.0
 

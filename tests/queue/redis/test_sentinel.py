@@ -20,7 +20,6 @@ from redis.asyncio.sentinel import MasterNotFoundError, SlaveNotFoundError
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
-from sidecar.queue.build import open_redis_queue
 from sidecar.queue.redis import redis_client, unavailable_kind
 from tests.support.crash import check, load_then
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
@@ -32,8 +31,9 @@ from tests.support.redis_topology import (
     free_port,
     wait_until,
 )
+from tests.support.stores import open_redis_queue
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 RECOVERY_TIMEOUT_S = 40.0
 

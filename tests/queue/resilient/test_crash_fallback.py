@@ -15,7 +15,7 @@ from tests.support.daemon import Daemon, running_daemon
 from tests.support.redis_server import RedisServer
 
 # Each test starts the daemon twice and a redis-server, and loads them: slow on a busy host.
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 @pytest.fixture

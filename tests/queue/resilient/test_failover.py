@@ -23,6 +23,9 @@ from sidecar.errors import BackendUnavailable, InvalidState, LeaseMismatch, Queu
 from tests.support.daemon import Daemon, running_daemon
 from tests.support.redis_server import RedisServer
 
+# Real processes under load or fault injection: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 PRODUCERS = 4
 PER_PRODUCER = 300
 WORKERS = 4

@@ -1,7 +1,7 @@
 """ResilientQueue against real redis-server processes that the tests kill, freeze and restart.
 
-In-process, so each fault is placed exactly; tests/test_failover.py does the same through the
-real daemon with concurrent producers and workers.
+In-process, so each fault is placed exactly; tests/queue/resilient/test_failover.py does the
+same through the real daemon with concurrent producers and workers.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def test_killed_redis_fails_over_inside_the_call_and_moves_back(
     during = [make_request(clock, i, priority=i % 3, queue_id=f"l{i}") for i in range(10)]
     results = await queue.enqueue(during)  # the same call: Redis refuses, the local queue takes it
     assert all(r.created for r in results)
-    assert queue.mode == "local_fallback" and queue.failovers == 1
+    assert queue.mode == "local_fallback" and queue.failover.failovers == 1
     health = await queue.health()
     assert health.status == "degraded" and "redis unavailable" in health.reasons[0]
     st = await queue.status("l3")
@@ -84,7 +84,7 @@ async def test_killed_redis_fails_over_inside_the_call_and_moves_back(
 
     server.restart()
     await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
-    assert queue.recoveries == 1 and queue.moved == 10
+    assert queue.failover.recoveries == 1 and queue.handover.moved == 10
     assert (await queue.health()).status == "ok"
     jobs = await queue.dequeue(100, 30)
     # One order over both sets: priority first, then arrival (the moved ones arrived later).
@@ -211,7 +211,7 @@ async def test_redis_restarted_empty_is_reported(queue: ResilientQueue) -> None:
             await q.enqueue([make_request(Clock(), queue_id="kept")])
             volatile.restart()  # no persistence: it comes back empty
             await q.wait_until(q.backlog_moved, RECOVERY_TIMEOUT_S)
-            assert q.data_lost and "generation marker missing" in q.data_lost[0]
+            assert q.failover.data_lost and "generation marker missing" in q.failover.data_lost[0]
             health = await q.health()
             assert health.status == "degraded"
             assert any("without its data" in r for r in health.reasons)
@@ -247,14 +247,14 @@ async def test_redis_refusing_writes_routes_to_local(
 
 async def test_move_back_interrupted_by_a_second_failure(server: RedisServer) -> None:
     q = build(server)
-    q.migrate_batch = 7
+    q.handover.migrate_batch = 7
     await q.start()
     try:
         server.kill()
         ids = [f"m{i}" for i in range(200)]
         await q.enqueue([make_request(Clock(), i, queue_id=i) for i in ids])
         server.restart()
-        await q.wait_until(lambda: q.moved > 0, RECOVERY_TIMEOUT_S)
+        await q.wait_until(lambda: q.handover.moved > 0, RECOVERY_TIMEOUT_S)
         server.kill()  # mid-move: some batches moved, maybe one in flight, the rest local
         statuses = [await _status_or_none(q, i) for i in ids]
         assert q.mode == "local_fallback"
@@ -344,7 +344,7 @@ async def test_an_unexpected_probe_error_does_not_end_the_probing(
     await queue.enqueue([make_request(Clock(), queue_id="during")])
     server.restart()
     await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
-    assert calls >= 2 and queue.recoveries == 1
+    assert calls >= 2 and queue.failover.recoveries == 1
 
 
 def test_misconf_and_noreplicas_mean_unavailable() -> None:

@@ -71,11 +71,11 @@ async def test_recovery_needs_two_probe_writes_in_a_row(
         await real_probe()
 
     monkeypatch.setattr(queue.redis, "probe", scripted_probe)
-    queue._mark_down(out_of_memory(), "test")
+    queue.failover.mark_down(out_of_memory(), "test")
     await queue.wait_until(lambda: queue.redis_up, WAIT_S)
     assert PROBE_SUCCESSES == 2
     assert calls == [True, False, True, True]
-    assert queue.recoveries == 1
+    assert queue.failover.recoveries == 1
 
 
 async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_time(
@@ -102,10 +102,10 @@ async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_t
         assert res.created and queue.mode == "local_fallback"
         await asyncio.wait_for(enough.wait(), WAIT_S)
         # Every recovery moved the backlog, met the refusal and went down again (a flap).
-        flaps = queue.recoveries
+        flaps = queue.failover.recoveries
     # Two successful writes per recovery, and the backoff kept from one flap to the next.
     assert 1 <= flaps <= probes // 2
-    assert queue.probe_delay_s == PROBE_MAX_S
+    assert queue.failover.probe_delay_s == PROBE_MAX_S
     down = [e for e in logs if e["event"] == "redis_down" and e["log_level"] == "warning"]
     up = [e for e in logs if e["event"] == "redis_recovered" and e["log_level"] == "info"]
     assert (len(down), len(up)) == (1, 1)

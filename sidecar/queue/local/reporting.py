@@ -1,4 +1,5 @@
-"""The local store's transitions as the metrics hooks see them (sidecar.queue.hooks)."""
+"""The local store's transitions reported to its StoreHooks (sidecar.queue.hooks), which the
+metrics count."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from sidecar.queue.local.events import AnyEvent, Finished, Leased, Requeued
 from sidecar.queue.local.state import Sink
 
 
-def transition_observer(store: str, hooks: StoreHooks, records: dict[str, QueuedRequest]) -> Sink:
-    """A LocalState observer: called with each live event before it applies, so the record
-    still shows where it came from (its attempts before a lease).
+def report_transitions(store: str, hooks: StoreHooks, records: dict[str, QueuedRequest]) -> Sink:
+    """The LocalState observer that calls the hooks for each transition worth counting.
+
+    Called with each live event before it applies, so the record still shows where it came from
+    (its attempts before a lease).
 
     Dispatch is one dict lookup by the event's type: an enqueue, the hot path, finds nothing
     (0.1 us, against 0.5 us for a `match` over the classes).
@@ -40,9 +43,9 @@ def transition_observer(store: str, hooks: StoreHooks, records: dict[str, Queued
         Finished: finished,
     }
 
-    def observe(event: AnyEvent) -> None:
+    def report(event: AnyEvent) -> None:
         handler = table.get(type(event))
         if handler is not None:
             handler(event)
 
-    return observe
+    return report
