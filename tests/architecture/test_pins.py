@@ -15,19 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What runs in Redis. A move of the code must leave these alone; a change to a script changes
 # them, and a daemon of the other version may meet its keys: say why in the commit.
-LIBRARY_NAME = "sidecar_6be7968ae8d0dadf"
-LIBRARY_SHA1 = "423dae5b8284e1a4e218ea8c83a817aba4706618"
+LIBRARY_NAME = "sidecar_dd0d19b27eb15c40"
+LIBRARY_SHA1 = "b91b8c3c4bbae4431bb2e596c8492397e0c0d8d8"
 SCRIPT_SHAS = {
-    "cancel": "878c1becfea64305d342f9e300b823326f116d9b",
-    "complete": "e42b064667f43a64dd74e589b40b59251bc29625",
-    "dequeue": "812ec8289512bb58272c2f22674610dbc6d7953d",
-    "discard": "19a1e636518cef1b2cb5a98241ac13855785438c",
-    "enqueue": "8ada55dc2e761a4892d64f585e913d31381d1456",
-    "extend": "3f0972c8456aec1edaa11b4c8f74eba90290f34c",
-    "fail": "71c0a36f1abd28bc64e1ce80f3ba4f15b0e63963",
-    "stats": "236af0f5387dcae840e4a58ce7dda2347b9bf59c",
-    "status": "c4dcf46aa6289d98cd759ce96c23e45e0f060855",
-    "sweep": "264702a53015a2b0f78d4a3ad7f9084dbbc6d8e3",
+    "cancel": "684da4543c2c770e1c181c2623bc7ad5e04abb68",
+    "complete": "a9ab933b508b979c52fc7b9e67b0b0663c8539c2",
+    "dequeue": "bf29f098376aafe01f36ff4bddd8255f31c97460",
+    "discard": "5c8fddfc416238f8a0f265d175aec1e9501fd7eb",
+    "enqueue": "f86d7f96c12fd128f8cf79d8b1f352bb1507c948",
+    "extend": "5bd71395a02838825e4f27dbdd81ed8267694910",
+    "fail": "98bd933923e2551a6d47842ca13c24f3f71d6ff3",
+    "stats": "31b15d886f8b8ae670331316250e552399d846c5",
+    "status": "85577c3f69bd5a4f2d876e9ea30ae6c8bf111bcf",
+    "sweep": "2620a5e1e4f24f79cd2e3fa08feb5754df540c4b",
 }
 
 

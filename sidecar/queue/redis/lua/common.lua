@@ -1,4 +1,5 @@
--- common.lua: shared helpers, loaded with every other script (redis_keys.py assembles them).
+-- common.lua: shared helpers, loaded with every other script (sidecar/queue/redis/keys.py
+-- assembles them).
 --
 -- Every script runs as a Redis Function of one library: this file once, at the library's top,
 -- then each script's body as a function that starts with begin(keys, args). A library's
@@ -7,7 +8,7 @@
 -- Where the server has no Functions (before Redis 7) each script is sent as a plain script:
 -- this file, begin(KEYS, ARGV), the body. Both ways declare `local KEYS, ARGV` before this file.
 --
--- KEYS (see sidecar/queue/redis_keys.py; every key shares one hash tag, so one cluster slot):
+-- KEYS (see sidecar/queue/redis/keys.py; every key shares one hash tag, so one cluster slot):
 --   1 pending (zset: queue_id by priority * 2^48 + seq)   2 leases (zset: queue_id by lease end, ms)
 --   3 expiry (zset: queued queue_id by expires_at, ms)         4 retained (zset: terminal queue_id by purge time)
 --   5 seq (string counter)   6 stats (hash of counters)   7 generation (string marker)
@@ -45,7 +46,7 @@ local NKEYS = 9
 local OK, ERR_NOT_FOUND, ERR_INVALID_STATE, ERR_LEASE_MISMATCH = 0, -1, -2, -3
 local SHIFT = 281474976710656 -- 2^48: priority sits above the 48 bits of seq
 -- The latest time a script handles, in epoch seconds: 2^53 ms, so a time in milliseconds is
--- an exact integer (mirrored by redis_keys.MAX_TIME_S).
+-- an exact integer (mirrored by keys.MAX_TIME_S).
 local MAX_TIME = 9007199254740
 
 local function fail_arg(i, what)
