@@ -102,7 +102,8 @@ class Failover:
         self._degraded_total = 0.0
         self._changed = asyncio.Event()
         # One reconciliation at a time: two would both see a Redis copy, one would drop the
-        # local copy and the other the Redis one, and the request would be gone.
+        # local copy and the other the Redis one, and the request would be gone. Made once,
+        # for the life of the store: a change of state does not end one in progress.
         self._reconciling = asyncio.Lock()
         self._closing = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
@@ -204,9 +205,8 @@ class Failover:
         """Wake every wait_until: the state changed."""
         self._changed.set()
         self._changed = asyncio.Event()
-        # The reconciliation lock is renewed with the event: a reconciliation that starts after
-        # a change does not wait for one that started before it.
-        self._reconciling = asyncio.Lock()
+        # The reconciliation lock is never renewed here: a reconciliation that starts after a
+        # change must still wait for one that started before it (see _reconciling).
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until predicate() holds, re-checking at each change of state."""
