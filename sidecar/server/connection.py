@@ -332,14 +332,15 @@ class Connection(asyncio.Protocol):
         """After a read: write the replies its eager ops made; wake the writer only if needed.
 
         The writer sleeps while the reply at the head of the line is not made yet; it has work
-        only when that reply is made, a framing error waits to be sent, or (draining) nothing
-        is left to answer.
+        only when that reply is made, a framing error waits to be sent, or nothing is left to
+        answer after the client's end of stream (then it closes: protocol.md section 3) or
+        while draining.
         """
         if self.writable.is_set():
             self._take_ready()
             self._flush()
         head = self.inbox[0] if self.inbox else None
-        if head is None and not self.state.draining:
+        if head is None and not self.eof and not self.state.draining:
             return
         if isinstance(head, _Slot) and head.frame is None:
             return
