@@ -48,6 +48,25 @@ class DaemonSettings:
         None, "REDIS_PASSWORD_FILE", p.text, "a file path",
         "read the Redis password from this file instead of the URL",
     )  # fmt: skip
+    # TLS (a rediss:// REDIS_URL): the CA to verify the server with, and a client certificate
+    # for a server that asks for one (tls-auth-clients). Read when the client is built.
+    redis_tls_ca_file: str | None = setting(
+        None, "REDIS_TLS_CA_FILE", p.text, "a file path (PEM CA certificates)",
+        "`rediss://`: verify the server's certificate against these CA certificates instead "
+        "of the system's",
+        shown="unset: the system's CA certificates",
+    )  # fmt: skip
+    redis_tls_cert_file: str | None = setting(
+        None, "REDIS_TLS_CERT_FILE", p.text, "a file path (PEM certificate)",
+        "`rediss://`: the client certificate shown to a server that asks for one "
+        "(`tls-auth-clients`); set `REDIS_TLS_KEY_FILE` with it",
+        shown="unset: no client certificate",
+    )  # fmt: skip
+    redis_tls_key_file: str | None = setting(
+        None, "REDIS_TLS_KEY_FILE", p.text, "a file path (PEM private key, not encrypted)",
+        "`rediss://`: the private key of `REDIS_TLS_CERT_FILE`",
+        shown="unset: no client certificate",
+    )  # fmt: skip
     redis_key_prefix: str = setting(
         "sidecar", "REDIS_KEY_PREFIX", p.key_prefix, "a non-empty name without braces or spaces",
         "prefix of every key (inside a `{hash tag}`)",
@@ -71,6 +90,15 @@ class DaemonSettings:
     redis_sentinel_master: str | None = setting(
         None, "REDIS_SENTINEL_MASTER", p.text, "the name the sentinels monitor the primary under",
         "Sentinel: the name the sentinels monitor the primary under",
+    )  # fmt: skip
+    # The sentinels' own password (requirepass in sentinel.conf) is often not the data nodes':
+    # a setting of its own, and REDIS_PASSWORD_FILE is never sent to a sentinel (one without a
+    # password refuses an AUTH).
+    redis_sentinel_password_file: str | None = setting(
+        None, "REDIS_SENTINEL_PASSWORD_FILE", p.text, "a file path",
+        "Sentinel: read the sentinels' password (`requirepass` in `sentinel.conf`) from this "
+        "file; `REDIS_PASSWORD_FILE` stays the data nodes' password",
+        shown="unset: the sentinels are asked without a password",
     )  # fmt: skip
     # REDIS_URL names one node of a Redis Cluster; the client finds the others.
     redis_cluster: bool = setting(

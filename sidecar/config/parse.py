@@ -241,4 +241,121 @@ def redis_layout(values: dict[str, Any]) -> list[str]:
         return ["REDIS_CLUSTER is invalid without a redis:// REDIS_URL naming one cluster node"]
     if values.get("redis_cluster") and url is not None and url.startswith("redis+sentinel"):
         return ["REDIS_CLUSTER is invalid with Sentinel: a cluster fails over by itself"]
-    return []
+    return redis_credentials(values, url)
+
+
+# -- checks across settings: TLS and the sentinels' password --------------------------------
+
+_TLS_FILES = (
+    ("redis_tls_ca_file", "REDIS_TLS_CA_FILE"),
+    ("redis_tls_cert_file", "REDIS_TLS_CERT_FILE"),
+    ("redis_tls_key_file", "REDIS_TLS_KEY_FILE"),
+)
+
+
+def redis_credentials(values: dict[str, Any], url: str | None) -> list[str]:
+    """Check the TLS files and the sentinels' password against the layout `url` names.
+
+    A setting that would be silently ignored is refused: TLS files without a rediss:// URL
+    (Sentinel over TLS is not supported), a client certificate without its key or the other
+    way round, a sentinel password without sentinels.
+    """
+    problems: list[str] = []
+    cert = values.get("redis_tls_cert_file")
+    key = values.get("redis_tls_key_file")
+    if (cert is None) != (key is None):
+        problems.append(
+            "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE are invalid: set both (the client "
+            "certificate and its private key) or neither"
+        )
+    tls = [env for name, env in _TLS_FILES if values.get(name) is not None]
+    if tls and (url is None or not url.startswith("rediss://")):
+        problems.append(
+            f"{', '.join(tls)} {'is' if len(tls) == 1 else 'are'} invalid without a rediss:// "
+            "REDIS_URL: the daemon speaks TLS to Redis only through a rediss:// URL (one "
+            "server or a cluster node; not Sentinel)"
+        )
+    sentinel = url is not None and url.startswith("redis+sentinel://")
+    if values.get("redis_sentinel_password_file") is not None and not sentinel:
+        problems.append(
+            "REDIS_SENTINEL_PASSWORD_FILE is invalid without Sentinel (REDIS_SENTINELS and "
+            "REDIS_SENTINEL_MASTER, or a redis+sentinel:// REDIS_URL)"
+        )
+    return problems
+
+
+# -- the LLM side's webhook settings -------------------------------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# Standard Webhooks: a symmetric secret is 24 to 64 random bytes (192 to 512 bits).
+WEBHOOK_SECRET_MIN_BYTES = 24
+WEBHOOK_SECRET_MAX_BYTES = 64
+
+
+class Secrets(tuple[str, ...]):
+    """Secrets as a tuple whose repr never shows them (Settings may be printed or logged)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} secret(s), redacted>"
+
+    __str__ = __repr__
+
+
+def decode_webhook_secret(secret: str) -> bytes:
+    """The key of one `whsec_<base64>` secret; ValueError saying what is wrong (never the value)."""
+    import base64
+    import binascii
+
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"a secret must start with {WEBHOOK_SECRET_PREFIX!r}")
+    encoded = secret[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"the part after {WEBHOOK_SECRET_PREFIX!r} is not base64") from None
+    if not WEBHOOK_SECRET_MIN_BYTES <= len(key) <= WEBHOOK_SECRET_MAX_BYTES:
+        raise ValueError(
+            f"a secret must decode to {WEBHOOK_SECRET_MIN_BYTES} to {WEBHOOK_SECRET_MAX_BYTES} "
+            f"bytes, this one is {len(key)}"
+        )
+    return key
+
+
+def webhook_secrets(raw: str) -> tuple[str, ...]:
+    """Space-separated `whsec_<base64>` secrets (several while one is rotated), each checked."""
+    parts = raw.split()
+    if not parts:
+        raise ValueError("no secret")
+    for part in parts:
+        decode_webhook_secret(part)
+    return Secrets(parts)
+
+
+def host_list(raw: str) -> tuple[str, ...]:
+    """Comma- or space-separated host names, IP addresses and CIDRs, normalised (lower case,
+    a name's trailing dot removed, a CIDR's host bits cleared); ValueError naming a bad entry."""
+    import ipaddress
+    import re
+
+    label = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+    entries: list[str] = []
+    for part in raw.replace(",", " ").split():
+        entry = part.strip().lower()
+        try:
+            if "/" in entry:
+                entries.append(str(ipaddress.ip_network(entry, strict=False)))
+            else:
+                entries.append(str(ipaddress.ip_address(entry.strip("[]"))))
+            continue
+        except ValueError:
+            pass
+        name = entry.removesuffix(".")
+        numeric = name.rpartition(".")[2].isdigit()  # 10.0.0.300: a bad address, not a name
+        if len(name) > 253 or numeric or not re.fullmatch(rf"{label}(\.{label})*", name):
+            raise ValueError(f"{part!r} is neither a host name, an IP address nor a CIDR")
+        entries.append(name)
+    if not entries:
+        raise ValueError(raw)
+    return tuple(dict.fromkeys(entries))

@@ -380,3 +380,72 @@ def make_cluster_contract_store(
     """For the contract suite: a RedisQueue on the session's cluster, under its own prefix."""
     cluster: ClusterLayout = request.getfixturevalue("redis_cluster")
     return cluster_queue(cluster, clock, retention_s=retention_s)
+
+
+# -- sentinels that need a password -------------------------------------------------------------
+
+
+def _auth_args(password: str | None) -> tuple[str, ...]:
+    return () if password is None else ("-a", password, "--no-auth-warning")
+
+
+class PasswordSentinel(Sentinel):
+    """A Sentinel with `requirepass`: clients must AUTH, and it AUTHs to the other sentinels
+    with the same password (so every sentinel of a layout shares it)."""
+
+    def __init__(self, primary_port: int, password: str) -> None:
+        super().__init__(primary_port)
+        self.password = password
+        with self.conf.open("a") as conf:
+            conf.write(f"requirepass {password}\n")
+
+    def ask(self, *args: str, password: str | None) -> str:
+        """One redis-cli command to this sentinel, with the password given (or none)."""
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *_auth_args(password), *args],
+            capture_output=True, text=True, timeout=10.0, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    def start(self) -> PasswordSentinel:
+        self._proc = subprocess.Popen(
+            ["redis-server", str(self.conf), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=default_signals,  # noqa: PLW1509 (stop() sends SIGTERM; see procs.py)
+        )
+        wait_until(
+            "sentinel answers", lambda: self.ask("PING", password=self.password) == "PONG" or None
+        )
+        return self
+
+    def primary(self) -> int | None:
+        args = ("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
+        out = self.ask(*args, password=self.password).splitlines()
+        return int(out[1]) if len(out) == 2 else None
+
+    def knows_all(self) -> bool | None:
+        fields = self.ask("SENTINEL", "master", MASTER_NAME, password=self.password).splitlines()
+        info = dict(zip(fields[::2], fields[1::2], strict=False))
+        return (info.get("num-other-sentinels") == "2" and info.get("num-slaves") == "1") or None
+
+
+class PasswordSentinelLayout(SentinelLayout):
+    """SentinelLayout whose three sentinels need `password` (the data nodes need none)."""
+
+    def __init__(self, password: str) -> None:
+        super().__init__()
+        self.password = password
+
+    def start(self) -> PasswordSentinelLayout:
+        self.primary.start()
+        self.replica = TcpRedis(("--replicaof", "127.0.0.1", str(self.primary.port)))
+        self.replica.start()
+        wait_replica_linked(self.replica)
+        sentinels = [PasswordSentinel(self.primary.port, self.password) for _ in range(3)]
+        self.sentinels = list(sentinels)
+        for s in sentinels:
+            s.start()
+        for s in sentinels:
+            wait_until("sentinels agree", s.knows_all)
+        return self

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,70 @@ _UNAVAILABLE_REPLIES = {
 }
 
 
+class TlsRefused(RedisConnectionError):
+    """The server closed a TLS connection before answering its first command: with TLS 1.3
+    the client's handshake ends before the server has checked the client's certificate, so a
+    missing or refused certificate shows as this, not as a TLS error."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH: OpenSSL's message names the host, which messages here never do.
+_HOSTNAME_MISMATCH = 62
+# OpenSSL's reason codes an operator meets most, in words that name the setting to look at.
+_TLS_REASONS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate (set "
+    "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server refused the client certificate: not signed by a CA "
+    "it trusts (REDIS_TLS_CERT_FILE)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate "
+    "(REDIS_TLS_CERT_FILE)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server refused the client certificate: expired "
+    "(REDIS_TLS_CERT_FILE)",
+    "WRONG_VERSION_NUMBER": "the server does not speak TLS on this port",
+}
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """Why a connection error is a TLS failure (the server's certificate not trusted, the
+    client's refused...), in words without a host name; None when it is not one."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message
+            if cause.verify_code == _HOSTNAME_MISMATCH:
+                why = "the server's name is not in its certificate"
+            return f"certificate verify failed: {why} (REDIS_TLS_CA_FILE)"
+        if isinstance(cause, ssl.SSLError):
+            reason = str(cause.reason or "handshake failed")
+            words = _TLS_REASONS.get(reason)
+            return reason if words is None else f"{reason}: {words}"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, TlsRefused):
+        return exc.hint
+    return None
+
+
+# What a sentinel's refusal of the client's credentials (none, or a wrong password) reads as.
+_SENTINEL_AUTH = ("AuthenticationError", "NOAUTH", "WRONGPASS")
+# Kinds whose fix is a setting: the message says which.
+_KIND_HINTS = {
+    "sentinel_authentication": "sentinel_authentication: the sentinels need a password, or "
+    "refused this one (REDIS_SENTINEL_PASSWORD_FILE)",
+}
+
+
 def unavailable_kind(exc: BaseException) -> str | None:
     """A short name for a Redis error that means "cannot take this now", else None."""
+    if isinstance(exc, RedisConnectionError) and tls_failure(exc) is not None:
+        return "tls"
+    if isinstance(exc, MasterNotFoundError) and any(s in str(exc) for s in _SENTINEL_AUTH):
+        # redis-py folds each sentinel's refusal into one "no master found".
+        return "sentinel_authentication"
     for cls, kind in _UNAVAILABLE:
         if isinstance(exc, cls):
             return kind
@@ -87,7 +150,10 @@ def translate_error(exc: BaseException) -> BaseException:
     if kind is None:
         return exc
     # The message names the kind only: redis-py's text may carry a host name, never needed here.
-    err = BackendUnavailable(f"redis unavailable ({kind})", {"kind": kind})
+    # A TLS failure says which (tls_failure's words carry no host name): the operator's fix is
+    # in a certificate or a setting, not in waiting for Redis.
+    what = f"tls: {tls_failure(exc)}" if kind == "tls" else _KIND_HINTS.get(kind, kind)
+    err = BackendUnavailable(f"redis unavailable ({what})", {"kind": kind})
     err.__cause__ = exc
     return err
 
@@ -122,6 +188,10 @@ def redis_client(settings: Settings) -> RedisClient:
             # the next sentinel, and a window without a primary must fail over at once.
             "retry": Retry(NoBackoff(), 0),
         }
+        if settings.redis_sentinel_password_file:
+            sentinel_options["password"] = _read_password(
+                settings.redis_sentinel_password_file, "REDIS_SENTINEL_PASSWORD_FILE"
+            )
         # redis-py leaves Sentinel.__init__ unannotated.
         manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             hosts, sentinel_kwargs=sentinel_options, **options
@@ -165,8 +235,59 @@ def _client_options(settings: Settings) -> dict[str, Any]:
         "decode_responses": False,
     }
     if settings.redis_password_file:
-        options["password"] = _read_password(settings.redis_password_file)
+        options["password"] = _read_password(settings.redis_password_file, "REDIS_PASSWORD_FILE")
+    url = settings.redis_url
+    if url is not None and url.startswith("rediss://"):
+        options.update(_tls_options(settings))
     return options
+
+
+def _tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS options for a rediss:// URL: the CA, the client certificate and key.
+
+    Each file is read here once, so a missing or unreadable one stops the start naming its
+    setting (redis-py would only fail at the first connection, as if Redis were away). The
+    server's certificate is always verified, its name included.
+    """
+    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    files = (
+        ("ssl_ca_certs", settings.redis_tls_ca_file, "REDIS_TLS_CA_FILE"),
+        ("ssl_certfile", settings.redis_tls_cert_file, "REDIS_TLS_CERT_FILE"),
+        ("ssl_keyfile", settings.redis_tls_key_file, "REDIS_TLS_KEY_FILE"),
+    )
+    for option, path, env in files:
+        if path:
+            _check_readable(path, env)
+            options[option] = path
+    if not settings.redis_cluster:
+        # The cluster client sets its own connect function (READONLY on replicas).
+        options["redis_connect_func"] = _tls_connect(settings.redis_tls_cert_file is not None)
+    return options
+
+
+def _tls_connect(with_cert: bool) -> Callable[[Any], Awaitable[None]]:
+    """The handshake of a new TLS connection (AUTH, SELECT, CLIENT SETNAME: redis-py's own),
+    where a connection the server closes before its first reply is named as a TLS refusal."""
+    if with_cert:
+        hint = (
+            "the server closed the connection after the TLS handshake: it may have "
+            "refused the client certificate (REDIS_TLS_CERT_FILE)"
+        )
+    else:
+        hint = (
+            "the server closed the connection after the TLS handshake: it may require a client "
+            "certificate (set REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE)"
+        )
+
+    async def connect(connection: Any) -> None:
+        try:
+            await connection.on_connect()
+        except RedisConnectionError as exc:
+            if tls_failure(exc) is not None:
+                raise
+            raise TlsRefused(hint) from exc
+
+    return connect
 
 
 def check_one_slot(keys: RedisKeys) -> None:
@@ -184,9 +305,17 @@ def check_one_slot(keys: RedisKeys) -> None:
         raise ConfigError(f"the queue's Redis keys span several cluster slots: {listed}")
 
 
-def _read_password(path: str) -> str:
+def _read_password(path: str, env: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         # The path is safe to show; the content never is.
-        raise ConfigError(f"REDIS_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from exc
+        raise ConfigError(f"{env}={path!r} cannot be read: {exc.strerror}") from exc
+
+
+def _check_readable(path: str, env: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{env}={path!r} cannot be read: {exc.strerror}") from exc

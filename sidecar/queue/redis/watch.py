@@ -14,12 +14,16 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import NoPermissionError
+
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis.io import RedisClient, as_text, redis_errors
 from sidecar.queue.redis.keys import RedisKeys, bounded_time
 
 # Every eviction-policy warning starts with this, so a re-check can replace the last one.
 POLICY_WARNING = "redis maxmemory-policy"
+# The policy as seen when the user may not run INFO (an ACL without +info).
+_DENIED = "(denied)"
 
 
 class RedisWatch:
@@ -52,9 +56,16 @@ class RedisWatch:
         """
         # A queue must never lose what it acknowledged; any policy but noeviction lets Redis
         # drop request hashes under memory pressure.
-        info = await self._redis.info("memory")
-        policy = info.get("maxmemory_policy")
-        policy = None if policy is None else str(policy)
+        try:
+            info = await self._redis.info("memory")
+        except NoPermissionError:
+            # An ACL without +info: the queue still works, only the check cannot be made. Not a
+            # reason to keep off Redis (the daemon would serve locally for good): reported as
+            # a warning in health and stats, and logged once, like an unsafe policy.
+            policy: str | None = _DENIED
+        else:
+            found = info.get("maxmemory_policy")
+            policy = None if found is None else str(found)
         if self._policy_seen and policy == self._policy:
             return
         previous, self._policy, self._policy_seen = self._policy, policy, True
@@ -64,6 +75,13 @@ class RedisWatch:
                 self._log.info(
                     "redis_eviction_policy_safe", maxmemory_policy=policy, previous=previous
                 )
+            return
+        if policy == _DENIED:
+            self.warnings.append(
+                f"{POLICY_WARNING} cannot be read (INFO is denied to this user: grant +info): "
+                "Redis may evict queued requests under memory pressure unless it is noeviction"
+            )
+            self._log.warning("redis_eviction_policy_unknown", reason="INFO denied (NOPERM)")
             return
         self.warnings.append(
             f"{POLICY_WARNING} is {policy or 'unknown'}, not noeviction: "
