@@ -4,7 +4,8 @@
                                 4xx, 202 {"queue_id": ...}, or 503 with Retry-After
     GET  /v1/requests/{id}      the queued request's progress from the sidecar
 
-Headers: `X-Callback-URL` (where a worker POSTs the result of a queued request) and
+Headers: `X-Callback-URL` (where a worker POSTs the result of a queued request; 400 when it is
+not http(s) or names an internal address that LLM_CALLBACK_ALLOWED_HOSTS does not admit) and
 `Idempotency-Key` (becomes the queue_id, so a retried POST never queues twice). Configured by
 the same environment variables as the daemon (SIDECAR_SOCKET, ENVIRONMENT, LLM_*); the mock
 provider answers by default in development. Run it with `examples/llm_service/run.sh`.
@@ -24,6 +25,7 @@ from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
 from sidecar.llm.breaker import Breaker
+from sidecar.llm.callbacks import AllowList
 from sidecar.llm.gateway import Gateway, GatewayResult, LLMRequest
 from sidecar.llm.providers import build_provider
 from sidecar.llm.worker import build_recorder
@@ -50,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         breaker = Breaker(failures=s.llm_breaker_failures, reset_s=s.llm_breaker_reset_s)
         app.state.gateway = Gateway(provider, sidecar, breaker=breaker,
                                     queue_enabled=s.llm_queue_enabled,
-                                    max_attempts=s.llm_queue_max_attempts)  # fmt: skip
+                                    max_attempts=s.llm_queue_max_attempts,
+                                    callback_allowed=AllowList.parse(
+                                        s.llm_callback_allowed_hosts))  # fmt: skip
         try:
             yield
         finally:

@@ -24,12 +24,13 @@ class LLMSettings:
         "the gateway queues a request (202) when the provider is unavailable; `false`: "
         "answers 503",
     )  # fmt: skip
-    # Deliveries of a queued LLM request: a worker's probe while the provider is down uses one,
-    # so an outage of minutes must not exhaust them (the daemon's default of 3 would). At most
-    # the protocol's limit on max_attempts.
+    # Deliveries of a queued LLM request whose outcome may be the request's own fault (a 4xx
+    # other than 408/429, a lapsed lease): waiting for an unavailable provider counts none
+    # (fail with counts=false), so only the TTL bounds an outage. At most the protocol's limit.
     llm_queue_max_attempts: int = setting(
         10, "LLM_QUEUE_MAX_ATTEMPTS", p.whole(1, 1000), "a whole number >= 1 and <= 1000",
-        "deliveries of a queued LLM request (each worker probe during an outage uses one)",
+        "deliveries of a queued LLM request that may fail it (waits for an unavailable provider "
+        "count none: the request's TTL bounds them)",
     )  # fmt: skip
     # "": the mock in development, the OpenAI-compatible provider in production.
     llm_provider: str = setting(
@@ -101,4 +102,39 @@ class LLMSettings:
     llm_response_log_max_mb: float = setting(
         100.0, "LLM_RESPONSE_LOG_MAX_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
         "the size at which the recorder stops (logging `llm_recorder_cap_reached`)",
+    )  # fmt: skip
+    # Unset by default: signing needs a secret shared with each receiver, which only the
+    # operator can hand out. Empty means results are POSTed unsigned, and the worker says so
+    # once at start (`llm_webhook_unsigned`) rather than refusing to run: a deployment that
+    # upgrades keeps delivering, and a receiver that does not verify gains nothing from it.
+    llm_webhook_secret: tuple[str, ...] = setting(
+        (), "LLM_WEBHOOK_SECRET", p.webhook_secrets,
+        "space-separated secrets, each whsec_ then 24 to 64 bytes in base64",
+        "signs each result delivery (Standard Webhooks `webhook-signature`) with every secret "
+        "listed, so a receiver verifies with the old or the new one while one is rotated",
+        shown="unset: results are delivered unsigned (warned at worker start)", secret=True,
+    )  # fmt: skip
+    # Empty by default: a callback URL that is, or resolves to, a loopback, private,
+    # link-local or other non-public address is refused (SSRF), until the operator names the
+    # receivers on the internal network that may be called.
+    llm_callback_allowed_hosts: tuple[str, ...] = setting(
+        (), "LLM_CALLBACK_ALLOWED_HOSTS", p.host_list,
+        "comma- or space-separated host names, IP addresses and CIDRs",
+        "callback receivers allowed although they are, or resolve to, a loopback, private, "
+        "link-local or other non-public address (refused otherwise)",
+        shown="unset: only public addresses",
+    )  # fmt: skip
+    # An hour rides out a receiver's deploy or a short outage; past it the caller can still
+    # fetch the result while it is kept (LLM_RESULT_TTL_HOURS).
+    llm_webhook_retry_max_s: float = setting(
+        3600.0, "LLM_WEBHOOK_RETRY_MAX_SECONDS", p.number(0, lo_open=True),
+        "a number of seconds > 0",
+        "how long the delivery of one result to its callback URL is retried before it is "
+        "given up",
+    )  # fmt: skip
+    # A day: a caller that missed the callback (or has none) has a working day to fetch it.
+    llm_result_ttl_hours: float = setting(
+        24.0, "LLM_RESULT_TTL_HOURS", p.number(0, lo_open=True), "a number of hours > 0",
+        "how long a finished request's result is kept for its caller to fetch or for "
+        "redelivery",
     )  # fmt: skip

@@ -64,7 +64,8 @@ class Settings(LLMSettings, DaemonSettings):
             try:
                 values[name] = spec.parse(raw)
             except ValueError:
-                problems.append(f"{spec.env}={raw!r} is invalid: expected {spec.accepted}")
+                value = "(the value is secret)" if spec.secret else repr(raw)
+                problems.append(f"{spec.env}={value} is invalid: expected {spec.accepted}")
         if not values.get("socket_path"):
             values["socket_path"] = default_socket_path(env)
         if not values.get("state_dir"):

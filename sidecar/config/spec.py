@@ -21,9 +21,11 @@ class Spec:
     parse: Callable[[str], Any]
     accepted: str
     doc: str
-    # The default as docs/configuration.md and --help show it, when the value alone would mislead (a
-    # default computed at start, or an empty string that means "chosen by another setting").
+    # The default as docs/configuration.md and --help show it, when the value alone would
+    # mislead (a default computed at start, or an empty string meaning "chosen elsewhere").
     shown: str | None = None
+    # A secret's value never appears in an error or a log line, even when it is invalid.
+    secret: bool = False
 
 
 def setting(
@@ -34,7 +36,8 @@ def setting(
     doc: str,
     *,
     shown: str | None = None,
+    secret: bool = False,
 ) -> T:
     """A Settings field carrying its row of the settings table (see SPECS)."""
-    spec = Spec(env, parse, accepted, doc, shown)
+    spec = Spec(env, parse, accepted, doc, shown, secret)
     return field(default=default, metadata={"setting": spec})

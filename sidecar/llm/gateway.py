@@ -3,7 +3,10 @@
 `await gateway.handle(request)` never drops a request silently: the caller gets the result
 (200), the provider's own 4xx, a `queue_id` to poll (202), or a 503 that says so (the sidecar
 full, with Retry-After, or unreachable; or queueing switched off with LLM_QUEUE_ENABLED=false).
-The queue holds requests only: the payload is the request body and its callback_url.
+The queue holds requests only: the payload is the request body and its callback_url. A
+callback URL that fails the static check (`sidecar.llm.callbacks.check_callback_url`: not
+http(s), userinfo, or an IP literal that is not public unless LLM_CALLBACK_ALLOWED_HOSTS
+admits it) is answered 400 before the provider is called or anything is queued.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import structlog
 from sidecar.client import AsyncClient
 from sidecar.errors import NotFound, QueueFull, SidecarError, SidecarUnavailable
 from sidecar.llm.breaker import Breaker
+from sidecar.llm.callbacks import AllowList, CallbackRefused, check_callback_url
 from sidecar.llm.errors import ProviderRejected, ProviderUnavailable
 from sidecar.llm.providers import Body, Provider
 
@@ -65,6 +69,7 @@ class Gateway:
         queue_enabled: bool = True,
         ttl_s: float | None = None,
         max_attempts: int | None = None,
+        callback_allowed: AllowList | None = None,
     ) -> None:
         self.provider = provider
         self.sidecar = sidecar
@@ -72,11 +77,25 @@ class Gateway:
         self.queue_enabled = queue_enabled
         self.ttl_s = ttl_s
         self.max_attempts = max_attempts
+        # Receivers admitted although internal (LLM_CALLBACK_ALLOWED_HOSTS); none by default.
+        self.callback_allowed = callback_allowed or AllowList()
 
     async def handle(self, req: LLMRequest) -> GatewayResult:
-        """200 with the result, the provider's 4xx, 202 with a queue_id, or 503."""
+        """200 with the result, the provider's 4xx, 202 with a queue_id, 503, or 400 for a
+        refused callback URL."""
         queue_id = req.queue_id or uuid.uuid4().hex
         bound = log.bind(queue_id=queue_id)
+        if req.callback_url:
+            try:
+                check_callback_url(req.callback_url, self.callback_allowed)
+            except CallbackRefused as exc:
+                # Before the provider and the queue: nothing is spent on a result that could
+                # not be delivered. The reason, not the URL (it may carry a token), is logged.
+                bound.warning("llm_refused", status=400, reason="callback_url_refused",
+                              detail=exc.reason)  # fmt: skip
+                return GatewayResult(status=400, body={"error": "callback_url_refused",
+                                                       "message": str(exc)},
+                                     queue_id=queue_id, decision="refused")  # fmt: skip
         retry_after: float | None = None
         if not self.breaker.allow():
             reason = "breaker_open"

@@ -179,3 +179,11 @@ def test_daemon_refuses_a_sentinel_list_without_the_master_name() -> None:
         "set both or neither"
     ]
     assert not os.path.exists("/tmp/never-bound2.sock")
+
+
+def test_an_invalid_secret_is_named_but_never_shown() -> None:
+    leaked = "whsec_not-base64-at-all!"
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"LLM_WEBHOOK_SECRET": leaked})
+    assert "LLM_WEBHOOK_SECRET=(the value is secret) is invalid" in str(err.value)
+    assert leaked not in str(err.value)

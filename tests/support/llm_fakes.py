@@ -214,6 +214,8 @@ def llm_env(
             "LLM_BREAKER_RESET_SECONDS": "0.3",
             "RECORD_LLM_RESPONSES": "true",
             "LLM_RESPONSE_LOG_DIR": str(record_dir),
+            # The callback sinks of these tests listen on loopback, which is refused by default.
+            "LLM_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         }
     )
