@@ -294,8 +294,9 @@ def _complete(client: Client, args: argparse.Namespace) -> int:
 
 def _fail(client: Client, args: argparse.Namespace) -> int:
     info = client.fail(
-        args.queue_id, args.lease_id, args.reason, retry=not args.no_retry, delay_s=args.delay_s
-    )
+        args.queue_id, args.lease_id, args.reason, retry=not args.no_retry, delay_s=args.delay_s,
+        counts=not args.uncounted,
+    )  # fmt: skip
     print(info.status)
     return EXIT_OK
 
@@ -373,5 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="failed by operator")
     p.add_argument("--no-retry", action="store_true", help="fail it for good")
     p.add_argument("--delay-s", type=float, default=0.0, help="hand it out again after this")
+    p.add_argument(
+        "--uncounted", action="store_true",
+        help="this delivery does not count against max_attempts (not the request's fault)",
+    )  # fmt: skip
     p.set_defaults(run=_fail)
     return parser

@@ -208,11 +208,16 @@ def fail(
     *,
     retry: bool = True,
     delay_s: float = 0.0,
+    counts: bool = True,
 ) -> Call[RequestInfo]:
-    """Report a leased request failed; retried after delay_s while attempts remain."""
+    """Report a leased request failed; retried after delay_s while attempts remain.
+
+    counts=False (with retry): the delivery is not counted against max_attempts, for a request
+    put back because the provider was unavailable; it waits until its TTL at most.
+    """
     return Call(
         Fail(id=0, queue_id=queue_id, lease_id=lease_id, reason=reason, retry=retry,
-             delay_s=delay_s)
+             delay_s=delay_s, counts=counts)
     )  # fmt: skip
 
 

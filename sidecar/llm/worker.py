@@ -1,10 +1,11 @@
 """Workers: take queued requests, call the provider, settle them, deliver results by callback.
 
 Built on the public client (`dequeue`, `extend`, `complete`, `fail`). While the provider is
-unavailable a request goes back with `fail(retry, delay_s=...)` (its Retry-After, else an
-exponential backoff by attempt), so the queue holds it back instead of the worker sleeping on
-a lease; a permanent error (a 4xx) fails it for good. A result is POSTed to the request's
-`callback_url` (retried, then logged) or only logged as delivered: it is never stored.
+unavailable a request goes back with `fail(retry, delay_s=..., counts=False)` (its Retry-After,
+else a backoff by attempt), so the queue holds it back instead of the worker sleeping on a
+lease, and the wait costs no attempt: its TTL bounds it. A permanent error (a 4xx other than
+408/429) fails it for good. A result is POSTed to the request's `callback_url` (retried, then
+logged) or only logged as delivered: it is never stored.
 """
 
 from __future__ import annotations
@@ -151,14 +152,15 @@ class LLMWorker:
     ) -> None:
         if not allowed and not self.breaker.allow():
             delay = max(self.breaker.retry_in(), self.opts.backoff_base_s)
-            await self._retry(job, "breaker_open", delay, bound)
+            await self._retry(job, "breaker_open", delay, bound, counts=False)
             return
         try:
             reply = await self.provider.complete(queued.request)
         except ProviderUnavailable as exc:
             self.breaker.failure()
             delay = exc.retry_after_s or backoff_s(job.attempts, self.opts)
-            await self._retry(job, exc.reason, delay, bound)
+            # The provider's outage is not the request's fault: the delivery is not counted.
+            await self._retry(job, exc.reason, delay, bound, counts=False)
             return
         except ProviderRejected as exc:
             self.breaker.success()
@@ -181,11 +183,14 @@ class LLMWorker:
             self.counts["completed"] += 1
             bound.info("llm_completed", provider=self.provider.name)
 
-    async def _retry(self, job: Job, reason: str, delay_s: float, bound: Any) -> None:
+    async def _retry(
+        self, job: Job, reason: str, delay_s: float, bound: Any, *, counts: bool = True
+    ) -> None:
         info = await self._settle(
-            self.sidecar.fail(job.queue_id, job.lease_id, reason, retry=True, delay_s=delay_s),
+            self.sidecar.fail(job.queue_id, job.lease_id, reason, retry=True, delay_s=delay_s,
+                              counts=counts),
             bound,
-        )
+        )  # fmt: skip
         if info is not None:
             self.counts["retried"] += 1
             bound.info("llm_retried", reason=reason, delay_s=round(delay_s, 3),

@@ -110,6 +110,9 @@ class Fail(Request, tag="fail"):
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
     retry: bool = True
     delay_s: DelaySeconds = 0.0
+    # False: the delivery this fail ends is not counted against max_attempts (the provider was
+    # unavailable, not the request at fault): `attempts` goes back by one. Only with retry.
+    counts: bool = True
 
 
 class Cancel(Request, tag="cancel"):

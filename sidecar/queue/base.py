@@ -80,9 +80,19 @@ class QueueStore(Protocol):
         ...
 
     async def fail(
-        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str,
+        retry: bool,
+        delay_s: float = 0.0,
+        counts: bool = True,
     ) -> QueuedRequest:
-        """End a lease with a failure: queued again (not before now + delay_s) or failed."""
+        """End a lease with a failure: queued again (not before now + delay_s) or failed.
+
+        With retry and not counts, the delivery it ends is not counted (`attempts` goes back by
+        one), so max_attempts never runs out this way: only the TTL bounds the request.
+        """
         ...
 
     async def cancel(self, queue_id: str) -> QueuedRequest:

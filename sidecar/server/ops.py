@@ -179,7 +179,9 @@ class Ops:
         # An empty reason is recorded as "unspecified" (protocol.md 8.6): a failed status
         # always says why, and a client cannot tell "" from a missing value in every language.
         reason = req.reason or REASON_UNSPECIFIED
-        rec = await self.queue.fail(req.queue_id, req.lease_id, reason, req.retry, req.delay_s)
+        rec = await self.queue.fail(
+            req.queue_id, req.lease_id, reason, req.retry, req.delay_s, req.counts
+        )
         if rec.status is QueueStatus.QUEUED and rec.expires_at <= self._clock():
             # Back in line past its TTL: the next read will say expired, so say it now rather
             # than answer "queued" for a request that can never be handed out again.

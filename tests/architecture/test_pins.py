@@ -15,16 +15,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What runs in Redis. A move of the code must leave these alone; a change to a script changes
 # them, and a daemon of the other version may meet its keys: say why in the commit.
-LIBRARY_NAME = "sidecar_dd0d19b27eb15c40"
-LIBRARY_SHA1 = "b91b8c3c4bbae4431bb2e596c8492397e0c0d8d8"
+LIBRARY_NAME = "sidecar_6bf051e30b9adc4d"
+LIBRARY_SHA1 = "ea9af203daa93e7dff64ba85419f2433ba97fd55"
 SCRIPT_SHAS = {
     "cancel": "684da4543c2c770e1c181c2623bc7ad5e04abb68",
     "complete": "a9ab933b508b979c52fc7b9e67b0b0663c8539c2",
     "dequeue": "bf29f098376aafe01f36ff4bddd8255f31c97460",
     "discard": "5c8fddfc416238f8a0f265d175aec1e9501fd7eb",
-    "enqueue": "f86d7f96c12fd128f8cf79d8b1f352bb1507c948",
+    "enqueue": "5cf0bbc14ff5abdfa8a684075cc4ba97278d485a",
     "extend": "5bd71395a02838825e4f27dbdd81ed8267694910",
-    "fail": "98bd933923e2551a6d47842ca13c24f3f71d6ff3",
+    "fail": "32a97ecba167932ecc16cdd78141a5c6ff5f4de0",
     "stats": "31b15d886f8b8ae670331316250e552399d846c5",
     "status": "85577c3f69bd5a4f2d876e9ea30ae6c8bf111bcf",
     "sweep": "2620a5e1e4f24f79cd2e3fa08feb5754df540c4b",

@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from sidecar.client import AsyncClient
+from sidecar.config import Settings
 from sidecar.llm.breaker import Breaker
 from sidecar.llm.gateway import Gateway, LLMRequest
 from sidecar.llm.providers import MockProvider
@@ -107,6 +108,32 @@ async def test_worker_honours_retry_after_with_a_delayed_fail(client: AsyncClien
     # Held back for the provider's Retry-After: not handed out now.
     assert await client.dequeue(1, lease_s=30) == []
     assert worker.counts["retried"] == 1
+    await worker.aclose()
+
+
+async def test_an_outage_longer_than_the_attempts_costs_none_and_the_request_completes(
+    client: AsyncClient,
+) -> None:
+    """Issue 22: each retry while the provider was down used an attempt, so an outage of
+    LLM_QUEUE_MAX_ATTEMPTS retries failed the request for good, long before its TTL."""
+    max_attempts = Settings().llm_queue_max_attempts
+    provider = MockProvider()
+    provider.down = True
+    await client.enqueue({"request": BODY, "callback_url": None}, queue_id="out1",
+                         max_attempts=max_attempts)  # fmt: skip
+    worker = _worker(client, provider, backoff_base_s=0.001, backoff_max_s=0.001)
+    for _ in range(max_attempts + 3):
+        [job] = await client.dequeue(1, lease_s=30, wait_s=5)
+        assert job.attempts == 1  # every earlier delivery was given back
+        await worker.process(job)
+        info = await client.status("out1")
+        assert (info.status, info.attempts) == ("queued", 0), info
+    assert provider.calls == max_attempts + 3 and worker.counts["retried"] == max_attempts + 3
+    provider.down = False  # the provider is back
+    [job] = await client.dequeue(1, lease_s=30, wait_s=5)
+    await worker.process(job)
+    info = await client.status("out1")
+    assert info.status == "completed" and info.attempts <= 2, info
     await worker.aclose()
 
 

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
-from sidecar.models import QueueStatus
+from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.queue.base import QueueStore, job_bytes
 from tests.conftest import CONTRACT_LEASE_S, CONTRACT_RETENTION_S
 from tests.support.helpers import FakeClock, make_request
@@ -501,3 +501,134 @@ async def test_wait_for_work_wakes_when_a_delay_ends(
     # The delay ended without any enqueue or requeue: the store must notice by itself.
     await asyncio.wait_for(store.wait_for_work(30), 10)
     assert len(await store.dequeue(1, LEASE)) == 1
+
+
+# -- fail with counts false: the delivery is not counted, only the TTL bounds the wait ---------
+
+
+async def _leased(
+    store: QueueStore, clock: FakeClock, *, max_attempts: int = 3, ttl_s: float = 3600.0
+) -> QueuedRequest:
+    req = make_request(clock, queue_id="waits", max_attempts=max_attempts, ttl_s=ttl_s)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None and job.attempts == 1
+    return job
+
+
+async def test_an_uncounted_fail_never_exhausts_the_attempts(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    job = await _leased(store, clock, max_attempts=2)
+    for _ in range(5):  # more waits than max_attempts
+        assert job.lease_id is not None
+        back = await store.fail(job.queue_id, job.lease_id, "provider 503", True, 0.0, False)
+        assert (back.status, back.attempts, back.reason) == (
+            QueueStatus.QUEUED,
+            0,
+            "provider 503",
+        )
+        [job] = await store.dequeue(1, LEASE)
+        assert job.attempts == 1  # each delivery it was handed out in is given back
+    st = await store.status(job.queue_id)
+    assert st is not None and st.status is QueueStatus.PROCESSING and st.attempts == 1
+
+
+async def test_a_counted_fail_still_exhausts_the_attempts_after_uncounted_ones(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    job = await _leased(store, clock, max_attempts=2)
+    assert job.lease_id is not None
+    await store.fail(job.queue_id, job.lease_id, "provider down", True, 0.0, False)
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None
+    back = await store.fail(job.queue_id, job.lease_id, "worker error", True)
+    assert back.status is QueueStatus.QUEUED and back.attempts == 1
+    [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None and job.attempts == 2
+    final = await store.fail(job.queue_id, job.lease_id, "worker error", True)
+    assert (final.status, final.reason) == (
+        QueueStatus.FAILED,
+        "attempts_exhausted: worker error",
+    )
+    assert await store.dequeue(1, LEASE) == []
+
+
+async def test_a_lapsed_lease_still_counts_after_an_uncounted_fail(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    job = await _leased(store, clock, max_attempts=1)
+    assert job.lease_id is not None
+    await store.fail(job.queue_id, job.lease_id, "provider down", True, 0.0, False)
+    [job] = await store.dequeue(1, LEASE)
+    assert job.attempts == 1
+    clock.advance(LEASE + 1)
+    st = await store.status(job.queue_id)
+    assert st is not None and st.status is QueueStatus.FAILED
+    assert st.reason == "attempts_exhausted: lease_expired"
+
+
+async def test_an_uncounted_wait_ends_at_the_ttl(store: QueueStore, clock: FakeClock) -> None:
+    job = await _leased(store, clock, max_attempts=1, ttl_s=100)
+    for _ in range(3):
+        assert job.lease_id is not None
+        back = await store.fail(job.queue_id, job.lease_id, "provider down", True, 30.0, False)
+        assert back.status is QueueStatus.QUEUED
+        clock.advance(31)
+        [job] = await store.dequeue(1, LEASE)
+    assert job.lease_id is not None  # now 93 s old: the next wait passes its TTL
+    await store.fail(job.queue_id, job.lease_id, "provider down", True, 30.0, False)
+    clock.advance(8)
+    st = await store.status(job.queue_id)
+    assert st is not None and (st.status, st.reason) == (QueueStatus.EXPIRED, "ttl_elapsed")
+    assert await store.dequeue(1, LEASE) == []
+    stats = await store.stats()
+    assert (stats.queued, stats.expired, stats.failed) == (0, 1, 0) and stats.balanced, stats
+
+
+async def test_an_uncounted_fail_repeats_without_giving_back_twice(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    first = await _leased(store, clock)
+    assert first.lease_id is not None
+    await store.fail(first.queue_id, first.lease_id, "later", True, 0.0, False)
+    [job] = await store.dequeue(1, LEASE)  # attempts 1 again
+    assert job.lease_id is not None and job.attempts == 1
+    back = await store.fail(job.queue_id, job.lease_id, "later", True, 10.0, False)
+    assert back.attempts == 0
+    for _ in range(2):  # a client's retry, or the same script run again
+        again = await store.fail(job.queue_id, job.lease_id, "later", True, 10.0, False)
+        assert (again.status, again.attempts) == (QueueStatus.QUEUED, 0)
+    with pytest.raises(InvalidState):  # an older lease is no repeat, and changes nothing
+        await store.fail(first.queue_id, first.lease_id, "later", True, 0.0, False)
+    st = await store.status(job.queue_id)
+    assert st is not None and st.attempts == 0
+    clock.advance(11)
+    [again_job] = await store.dequeue(1, LEASE)
+    assert again_job.attempts == 1
+
+
+async def test_an_uncounted_fail_holds_the_request_for_its_delay(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    job = await _leased(store, clock)
+    assert job.lease_id is not None
+    back = await store.fail(job.queue_id, job.lease_id, "provider 429", True, 10.0, False)
+    assert back.status is QueueStatus.QUEUED and back.attempts == 0
+    assert await store.dequeue(1, LEASE) == []
+    clock.advance(9.5)
+    assert await store.dequeue(1, LEASE) == []
+    stats = await store.stats()
+    assert stats.queued == 1 and stats.balanced, stats
+    clock.advance(1)
+    [again] = await store.dequeue(1, LEASE)
+    assert again.queue_id == job.queue_id and again.attempts == 1
+
+
+async def test_counts_false_without_retry_fails_for_good_and_counts(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    job = await _leased(store, clock, max_attempts=5)
+    assert job.lease_id is not None
+    final = await store.fail(job.queue_id, job.lease_id, "bad prompt", False, 0.0, False)
+    assert (final.status, final.reason, final.attempts) == (QueueStatus.FAILED, "bad prompt", 1)

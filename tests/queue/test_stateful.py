@@ -368,16 +368,28 @@ class QueueMachine(RuleBasedStateMachine):
         retry=st.booleans(),
         reason=st.sampled_from(["", "503"]),
         delay_s=st.sampled_from([0.0, 0.0, 3.0, 60.0]),
+        counts=st.booleans(),
     )
-    def fail(self, data: st.DataObject, retry: bool, reason: str, delay_s: float) -> None:
+    def fail(
+        self, data: st.DataObject, retry: bool, reason: str, delay_s: float, counts: bool
+    ) -> None:
         qid, lease_id = self.pick_lease(data)
         rec = self.live(qid)
+        sure = rec is not None and not self.uncertain(qid) and not self.redis_down
         req = Fail(id=5, queue_id=qid, lease_id=lease_id, reason=reason, retry=retry,
-                   delay_s=delay_s)  # fmt: skip
+                   delay_s=delay_s, counts=counts)  # fmt: skip
         result = self.call(req)
         self.check_settle(qid, lease_id, result, {"queued", "failed", "expired"})
         if not isinstance(result, RequestInfo) or rec is None:
             return
+        if sure and retry and not counts:
+            # Not counted: never exhausted (the TTL alone ends it), and the delivery it ended
+            # is given back.
+            assert result.status != "failed", (rec, result)
+            assert result.attempts == rec.attempts - 1, (rec, result)
+        elif sure:
+            assert result.attempts == rec.attempts, (rec, result)
+        rec.attempts = result.attempts
         if result.status == "queued":
             assert retry and result.reason == (reason or "unspecified"), result
             rec.status, rec.lease_id, rec.lease_expires_at = "queued", None, None

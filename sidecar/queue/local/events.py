@@ -46,6 +46,9 @@ class Requeued(Event, tag="req"):
     failed_lease: str | None = None
     # A `fail` with delay_s: not handed out before this time (epoch seconds).
     not_before: float | None = None
+    # A `fail` whose delivery does not count (counts false): attempts goes back by one. Last,
+    # with a default, so an event journaled before it existed replays as it did then.
+    refund: bool = False
 
 
 class Finished(Event, tag="fin"):

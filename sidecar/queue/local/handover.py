@@ -8,6 +8,7 @@ middle of a move leaves each request here, marked for reconciliation with Redis.
 
 from __future__ import annotations
 
+import heapq
 from typing import Protocol
 
 import msgspec
@@ -15,6 +16,17 @@ import msgspec
 from sidecar.errors import StorageUnavailable
 from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.queue.local.state import LocalState
+
+
+def _held_back(state: LocalState, max_items: int) -> list[QueuedRequest]:
+    """Up to max_items queued requests held back by a delay (not being moved), most urgent
+    first. Changes nothing: the delayed heap's stale entries are skipped, not popped."""
+    live = {
+        qid: state.records[qid]
+        for nb, seq, qid in state.delayed
+        if state.is_queued_entry(seq, qid) and state.not_before.get(qid) == nb
+    }
+    return heapq.nsmallest(max_items, live.values(), key=lambda r: (r.priority, r.seq))
 
 
 class _Store(Protocol):
@@ -59,12 +71,20 @@ class HandoverSide:
     async def take_for_handover(self: _Store, max_items: int) -> list[QueuedRequest]:
         """Take up to max_items queued requests, most urgent first, for the move to Redis.
 
+        The ready ones go first, then those held back by a delay (`held_until` tells until
+        when), so a delayed request moves with the rest of the backlog; the batch is in line
+        order (priority, then arrival), the order Redis numbers them in.
+
         They stay here, read `queued` and are never dequeued until `confirm_handover` or
         `return_handover`; the taking is on disk before this returns, so a crash in the
         middle of the move leaves each one here, marked for reconciliation with Redis.
         """
         now = self._tick()
         picked = {rec.queue_id: rec for rec in self._state.pop_ready(max_items, now)}
+        if len(picked) < max_items:
+            for rec in _held_back(self._state, max_items - len(picked)):
+                picked[rec.queue_id] = rec
+            picked = dict(sorted(picked.items(), key=lambda kv: (kv[1].priority, kv[1].seq)))
         if not picked:
             await self._commit()
             return []
@@ -75,6 +95,11 @@ class HandoverSide:
             self._state.give_back(list(picked))
             return []
         return [msgspec.structs.replace(rec) for rec in picked.values()]
+
+    def held_until(self: _Store, queue_ids: list[str]) -> dict[str, float]:
+        """Of these requests, those held back by a delay, with the time it ends."""
+        nb = self._state.not_before
+        return {q: nb[q] for q in queue_ids if q in nb}
 
     async def confirm_handover(self: _Store, queue_ids: list[str]) -> None:
         """Redis holds these requests now: forget them here."""

@@ -24,7 +24,8 @@ def report_transitions(store: str, hooks: StoreHooks, records: dict[str, QueuedR
 
     def leased(event: Leased) -> None:
         rec = records[event.qid]
-        if rec.attempts == 0:
+        # attempts is 0 again after a fail that did not count; its reason tells them apart.
+        if rec.attempts == 0 and rec.reason is None:
             hooks.first_leased(store, event.at - rec.created_at)
 
     def requeued(event: Requeued) -> None:

@@ -126,16 +126,12 @@ class LocalState:
         reason: str | None,
         failed_lease: str | None = None,
         not_before: float | None = None,
+        refund: bool = False,
     ) -> None:
         self._emit(
-            Requeued(
-                qid=rec.queue_id,
-                at=now,
-                reason=reason,
-                failed_lease=failed_lease,
-                not_before=not_before,
-            )
-        )
+            Requeued(qid=rec.queue_id, at=now, reason=reason, failed_lease=failed_lease,
+                     not_before=not_before, refund=refund)
+        )  # fmt: skip
 
     def finish(
         self,
@@ -206,7 +202,12 @@ class LocalState:
                 for qid in qids:
                     if qid in self.taken:
                         self.taken.discard(qid)
-                        self._push_ready(self.records[qid])
+                        # Held back still: a fresh delayed entry (tick dropped it while taken).
+                        nb = self.not_before.get(qid)
+                        if nb is None:
+                            self._push_ready(self.records[qid])
+                        else:
+                            self._push_delayed(self.records[qid], nb)
                 if uncertain:
                     self.uncertain.update(qids)
             case MovedOut(qids=qids):
@@ -246,6 +247,8 @@ class LocalState:
         rec.updated_at = event.at
         rec.reason = event.reason
         rec.failed_lease = event.failed_lease
+        if event.refund and rec.attempts > 0:
+            rec.attempts -= 1  # the delivery this fail ended is not counted
         self.processing -= 1
         self.queued += 1
         if event.not_before is None:

@@ -213,17 +213,28 @@ class LocalQueue(HandoverSide, BaseStore):
         await self.complete(queue_id, lease_id)
 
     async def fail(
-        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str,
+        retry: bool,
+        delay_s: float = 0.0,
+        counts: bool = True,
     ) -> QueuedRequest:
-        """End a lease with a failure; requeue (not before now + delay_s) while attempts remain."""
+        """End a lease with a failure; requeue (not before now + delay_s) while attempts remain.
+
+        With retry and not counts, the delivery is not counted: attempts goes back by one and
+        the request is always requeued. A repeat is answered before anything changes, so it
+        never gives an attempt back twice.
+        """
         now = self._tick()
         rec = self._get(queue_id)
         if rec.failed_lease == lease_id and rec.status is not QueueStatus.PROCESSING:
             return await self._done(rec)  # a repeat: answer the record as it is now
         rec = self._leased(queue_id, lease_id)
-        if retry and rec.attempts < rec.max_attempts:
+        if retry and (not counts or rec.attempts < rec.max_attempts):
             not_before = now + delay_s if delay_s > 0 else None
-            self._state.requeue(rec, now, reason, lease_id, not_before)
+            self._state.requeue(rec, now, reason, lease_id, not_before, refund=not counts)
             # Wakes waiting dequeues: they lease it now, or shorten their wait to not_before.
             self._notify_work()
         else:

@@ -22,7 +22,7 @@ class ScriptCall:
 # requests one folded run carries, so no run holds Redis much longer than a client's batch.
 # Per script: where its ARGV holds the count of requests (None: it is (#ARGV - 2) / per
 # request), and how many ARGV values each request takes.
-FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 7), "complete": (None, 3)}
+FOLDED_SCRIPTS: dict[str, tuple[int | None, int]] = {"enqueue": (2, 8), "complete": (None, 3)}
 FOLD_MAX_ITEMS = 256
 # Calls gathered in one loop pass are written to Redis at its end, or as soon as they carry
 # this many requests (on the lean connection), so Redis works while the daemon decodes the rest.

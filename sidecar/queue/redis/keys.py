@@ -10,7 +10,8 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:pending` | zset | queued queue_ids by `priority * 2**48 + seq` (exact in a double) |
 | `{sidecar}:leases` | zset | processing queue_ids by lease end (epoch ms, rounded up to an int) |
 | `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch ms, rounded up to an int) |
-| `{sidecar}:delayed` | zset | queued queue_ids held back by a `fail` with delay_s, by not_before |
+| `{sidecar}:delayed` | zset | queued queue_ids held back by a `fail` with delay_s (or moved from |
+| | | the local store while held back), by not_before |
 | `{sidecar}:retained` | zset | terminal queue_ids by the end of their retention |
 | `{sidecar}:seq` | string | the arrival counter that assigns `seq` |
 | `{sidecar}:stats` | hash | counters shared by every daemon (accepted, completed, failed, |

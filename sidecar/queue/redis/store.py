@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -175,21 +175,32 @@ class RedisQueue(BaseStore):
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def enqueue(self, requests: Sequence[QueuedRequest]) -> list[EnqueueOutcome]:
+    async def enqueue(
+        self, requests: Sequence[QueuedRequest], *, held_until: Mapping[str, float] | None = None
+    ) -> list[EnqueueOutcome]:
         """Store new requests all-or-none; existing queue_ids come back unchanged. Times past
-        MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError."""
+        MAX_TIME_S (an infinite TTL) are stored as MAX_TIME_S; NaN raises ValueError.
+
+        held_until: queue_id -> not_before, for requests the hand-over moves from the local
+        store while a `fail` with delay_s holds them back: stored here held back until then.
+        """
         if not requests:
             return []
         now = self._clock()
         args: list[Arg] = [len(requests)]
         bounded: list[float] = []  # each request's expires_at as stored
+        held = held_until or {}
         for req in requests:
             payload = req.payload if req.payload is not None else b""
             created = bounded_time(req.created_at, "created_at")
             expires = bounded_time(req.expires_at, "expires_at")
             bounded.append(expires)
+            # Eight values per request, the last its not_before (0: none); every call sends
+            # eight, so calls folded into one run share one layout (lua/enqueue.lua).
+            not_before = held.get(req.queue_id)
+            until: Arg = 0 if not_before is None else bounded_time(not_before, "not_before")
             args.extend((req.queue_id, req.priority, created, expires, req.max_attempts,
-                         payload, req.attempts))  # fmt: skip
+                         payload, req.attempts, until))  # fmt: skip
         keys = tuple([self.keys.request_prefix + r.queue_id for r in requests])  # request()
         reply = await self._call("enqueue", now, *args, keys=keys)
         results: list[EnqueueOutcome] = []
@@ -231,7 +242,9 @@ class RedisQueue(BaseStore):
         expired, requeued, failed = (int(n) for n in reply[2])
         self._count_swept(SweepCounts(expired, requeued, failed, 0))
         for rec in out:
-            if rec.attempts == 1:  # its first lease: the wait since enqueue ends here
+            # Its first lease, the wait since enqueue ends here (a fail that did not count
+            # takes attempts back to 0, but leaves its reason).
+            if rec.attempts == 1 and rec.reason is None:
                 self._hooks.first_leased(self.name, now - rec.created_at)
         return out
 
@@ -260,16 +273,25 @@ class RedisQueue(BaseStore):
         return result
 
     async def fail(
-        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str,
+        retry: bool,
+        delay_s: float = 0.0,
+        counts: bool = True,
     ) -> QueuedRequest:
         """End a lease with a failure; requeue while attempts remain and retry is asked.
 
-        With delay_s > 0 the requeued request is not handed out before now + delay_s. A repeat
-        with the same lease returns the record as it is now, like complete.
+        With delay_s > 0 the requeued request is not handed out before now + delay_s. With
+        retry and not counts, attempts goes back by one and the request is always requeued.
+        A repeat with the same lease returns the record as it is now, like complete (and gives
+        nothing back a second time).
         """
         now = self._clock()
         not_before = bounded_time(now + delay_s, "not_before") if delay_s > 0 else 0.0
-        args = (queue_id, lease_id, reason, "1" if retry else "0", not_before)
+        args = (queue_id, lease_id, reason, "1" if retry else "0", not_before,
+                "1" if counts else "0")  # fmt: skip
         reply = await self._call("fail", now, *args, keys=self._req(queue_id))
         rec = settled_record(reply, "fail", queue_id, lease_id)
         if len(reply) > 2:  # a repeat of a fail already done: nothing changed, nothing to count

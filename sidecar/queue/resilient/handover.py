@@ -1,4 +1,5 @@
-"""The hand-over: once Redis serves again, the local backlog moves to it, most urgent first.
+"""The hand-over: once Redis serves again, the local backlog moves to it, most urgent first
+(requests held back by a fail's delay_s included, still held back in Redis until their time).
 
 A request is pending in at most one store: the hand-over is a state of the local store (taken,
 then confirmed when Redis acknowledged the batch, or returned when it failed), journaled like
@@ -68,8 +69,11 @@ class Handover:
             if not batch:
                 break
             ids = [r.queue_id for r in batch]
+            # A request held back by a fail's delay_s stays held back in Redis until the same
+            # time, with its attempts: it moves now, not once its delay has ended.
+            held = self.local.held_until(ids)
             try:
-                results = await self.redis.enqueue(batch)
+                results = await self.redis.enqueue(batch, held_until=held)
             except BaseException as exc:
                 # Whether Redis stored the batch is unknown (a reset or a timeout can follow
                 # the write): the requests come back marked uncertain, and recovery keeps
@@ -79,7 +83,14 @@ class Handover:
                 if isinstance(exc, BackendUnavailable):
                     self.failover.mark_down(exc, "migrate")
                     return
-                raise
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: stop() has what was taken back in the local queue
+                # Refused for a reason that is no outage (an ACL without a command, a script
+                # error): the backlog stays local and is served from there; the next change
+                # of state tries again. Logged here, never left in a task nobody reads.
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("backlog_move_failed", error=error, count=len(batch))
+                return
             await self.local.confirm_handover(ids)
             self.moved += sum(1 for r in results if r.created)
             log.info("backlog_moved", count=len(batch), left=self.local.queued)

@@ -181,12 +181,21 @@ class ResilientQueue(BaseStore):
         await self._on_redis(lambda: self.redis.complete_brief(queue_id, lease_id), queue_id)
 
     async def fail(
-        self, queue_id: str, lease_id: str, reason: str, retry: bool, delay_s: float = 0.0
+        self,
+        queue_id: str,
+        lease_id: str,
+        reason: str,
+        retry: bool,
+        delay_s: float = 0.0,
+        counts: bool = True,
     ) -> QueuedRequest:
         if self.local.holds(queue_id):
-            return await self.local.fail(queue_id, lease_id, reason, retry, delay_s)
+            rec = await self.local.fail(queue_id, lease_id, reason, retry, delay_s, counts)
+            # Queued here again (held back or not) while Redis serves: it moves with the rest.
+            self.handover.maybe_move()
+            return rec
         return await self._on_redis(
-            lambda: self.redis.fail(queue_id, lease_id, reason, retry, delay_s), queue_id
+            lambda: self.redis.fail(queue_id, lease_id, reason, retry, delay_s, counts), queue_id
         )
 
     async def cancel(self, queue_id: str) -> QueuedRequest:

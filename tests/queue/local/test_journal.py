@@ -12,12 +12,14 @@ import os
 import stat
 from pathlib import Path
 
+import msgspec
 import pytest
 import structlog
 
 from sidecar.errors import QueueFull, StorageUnavailable
 from sidecar.models import QueueStats, QueueStatus
 from sidecar.queue.local import Journal, JournalError, LocalQueue
+from sidecar.queue.local.events import AnyEvent, Requeued
 from tests.conftest import make_local
 from tests.support.crash import crash_local as crash
 from tests.support.daemon import running_daemon, serve_expecting_refusal
@@ -342,3 +344,62 @@ async def test_a_cancelled_waiter_leaves_its_group_commit_to_the_others(
     finally:
         await q.close()
     assert q.unkept_at_close == 0  # the close's own wait on the journal did not fail
+
+
+async def test_an_uncounted_fail_replays_its_refund_once(clock: FakeClock, tmp_path: Path) -> None:
+    q = await reopen(clock, tmp_path)
+    await q.enqueue([make_request(clock, queue_id="u", max_attempts=1)])
+    [job] = await q.dequeue(1, 30)
+    back = await q.fail("u", job.lease_id or "", "provider down", True, 5.0, False)
+    assert back.attempts == 0
+    again = await q.fail("u", job.lease_id or "", "provider down", True, 5.0, False)
+    assert again.attempts == 0  # a repeat: nothing given back twice, nothing journaled
+    crash(q)
+    replayed = await reopen(clock, tmp_path)  # the Requeued event carries the refund
+    st = await replayed.status("u")
+    assert st is not None and (st.status, st.attempts) == (QueueStatus.QUEUED, 0)
+    await replayed.close()  # the snapshot holds the record with its attempts as they are
+    third = await reopen(clock, tmp_path)
+    assert await third.dequeue(1, 30) == []  # still held back
+    clock.advance(6)
+    [retry] = await third.dequeue(1, 30)
+    assert retry.attempts == 1
+    await third.close()
+
+
+def test_a_requeued_event_journaled_before_refund_existed_replays_as_then() -> None:
+    # The array a daemon before `counts` wrote: tag, qid, at, reason, failed_lease, not_before.
+    old = msgspec.msgpack.encode(["req", "a", 1.5, "provider 503", "lease-1", 9.0])
+    event = msgspec.msgpack.Decoder(AnyEvent).decode(old)
+    assert isinstance(event, Requeued)
+    assert (event.qid, event.failed_lease, event.not_before, event.refund) == (
+        "a",
+        "lease-1",
+        9.0,
+        False,
+    )
+
+
+async def test_a_delayed_request_is_taken_for_the_hand_over_and_comes_back_delayed(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    q = await reopen(clock, tmp_path)
+    await q.enqueue([make_request(clock, queue_id=f"d{i}", priority=5 - i) for i in range(3)])
+    [job] = await q.dequeue(1, 30)  # d2, the most urgent
+    await q.fail(job.queue_id, job.lease_id or "", "provider 429", True, 20.0)
+    taken = await q.take_for_handover(10)
+    # The delayed one goes too, and the batch is in line order (priority, then arrival).
+    assert [r.queue_id for r in taken] == ["d2", "d1", "d0"] and q.queued == 0
+    assert q.held_until([r.queue_id for r in taken]) == {"d2": pytest.approx(clock() + 20.0)}
+    await q.return_handover(["d2", "d1", "d0"])  # Redis refused the batch
+    assert [j.queue_id for j in await q.dequeue(5, 30)] == ["d1", "d0"]  # d2 still held back
+    taken = await q.take_for_handover(10)
+    assert [r.queue_id for r in taken] == ["d2"]
+    crash(q)  # between the taking and Redis's answer
+    again = await reopen(clock, tmp_path)
+    assert again.uncertain_ids() == ["d2"] and again.queued == 1
+    assert await again.dequeue(1, 30) == []  # held back still, after the crash
+    clock.advance(21)
+    [retry] = await again.dequeue(1, 30)
+    assert retry.queue_id == "d2" and retry.attempts == 2
+    await again.close()

@@ -385,6 +385,65 @@ async def test_a_delayed_fail_parks_the_request_in_the_delayed_zset(
     assert await raw.hget(keys.request("d"), "not_before") is None
 
 
+async def test_an_uncounted_fail_run_twice_gives_the_attempt_back_once(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    """redis-py resends a whole pipeline after a dropped connection: fail.lua runs again with
+    the same arguments, and must not take attempts down a second time."""
+    queue = await make_queue()
+    await queue.enqueue([make_request(clock, queue_id="u")])
+    [job] = await queue.dequeue(1, LEASE_S)
+    args = ("u", job.lease_id, "provider down", "1", 0, "0")
+    first = await _raw_eval(raw, queue, "fail", clock(), *args)
+    again = await _raw_eval(raw, queue, "fail", clock(), *args)
+    assert (len(first), len(again)) == (2, 3)  # the second run knows it is a repeat
+    assert await raw.hget(queue.keys.request("u"), "attempts") == b"0"
+    # Without the eighth argument (a caller before counts) a fail is counted, as before.
+    [job] = await queue.dequeue(1, LEASE_S)
+    await _raw_eval(raw, queue, "fail", clock(), "u", job.lease_id, "worker error", "1", 0)
+    assert await raw.hget(queue.keys.request("u"), "attempts") == b"1"
+
+
+async def test_enqueue_holds_back_a_moved_request_until_its_not_before(
+    make_queue: QueueFactory, clock: FakeClock, raw: Redis
+) -> None:
+    queue = await make_queue()
+    reqs = [make_request(clock, queue_id=q) for q in ("held", "due", "free")]
+    reqs[0].attempts = 2  # a request moved from the local queue keeps its deliveries
+    held_until = {"held": clock() + 30.0, "due": clock() - 1.0}
+    # Two calls in one loop pass fold into one run: both send eight values per request.
+    runs = script_runs(await raw.info("commandstats"))
+    first, second = await asyncio.gather(
+        queue.enqueue(reqs[:2], held_until=held_until), queue.enqueue(reqs[2:])
+    )
+    assert script_runs(await raw.info("commandstats")) == runs + 1
+    assert all(r.created for r in first + second)
+    keys = queue.keys
+    assert await raw.zscore(keys.delayed, "held") == pytest.approx(clock() + 30.0)
+    assert await raw.zscore(keys.pending, "held") is None
+    assert await raw.zscore(keys.delayed, "due") is None  # its time has come: in line at once
+    assert await raw.hget(keys.request("held"), "not_before") is not None
+    got = await queue.dequeue(5, 3600.0)
+    assert [j.queue_id for j in got] == ["due", "free"]
+    assert (await queue.stats()).queued == 1
+    clock.advance(31)
+    [job] = await queue.dequeue(5, LEASE_S)
+    assert (job.queue_id, job.attempts) == ("held", 3)
+    assert await raw.hget(keys.request("held"), "not_before") is None
+    # Seven values per request (the layout before not_before) are still accepted; a bad
+    # not_before is refused before anything is written.
+    now = clock()
+    old = ("old", 5, now, now + 60, 3, b"x", 0)
+    fixed = (*keys.script_keys(), keys.request("old"))
+    reply = await run_script(raw, queue, "enqueue", fixed, now, queue.retention_s, 1, *old)
+    assert reply[1][0][0] == 1 and await raw.zscore(keys.pending, "old") is not None
+    bad = ("bad", 5, now, now + 60, 3, b"x", 0, "nan")
+    fixed = (*keys.script_keys(), keys.request("bad"))
+    with pytest.raises(ResponseError, match=r"not_before"):
+        await run_script(raw, queue, "enqueue", fixed, now, queue.retention_s, 1, *bad)
+    assert await raw.exists(keys.request("bad")) == 0
+
+
 async def test_leases_are_scored_in_whole_milliseconds_and_old_second_scores_are_kept(
     make_queue: QueueFactory, clock: FakeClock, raw: Redis
 ) -> None:

@@ -23,6 +23,7 @@ from tests.support.helpers import FakeClock, make_request
 from tests.support.redis_server import RedisServer, redis_queue_for
 
 RECOVERY_TIMEOUT_S = 20.0
+LONG_LEASE_S = 3600.0  # outlives the fake clock's steps
 REDIS_TIMEOUT_S = 0.3
 
 
@@ -310,7 +311,7 @@ async def test_retried_enqueue_of_a_request_being_moved_is_not_stored_twice(
     server.restart()
     real_enqueue = queue.redis.enqueue
 
-    async def refuse_once(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
+    async def refuse_once(requests: list[QueuedRequest], **_: object) -> list[EnqueueOutcome]:
         monkeypatch.setattr(queue.redis, "enqueue", real_enqueue)
         raise BackendUnavailable("redis unavailable (injected)", {"kind": "connection"})
 
@@ -393,7 +394,7 @@ async def test_a_batch_whose_hand_over_failed_is_served_locally_while_redis_stay
         real_enqueue = redis.enqueue
         failed = asyncio.Event()
 
-        async def down_again(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
+        async def down_again(requests: list[QueuedRequest], **_: object) -> list[EnqueueOutcome]:
             # Redis goes away again while the batch is in flight, and stays away.
             monkeypatch.setattr(redis, "enqueue", real_enqueue)
             server.kill()
@@ -487,5 +488,56 @@ async def test_an_unexpected_error_while_reconciling_at_start_does_not_stop_the_
         assert calls >= 2 and local.uncertain_ids() == []
         [job] = await queue.dequeue(10, 30)
         assert job.queue_id == "u"
+    finally:
+        await queue.close(0)
+
+
+async def test_a_delayed_local_request_moves_to_redis_and_stays_held_until_its_time(
+    server: RedisServer,
+) -> None:
+    """Issue 22: a request a fail held back locally moved only once its delay had ended."""
+    clock = FakeClock()
+    redis = redis_queue_for(server.url, clock, retention_s=600, timeout_s=REDIS_TIMEOUT_S)
+    local = LocalQueue(
+        max_items=100, max_bytes=10**9, high_watermark=0.8, low_watermark=0.6,
+        retention_s=600, clock=clock,
+    )  # fmt: skip
+    queue = ResilientQueue(redis, local, probe_initial_s=0.02, probe_max_s=0.2)
+    await queue.start()
+    try:
+        server.kill()
+        await queue.enqueue([make_request(clock, queue_id=q, max_attempts=3)
+                             for q in ("counted", "waits", "ready")])  # fmt: skip
+        first, second = await queue.dequeue(2, 30)
+        assert (first.queue_id, second.queue_id) == ("counted", "waits")
+        await queue.fail("counted", first.lease_id or "", "worker error", True, 60.0)
+        await queue.fail("waits", second.lease_id or "", "provider down", True, 90.0, False)
+        assert local.queued == 3
+        server.restart()
+        # Before, the two held back kept the backlog from moving until their delays ended.
+        await queue.wait_until(queue.backlog_moved, RECOVERY_TIMEOUT_S)
+        assert not any(local.holds(q) for q in ("counted", "waits", "ready"))
+        raw = Redis.from_url(server.url)
+        try:
+            for qid, attempts, delay in (("counted", 1, 60.0), ("waits", 0, 90.0)):
+                moved = await redis.status(qid)
+                assert moved is not None and moved.status is QueueStatus.QUEUED
+                assert moved.attempts == attempts  # its deliveries, as counted locally
+                held = await raw.zscore(redis.keys.delayed, qid)
+                assert held == pytest.approx(clock() + delay)
+        finally:
+            await raw.aclose()
+        [job] = await queue.dequeue(5, LONG_LEASE_S)  # only the one not held back
+        assert job.queue_id == "ready"
+        clock.advance(59)
+        assert await queue.dequeue(5, LONG_LEASE_S) == []
+        clock.advance(2)
+        [job] = await queue.dequeue(5, LONG_LEASE_S)
+        assert (job.queue_id, job.attempts) == ("counted", 2)
+        clock.advance(30)
+        [job] = await queue.dequeue(5, LONG_LEASE_S)
+        assert (job.queue_id, job.attempts) == ("waits", 1)
+        stats = await queue.stats()
+        assert stats.accepted == 3 and stats.processing == 3 and stats.balanced, stats
     finally:
         await queue.close(0)

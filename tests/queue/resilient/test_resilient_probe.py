@@ -81,7 +81,7 @@ async def test_recovery_needs_two_probe_writes_in_a_row(
 async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_time(
     queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def refuse(requests: list[QueuedRequest]) -> list[EnqueueOutcome]:
+    async def refuse(requests: list[QueuedRequest], **_: object) -> list[EnqueueOutcome]:
         raise out_of_memory()
 
     probes = 0
@@ -114,6 +114,32 @@ async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_t
     # Nothing was lost meanwhile: the request reads queued from the batch being moved.
     st = await queue.status("held")
     assert st is not None and st.status.value == "queued"
+
+
+async def test_a_batch_refused_for_a_reason_that_is_no_outage_stays_local_and_is_logged(
+    queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal that is no outage (an ACL without a command): logged, never left in a task."""
+    from redis.exceptions import NoPermissionError
+
+    refused = asyncio.Event()
+
+    async def no_permission(requests: list[QueuedRequest], **_: object) -> list[EnqueueOutcome]:
+        refused.set()
+        raise NoPermissionError("NOPERM this user has no permissions to run the 'fcall' command")
+
+    monkeypatch.setattr(queue.redis, "enqueue", no_permission)
+    queue.failover.mark_down(out_of_memory(), "test")
+    await queue.enqueue([make_request(time.time, queue_id="kept")])
+    with structlog.testing.capture_logs() as logs:
+        await queue.wait_until(lambda: queue.redis_up, WAIT_S)
+        await asyncio.wait_for(refused.wait(), WAIT_S)
+        await queue.wait_until(lambda: not queue.local.moving, WAIT_S)
+    failed = [e for e in logs if e["event"] == "backlog_move_failed"]
+    assert len(failed) == 1 and "NOPERM" in failed[0]["error"]
+    st = await queue.status("kept")
+    assert st is not None and st.status.value == "queued"
+    assert queue.local.holds("kept")
 
 
 async def test_stats_put_no_local_limit_beside_redis_totals(server: RedisServer) -> None:
