@@ -37,6 +37,9 @@ from sidecar.protocol import (
 from tests.support.daemon import running_daemon
 from tests.support.metrics_scrape import value
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 
 async def _enqueue_requests(client: AsyncClient) -> float:
     """How many enqueue requests the daemon has answered (its own metric)."""

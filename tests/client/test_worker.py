@@ -77,6 +77,7 @@ async def until(check: Callable[[], bool], what: str) -> None:
     pytest.fail(f"timed out waiting until {what}")
 
 
+@pytest.mark.slow
 async def test_run_worker_asks_for_its_free_slots_and_keeps_every_lease(
     served: tuple[SidecarServer, Recording],
 ) -> None:
@@ -183,6 +184,7 @@ async def test_run_worker_takes_the_next_jobs_as_it_completes_and_never_overruns
     assert (await cast(QueueStore, store).stats()).completed == len(ids)
 
 
+@pytest.mark.slow
 async def test_a_worker_of_one_slot_takes_each_next_job_with_its_completion(
     served: tuple[SidecarServer, Recording],
 ) -> None:

@@ -100,6 +100,7 @@ def assert_stopped_cleanly(proc: subprocess.Popen[str]) -> None:
     assert "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_watch_prints_a_line_per_interval_with_rates_and_stops_cleanly_on_ctrl_c() -> None:
     with running_daemon() as daemon, Client(daemon.socket_path) as c, watch(
         daemon.socket_path, "--interval", "0.1"
@@ -133,6 +134,7 @@ def test_watch_repeats_the_header_like_vmstat() -> None:
     assert headers == [0, WATCH_HEADER_EVERY + 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_watch_started_at_default_dispositions_stops_cleanly_on_sigint_and_sigterm(
     sig: signal.Signals,
@@ -146,6 +148,7 @@ def test_watch_started_at_default_dispositions_stops_cleanly_on_sigint_and_sigte
         assert_stopped_cleanly(proc)
 
 
+@pytest.mark.slow
 def test_watch_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm() -> None:
     """A background job of a script must not die of the terminal's Ctrl-C; SIGTERM stops it."""
     with running_daemon() as daemon, Client(daemon.socket_path) as c, watch(
@@ -165,6 +168,7 @@ def test_watch_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigter
         assert_stopped_cleanly(proc)
 
 
+@pytest.mark.slow
 def test_watch_of_an_unreachable_daemon_exits_2_with_a_clear_message() -> None:
     with short_tmpdir() as tmp, watch(str(tmp / "none.sock")) as proc:
         out, err = proc.communicate(timeout=30)
@@ -173,6 +177,7 @@ def test_watch_of_an_unreachable_daemon_exits_2_with_a_clear_message() -> None:
     assert out == ""
 
 
+@pytest.mark.slow
 def test_watch_refuses_an_interval_that_is_not_positive() -> None:
     with running_daemon() as daemon, watch(daemon.socket_path, "--interval", "0") as proc:
         _, err = proc.communicate(timeout=30)

@@ -19,6 +19,9 @@ import pytest
 from sidecar.errors import ERRORS_BY_CODE, InvalidMessage
 from sidecar.protocol import OPS, REGISTRY, Reply, StatsResult, decode_request
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 DOC = Path(__file__).resolve().parents[2] / "protocol.md"
 HEX_LINE = re.compile(r"^ {3}[0-9a-f]{2}(?: (?:\| )?[0-9a-f]{2})*$")
 BLOCK = re.compile(r"^```text\n(.*?)^```", re.M | re.S)

@@ -17,6 +17,7 @@ def _ping(path: str) -> bytes:
         return sock.recv(16)
 
 
+@pytest.mark.slow
 def test_start_pause_resume_kill_restart_on_one_socket() -> None:
     with RedisServer() as server:
         path, url, folder = server.socket_path, server.url, server.dir

@@ -54,6 +54,7 @@ async def _take_one(client: AsyncClient, worker: LLMWorker) -> None:
     await worker.process(job)
 
 
+@pytest.mark.slow
 async def test_an_open_breaker_queues_without_calling_the_provider(client: AsyncClient) -> None:
     provider = MockProvider()
     provider.down = True
@@ -69,6 +70,7 @@ async def test_an_open_breaker_queues_without_calling_the_provider(client: Async
     assert [e["event"] for e in logs].count("llm_breaker_opened") == 1
 
 
+@pytest.mark.slow
 async def test_full_sidecar_is_503_with_retry_after_and_a_retry_is_idempotent(
     client: AsyncClient,
 ) -> None:
@@ -87,6 +89,7 @@ async def test_full_sidecar_is_503_with_retry_after_and_a_retry_is_idempotent(
     assert full.decision == "refused"
 
 
+@pytest.mark.slow
 async def test_an_unreachable_sidecar_is_503(daemon: Daemon) -> None:
     provider = MockProvider()
     provider.failing = True
@@ -97,6 +100,7 @@ async def test_an_unreachable_sidecar_is_503(daemon: Daemon) -> None:
     assert result.status == 503 and result.body == {"error": "sidecar_unavailable"}
 
 
+@pytest.mark.slow
 async def test_worker_honours_retry_after_with_a_delayed_fail(client: AsyncClient) -> None:
     provider = MockProvider()
     provider.failing, provider.retry_after_s = True, 3600.0
@@ -168,6 +172,7 @@ async def test_a_permanent_error_fails_for_good_and_tells_the_callback(
     await worker.aclose()
 
 
+@pytest.mark.slow
 async def test_a_callback_that_keeps_failing_is_retried_then_logged(client: AsyncClient) -> None:
     provider = MockProvider()
     dead = "http://127.0.0.1:9/results"  # nothing listens on the discard port
@@ -182,6 +187,7 @@ async def test_a_callback_that_keeps_failing_is_retried_then_logged(client: Asyn
     await worker.aclose()
 
 
+@pytest.mark.slow
 async def test_a_payload_that_is_not_a_queued_request_fails_without_retry(
     client: AsyncClient,
 ) -> None:
@@ -193,6 +199,7 @@ async def test_a_payload_that_is_not_a_queued_request_fails_without_retry(
     await worker.aclose()
 
 
+@pytest.mark.slow
 def test_the_daemon_never_imports_the_llm_side() -> None:
     """The extra stays optional: serving (and the CLI) load neither sidecar.llm nor httpx."""
     code = (
@@ -210,6 +217,7 @@ class BrokenProvider(MockProvider):
         raise RuntimeError("a bug in the provider")
 
 
+@pytest.mark.slow
 async def test_a_provider_bug_puts_the_request_back_and_the_worker_carries_on(
     client: AsyncClient,
 ) -> None:

@@ -111,6 +111,7 @@ def test_every_dashboard_and_readme_expression_parses(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_dashboard_alerts_and_readme_name_only_exported_metrics(exported: set[str]) -> None:
     assert "sidecar_queue_requests" in exported and "sidecar_failovers_total" in exported
     for source, exprs in (("dashboard", dashboard_exprs()), ("alerts", alert_exprs()),

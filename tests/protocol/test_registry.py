@@ -102,6 +102,7 @@ def _mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_mypy_refuses_a_dispatch_without_a_registry_op(tmp_path: Path) -> None:
     """What Ops.handle relies on: a registry op left out of the match fails type checking."""
     names = [spec.request.__name__ for spec in REGISTRY]

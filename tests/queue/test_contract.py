@@ -493,6 +493,7 @@ async def test_a_delay_without_retry_fails_at_once(
     assert final.status is QueueStatus.FAILED and final.reason == "bad prompt"
 
 
+@pytest.mark.slow
 async def test_wait_for_work_wakes_when_a_delay_ends(
     store: QueueStore, clock: FakeClock
 ) -> None:

@@ -69,6 +69,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "field"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
 )
@@ -141,6 +142,7 @@ def test_settings_at_the_maxima_are_accepted() -> None:
     assert (s.request_ttl_s, s.queue_lease_s, s.max_wait_s) == (MAX_TTL_S, MAX_LEASE_S, MAX_WAIT_S)
 
 
+@pytest.mark.slow
 def test_daemon_refuses_to_start_with_a_lease_past_the_maximum() -> None:
     env = dict(os.environ, QUEUE_LEASE_SECONDS="1e16", SIDECAR_SOCKET="/tmp/never-bound-2.sock")
     proc = serve_expecting_refusal(env)

@@ -17,6 +17,9 @@ import pytest
 from sidecar.client import Client
 from tests.support.daemon import Daemon, running_daemon
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 MAX_FRAME = 65536
 
 

@@ -16,6 +16,7 @@ from tests.support.daemon import daemon_env, running_daemon, serve_expecting_ref
 NOBODY = 65534
 
 
+@pytest.mark.slow
 def test_daemon_refuses_a_folder_owned_by_another_user() -> None:
     with short_tmpdir() as tmp:
         folder = tmp / "run"
@@ -30,6 +31,7 @@ def test_daemon_refuses_a_folder_owned_by_another_user() -> None:
     )
 
 
+@pytest.mark.slow
 def test_daemon_refuses_a_folder_others_can_write() -> None:
     with short_tmpdir() as tmp:
         folder = tmp / "run"
@@ -58,6 +60,7 @@ def test_daemon_creates_its_folder_private_or_for_one_group() -> None:
             assert os.stat(shared / "s.sock").st_gid == NOBODY  # inherited through setgid
 
 
+@pytest.mark.slow
 async def test_client_refuses_a_socket_in_a_folder_others_can_write() -> None:
     with running_daemon() as d:
         folder = os.path.dirname(d.socket_path)
@@ -90,6 +93,7 @@ def test_client_knows_who_owns_the_per_uid_folder() -> None:
     assert folder_problem("/tmp/sidecar-demo-none.sock", frozenset({0})) is None
 
 
+@pytest.mark.slow
 async def test_allowlist_refuses_a_peer_with_a_stable_code() -> None:
     with running_daemon(SIDECAR_ALLOWED_UIDS="12345", SIDECAR_ALLOWED_GIDS="12345") as d:
         with pytest.raises(PermissionDenied) as info:
@@ -110,6 +114,7 @@ async def test_allowlist_refuses_a_peer_with_a_stable_code() -> None:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "allow", [{"SIDECAR_ALLOWED_UIDS": "12345,0"}, {"SIDECAR_ALLOWED_GIDS": "0"}]
 )

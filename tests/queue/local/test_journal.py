@@ -175,6 +175,7 @@ async def test_a_flipped_byte_before_the_tail_stops_the_start(
     assert f"mv {seg} {seg}.damaged" in message
 
 
+@pytest.mark.slow
 def test_the_daemon_refuses_to_start_on_a_damaged_journal_with_one_line() -> None:
     with running_daemon() as daemon:
         from sidecar.client import Client

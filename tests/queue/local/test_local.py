@@ -96,6 +96,7 @@ async def test_existing_ids_are_returned_even_when_full(clock: FakeClock) -> Non
     assert not again.created
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("journaled", [False, True])
 async def test_reported_bytes_match_the_real_heap_cost(
     clock: FakeClock, tmp_path: Path, journaled: bool

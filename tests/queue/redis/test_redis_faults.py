@@ -35,6 +35,9 @@ from tests.support.redis_server import (
 )
 from tests.support.stores import open_redis_queue
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 RETENTION_S = 600.0
 LEASE_S = 30.0
 TIMEOUT_S = 0.3

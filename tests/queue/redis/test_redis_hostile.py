@@ -34,6 +34,9 @@ from tests.support.redis_server import (  # the fixtures are imported to be foun
     run_script,
 )
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 RETENTION_S = FACTORY_RETENTION_S  # what make_queue builds with
 LEASE_S = 30.0
 

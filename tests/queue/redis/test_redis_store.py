@@ -115,6 +115,7 @@ async def test_ttl_and_retention_through_status_and_native_ttl(
     assert await raw.zcard(queue.keys.retained) == 0
 
 
+@pytest.mark.slow
 async def test_redis_removes_a_terminal_hash_itself_when_retention_ends(
     redis_server: RedisServer, raw: Redis, clock: FakeClock
 ) -> None:
@@ -165,6 +166,7 @@ async def test_requests_survive_closing_and_reopening_the_store(
     assert [j.queue_id for j in got] == ["urgent", "mid-1", "mid-2", "low"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_requests_survive_a_redis_restart_with_aof(how: str, clock: FakeClock) -> None:
     # appendfsync always: each write reaches the kernel before the reply, so even SIGKILL keeps
@@ -346,6 +348,7 @@ async def test_discard_queued_removes_only_a_queued_request_and_its_books(
     assert keep is not None and stats.bytes == job.size_bytes + keep.size_bytes
 
 
+@pytest.mark.slow
 async def test_idle_waiters_share_one_watch_and_wake_on_another_hosts_enqueue(
     make_queue: QueueFactory, raw: Redis, clock: FakeClock
 ) -> None:

@@ -40,6 +40,9 @@ from tests.support.redis_server import (
     redis_server_fixture,  # noqa: F401
 )
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 0.3
 # Generous against TIMEOUT_S: the claim is "about the timeout, not a minute", not precision.
 BOUND_S = 5.0

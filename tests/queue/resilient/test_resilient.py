@@ -22,6 +22,9 @@ from tests.support.crash import crash_local
 from tests.support.helpers import FakeClock, make_request
 from tests.support.redis_server import RedisServer, redis_queue_for
 
+# Many real servers or daemons, one per test: left out of `tests/run --quick`.
+pytestmark = pytest.mark.slow
+
 RECOVERY_TIMEOUT_S = 20.0
 LONG_LEASE_S = 3600.0  # outlives the fake clock's steps
 REDIS_TIMEOUT_S = 0.3

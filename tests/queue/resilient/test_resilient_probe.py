@@ -78,6 +78,7 @@ async def test_recovery_needs_two_probe_writes_in_a_row(
     assert queue.failover.recoveries == 1
 
 
+@pytest.mark.slow
 async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_time(
     queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
