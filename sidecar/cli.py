@@ -331,7 +331,8 @@ def _parser() -> argparse.ArgumentParser:
         + SERVICE_SIGNALS_HELP.format(what="finishes the requests in hand, then exits 0"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--concurrency", type=int, default=4, help="requests handled at once")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests handled at once (default: LLM_WORKER_CONCURRENCY)")
     for name, func, text in (
         ("health", _health, "probe: exit 0 ok, 1 degraded, 2 unreachable or unhealthy"),
         ("stats", _stats, "queue counts, usage and breaker state"),

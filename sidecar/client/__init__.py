@@ -14,7 +14,7 @@ from sidecar.client.aio import AsyncClient, connect
 from sidecar.client.blocking import Client
 from sidecar.client.calls import decode_payload, item
 from sidecar.client.connection import socket_path
-from sidecar.client.worker import Handler, PermanentFailure, run_worker
+from sidecar.client.worker import Handler, PermanentFailure, RetryLater, run_worker
 from sidecar.errors import SidecarError, SidecarUnavailable  # what every caller handles
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Client",
     "Handler",
     "PermanentFailure",
+    "RetryLater",
     "SidecarError",
     "SidecarUnavailable",
     "connect",

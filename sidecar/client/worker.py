@@ -1,12 +1,14 @@
 """The worker helper: take requests, run a handler on each, keep their leases, settle them.
 
-`sidecar.client.run_worker` and `sidecar.client.PermanentFailure` are the same objects.
+`sidecar.client.run_worker`, `sidecar.client.PermanentFailure` and `sidecar.client.RetryLater`
+are the same objects.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -25,6 +27,26 @@ class PermanentFailure(Exception):
     """Raise from a worker handler to fail the request without a retry."""
 
 
+class RetryLater(Exception):
+    """Raise from a worker handler to put the request back, held for `delay_s` seconds.
+
+    `counts=False` (the default): the delivery is not counted against the request's
+    max_attempts (the daemon's `fail(retry=True, delay_s=..., counts=False)`), for a request
+    whose handler could not run it for a reason outside the request (a dependency that is
+    down); only its TTL bounds the waits. `counts=True` is a plain retry, delayed. `reason`
+    is the fail's reason (default: the exception's text).
+    """
+
+    def __init__(self, delay_s: float = 0.0, *, counts: bool = False, reason: str = "") -> None:
+        delay = float(delay_s)
+        if not delay >= 0:  # NaN included
+            raise ValueError(f"delay_s must be >= 0, not {delay_s!r}")
+        super().__init__(reason or f"retry in {delay:g} s")
+        self.delay_s = delay
+        self.counts = counts
+        self.reason = reason or f"retry in {delay:g} s"
+
+
 Handler = Callable[[Job], Awaitable[None]]
 
 
@@ -40,10 +62,11 @@ async def run_worker(
     """Take requests and run handler on each, extending the lease while it runs.
 
     A handler that returns completes the request; one that raises fails it with a retry
-    (PermanentFailure: without). Runs until `stop` is set. Long-polling dequeues use their own
-    connection: on a shared one, replies come in order, so every extend and complete would
-    wait behind the poll and leases could lapse under a running handler. The jobs that
-    complete in one loop pass are settled in one request that also takes as many next jobs
+    (PermanentFailure: without; RetryLater: held back for its delay, by default without
+    counting the delivery as an attempt). Runs until `stop` is set. Long-polling dequeues
+    use their own connection: on a shared one, replies come in order, so every extend and
+    complete would wait behind the poll and leases could lapse under a running handler. The
+    jobs that complete in one loop pass are settled in one request that also takes as many next jobs
     (complete_many), so a busy worker needs one round trip per batch of jobs, not two per job.
     """
     stop = stop or asyncio.Event()
@@ -154,14 +177,16 @@ class _Jobs:
 
     async def _run(self, job: Job) -> None:
         self.keeper.add(job)
-        failed: tuple[str, bool] | None = None  # (reason, retry) when the handler raised
+        failed: _Failed | None = None  # when the handler raised
         try:
             try:
                 await self.handler(job)
             except PermanentFailure as exc:
-                failed = (f"{exc}", False)
+                failed = _Failed(f"{exc}", retry=False)
+            except RetryLater as exc:
+                failed = _Failed(exc.reason, retry=True, delay_s=exc.delay_s, counts=exc.counts)
             except Exception as exc:
-                failed = (f"{type(exc).__name__}: {exc}", True)
+                failed = _Failed(f"{type(exc).__name__}: {exc}", retry=True)
             finally:
                 self.slots.give(1)  # the handler's slot, free while its outcome is sent
         except BaseException:
@@ -171,8 +196,7 @@ class _Jobs:
             self._complete(job)  # its lease is kept until the completion is answered
             return
         try:
-            reason, retry = failed
-            await _settle(self.client.fail(job.queue_id, job.lease_id, reason, retry=retry), job)
+            await _settle(failed.send(self.client, job), job)
         finally:
             self.keeper.remove(job)
 
@@ -247,6 +271,22 @@ class _Jobs:
         self.slots.taken += len(got.items)
         self.slots.give(want)
         self.start(got.items)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """How a handler that raised is reported: one fail call."""
+
+    reason: str
+    retry: bool
+    delay_s: float | None = None  # None: the plain fail of a handler that raised
+    counts: bool = True
+
+    def send(self, client: AsyncClient, job: Job) -> Awaitable[RequestInfo]:
+        if self.delay_s is None:
+            return client.fail(job.queue_id, job.lease_id, self.reason, retry=self.retry)
+        return client.fail(job.queue_id, job.lease_id, self.reason, retry=self.retry,
+                           delay_s=self.delay_s, counts=self.counts)  # fmt: skip
 
 
 async def _settle(call: Awaitable[RequestInfo], job: Job) -> None:

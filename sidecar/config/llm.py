@@ -83,11 +83,28 @@ class LLMSettings:
         "a number of seconds > 0, at least LLM_RETRY_BACKOFF_BASE_SECONDS",
         "`sidecar work`: the longest such delay",
     )  # fmt: skip
+    # Four requests at once per worker process: the provider call is the wait, not the CPU.
+    llm_worker_concurrency: int = setting(
+        4, "LLM_WORKER_CONCURRENCY", p.whole(1, 1000), "a whole number from 1 to 1000",
+        "`sidecar work`: requests one worker process handles at once (`--concurrency` "
+        "overrides it)",
+    )  # fmt: skip
+    # One long poll: a worker with free slots waits this long for a request, then asks again.
+    llm_worker_poll_s: float = setting(
+        5.0, "LLM_WORKER_POLL_SECONDS", p.number(0, 60), "a number of seconds from 0 to 60",
+        "`sidecar work`: how long one dequeue waits for a request (a long poll)",
+    )  # fmt: skip
     # Three tries a few hundred milliseconds apart ride out a restart of the service's handler.
     llm_callback_attempts: int = setting(
         3, "LLM_CALLBACK_ATTEMPTS", p.whole(1, 100), "a whole number from 1 to 100",
         "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
         "`llm_callback_failed`)",
+    )  # fmt: skip
+    # 0.2 s, then 0.4, 0.8, ...: a receiver's restart is ridden out within the tries.
+    llm_callback_backoff_s: float = setting(
+        0.2, "LLM_CALLBACK_BACKOFF_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
+        "`sidecar work`: the wait before the second delivery of a result to its callback "
+        "URL, doubled before each next one (a receiver's `Retry-After` on 429/503 instead)",
     )  # fmt: skip
     # A callback is the service's own handler: 5 s is far above a healthy answer.
     llm_callback_timeout_s: float = setting(

@@ -1,33 +1,58 @@
 """Workers: take queued requests, call the provider, settle them, deliver results by callback.
 
-Built on the public client (`dequeue`, `extend`, `complete`, `fail`). While the provider is
-unavailable a request goes back with `fail(retry, delay_s=..., counts=False)` (its Retry-After,
-else a backoff by attempt), so the queue holds it back instead of the worker sleeping on a
-lease, and the wait costs no attempt: its TTL bounds it. A permanent error (a 4xx other than
-408/429) fails it for good. A result is POSTed to the request's `callback_url` (retried, then
-logged) or only logged as delivered: it is never stored.
+`LLMWorker.handle` is a `sidecar.client.run_worker` handler: run_worker takes the requests
+(`concurrency` at once), keeps every lease with one keeper, completes in batches
+(`complete_many`), and stops taking new requests once `stop` is set (the running ones finish).
+The handler's outcome is what the request becomes:
+
+- the provider answered: the result is delivered, then the handler returns and the request
+  completes (a crash in between hands it out again: delivery is at least once);
+- the provider is unavailable (refused, reset, timeout, 5xx, 408, 429) or its breaker is open:
+  `RetryLater(delay_s, counts=False)`, the daemon's `fail(retry, delay_s=..., counts=False)`,
+  so the queue holds the request back instead of the worker sleeping on a lease, and the wait
+  costs no attempt (its TTL bounds it). The delay is the provider's `Retry-After` when it sent
+  one, else a backoff by this process's streak of unavailable outcomes in a row (reset by any
+  answer), doubling from LLM_RETRY_BACKOFF_BASE_SECONDS to LLM_RETRY_BACKOFF_MAX_SECONDS, with
+  jitter; while the breaker is open, at least until its probe may go;
+- the provider rejected the request (a 4xx other than 408/429): the error is delivered, then
+  `PermanentFailure`: failed for good. So is a payload that is not a queued request;
+- a bug (any other exception): put back after a backoff by attempt, counted.
+
+Deliveries: the result `{queue_id, status, response}` (or `{queue_id, status, http_status,
+error}`) is serialised once and those exact bytes are POSTed to the request's `callback_url`
+by a `CallbackSender` (the SSRF policy: only public addresses unless
+LLM_CALLBACK_ALLOWED_HOSTS admits the receiver; no redirects; LLM_CALLBACK_TIMEOUT_SECONDS),
+signed with Standard Webhooks headers when LLM_WEBHOOK_SECRET is set (`webhook-id` is
+`msg_<queue_id>`, the same on every try). Up to LLM_CALLBACK_ATTEMPTS tries,
+LLM_CALLBACK_BACKOFF_SECONDS apart and doubling; a 429/503 with `Retry-After` waits that
+long instead (giving up at once when it would pass LLM_WEBHOOK_RETRY_MAX_SECONDS); a 410 or a
+URL the policy refuses stops at once.
+Each outcome is logged with the queue_id; a result not delivered after its tries is logged
+`llm_callback_failed` and is then lost to the callback: the request still completes (or
+fails), and no result is stored anywhere (there is no delivery outbox yet). Without a
+callback_url a result is only logged as delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
+import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 import structlog
 
-from sidecar.client import AsyncClient, decode_payload
+from sidecar.client import PermanentFailure, RetryLater, decode_payload, run_worker
 from sidecar.config import Settings
-from sidecar.errors import InvalidState, LeaseMismatch, SidecarError
 from sidecar.llm.breaker import Breaker
+from sidecar.llm.callbacks import AllowList, CallbackSender, DeliveryOutcome
 from sidecar.llm.errors import ProviderRejected, ProviderUnavailable
 from sidecar.llm.providers import Body, Provider, build_provider, load_api_key
 from sidecar.llm.recorder import DevelopmentResponseRecorder
+from sidecar.llm.webhooks import WebhookSigner
 from sidecar.protocol import Job
 
 log = structlog.get_logger("sidecar.llm.worker")
@@ -42,205 +67,188 @@ class QueuedLLMRequest(msgspec.Struct):
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerOptions:
-    """Tunables of one worker process."""
+    """Tunables of one worker process; each default is its setting's (worker_options)."""
 
-    concurrency: int = 4
-    lease_s: float = 60.0
-    wait_s: float = 5.0  # one long poll; the loop re-checks `stop` between polls
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    callback_attempts: int = 3
-    callback_timeout_s: float = 5.0
-    callback_backoff_s: float = 0.2
+    concurrency: int = 4  # LLM_WORKER_CONCURRENCY
+    lease_s: float = 60.0  # QUEUE_LEASE_SECONDS
+    wait_s: float = 5.0  # LLM_WORKER_POLL_SECONDS: one long poll
+    backoff_base_s: float = 1.0  # LLM_RETRY_BACKOFF_BASE_SECONDS
+    backoff_max_s: float = 60.0  # LLM_RETRY_BACKOFF_MAX_SECONDS
+    callback_attempts: int = 3  # LLM_CALLBACK_ATTEMPTS
+    callback_timeout_s: float = 5.0  # LLM_CALLBACK_TIMEOUT_SECONDS
+    callback_backoff_s: float = 0.2  # LLM_CALLBACK_BACKOFF_SECONDS
+    callback_retry_max_s: float = 3600.0  # LLM_WEBHOOK_RETRY_MAX_SECONDS
+    callback_allowed_hosts: tuple[str, ...] = ()  # LLM_CALLBACK_ALLOWED_HOSTS
 
 
-def backoff_s(attempts: int, opts: WorkerOptions) -> float:
-    """Exponential backoff by delivery count: base, 2*base, 4*base, ... up to backoff_max_s."""
-    return float(min(opts.backoff_max_s, opts.backoff_base_s * 2 ** max(0, attempts - 1)))
+def backoff_s(n: int, opts: WorkerOptions) -> float:
+    """The n-th backoff in a row (n >= 1): base, 2*base, 4*base, ... up to backoff_max_s."""
+    return float(min(opts.backoff_max_s, opts.backoff_base_s * 2 ** max(0, n - 1)))
+
+
+def jittered(delay_s: float, rand: Callable[[], float] = random.random) -> float:
+    """A delay between half of `delay_s` and all of it, so the requests put back together
+    during an outage do not all come back at the same moment."""
+    return delay_s * (0.5 + 0.5 * rand())
 
 
 class LLMWorker:
-    """Drains the queue through the provider; run() until `stop` is set."""
+    """Drains the queue through the provider with `run_worker`; run() until `stop` is set.
+
+    `counts` tells the outcomes the handler decided (completed, retried, failed) and the
+    results delivered by callback; run_worker settles them (a settle that fails is logged
+    there, and its request handed out again when its lease lapses).
+    """
 
     def __init__(
         self,
-        sidecar: AsyncClient,
         provider: Provider,
         *,
+        path: str | None = None,
         breaker: Breaker | None = None,
         options: WorkerOptions | None = None,
-        http: httpx.AsyncClient | None = None,
+        sender: CallbackSender | None = None,
+        signer: WebhookSigner | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
-        self.sidecar = sidecar
+        self.path = path  # the daemon's socket (None: SIDECAR_SOCKET or the default)
         self.provider = provider
         self.breaker = breaker or Breaker()
         self.opts = options or WorkerOptions()
-        self._http = http or httpx.AsyncClient(timeout=self.opts.callback_timeout_s)
+        self._own_sender = sender is None
+        self.sender = sender or CallbackSender(
+            AllowList.parse(self.opts.callback_allowed_hosts), self.opts.callback_timeout_s
+        )
+        self.signer = signer  # None: results are POSTed unsigned
         self.counts = {"completed": 0, "retried": 0, "failed": 0, "callbacks": 0}
+        # Unavailable outcomes in a row in this process (any answer resets it): the backoff
+        # grows with it, since a delivery put back with counts=False leaves `attempts` low.
+        self.unavailable_streak = 0
+        self._rand = rand
 
     async def run(self, stop: asyncio.Event) -> None:
-        """`concurrency` loops of dequeue → provider → settle, until stop is set."""
-        if self.opts.concurrency == 1:
-            await self._serve(stop)
-            return
-        # One connection per loop: on main, concurrent first calls on one fresh AsyncClient
-        # each open a connection and the later one breaks the earlier one's calls, so a
-        # shared client would fail its first calls after every (re)connect.
-        loops = [self._sibling() for _ in range(self.opts.concurrency)]
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for n, loop in enumerate(loops):
-                    tg.create_task(loop._serve(stop), name=f"llm-worker-{n}")
-        finally:
-            for loop in loops:
-                await loop.sidecar.close()
+        """Handle requests, `concurrency` at once, until stop is set and the running end."""
+        await run_worker(self.handle, path=self.path, concurrency=self.opts.concurrency,
+                         lease_s=self.opts.lease_s, wait_s=self.opts.wait_s,
+                         stop=stop)  # fmt: skip
 
-    def _sibling(self) -> LLMWorker:
-        """A one-loop worker on its own connection, sharing provider, breaker and counts."""
-        opts = dataclasses.replace(self.opts, concurrency=1)
-        client = AsyncClient(self.sidecar.path, timeout_s=self.sidecar.timeout_s)
-        sib = LLMWorker(client, self.provider, breaker=self.breaker, options=opts, http=self._http)
-        sib.counts = self.counts
-        return sib
-
-    async def _serve(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            # The call slot is claimed before a lease is taken: while the provider is known
-            # to be down (or one probe is out), requests stay queued and keep their attempts.
-            if not self.breaker.allow():
-                await self.breaker.wait(stop)
-                continue
-            try:
-                jobs = await self.sidecar.dequeue(1, lease_s=self.opts.lease_s,
-                                                  wait_s=self.opts.wait_s)  # fmt: skip
-            except SidecarError as exc:
-                self.breaker.release()
-                log.warning("llm_worker_dequeue_failed", code=exc.code, error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                continue
-            if not jobs:
-                self.breaker.release()
-            for job in jobs:
-                await self.process(job, allowed=True)
-
-    async def process(self, job: Job, *, allowed: bool = False) -> None:
-        """Call the provider for one leased job and settle it; the lease is kept alive meanwhile."""
+    async def handle(self, job: Job) -> None:
+        """run_worker's handler: returns (complete), or raises RetryLater or PermanentFailure."""
         bound = log.bind(queue_id=job.queue_id, attempts=job.attempts)
         try:
             queued = decode_payload(job, QueuedLLMRequest)
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:
             bound.error("llm_failed", reason="bad_payload", error=str(exc))
-            if allowed:
-                self.breaker.release()
-            await self._settle(self.sidecar.fail(job.queue_id, job.lease_id, "bad payload",
-                                                 retry=False), bound)  # fmt: skip
-            return
-        keeper = asyncio.get_running_loop().create_task(self._keep_lease(job))
+            self.counts["failed"] += 1
+            raise PermanentFailure("bad payload") from None
         try:
-            await self._call_and_settle(job, queued, bound, allowed)
+            await self._call(job, queued, bound)
+        except (PermanentFailure, RetryLater):
+            raise
         except Exception:
             # A bug in a provider must not stop the worker: the request goes back, delayed.
             bound.exception("llm_worker_error")
-            await self._retry(job, "worker_error", backoff_s(job.attempts, self.opts), bound)
-        finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            delay = jittered(backoff_s(job.attempts, self.opts), self._rand)
+            raise self._retry_later(bound, "worker_error", delay, counts=True) from None
 
-    async def _call_and_settle(
-        self, job: Job, queued: QueuedLLMRequest, bound: Any, allowed: bool
-    ) -> None:
-        if not allowed and not self.breaker.allow():
-            delay = max(self.breaker.retry_in(), self.opts.backoff_base_s)
-            await self._retry(job, "breaker_open", delay, bound, counts=False)
-            return
+    def backoff(self) -> float:
+        """The delay for a request put back while the provider is unavailable, from the
+        streak of unavailable outcomes (at least the first step), with jitter."""
+        return jittered(backoff_s(max(1, self.unavailable_streak), self.opts), self._rand)
+
+    async def _call(self, job: Job, queued: QueuedLLMRequest, bound: Any) -> None:
+        if not self.breaker.allow():
+            # Known down (or one probe is out): no call; back when a probe may go, at least.
+            delay = max(self.breaker.retry_in(), self.backoff())
+            raise self._retry_later(bound, "breaker_open", delay)
         try:
             reply = await self.provider.complete(queued.request)
         except ProviderUnavailable as exc:
             self.breaker.failure()
-            delay = exc.retry_after_s or backoff_s(job.attempts, self.opts)
+            self.unavailable_streak += 1
             # The provider's outage is not the request's fault: the delivery is not counted.
-            await self._retry(job, exc.reason, delay, bound, counts=False)
-            return
+            delay = exc.retry_after_s or self.backoff()
+            raise self._retry_later(bound, exc.reason, delay) from None
         except ProviderRejected as exc:
             self.breaker.success()
+            self.unavailable_streak = 0
             reason = f"provider answered {exc.status}"
-            await self._deliver(job, queued, {"status": "failed", "http_status": exc.status,
-                                              "error": exc.body}, bound)  # fmt: skip
-            if await self._settle(self.sidecar.fail(job.queue_id, job.lease_id, reason,
-                                                    retry=False), bound):  # fmt: skip
-                self.counts["failed"] += 1
-                bound.info("llm_failed", reason=reason, retry=False)
-            return
+            await self._deliver(job, queued.callback_url, {"status": "failed",
+                                "http_status": exc.status, "error": exc.body}, bound)  # fmt: skip
+            self.counts["failed"] += 1
+            bound.info("llm_failed", reason=reason, retry=False)
+            raise PermanentFailure(reason) from None
         except BaseException:
             self.breaker.release()
             raise
         self.breaker.success()
+        self.unavailable_streak = 0
         # Deliver before completing: a crash in between hands the request out again
         # (at least once), never completes one whose result went nowhere.
-        await self._deliver(job, queued, {"status": "completed", "response": reply.body}, bound)
-        if await self._settle(self.sidecar.complete(job.queue_id, job.lease_id), bound):
-            self.counts["completed"] += 1
-            bound.info("llm_completed", provider=self.provider.name)
+        await self._deliver(job, queued.callback_url,
+                            {"status": "completed", "response": reply.body}, bound)  # fmt: skip
+        self.counts["completed"] += 1
+        bound.info("llm_completed", provider=self.provider.name)
 
-    async def _retry(
-        self, job: Job, reason: str, delay_s: float, bound: Any, *, counts: bool = True
-    ) -> None:
-        info = await self._settle(
-            self.sidecar.fail(job.queue_id, job.lease_id, reason, retry=True, delay_s=delay_s,
-                              counts=counts),
-            bound,
-        )  # fmt: skip
-        if info is not None:
-            self.counts["retried"] += 1
-            bound.info("llm_retried", reason=reason, delay_s=round(delay_s, 3),
-                       status=info.status)  # fmt: skip
+    def _retry_later(
+        self, bound: Any, reason: str, delay_s: float, *, counts: bool = False
+    ) -> RetryLater:
+        self.counts["retried"] += 1
+        bound.info("llm_retried", reason=reason, delay_s=round(delay_s, 3), counts=counts,
+                   streak=self.unavailable_streak)  # fmt: skip
+        return RetryLater(delay_s, counts=counts, reason=reason)
 
-    async def _settle(self, call: Any, bound: Any) -> Any:
-        """Run a settle; a lease someone else owns now is logged and dropped, not raised."""
-        try:
-            return await call
-        except (InvalidState, LeaseMismatch) as exc:
-            bound.warning("llm_lease_lost", code=exc.code)
-        except SidecarError as exc:
-            # The lease lapses and the request is handed out again: nothing is lost.
-            bound.error("llm_settle_failed", code=exc.code, error=str(exc))
-        return None
-
-    async def _keep_lease(self, job: Job) -> None:
-        every = self.opts.lease_s / 3
-        while True:
-            await asyncio.sleep(every)  # a timer, not a poll: the lease must be renewed on time
-            try:
-                await self.sidecar.extend(job.queue_id, job.lease_id, lease_s=self.opts.lease_s)
-            except SidecarError as exc:
-                log.warning("llm_extend_failed", queue_id=job.queue_id, code=exc.code)
-
-    async def _deliver(
-        self, job: Job, queued: QueuedLLMRequest, result: Body, bound: Any
-    ) -> None:
-        """POST the result to callback_url (retried, then logged), or log it as delivered."""
-        if not queued.callback_url:
+    async def _deliver(self, job: Job, url: str | None, result: Body, bound: Any) -> bool:
+        """POST the result to the callback URL under the policy, signed, tried up to
+        callback_attempts times; or log it as delivered when there is none."""
+        if not url:
             bound.info("llm_delivered", via="log")
-            return
-        body = {"queue_id": job.queue_id, **result}
-        for attempt in range(1, self.opts.callback_attempts + 1):
+            return True
+        body = msgspec.json.encode({"queue_id": job.queue_id, **result})  # the bytes signed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.callback_retry_max_s
+        tries = self.opts.callback_attempts
+        attempt, outcome, why = 0, None, ""
+        for attempt in range(1, tries + 1):
             try:
-                resp = await self._http.post(queued.callback_url, json=body)
-                if resp.status_code < 300:
-                    self.counts["callbacks"] += 1
-                    bound.info("llm_callback_delivered", http_status=resp.status_code)
-                    return
-                error = f"callback answered {resp.status_code}"
-            except httpx.HTTPError as exc:
-                error = type(exc).__name__
-            if attempt < self.opts.callback_attempts:
-                await asyncio.sleep(self.opts.callback_backoff_s * 2 ** (attempt - 1))
-        bound.error("llm_callback_failed", attempts=self.opts.callback_attempts, error=error)
+                headers = self.signer.headers(job.queue_id, body) if self.signer else {}
+            except ValueError as exc:  # a queue_id that cannot be a webhook-id
+                why = f"cannot sign the delivery: {exc}"
+                break
+            outcome = await self.sender.deliver(url, body, headers)
+            if outcome.delivered:
+                self.counts["callbacks"] += 1
+                bound.info("llm_callback_delivered", attempt=attempt,
+                           http_status=outcome.http_status)  # fmt: skip
+                return True
+            if outcome.stop or attempt == tries:
+                break
+            wait = outcome.retry_after_s
+            if wait is None:
+                wait = self.opts.callback_backoff_s * 2 ** (attempt - 1)
+            elif loop.time() + wait > deadline:
+                why = f"Retry-After {wait:g} s is past LLM_WEBHOOK_RETRY_MAX_SECONDS"
+                break
+            self._log_outcome(bound, "llm_callback_retry", outcome, attempt, wait_s=round(wait, 3))
+            await asyncio.sleep(wait)
+        self._log_outcome(bound, "llm_callback_failed", outcome, attempt, error=why or None)
+        return False
+
+    @staticmethod
+    def _log_outcome(
+        bound: Any, event: str, outcome: DeliveryOutcome | None, attempt: int, **extra: Any
+    ) -> None:
+        fields: dict[str, Any] = {"attempts": attempt, **extra}
+        if outcome is not None:
+            fields.update(verdict=str(outcome.verdict), reason=outcome.reason,
+                          http_status=outcome.http_status)  # fmt: skip
+        method = bound.error if event == "llm_callback_failed" else bound.warning
+        method(event, **{k: v for k, v in fields.items() if v is not None})
 
     async def aclose(self) -> None:
-        """Close the callback client."""
-        await self._http.aclose()
+        """Close the callback sender (when the worker made it)."""
+        if self._own_sender:
+            await self.sender.aclose()
 
 
 def build_recorder(settings: Settings) -> DevelopmentResponseRecorder | None:
@@ -258,20 +266,24 @@ def build_recorder(settings: Settings) -> DevelopmentResponseRecorder | None:
     )
 
 
-def worker_options(settings: Settings, concurrency: int) -> WorkerOptions:
-    """The options `sidecar work` runs with: its --concurrency and the LLM_* settings."""
+def worker_options(settings: Settings, concurrency: int | None = None) -> WorkerOptions:
+    """The options `sidecar work` runs with: the LLM_* settings (and --concurrency if given)."""
     return WorkerOptions(
-        concurrency=concurrency,
+        concurrency=concurrency or settings.llm_worker_concurrency,
         lease_s=settings.queue_lease_s,
+        wait_s=settings.llm_worker_poll_s,
         backoff_base_s=settings.llm_retry_backoff_base_s,
         backoff_max_s=settings.llm_retry_backoff_max_s,
         callback_attempts=settings.llm_callback_attempts,
         callback_timeout_s=settings.llm_callback_timeout_s,
+        callback_backoff_s=settings.llm_callback_backoff_s,
+        callback_retry_max_s=settings.llm_webhook_retry_max_s,
+        callback_allowed_hosts=settings.llm_callback_allowed_hosts,
     )
 
 
 async def serve_worker(
-    settings: Settings, *, concurrency: int = 4, stop: asyncio.Event | None = None
+    settings: Settings, *, concurrency: int | None = None, stop: asyncio.Event | None = None
 ) -> dict[str, int]:
     """What `sidecar work` runs: a worker on the configured provider until SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
@@ -281,16 +293,15 @@ async def serve_worker(
     provider = build_provider(settings, build_recorder(settings))
     breaker = Breaker(failures=settings.llm_breaker_failures, reset_s=settings.llm_breaker_reset_s)
     options = worker_options(settings, concurrency)
-    sidecar = AsyncClient(settings.socket_path)
-    worker = LLMWorker(sidecar, provider, breaker=breaker, options=options)
-    log.info("llm_worker_started", provider=provider.name, concurrency=concurrency,
+    worker = LLMWorker(provider, path=settings.socket_path, breaker=breaker, options=options,
+                       signer=WebhookSigner.from_settings(settings))  # fmt: skip
+    log.info("llm_worker_started", provider=provider.name, concurrency=options.concurrency,
              socket=settings.socket_path)  # fmt: skip
     try:
         await worker.run(stop)
     finally:
         await worker.aclose()
         await provider.aclose()
-        await sidecar.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("llm_worker_stopped", **worker.counts)

@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 
 from sidecar.app import build_server
-from sidecar.client import AsyncClient, item, run_worker
+from sidecar.client import AsyncClient, RetryLater, item, run_worker
 from sidecar.client.worker import SETTLE_BATCH
 from sidecar.config import Settings
 from sidecar.errors import UnknownOp
@@ -226,3 +226,52 @@ async def test_a_daemon_older_than_complete_many_gets_plain_completes(
     ids, handled = await work_through(server, 30, 8)
     assert sorted(handled) == sorted(ids)  # each once: no lease lapsed into a redelivery
     assert (await cast(QueueStore, store).stats()).completed == len(ids)
+
+
+async def test_retry_later_puts_the_request_back_held_and_uncounted(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """RetryLater: fail(retry, delay_s, counts=False) by default; counts=True is a plain
+    delayed retry; a handler that raises anything else still fails with a counted retry."""
+    server, _ = served
+    async with AsyncClient(server.path) as producer:
+        await producer.enqueue(item(1), queue_id="held", max_attempts=3)
+        await producer.enqueue(item(2), queue_id="counted", max_attempts=3)
+        await producer.enqueue(item(3), queue_id="plain", max_attempts=3)
+        seen: list[str] = []
+
+        async def handler(job: Job) -> None:
+            seen.append(job.queue_id)
+            if job.queue_id == "held":
+                raise RetryLater(3600, reason="provider down")
+            if job.queue_id == "counted":
+                raise RetryLater(3600, counts=True)
+            raise RuntimeError("boom")
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, concurrency=3, wait_s=0.1, stop=stop)
+        )
+        try:
+            await until(lambda: {"held", "counted"} <= set(seen), "both ran")
+            await until(lambda: seen.count("plain") == 3, "the plain failure retried at once")
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+        held = await producer.status("held")
+        assert (held.status, held.attempts, held.reason) == ("queued", 0, "provider down")
+        counted = await producer.status("counted")
+        assert (counted.status, counted.attempts) == ("queued", 1)
+        assert counted.reason == "retry in 3600 s"
+        # Both held back for their delay: handed out once each, not again.
+        assert seen.count("held") == 1 and seen.count("counted") == 1
+        assert await producer.dequeue(3, lease_s=5) == []  # "plain" spent its 3 attempts
+        plain = await producer.status("plain")
+        assert (plain.status, plain.attempts) == ("failed", 3)
+        assert plain.reason is not None and "RuntimeError: boom" in plain.reason
+
+
+def test_retry_later_refuses_a_negative_delay() -> None:
+    with pytest.raises(ValueError, match="delay_s"):
+        RetryLater(-1)
+    assert RetryLater(2.5).counts is False and RetryLater(2.5).reason == "retry in 2.5 s"

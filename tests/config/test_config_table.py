@@ -7,6 +7,7 @@ differs from the setting that configures it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
@@ -221,6 +222,11 @@ COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
     (WorkerOptions, "callback_attempts", "llm_callback_attempts"),
     (WorkerOptions, "callback_timeout_s", "llm_callback_timeout_s"),
     (WorkerOptions, "lease_s", "queue_lease_s"),
+    (WorkerOptions, "concurrency", "llm_worker_concurrency"),
+    (WorkerOptions, "wait_s", "llm_worker_poll_s"),
+    (WorkerOptions, "callback_backoff_s", "llm_callback_backoff_s"),
+    (WorkerOptions, "callback_retry_max_s", "llm_webhook_retry_max_s"),
+    (WorkerOptions, "callback_allowed_hosts", "llm_callback_allowed_hosts"),
 ]
 
 
@@ -279,12 +285,20 @@ def test_sidecar_work_takes_its_options_from_the_settings() -> None:
             "LLM_RETRY_BACKOFF_MAX_SECONDS": "8",
             "LLM_CALLBACK_ATTEMPTS": "6",
             "LLM_CALLBACK_TIMEOUT_SECONDS": "1.5",
+            "LLM_WORKER_CONCURRENCY": "7",
+            "LLM_WORKER_POLL_SECONDS": "2",
+            "LLM_CALLBACK_BACKOFF_SECONDS": "0.3",
+            "LLM_WEBHOOK_RETRY_MAX_SECONDS": "90",
+            "LLM_CALLBACK_ALLOWED_HOSTS": "10.0.0.0/8, hooks.internal",
         }
     )
-    assert worker_options(settings, 3) == WorkerOptions(
-        concurrency=3, lease_s=45.0, backoff_base_s=0.5, backoff_max_s=8.0,
-        callback_attempts=6, callback_timeout_s=1.5,
+    expected = WorkerOptions(
+        concurrency=7, lease_s=45.0, wait_s=2.0, backoff_base_s=0.5, backoff_max_s=8.0,
+        callback_attempts=6, callback_timeout_s=1.5, callback_backoff_s=0.3,
+        callback_retry_max_s=90.0, callback_allowed_hosts=("10.0.0.0/8", "hooks.internal"),
     )  # fmt: skip
+    assert worker_options(settings) == expected
+    assert worker_options(settings, 3) == dataclasses.replace(expected, concurrency=3)
 
 
 def test_protocol_md_limits_agree_with_the_settings_table() -> None:

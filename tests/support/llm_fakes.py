@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -112,11 +114,18 @@ class FakeProvider(_Server):
 
 
 class CallbackSink(_Server):
-    """Collects the JSON bodies POSTed to it; `wait_for` blocks until enough arrived."""
+    """Collects the JSON bodies POSTed to it; `wait_for` blocks until enough arrived.
+
+    Each delivery is also kept whole in `received` (raw body, headers, arrival time), and
+    `answers` scripts the replies: each delivery takes the next (status, headers) from it,
+    and answers 200 once it is empty.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.bodies: list[dict[str, Any]] = []
+        self.received: list[Delivery] = []
+        self.answers: list[tuple[int, dict[str, str]]] = []
         self._cond = threading.Condition()
 
     @property
@@ -128,11 +137,18 @@ class CallbackSink(_Server):
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = _read_json(self)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
                 with sink._cond:
-                    sink.bodies.append(body)
+                    sink.received.append(
+                        Delivery(raw, {k.lower(): v for k, v in self.headers.items()},
+                                 time.monotonic())
+                    )  # fmt: skip
+                    status, headers = sink.answers.pop(0) if sink.answers else (200, {})
+                    if status < 300:
+                        sink.bodies.append(json.loads(raw or b"null"))
                     sink._cond.notify_all()
-                _send_json(self, 200, {"ok": True}, {})
+                _send_json(self, status, {"ok": status < 300}, headers)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -142,6 +158,20 @@ class CallbackSink(_Server):
     def wait_for(self, count: int, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: len(self.bodies) >= count, timeout)
+
+    def wait_received(self, count: int, timeout: float) -> bool:
+        """Until `count` deliveries arrived, whatever they were answered."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.received) >= count, timeout)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST the sink received, as it came."""
+
+    body: bytes
+    headers: dict[str, str]  # names in lower case
+    at: float  # time.monotonic() on arrival
 
 
 class Proc:
