@@ -58,16 +58,22 @@ async def run_worker(
     lease_s: float | None = None,
     wait_s: float = 5.0,
     stop: asyncio.Event | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Take requests and run handler on each, extending the lease while it runs.
+
+    ready, when given, is awaited before each poll for new jobs and returns once jobs may be
+    taken (or `stop` is set): a handler that knows no job can be served now (the LLM worker's
+    open breaker) keeps them queued rather than taking each and putting it back.
 
     A handler that returns completes the request; one that raises fails it with a retry
     (PermanentFailure: without; RetryLater: held back for its delay, by default without
     counting the delivery as an attempt). Runs until `stop` is set. Long-polling dequeues
     use their own connection: on a shared one, replies come in order, so every extend and
     complete would wait behind the poll and leases could lapse under a running handler. The
-    jobs that complete in one loop pass are settled in one request that also takes as many next jobs
-    (complete_many), so a busy worker needs one round trip per batch of jobs, not two per job.
+    jobs that complete in one loop pass are settled in one request that also takes as many
+    next jobs (complete_many), so a busy worker needs one round trip per batch of jobs, not two
+    per job.
     """
     stop = stop or asyncio.Event()
     async with AsyncClient(path) as poller, AsyncClient(path) as settler:
@@ -81,6 +87,10 @@ async def run_worker(
         backoff = 0.05
         try:
             while not stop.is_set():
+                if ready is not None:
+                    await ready()
+                    if stop.is_set():
+                        break
                 # While completions are out, they take the next jobs (and free slots);
                 # the poller asks for jobs only when none is, so it never races them.
                 free = slots.take(concurrency) if not jobs.settling else 0

@@ -128,9 +128,15 @@ class LLMWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Handle requests, `concurrency` at once, until stop is set and the running end."""
+        async def calls_may_go() -> None:
+            # While the breaker is open no call can go: the requests stay queued, untouched,
+            # instead of being taken and put back one by one until the probe may go.
+            while not stop.is_set() and self.breaker.retry_in() > 0:
+                await self.breaker.wait(stop)
+
         await run_worker(self.handle, path=self.path, concurrency=self.opts.concurrency,
                          lease_s=self.opts.lease_s, wait_s=self.opts.wait_s,
-                         stop=stop)  # fmt: skip
+                         stop=stop, ready=calls_may_go)  # fmt: skip
 
     async def handle(self, job: Job) -> None:
         """run_worker's handler: returns (complete), or raises RetryLater or PermanentFailure."""

@@ -275,3 +275,39 @@ def test_retry_later_refuses_a_negative_delay() -> None:
     with pytest.raises(ValueError, match="delay_s"):
         RetryLater(-1)
     assert RetryLater(2.5).counts is False and RetryLater(2.5).reason == "retry in 2.5 s"
+
+
+async def test_ready_holds_the_poll_until_jobs_may_be_taken(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """While `ready` has not returned no job is taken: they stay queued, untouched."""
+    server, store = served
+    async with AsyncClient(server.path) as producer:
+        for n in range(3):
+            await producer.enqueue(item(n), queue_id=f"r{n}")
+        asked = asyncio.Event()
+        go = asyncio.Event()
+        seen: list[str] = []
+
+        async def ready() -> None:
+            asked.set()
+            await go.wait()
+
+        async def handler(job: Job) -> None:
+            seen.append(job.queue_id)
+
+        stop = asyncio.Event()
+        work = run_worker(
+            handler, path=server.path, concurrency=3, wait_s=0.1, stop=stop, ready=ready
+        )
+        worker = asyncio.create_task(work)
+        try:
+            await asyncio.wait_for(asked.wait(), 10)
+            stats = await producer.stats()
+            assert (stats.queued, stats.processing, seen, store.asked) == (3, 0, [], [])
+            go.set()
+            await until(lambda: len(seen) == 3, "all three handled once ready")
+        finally:
+            stop.set()
+            go.set()
+            await asyncio.wait_for(worker, 10)

@@ -451,3 +451,29 @@ async def test_a_provider_bug_puts_the_request_back_and_the_worker_carries_on(
             info = await settled(client, "bug1", "queued", "worker_error")
     assert [e["event"] for e in logs].count("llm_worker_error") == 1
     assert info.attempts == 1  # a bug is counted: it may be the request's own
+
+
+def _requests_of(text: str, op: str) -> float:
+    """How many `op` requests the daemon answered, from its metrics exposition."""
+    prefix = f'sidecar_request_duration_seconds_count{{op="{op}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_while_the_breaker_is_open_the_worker_takes_nothing(
+    daemon: Daemon, client: AsyncClient
+) -> None:
+    """No job is taken and put back while no call can go: the requests wait, untouched."""
+    provider = MockProvider()
+    breaker = Breaker(failures=1, reset_s=1.0)
+    breaker.failure()  # open: the first call may go in a second
+    options = WorkerOptions(concurrency=2, lease_s=30, wait_s=0.2, callback_allowed_hosts=())
+    worker = LLMWorker(provider, path=daemon.socket_path, breaker=breaker, options=options)
+    for n in range(2):
+        await client.enqueue({"request": BODY}, queue_id=f"b{n}")
+    async with running(worker):
+        for n in range(2):
+            await settled(client, f"b{n}", "completed")
+    assert provider.calls == 2
+    text = (await client.metrics()).text
+    assert _requests_of(text, "fail") == 0 and _requests_of(text, "dequeue") >= 1
+    assert [(await client.status(f"b{n}")).attempts for n in range(2)] == [1, 1]
