@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from sidecar.queue.base import QueueStore
 from sidecar.queue.local import Journal, LocalQueue
@@ -35,6 +36,16 @@ class _UnobservedErrors(logging.Handler):
         message = record.getMessage()
         if "never retrieved" in message:
             self.reports.append(message)
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found() -> Iterator[None]:
+    """A test must not configure structlog in-process: with cache_logger_on_first_use the
+    loggers keep that level for the rest of the session, and a later test's capture_logs
+    misses its debug lines (seen as a flake that depended on the order of the tests)."""
+    before = structlog.get_config()
+    yield
+    assert structlog.get_config() == before, "this test configured structlog in-process"
 
 
 @pytest.fixture(autouse=True)
@@ -89,17 +100,41 @@ def make_local(
 _VARIANT = pytest.mark.slow
 
 
-@pytest.fixture(
-    params=[
-        "local",
-        pytest.param("local_fsync", marks=_VARIANT),
-        "redis",
-        pytest.param("redis_scripts", marks=_VARIANT),
-        pytest.param("fakeredis", marks=_VARIANT),
-        "resilient",
-        pytest.param("cluster", marks=_VARIANT),
-    ]
-)
+_STORE_PARAMS = [
+    "local",
+    pytest.param("local_fsync", marks=_VARIANT),
+    "redis",
+    pytest.param("redis_scripts", marks=_VARIANT),
+    pytest.param("fakeredis", marks=_VARIANT),
+    "resilient",
+    pytest.param("cluster", marks=_VARIANT),
+]
+
+
+def _build_store(
+    request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path, retention_s: float
+) -> QueueStore:
+    """The store named by request.param, keeping terminal records for retention_s."""
+    name = request.param
+    if name == "local":
+        return make_local(clock, tmp_path / "state", retention_s=retention_s)
+    if name == "local_fsync":
+        return make_local(clock, tmp_path / "state", fsync=True, retention_s=retention_s)
+    if name == "redis":
+        return make_redis_contract_store(request, clock, retention_s)
+    if name == "redis_scripts":
+        return make_redis_contract_store(request, clock, retention_s, functions=False)
+    if name == "fakeredis":
+        return make_fakeredis_contract_store(clock, retention_s)
+    if name == "cluster":
+        return make_cluster_contract_store(request, clock, retention_s)
+    if name == "resilient":
+        redis = make_redis_contract_store(request, clock, retention_s)
+        return ResilientQueue(redis, make_local(clock, tmp_path / "state", retention_s=retention_s))
+    raise AssertionError(name)  # pragma: no cover - a param without a factory is a bug here
+
+
+@pytest.fixture(params=_STORE_PARAMS)
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[QueueStore]:
@@ -110,24 +145,20 @@ async def store(
     the scripts as Functions, and once more as plain scripts (`redis_scripts`), as on a server
     older than Redis 7.
     """
-    repo: QueueStore
-    if request.param == "local":
-        repo = make_local(clock, tmp_path / "state")
-    elif request.param == "local_fsync":
-        repo = make_local(clock, tmp_path / "state", fsync=True)
-    elif request.param == "redis":
-        repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
-    elif request.param == "redis_scripts":
-        repo = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S, functions=False)
-    elif request.param == "fakeredis":
-        repo = make_fakeredis_contract_store(clock, CONTRACT_RETENTION_S)
-    elif request.param == "cluster":
-        repo = make_cluster_contract_store(request, clock, CONTRACT_RETENTION_S)
-    elif request.param == "resilient":
-        redis = make_redis_contract_store(request, clock, CONTRACT_RETENTION_S)
-        repo = ResilientQueue(redis, make_local(clock, tmp_path / "state"))
-    else:  # pragma: no cover - a param without a factory is a bug in this fixture
-        raise AssertionError(request.param)
+    repo = _build_store(request, clock, tmp_path, CONTRACT_RETENTION_S)
+    await repo.start()
+    try:
+        yield repo
+    finally:
+        await repo.close()
+
+
+@pytest.fixture(params=_STORE_PARAMS)
+async def store_no_retention(
+    request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
+) -> AsyncIterator[QueueStore]:
+    """The same stores with `QUEUE_RETENTION_HOURS=0`: a terminal record is forgotten at once."""
+    repo = _build_store(request, clock, tmp_path, 0.0)
     await repo.start()
     try:
         yield repo

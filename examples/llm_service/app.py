@@ -36,13 +36,17 @@ def _response(result: GatewayResult) -> JSONResponse:
     return JSONResponse(result.body, status_code=result.status, headers=result.headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app, with its gateway built from the settings when it starts."""
+def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
+    """The app, with its gateway built from the settings when it starts.
+
+    configure_logs=False leaves structlog as the embedding process set it (a test in-process).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or Settings.from_env()
-        configure_logging(s.environment, s.log_level)
+        if configure_logs:
+            configure_logging(s.environment, s.log_level)
         provider = build_provider(s, build_recorder(s))
         sidecar = AsyncClient(s.socket_path)
         # Connect before the first requests arrive: concurrent first calls on a fresh client

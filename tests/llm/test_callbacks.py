@@ -602,7 +602,8 @@ async def test_the_example_service_answers_400_and_reads_the_allow_list(daemon: 
 
     settings = Settings.from_env({"SIDECAR_SOCKET": daemon.socket_path, "LLM_PROVIDER": "mock",
                                   "LLM_CALLBACK_ALLOWED_HOSTS": "192.168.0.0/16"})  # fmt: skip
-    app = create_app(settings)
+    # In-process: configuring logs here would change every later test's log capture.
+    app = create_app(settings, configure_logs=False)
     body = {"messages": [{"role": "user", "content": "hi"}]}
     async with (
         app.router.lifespan_context(app),
