@@ -242,7 +242,11 @@ def format_stats(stats: StatsResult) -> str:
     rows: list[tuple[str, Any]] = []
     for name in stats.__struct_fields__:
         value = getattr(stats, name)
-        if isinstance(value, float):
+        if name == "mode":  # the wire leaves it empty when no Redis is configured
+            value = value or "local_only"
+        elif name == "stores":  # each store's own table is in --json
+            value = ", ".join(sorted(value)) or stats.store
+        elif isinstance(value, float):
             value = f"{value:.3f}"
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"

@@ -301,6 +301,8 @@ def test_cli_health_and_stats(daemon: Daemon) -> None:
     assert as_json["status"] == "ok"
     table = cli(daemon, "stats").stdout
     assert "breaker_open" in table and "balanced" in table
+    rows = dict(row.split(maxsplit=1) for row in table.splitlines())
+    assert (rows["mode"], rows["stores"]) == ("local_only", "local")
     stats = json.loads(cli(daemon, "stats", "--json").stdout)
     assert stats["store"] == "local"
 

@@ -128,6 +128,8 @@ def test_cli_health_and_stats(daemon: Daemon) -> None:
     assert (as_json["status"], as_json["mode"], as_json["reasons"]) == ("ok", "redis", [])
     table = cli(daemon, "stats").stdout
     assert "breaker_open" in table and "balanced" in table and "failovers" in table
+    rows = dict(row.split(maxsplit=1) for row in table.splitlines())
+    assert (rows["mode"], rows["stores"]) == ("redis", "local, redis")
     stats = json.loads(cli(daemon, "stats", "--json").stdout)
     assert (stats["store"], stats["mode"], stats["warnings"]) == ("resilient", "redis", [])
     assert set(stats["stores"]) == {"redis", "local"}
