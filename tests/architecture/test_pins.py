@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What runs in Redis. A move of the code must leave these alone; a change to a script changes
 # them, and a daemon of the other version may meet its keys: say why in the commit.
-LIBRARY_NAME = "sidecar_6bf051e30b9adc4d"
-LIBRARY_SHA1 = "ea9af203daa93e7dff64ba85419f2433ba97fd55"
+LIBRARY_NAME = "sidecar_7ac7a6cd4c150b2d"
+LIBRARY_SHA1 = "d0472054596623a7a7dd8302d00043ea9cd8a4f7"
 SCRIPT_SHAS = {
     "cancel": "684da4543c2c770e1c181c2623bc7ad5e04abb68",
     "complete": "a9ab933b508b979c52fc7b9e67b0b0663c8539c2",
@@ -26,7 +26,7 @@ SCRIPT_SHAS = {
     "extend": "5bd71395a02838825e4f27dbdd81ed8267694910",
     "fail": "32a97ecba167932ecc16cdd78141a5c6ff5f4de0",
     "stats": "31b15d886f8b8ae670331316250e552399d846c5",
-    "status": "85577c3f69bd5a4f2d876e9ea30ae6c8bf111bcf",
+    "status": "045e7459fcfa5dc3414383796fc397cdfb5d99ef",
     "sweep": "2620a5e1e4f24f79cd2e3fa08feb5754df540c4b",
 }
 

@@ -633,3 +633,37 @@ async def test_counts_false_without_retry_fails_for_good_and_counts(
     assert job.lease_id is not None
     final = await store.fail(job.queue_id, job.lease_id, "bad prompt", False, 0.0, False)
     assert (final.status, final.reason, final.attempts) == (QueueStatus.FAILED, "bad prompt", 1)
+
+
+# -- QUEUE_RETENTION_HOURS=0: a terminal record is forgotten at once ----------------------------
+
+
+async def test_without_retention_an_expired_request_is_not_found_at_once(
+    store_no_retention: QueueStore, clock: FakeClock
+) -> None:
+    store = store_no_retention
+    req = make_request(clock, ttl_s=10)
+    await store.enqueue([req])
+    queued = await store.status(req.queue_id)
+    assert queued is not None and queued.status is QueueStatus.QUEUED
+    assert await store.status(req.queue_id) == queued  # a read changes nothing
+    clock.advance(11)
+    # Past its retention the moment it expired: the first read already finds nothing, and
+    # no read hands back a record it stamped.
+    assert await store.status(req.queue_id) is None
+    assert await store.status(req.queue_id) is None
+    stats = await store.stats()
+    assert stats.expired == 1 and stats.queued == 0
+    assert stats.balanced
+
+
+async def test_without_retention_a_lease_lapsed_past_its_ttl_is_not_found(
+    store_no_retention: QueueStore, clock: FakeClock
+) -> None:
+    store = store_no_retention
+    req = make_request(clock, ttl_s=LEASE / 2)
+    await store.enqueue([req])
+    [job] = await store.dequeue(1, LEASE)
+    clock.advance(LEASE + 1)
+    assert await store.status(job.queue_id) is None
+    assert (await store.stats()).expired == 1
