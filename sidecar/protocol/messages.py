@@ -151,6 +151,10 @@ class Limits(msgspec.Struct, kw_only=True):
     default_max_attempts: int
     max_ttl_s: float = MAX_TTL_S
     max_lease_s: float = MAX_LEASE_S
+    # The longest `delay_s` a fail may carry; a longer one is refused.
+    max_delay_s: float = MAX_DELAY_S
+    # The longest `wait_s` a dequeue may carry (refused above it); above max_wait_s it is lowered.
+    max_request_wait_s: float = MAX_WAIT_S
 
 
 class HelloResult(msgspec.Struct, kw_only=True):
@@ -316,9 +320,26 @@ class Reply(msgspec.Struct, kw_only=True):
     error: ErrorBody | None = None
 
 
+# The most an error's message takes, in UTF-8 bytes (protocol.md 4.2): a message may echo what
+# the client sent (a foreign lease_id of any length), and an echo must not grow a reply.
+MAX_ERROR_MESSAGE_BYTES = 256
+_CUT_MARK = "..."
+
+
+def bounded_message(message: str) -> str:
+    """message, or its start and "..." when its UTF-8 encoding is over MAX_ERROR_MESSAGE_BYTES."""
+    raw = message.encode()
+    if len(raw) <= MAX_ERROR_MESSAGE_BYTES:
+        return message
+    head = raw[: MAX_ERROR_MESSAGE_BYTES - len(_CUT_MARK)].decode(errors="ignore")
+    return head + _CUT_MARK
+
+
 def error_body(err: SidecarError) -> ErrorBody:
     """An error as an error reply carries it (section 4.2); results that hold one use it too."""
-    return ErrorBody(code=err.code, message=err.message, details=err.details or None)
+    return ErrorBody(
+        code=err.code, message=bounded_message(err.message), details=err.details or None
+    )
 
 
 def error_reply(request_id: int | None, err: SidecarError) -> ErrorReply:

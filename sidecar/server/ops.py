@@ -67,6 +67,11 @@ SUPPORTED_PROTOCOLS = (PROTOCOL_VERSION,)
 REASON_UNSPECIFIED = "unspecified"
 # The reply's own envelope around the jobs (id, ok, result, items), rounded up.
 REPLY_OVERHEAD_BYTES = 64
+# What one settle's entry adds to a complete_next or complete_many reply beyond its queue_id
+# (protocol.md 3): the larger of an info map (eleven keys, three float64s and four ints) and an
+# error map whose message is at most MAX_ERROR_MESSAGE_BYTES, rounded up; the jobs leased beside
+# the settles get only the room these leave (tests/server/test_reply_bound.py checks it).
+RESULT_FIXED_BYTES = 384
 # The Prometheus text exposition format, as a scraper's Content-Type.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 W = TypeVar("W", bound=msgspec.Struct)
@@ -264,13 +269,19 @@ class Ops:
         room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
         return await self.queue.dequeue(max_items, lease_s, max_bytes=room)
 
+    def _room_beside(self, queue_ids: list[str]) -> int:
+        """The bytes left for leased jobs in a reply that also carries these settles' entries."""
+        results = sum(result_bytes(q) for q in queue_ids)
+        return self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES - results
+
     async def _complete_next(self, req: CompleteNext) -> CompleteNextResult:
         """Settle one job and lease up to max_items more, never waiting (protocol.md 8.12)."""
-        room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
+        room = self._room_beside([req.queue_id])
         got = await self.queue.complete_next(
             req.queue_id,
             req.lease_id,
-            min(req.max_items, self.settings.max_batch),
+            # No room left beside the settle's entry: lease nothing rather than pass the bound.
+            min(req.max_items, self.settings.max_batch) if room > 0 else 0,
             req.lease_s or self.settings.queue_lease_s,
             room,
         )
@@ -287,12 +298,14 @@ class Ops:
         s = self.settings
         self._check_batch(len(req.items))
         settle = self.queue.complete if req.info else self.queue.complete_brief
+        # The jobs get only the room the settles' entries may take leave (protocol.md 3).
+        room = self._room_beside([item.queue_id for item in req.items])
         outcomes, leased = await settle_then_lease(
             [settle(item.queue_id, item.lease_id) for item in req.items],
             self.queue,
-            min(req.max_items, s.max_batch),
+            min(req.max_items, s.max_batch) if room > 0 else 0,
             req.lease_s or s.queue_lease_s,
-            s.max_frame_bytes - REPLY_OVERHEAD_BYTES,
+            room,
         )
         # A settle's own error is its item's answer (settle_then_lease raises any other).
         results = [
@@ -337,6 +350,11 @@ def compile_view(wire: type[W], source: type[msgspec.Struct], *given: str) -> Ca
 _info = compile_view(RequestInfo, QueuedRequest, "status")
 _job = compile_view(Job, QueuedRequest, "payload")
 _enqueued = compile_view(EnqueuedItem, QueuedRequest, "status", "created")
+
+
+def result_bytes(queue_id: str) -> int:
+    """An upper bound of one settle's entry (its info, or its error) in a reply."""
+    return RESULT_FIXED_BYTES + len(queue_id)
 
 
 def info(rec: QueuedRequest) -> RequestInfo:

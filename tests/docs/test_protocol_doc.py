@@ -238,6 +238,19 @@ def test_the_documented_limits_are_the_code_s() -> None:
     assert f"nested at most {MAX_PAYLOAD_DEPTH} levels" in fixed
 
 
+def test_hello_s_example_names_every_fixed_limit() -> None:
+    """Issue 24: the longest delay_s and the hard cap of wait_s are in hello's table and example."""
+    from sidecar.models import MAX_DELAY_S, MAX_WAIT_S
+
+    doc = DOC.read_text(encoding="utf-8")
+    hello = _section(doc, "### 8.1 hello", "### 8.2 enqueue")
+    assert f"`max_delay_s` (float, {int(MAX_DELAY_S):,}" in hello
+    assert f"`max_request_wait_s` (float, {int(MAX_WAIT_S):,}" in hello
+    [reply] = [f for f in WHOLE if f.side == "S" and f.request and '"hello"' in f.request.text]
+    limits = msgspec.msgpack.decode(reply.body)["result"]["limits"]
+    assert (limits["max_delay_s"], limits["max_request_wait_s"]) == (MAX_DELAY_S, MAX_WAIT_S)
+
+
 def test_an_empty_fail_reason_is_documented_as_recorded() -> None:
     """Item 10: the spec and handlers agree on what an empty `fail` reason records."""
     from sidecar.server.ops import REASON_UNSPECIFIED
