@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import structlog
@@ -37,8 +37,14 @@ from sidecar.queue.local.handover import HandoverSide
 from sidecar.queue.local.journal import Journal
 from sidecar.queue.local.reporting import report_transitions
 from sidecar.queue.local.state import LocalState
+from sidecar.queue.local.trim import EmptyTrim, glibc_malloc_trim
 
 log = structlog.get_logger("sidecar.local")
+
+
+def _glibc_trim(held: Callable[[], int]) -> EmptyTrim:
+    return EmptyTrim(glibc_malloc_trim(), held)
+
 
 # While the journal cannot write, an enqueue retries it (a snapshot) at most this often.
 RECOVER_EVERY_S = 1.0
@@ -67,7 +73,10 @@ class LocalQueue(HandoverSide, BaseStore):
         journal: Journal | None = None,
         recover_every_s: float = RECOVER_EVERY_S,
         hooks: StoreHooks = NO_HOOKS,
+        trim: Callable[[Callable[[], int]], EmptyTrim] | None = None,
     ) -> None:
+        """trim: makes the EmptyTrim given how many requests are held (a seam for tests); by
+        default glibc's malloc_trim once the store empties (trim.py)."""
         self.retry_after_s = retry_after_s
         self.recover_every_s = recover_every_s
         self._hooks = hooks
@@ -87,6 +96,7 @@ class LocalQueue(HandoverSide, BaseStore):
         self._last_recover = 0.0
         # Requests acknowledged but not kept on disk at close (no journal, or it failed).
         self.unkept_at_close = 0
+        self._empty_trim = (trim or _glibc_trim)(lambda: self._state.items)
 
     @property
     def max_items(self) -> int:
@@ -133,6 +143,7 @@ class LocalQueue(HandoverSide, BaseStore):
     async def close(self, timeout_s: float = 5.0) -> None:
         """Write the final snapshot; count what could not be kept on disk (timeout_s: unused,
         a local store has nothing to hand over)."""
+        self._empty_trim.cancel()
         held = self._state.queued + self._state.processing
         if self._journal is None:
             self.unkept_at_close = held
@@ -416,6 +427,7 @@ class LocalQueue(HandoverSide, BaseStore):
             self._state.unaccept(undo)
 
     async def _commit(self) -> None:
+        self._empty_trim.note(self._state.items)  # every change commits, so emptying is seen
         if self._journal is not None and self._journal.pending:
             await self._journal.flushed()
 
