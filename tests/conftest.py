@@ -94,9 +94,10 @@ def make_local(
     )
 
 
-# The quick tier (`tests/run --quick`) runs the contract on the three stores the daemon serves
-# from; the variants of the same code paths (fsync on, plain scripts, fakeredis, a cluster) run
-# in the whole suite.
+# The quick tier (`tests/run --quick`) runs the contract on the two stores underneath: the
+# local one and Redis. The resilient manager over both (which serves the calls through them),
+# and the variants of the same code paths (fsync on, plain scripts, fakeredis, a cluster), run
+# in the whole suite: each Redis-backed variant starts a redis-server per test.
 _VARIANT = pytest.mark.slow
 
 
@@ -106,7 +107,7 @@ _STORE_PARAMS = [
     "redis",
     pytest.param("redis_scripts", marks=_VARIANT),
     pytest.param("fakeredis", marks=_VARIANT),
-    "resilient",
+    pytest.param("resilient", marks=_VARIANT),
     pytest.param("cluster", marks=_VARIANT),
 ]
 
