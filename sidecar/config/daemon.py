@@ -42,7 +42,7 @@ class DaemonSettings:
         None, "REDIS_URL", p.redis_url,
         "a redis://, rediss://, unix:// or redis+sentinel://host:port,.../master[/db] URL",
         "the primary store",
-        shown="unset: local store only (journaled)",
+        shown="unset: local store only (journaled)", redact=p.url_without_password,
     )  # fmt: skip
     redis_password_file: str | None = setting(
         None, "REDIS_PASSWORD_FILE", p.text, "a file path",

@@ -170,6 +170,16 @@ def redacted_url(url: str) -> str:
     return f"{base}?{urlencode(query, safe='*')}" if query else base
 
 
+def url_without_password(raw: str) -> str:
+    """The URL as given when it holds no password, else redacted_url's form (for errors)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(raw)
+    if parts.password is None and "password=" not in parts.query.lower():
+        return raw
+    return redacted_url(raw)
+
+
 def default_socket_path(env: Mapping[str, str] | None = None) -> str:
     """A path an unprivileged user can bind: $XDG_RUNTIME_DIR, else a per-uid folder in /tmp."""
     env = os.environ if env is None else env

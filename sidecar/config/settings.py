@@ -14,7 +14,7 @@ from sidecar.config import parse as p
 from sidecar.config.daemon import DaemonSettings
 from sidecar.config.llm import LLMSettings
 from sidecar.config.parse import default_socket_path, default_state_dir
-from sidecar.config.spec import ConfigError, Spec
+from sidecar.config.spec import ConfigError, Spec, shown_value
 
 
 # Bases in this order so the table lists the daemon's rows first (dataclass fields follow the
@@ -64,8 +64,8 @@ class Settings(LLMSettings, DaemonSettings):
             try:
                 values[name] = spec.parse(raw)
             except ValueError:
-                value = "(the value is secret)" if spec.secret else repr(raw)
-                problems.append(f"{spec.env}={value} is invalid: expected {spec.accepted}")
+                shown = shown_value(spec, raw)
+                problems.append(f"{spec.env}={shown} is invalid: expected {spec.accepted}")
         if not values.get("socket_path"):
             values["socket_path"] = default_socket_path(env)
         if not values.get("state_dir"):

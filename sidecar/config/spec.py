@@ -26,6 +26,8 @@ class Spec:
     shown: str | None = None
     # A secret's value never appears in an error or a log line, even when it is invalid.
     secret: bool = False
+    # How an invalid value is shown when it may hold a secret in part (a URL's password).
+    redact: Callable[[str], str] | None = None
 
 
 def setting(
@@ -37,7 +39,20 @@ def setting(
     *,
     shown: str | None = None,
     secret: bool = False,
+    redact: Callable[[str], str] | None = None,
 ) -> T:
     """A Settings field carrying its row of the settings table (see SPECS)."""
-    spec = Spec(env, parse, accepted, doc, shown, secret)
+    spec = Spec(env, parse, accepted, doc, shown, secret, redact)
     return field(default=default, metadata={"setting": spec})
+
+
+def shown_value(spec: Spec, raw: str) -> str:
+    """How a value of this setting appears in an error: whole, redacted, or not at all."""
+    if spec.secret:
+        return "(the value is secret)"
+    if spec.redact is not None:
+        try:
+            return repr(spec.redact(raw))
+        except ValueError:  # too malformed to redact: show none of it
+            return "(the value is hidden: it may hold a password)"
+    return repr(raw)

@@ -187,3 +187,13 @@ def test_an_invalid_secret_is_named_but_never_shown() -> None:
         Settings.from_env({"LLM_WEBHOOK_SECRET": leaked})
     assert "LLM_WEBHOOK_SECRET=(the value is secret) is invalid" in str(err.value)
     assert leaked not in str(err.value)
+
+
+def test_an_invalid_redis_url_is_shown_without_its_password() -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"REDIS_URL": "http://app:hunter2@redis.internal:6379/0"})
+    assert "REDIS_URL='http://app:***@redis.internal:6379/0' is invalid" in str(err.value)
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"REDIS_URL": "http://app:hunter2@redis:port/0"})  # no port to parse
+    assert "hunter2" not in str(err.value) and "REDIS_URL=(the value is hidden" in str(err.value)
