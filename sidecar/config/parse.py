@@ -7,11 +7,16 @@ a line naming the variable, the value and the setting's accepted text.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[
@@ -152,8 +157,6 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
 
 def redacted_url(url: str) -> str:
     """The URL with any password (user part or query) replaced, safe for logs."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit
-
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
@@ -172,8 +175,6 @@ def redacted_url(url: str) -> str:
 
 def url_without_password(raw: str) -> str:
     """The URL as given when it holds no password, else redacted_url's form (for errors)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(raw)
     if parts.password is None and "password=" not in parts.query.lower():
         return raw
@@ -315,9 +316,6 @@ class Secrets(tuple[str, ...]):
 
 def decode_webhook_secret(secret: str) -> bytes:
     """The key of one `whsec_<base64>` secret; ValueError saying what is wrong (never the value)."""
-    import base64
-    import binascii
-
     if not secret.startswith(WEBHOOK_SECRET_PREFIX):
         raise ValueError(f"a secret must start with {WEBHOOK_SECRET_PREFIX!r}")
     encoded = secret[len(WEBHOOK_SECRET_PREFIX) :]
@@ -346,9 +344,6 @@ def webhook_secrets(raw: str) -> tuple[str, ...]:
 def host_list(raw: str) -> tuple[str, ...]:
     """Comma- or space-separated host names, IP addresses and CIDRs, normalised (lower case,
     a name's trailing dot removed, a CIDR's host bits cleared); ValueError naming a bad entry."""
-    import ipaddress
-    import re
-
     label = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
     entries: list[str] = []
     for part in raw.replace(",", " ").split():

@@ -32,7 +32,6 @@ class SidecarServer:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.settings = state.settings
         # Served a socket inherited from systemd (sidecar.socket): it is never unlinked.
         self.inherited = False
         self._server: asyncio.Server | None = None
@@ -42,11 +41,11 @@ class SidecarServer:
 
     @property
     def path(self) -> str:
-        return self.settings.socket_path
+        return self.state.settings.socket_path
 
     async def start(self) -> None:
         """Bind the socket (mode 0660), replacing a stale file but never a live daemon's."""
-        prepare_socket_path(self.path, self.settings.socket_group)
+        prepare_socket_path(self.path, self.state.settings.socket_group)
         loop = asyncio.get_running_loop()
         # umask closes the window between bind and chmod in which the file has looser modes.
         old = os.umask(0o117)
