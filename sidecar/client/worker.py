@@ -83,7 +83,7 @@ async def run_worker(
         keeper = _LeaseKeeper(settler, lease)
         keeping = asyncio.get_running_loop().create_task(keeper.run())
         keeping.add_done_callback(observe)
-        jobs = _Jobs(settler, handler, keeper, slots, stop, lease)
+        jobs = _Jobs(settler, handler, keeper, slots, stop, lease, hello.limits.max_delay_s)
         backoff = 0.05
         try:
             while not stop.is_set():
@@ -159,9 +159,13 @@ class _Jobs:
         slots: _Slots,
         stop: asyncio.Event,
         lease_s: float,
+        max_delay_s: float,
     ) -> None:
         self.client, self.handler, self.keeper = client, handler, keeper
         self.slots, self.stop, self.lease_s = slots, stop, lease_s
+        # The daemon's longest delay_s (hello): a longer RetryLater holds the request that
+        # long rather than have its fail refused and its lease lapse (a counted attempt).
+        self.max_delay_s = max_delay_s
         self.running: set[asyncio.Task[None]] = set()
         self.settling = 0  # completions waiting to be sent or in flight
         self._done: list[Job] = []  # completed this loop pass, not sent yet
@@ -194,7 +198,8 @@ class _Jobs:
             except PermanentFailure as exc:
                 failed = _Failed(f"{exc}", retry=False)
             except RetryLater as exc:
-                failed = _Failed(exc.reason, retry=True, delay_s=exc.delay_s, counts=exc.counts)
+                delay_s = min(exc.delay_s, self.max_delay_s)
+                failed = _Failed(exc.reason, retry=True, delay_s=delay_s, counts=exc.counts)
             except Exception as exc:
                 failed = _Failed(f"{type(exc).__name__}: {exc}", retry=True)
             finally:

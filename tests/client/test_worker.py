@@ -311,3 +311,34 @@ async def test_ready_holds_the_poll_until_jobs_may_be_taken(
             stop.set()
             go.set()
             await asyncio.wait_for(worker, 10)
+
+
+async def test_a_retry_later_past_the_daemon_s_longest_delay_holds_for_that_long(
+    served: tuple[SidecarServer, Recording],
+) -> None:
+    """A delay the daemon would refuse is cut to its maximum: held, not left to lapse."""
+    server, _ = served
+    async with AsyncClient(server.path) as producer:
+        await producer.enqueue(item(1), queue_id="far")
+        hello = await producer.hello()
+        ran = asyncio.Event()
+
+        async def handler(job: Job) -> None:
+            ran.set()
+            raise RetryLater(hello.limits.max_delay_s * 10, reason="come back much later")
+
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_worker(handler, path=server.path, wait_s=0.1, stop=stop, lease_s=3600)
+        )
+        try:
+            await asyncio.wait_for(ran.wait(), 10)
+            for _ in range(1000):
+                if (await producer.status("far")).status == "queued":
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+        held = await producer.status("far")
+        assert (held.status, held.attempts, held.reason) == ("queued", 0, "come back much later")
