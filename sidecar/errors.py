@@ -62,6 +62,12 @@ class InvalidState(SidecarError):
     code = "invalid_state"
 
 
+class UnknownQueue(SidecarError):
+    """A request naming a queue this daemon does not serve; details list the ones it does."""
+
+    code = "unknown_queue"
+
+
 class LeaseMismatch(SidecarError):
     """The lease named is not the request's current lease (it lapsed or was never this one)."""
 
@@ -96,6 +102,19 @@ class PermissionDenied(SidecarError):
     """The peer's uid and gid are not in the daemon's allowlist; the connection is closed."""
 
     code = "permission_denied"
+
+
+class BadCursor(SidecarError):
+    """A list cursor this daemon did not make (another daemon's, or from before a restart), or
+    one that was damaged, or one made for other filters."""
+
+    code = "bad_cursor"
+
+
+class Forbidden(SidecarError):
+    """The daemon's settings do not allow what was asked (a payload, SIDECAR_OPS_PAYLOADS)."""
+
+    code = "forbidden"
 
 
 class SidecarUnavailable(SidecarError):
@@ -133,12 +152,15 @@ ERRORS_BY_CODE: dict[str, type[SidecarError]] = {
         NotFound,
         InvalidState,
         LeaseMismatch,
+        UnknownQueue,
         QueueFull,
         BackendUnavailable,
         StorageUnavailable,
         TooManyConnections,
         ShuttingDown,
         PermissionDenied,
+        BadCursor,
+        Forbidden,
         SidecarUnavailable,
     )
 }

@@ -48,6 +48,15 @@ class ServingMode(enum.StrEnum):
     LOCAL_FALLBACK = "local_fallback"
 
 
+class QueueName(enum.StrEnum):
+    """The daemon's named queues, each a store of its own (protocol.md 7.11): requests, and
+    the two outbox queues where results wait for their caller."""
+
+    REQUESTS = "requests"  # the default: requests waiting for a worker
+    DELIVERIES = "deliveries"  # results waiting to be POSTed to a callback URL
+    PICKUPS = "pickups"  # results waiting for their caller to take them by queue_id
+
+
 class HealthStatus(enum.StrEnum):
     """What a store or the daemon says of its health: ok, degraded (serving, with reasons), or
     unhealthy (a store that cannot serve)."""
@@ -61,6 +70,73 @@ class HealthStatus(enum.StrEnum):
 REASON_CANCELLED = "cancelled"
 REASON_ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 REASON_TTL = "ttl_elapsed"
+
+
+# Ended by an operator's forced purge (someone meant it: not a dead letter).
+REASON_PURGED = "purged"
+
+
+class ListStatus(enum.StrEnum):
+    """What an operator lists by (the `list` op): a QueueStatus, with queued split into the
+    requests in line and those held back by a fail's delay (delayed)."""
+
+    QUEUED = "queued"
+    DELAYED = "delayed"
+    PROCESSING = "processing"
+    FAILED = "failed"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+
+
+# The statuses whose records are finished (purge needs no force for them).
+FINISHED_LIST_STATUSES = frozenset({ListStatus.FAILED, ListStatus.COMPLETED, ListStatus.EXPIRED})
+# Dead letters: failed for good or expired before being processed, kept with their payload.
+DEAD_LIST_STATUSES = frozenset({ListStatus.FAILED, ListStatus.EXPIRED})
+
+
+def is_dead_letter(status: QueueStatus, reason: str | None) -> bool:
+    """Whether a terminal record is a dead letter: expired, or failed other than by someone's
+    intent (a cancel or a forced purge)."""
+    if status is QueueStatus.EXPIRED:
+        return True
+    return status is QueueStatus.FAILED and reason not in (REASON_CANCELLED, REASON_PURGED)
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """One page of a `list`: which records, in which order, how many, with payloads or not."""
+
+    status: ListStatus
+    priority: int | None = None
+    newest: bool = False
+    limit: int = 50
+    payload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListPosition:
+    """Where a page of `list` ended: the store, the record's score in that store's order (see
+    protocol.md 8.19) and its queue_id, which breaks ties."""
+
+    store: str
+    score: float
+    queue_id: str
+
+
+@dataclass(slots=True)
+class RecordPage:
+    """A page of records (each with its store's name) and where the next page starts."""
+
+    items: list[tuple[str, QueuedRequest]]
+    next: ListPosition | None
+
+
+@dataclass(slots=True)
+class RequeueOutcome:
+    """What a requeue did: the dead letters queued again, and the ids already queued (a no-op)."""
+
+    requeued: list[str]
+    unchanged: list[str]
 
 
 class QueuedRequest(msgspec.Struct, kw_only=True, gc=False):
@@ -138,6 +214,11 @@ class QueueStats(msgspec.Struct, kw_only=True):
     recoveries: int = 0
     degraded_s: float = 0.0
     redis_data_lost: int = 0
+    # Dead letters held (failed for good or expired, kept with their payload) and their bytes,
+    # and how many were dropped before their retention ended because QUEUE_MAX_DEAD was reached.
+    dead_letters: int = 0
+    dead_letters_bytes: int = 0
+    dead_letters_dropped: int = 0
 
     @property
     def balanced(self) -> bool:

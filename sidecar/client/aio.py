@@ -168,6 +168,13 @@ class AsyncClient:
     stats = _async(ops.stats)
     health = _async(ops.health)
     metrics = _async(ops.metrics)
+    requeue = _async(ops.requeue)
+    purge = _async(ops.purge)
+    take = _async(ops.take)
+    limit_acquire = _async(ops.limit_acquire)
+    limit_settle = _async(ops.limit_settle)
+    limit_pause = _async(ops.limit_pause)
+    limit_report = _async(ops.limit_report)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -237,6 +244,9 @@ class AsyncClient:
         finally:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # observed even when this caller was cancelled meanwhile
+
+    # Last in the class body: above, `list` in annotations is still the builtin.
+    list = _async(ops.list_)
 
 
 async def connect(path: str | None = None, timeout_s: float | None = None) -> AsyncClient:

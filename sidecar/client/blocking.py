@@ -107,6 +107,13 @@ class Client:
     stats = _sync(ops.stats)
     health = _sync(ops.health)
     metrics = _sync(ops.metrics)
+    requeue = _sync(ops.requeue)
+    purge = _sync(ops.purge)
+    take = _sync(ops.take)
+    limit_acquire = _sync(ops.limit_acquire)
+    limit_settle = _sync(ops.limit_settle)
+    limit_pause = _sync(ops.limit_pause)
+    limit_report = _sync(ops.limit_report)
 
     def _call(self, call: Call[T]) -> T:
         req, extra_timeout_s = call.request, call.extra_timeout_s
@@ -184,6 +191,10 @@ class Client:
                     raise_for(reply)
                 if reply.id in (request_id, None):  # one request at a time: nil is ours too
                     return reply
+
+
+    # Last in the class body: above, `list` in annotations is still the builtin.
+    list = _sync(ops.list_)
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:

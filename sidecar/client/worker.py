@@ -15,7 +15,7 @@ import structlog
 from sidecar.client.aio import AsyncClient
 from sidecar.client.connection import observe
 from sidecar.errors import BackendUnavailable, SidecarError, SidecarUnavailable, UnknownOp
-from sidecar.protocol import CompleteManyResult, Job, RequestInfo
+from sidecar.protocol import DEFAULT_QUEUE, CompleteManyResult, Job, RequestInfo
 
 log = structlog.get_logger("sidecar.client")
 # The most completions one complete_many carries. Smaller requests keep several in flight, so
@@ -59,8 +59,11 @@ async def run_worker(
     wait_s: float = 5.0,
     stop: asyncio.Event | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
+    queue: str = DEFAULT_QUEUE,
 ) -> None:
     """Take requests and run handler on each, extending the lease while it runs.
+
+    queue: the named queue to drain (`requests`; the deliverer drains `deliveries`).
 
     ready, when given, is awaited before each poll for new jobs and returns once jobs may be
     taken (or `stop` is set): a handler that knows no job can be served now (the LLM worker's
@@ -80,10 +83,12 @@ async def run_worker(
         hello = await poller.hello()
         lease = lease_s or hello.limits.default_lease_s
         slots = _Slots(concurrency, hello.limits.max_batch)
-        keeper = _LeaseKeeper(settler, lease)
+        keeper = _LeaseKeeper(settler, lease, queue)
         keeping = asyncio.get_running_loop().create_task(keeper.run())
         keeping.add_done_callback(observe)
-        jobs = _Jobs(settler, handler, keeper, slots, stop, lease, hello.limits.max_delay_s)
+        jobs = _Jobs(
+            settler, handler, keeper, slots, stop, lease, hello.limits.max_delay_s, queue
+        )
         backoff = 0.05
         try:
             while not stop.is_set():
@@ -99,7 +104,7 @@ async def run_worker(
                     continue
                 try:
                     # As many as there are free slots, in one request.
-                    taken = await poller.dequeue(free, lease_s=lease, wait_s=wait_s)
+                    taken = await poller.dequeue(free, lease_s=lease, wait_s=wait_s, queue=queue)
                 except SidecarError as exc:
                     slots.give(free)
                     # The daemon or its store is briefly away: back off, and keep the jobs
@@ -160,12 +165,14 @@ class _Jobs:
         stop: asyncio.Event,
         lease_s: float,
         max_delay_s: float,
+        queue: str = DEFAULT_QUEUE,
     ) -> None:
         self.client, self.handler, self.keeper = client, handler, keeper
         self.slots, self.stop, self.lease_s = slots, stop, lease_s
         # The daemon's longest delay_s (hello): a longer RetryLater holds the request that
         # long rather than have its fail refused and its lease lapse (a counted attempt).
         self.max_delay_s = max_delay_s
+        self.queue = queue  # the named queue the jobs came from, where they are settled
         self.running: set[asyncio.Task[None]] = set()
         self.settling = 0  # completions waiting to be sent or in flight
         self._done: list[Job] = []  # completed this loop pass, not sent yet
@@ -211,7 +218,7 @@ class _Jobs:
             self._complete(job)  # its lease is kept until the completion is answered
             return
         try:
-            await _settle(failed.send(self.client, job), job)
+            await _settle(failed.send(self.client, job, self.queue), job)
         finally:
             self.keeper.remove(job)
 
@@ -247,12 +254,14 @@ class _Jobs:
             leases = [(job.queue_id, job.lease_id) for job in batch]
             try:
                 return await self.client.complete_many(
-                    leases, want, lease_s=self.lease_s, info=False
+                    leases, want, lease_s=self.lease_s, info=False, queue=self.queue
                 )
             except UnknownOp:
                 self._batches = False
-        complete = self.client.complete
-        await asyncio.gather(*(_settle(complete(j.queue_id, j.lease_id), j) for j in batch))
+        complete, queue = self.client.complete, self.queue
+        await asyncio.gather(
+            *(_settle(complete(j.queue_id, j.lease_id, queue=queue), j) for j in batch)
+        )
         return None
 
     async def _settle_batch(self, batch: list[Job], want: int) -> None:
@@ -297,11 +306,13 @@ class _Failed:
     delay_s: float | None = None  # None: the plain fail of a handler that raised
     counts: bool = True
 
-    def send(self, client: AsyncClient, job: Job) -> Awaitable[RequestInfo]:
+    def send(self, client: AsyncClient, job: Job, queue: str) -> Awaitable[RequestInfo]:
         if self.delay_s is None:
-            return client.fail(job.queue_id, job.lease_id, self.reason, retry=self.retry)
+            return client.fail(
+                job.queue_id, job.lease_id, self.reason, retry=self.retry, queue=queue
+            )
         return client.fail(job.queue_id, job.lease_id, self.reason, retry=self.retry,
-                           delay_s=self.delay_s, counts=self.counts)  # fmt: skip
+                           delay_s=self.delay_s, counts=self.counts, queue=queue)  # fmt: skip
 
 
 async def _settle(call: Awaitable[RequestInfo], job: Job) -> None:
@@ -321,8 +332,9 @@ class _LeaseKeeper:
     concurrently on the shared settling client.
     """
 
-    def __init__(self, client: AsyncClient, lease_s: float) -> None:
+    def __init__(self, client: AsyncClient, lease_s: float, queue: str = DEFAULT_QUEUE) -> None:
         self._client = client
+        self._queue = queue
         self._period = lease_s / 3
         self._lease_s = lease_s
         self._due: dict[str, tuple[float, Job]] = {}  # by lease_id
@@ -357,7 +369,7 @@ class _LeaseKeeper:
 
     async def _extend(self, job: Job) -> None:
         try:
-            await self._client.extend(job.queue_id, job.lease_id, self._lease_s)
+            await self._client.extend(job.queue_id, job.lease_id, self._lease_s, queue=self._queue)
         except (BackendUnavailable, SidecarUnavailable):
             pass  # the store or the daemon is briefly away; the next round tries again
         except SidecarError as exc:

@@ -14,17 +14,20 @@ from sidecar.errors import SidecarError
 from sidecar.models import (
     MAX_DELAY_S,
     MAX_LEASE_S,
+    MAX_RETENTION_S,
     MAX_TTL_S,
     MAX_WAIT_S,
     PRIORITY_DEFAULT,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    QueueName,
     books_balance,
 )
 
 QueueId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")
-]  # printable ASCII, no spaces: fits a log line, a Redis key and a URL
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!-~]+\Z")
+]  # printable ASCII, no spaces: fits a log line, a Redis key and a URL (`\Z`, since `$`
+# would also admit one final newline)
 Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
 # Every duration is bounded above as well as below: the bound also refuses inf, and NaN fails
 # every comparison, so only finite values in range reach a store (see MAX_TTL_S for why).
@@ -33,6 +36,10 @@ LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
 WaitSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)]
 DelaySeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_DELAY_S)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+# Any short name: one the daemon does not serve is answered `unknown_queue` (not
+# invalid_message), which names the queues it serves.
+QueueField = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+DEFAULT_QUEUE = QueueName.REQUESTS.value
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -60,23 +67,27 @@ class EnqueueItem(msgspec.Struct, kw_only=True):
 
 class Enqueue(Request, tag="enqueue"):
     items: Annotated[list[EnqueueItem], msgspec.Meta(min_length=1)]
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Dequeue(Request, tag="dequeue"):
     max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
     lease_s: LeaseSeconds | None = None
     wait_s: WaitSeconds = 0.0
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Extend(Request, tag="extend"):
     queue_id: QueueId
     lease_id: str
     lease_s: LeaseSeconds | None = None
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Complete(Request, tag="complete"):
     queue_id: QueueId
     lease_id: str
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class CompleteNext(Request, tag="complete_next"):
@@ -86,6 +97,7 @@ class CompleteNext(Request, tag="complete_next"):
     lease_id: str
     max_items: Annotated[int, msgspec.Meta(ge=1)] = 1
     lease_s: LeaseSeconds | None = None
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class CompleteItem(msgspec.Struct, kw_only=True):
@@ -102,6 +114,7 @@ class CompleteMany(Request, tag="complete_many"):
     # False: a settled item's entry carries no info (nor error), and the store need not read
     # the record back.
     info: bool = True
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Fail(Request, tag="fail"):
@@ -113,18 +126,31 @@ class Fail(Request, tag="fail"):
     # False: the delivery this fail ends is not counted against max_attempts (the provider was
     # unavailable, not the request at fault): `attempts` goes back by one. Only with retry.
     counts: bool = True
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Cancel(Request, tag="cancel"):
     queue_id: QueueId
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Status(Request, tag="status"):
     queue_id: QueueId
+    # True: the reply carries the request's payload (when the daemon allows it, protocol.md 8.8).
+    payload: bool = False
+    queue: QueueField = DEFAULT_QUEUE
 
 
 class Stats(Request, tag="stats"):
-    pass
+    queue: QueueField = DEFAULT_QUEUE
+
+
+class Take(Request, tag="take"):
+    """Lease the one request queue_id names, if it is queued (protocol.md: take)."""
+
+    queue_id: QueueId
+    queue: QueueField  # named every time: a take from the wrong queue would find nothing
+    lease_s: LeaseSeconds | None = None
 
 
 class Health(Request, tag="health"):
@@ -133,6 +159,45 @@ class Health(Request, tag="health"):
 
 class Metrics(Request, tag="metrics"):
     pass
+
+
+# The most records one page of `list` holds, and one `requeue` by filter moves (protocol.md 8.19).
+MAX_LIST_LIMIT = 1000
+MAX_REQUEUE_LIMIT = 10_000
+MAX_CURSOR_CHARS = 512
+
+
+class List(Request, tag="list"):
+    """One page of the records of one status (protocol.md 8.19)."""
+
+    # One of models.ListStatus; checked by the op so an unknown one names the choices.
+    status: Annotated[str, msgspec.Meta(max_length=32)] = "queued"
+    priority: Priority | None = None
+    order: Annotated[str, msgspec.Meta(max_length=16)] = "oldest"
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST_LIMIT)] = 50
+    cursor: Annotated[str, msgspec.Meta(max_length=MAX_CURSOR_CHARS)] | None = None
+    payload: bool = False
+    queue: QueueField = DEFAULT_QUEUE
+
+
+class Requeue(Request, tag="requeue"):
+    """Dead letters back to queued: one by queue_id, or up to limit by filter (protocol.md 8.20)."""
+
+    queue_id: QueueId | None = None
+    status: Annotated[str, msgspec.Meta(max_length=32)] = "failed"
+    priority: Priority | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEUE_LIMIT)] = 100
+    queue: QueueField = DEFAULT_QUEUE
+
+
+class Purge(Request, tag="purge"):
+    """Forget the records of one status, or only those older than an age (protocol.md 8.21)."""
+
+    status: Annotated[str, msgspec.Meta(max_length=32)] = "completed"
+    older_than_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_RETENTION_S)] | None = None
+    # Needed to purge queued, delayed or processing requests (refused without it).
+    force: bool = False
+    queue: QueueField = DEFAULT_QUEUE
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -163,6 +228,8 @@ class HelloResult(msgspec.Struct, kw_only=True):
     protocol: int
     mode: str
     limits: Limits
+    # The named queues this daemon serves (the `queue` field of the ops).
+    queues: list[str] = msgspec.field(default_factory=list)
 
 
 class EnqueuedItem(msgspec.Struct, kw_only=True):
@@ -195,6 +262,12 @@ class DequeueResult(msgspec.Struct, kw_only=True):
     items: list[Job]
 
 
+class TakeResult(msgspec.Struct, kw_only=True):
+    """The request take leased, or nil when it was not queued (unknown, processing, finished)."""
+
+    item: Job | None = None
+
+
 class RequestInfo(msgspec.Struct, kw_only=True):
     """What status, extend, complete, fail and cancel answer: a request's metadata."""
 
@@ -209,6 +282,33 @@ class RequestInfo(msgspec.Struct, kw_only=True):
     size_bytes: int
     lease_expires_at: float | None = None
     reason: str | None = None
+
+
+class RequestDetail(RequestInfo, kw_only=True):
+    """What status and list answer: RequestInfo, the store that holds the request, and its
+    payload (absent unless asked for and allowed)."""
+
+    store: str = ""
+    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class ListResult(msgspec.Struct, kw_only=True):
+    """One page of `list`; next_cursor is None on the last page (protocol.md 8.19)."""
+
+    items: list[RequestDetail]
+    next_cursor: str | None = None
+
+
+class RequeueResult(msgspec.Struct, kw_only=True):
+    """How many dead letters went back to queued, their ids, and the ids that already were."""
+
+    requeued: int
+    ids: list[str]
+    unchanged: list[str] = msgspec.field(default_factory=list)
+
+
+class PurgeResult(msgspec.Struct, kw_only=True):
+    purged: int
 
 
 class CompleteNextResult(msgspec.Struct, kw_only=True):
@@ -277,6 +377,9 @@ class StatsResult(msgspec.Struct, kw_only=True):
     recoveries: int = 0
     degraded_s: float = 0.0
     redis_data_lost: int = 0
+    dead_letters: int = 0
+    dead_letters_bytes: int = 0
+    dead_letters_dropped: int = 0
 
     @property
     def balanced(self) -> bool:

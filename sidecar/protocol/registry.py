@@ -9,6 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from sidecar.protocol.limits import (
+    LimitAcquire,
+    LimitGrant,
+    LimitPause,
+    LimitPaused,
+    LimitReport,
+    LimitSettle,
+    LimitSettled,
+    LimitState,
+)
 from sidecar.protocol.messages import (
     Cancel,
     Complete,
@@ -26,13 +36,22 @@ from sidecar.protocol.messages import (
     HealthResult,
     Hello,
     HelloResult,
+    List,
+    ListResult,
     Metrics,
     MetricsResult,
+    Purge,
+    PurgeResult,
     Request,
+    RequestDetail,
     RequestInfo,
+    Requeue,
+    RequeueResult,
     Stats,
     StatsResult,
     Status,
+    Take,
+    TakeResult,
 )
 
 
@@ -63,7 +82,7 @@ REGISTRY: tuple[OpSpec, ...] = (
     OpSpec(Complete, RequestInfo, retry_safe=False),
     OpSpec(Fail, RequestInfo, retry_safe=False),
     OpSpec(Cancel, RequestInfo, retry_safe=False),
-    OpSpec(Status, RequestInfo, retry_safe=True),
+    OpSpec(Status, RequestDetail, retry_safe=True),
     OpSpec(Stats, StatsResult, retry_safe=True),
     OpSpec(Health, HealthResult, retry_safe=True),
     OpSpec(Metrics, MetricsResult, retry_safe=True),
@@ -71,6 +90,19 @@ REGISTRY: tuple[OpSpec, ...] = (
     OpSpec(CompleteNext, CompleteNextResult, retry_safe=False),
     # Not resend-safe for the same reason when it leases; a resend's settles are harmless.
     OpSpec(CompleteMany, CompleteManyResult, retry_safe=False),
+    # The limiter (protocol.md 8.14-8.17). A resent acquire or settle charges twice, a resent
+    # report counts twice; a pause is a max, so a resend is harmless.
+    OpSpec(LimitAcquire, LimitGrant, retry_safe=False),
+    OpSpec(LimitSettle, LimitSettled, retry_safe=False),
+    OpSpec(LimitPause, LimitPaused, retry_safe=True),
+    OpSpec(LimitReport, LimitState, retry_safe=False),
+    # Not resend-safe: a resend finds the request leased by the first and answers nil.
+    OpSpec(Take, TakeResult, retry_safe=False),
+    # The operators' ops (protocol.md 8.19-8.21). A requeue or purge by filter sent twice may
+    # take more the second time (records that became dead or aged meanwhile): not resend-safe.
+    OpSpec(List, ListResult, retry_safe=True),
+    OpSpec(Requeue, RequeueResult, retry_safe=False),
+    OpSpec(Purge, PurgeResult, retry_safe=False),
 )
 # The registry's requests as one union: the decoder's type, and what dispatch matches over.
 AnyRequest = (
@@ -87,6 +119,14 @@ AnyRequest = (
     | Metrics
     | CompleteNext
     | CompleteMany
+    | LimitAcquire
+    | LimitSettle
+    | LimitPause
+    | LimitReport
+    | List
+    | Requeue
+    | Purge
+    | Take
 )
 SPECS: dict[type[Request], OpSpec] = {spec.request: spec for spec in REGISTRY}
 OPS: frozenset[str] = frozenset(spec.name for spec in REGISTRY)

@@ -38,13 +38,15 @@ from sidecar.protocol import (
     ErrorReply,
     FrameReader,
     OkReply,
+    Purge,
+    Requeue,
     append_frame,
     decode_request,
     encode_frame,
     error_reply,
     request_id_of,
 )
-from sidecar.server.state import ServerState
+from sidecar.server.state import ServerState, peer_uid
 
 log = structlog.get_logger("sidecar.server")
 
@@ -254,7 +256,11 @@ class Connection(asyncio.Protocol):
         """Answer req into its slot; tasked (the op runs in a task of its own): write it too."""
         reply: OkReply | ErrorReply
         try:
-            reply = OkReply(id=req.id, result=await self.state.ops.handle(req))
+            if isinstance(req, Requeue | Purge):  # logged with who asked (SO_PEERCRED)
+                uid = None if self.transport is None else peer_uid(self.transport)
+                reply = OkReply(id=req.id, result=await self.state.ops.act(req, uid))
+            else:
+                reply = OkReply(id=req.id, result=await self.state.ops.handle(req))
         except SidecarError as err:
             reply = error_reply(req.id, err)
         except asyncio.CancelledError:

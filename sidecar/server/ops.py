@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar, assert_never, cast
 
 import msgspec
@@ -18,12 +18,19 @@ from sidecar import PROTOCOL_VERSION, __version__
 from sidecar.config import Settings
 from sidecar.errors import (
     InvalidMessage,
-    NotFound,
     PayloadTooLarge,
     SidecarError,
+    UnknownQueue,
     UnsupportedProtocol,
 )
-from sidecar.models import EnqueueOutcome, QueuedRequest, QueueStats, QueueStatus
+from sidecar.models import (
+    EnqueueOutcome,
+    HealthStatus,
+    QueuedRequest,
+    QueueName,
+    QueueStats,
+    QueueStatus,
+)
 from sidecar.observe import ConnectionCount
 from sidecar.protocol import (
     MAX_PAYLOAD_DEPTH,
@@ -48,17 +55,29 @@ from sidecar.protocol import (
     Hello,
     HelloResult,
     Job,
+    LimitAcquire,
+    LimitPause,
+    LimitReport,
     Limits,
+    LimitSettle,
+    List,
     Metrics,
     MetricsResult,
+    Purge,
     RequestInfo,
+    Requeue,
     Stats,
     StatsResult,
     Status,
+    Take,
+    TakeResult,
     error_body,
     payload_depth_exceeds,
 )
 from sidecar.queue.base import QueueStore, new_request, settle_then_lease
+from sidecar.queue.limit import Limiter, LocalLimiter
+from sidecar.server.limits import LimitOps
+from sidecar.server.operators import OperatorOps
 
 log = structlog.get_logger("sidecar.ops")
 
@@ -89,16 +108,24 @@ class Ops:
         connections: ConnectionCount | None = None,
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
         clock: Callable[[], float] = time.time,
+        outbox: Mapping[str, QueueStore] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         """stopping, connections and render_metrics come from app.py; the defaults serve ops
-        that nothing shares (a store under test, no server): no metrics renders empty text."""
+        that nothing shares (a store under test, no server): no metrics renders empty text.
+        queue is the `requests` queue; outbox the other named queues by name (none: the
+        daemon serves `requests` alone)."""
         self.settings = settings
         self.queue = queue
+        self.queues: dict[str, QueueStore] = {QueueName.REQUESTS.value: queue, **(outbox or {})}
         # Set when the daemon begins to drain: long-polling dequeues answer at once.
         self._stopping = stopping or asyncio.Event()
         self._connections = connections or ConnectionCount()
         self._render_metrics = render_metrics
         self._clock = clock
+        self.operators = OperatorOps(payloads_allowed=settings.ops_payloads)
+        # The fleet's limiter (app.py builds it beside the queue; by default one in memory).
+        self.pacing = LimitOps(limiter or LocalLimiter())
         self._started = time.monotonic()
         self._limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
@@ -118,7 +145,8 @@ class Ops:
             case Dequeue():
                 return await self._dequeue(req)
             case Complete():
-                return info(await self.queue.complete(req.queue_id, req.lease_id))
+                store = self.store(req.queue)
+                return info(await store.complete(req.queue_id, req.lease_id))
             case CompleteNext():
                 return await self._complete_next(req)
             case CompleteMany():
@@ -127,19 +155,28 @@ class Ops:
                 return info(await self._fail(req))
             case Extend():
                 lease_s = req.lease_s or self.settings.queue_lease_s
-                return info(await self.queue.extend(req.queue_id, req.lease_id, lease_s))
+                store = self.store(req.queue)
+                return info(await store.extend(req.queue_id, req.lease_id, lease_s))
             case Cancel():
-                return info(await self.queue.cancel(req.queue_id))
+                return info(await self.store(req.queue).cancel(req.queue_id))
+            case Take():
+                return await self._take(req)
             case Status():
-                rec = await self.queue.status(req.queue_id)
-                if rec is None:
-                    raise NotFound(
-                        f"no request {req.queue_id} (never enqueued, or its retention ended)",
-                        {"queue_id": req.queue_id},
-                    )
-                return info(rec)
+                return await self.operators.status(req, self.store(req.queue))
+            case List():
+                return await self.operators.list_page(req, self.store(req.queue))
+            case Requeue() | Purge():
+                return await self.act(req, None)
+            case LimitAcquire():
+                return await self.pacing.acquire(req)
+            case LimitSettle():
+                return await self.pacing.settle(req)
+            case LimitPause():
+                return await self.pacing.pause(req)
+            case LimitReport():
+                return await self.pacing.report(req)
             case Stats():
-                return stats_result(await self.queue.stats())
+                return stats_result(await self.store(req.queue).stats())
             case Health():
                 return await self.health()
             case Hello():
@@ -167,14 +204,46 @@ class Ops:
             protocol=PROTOCOL_VERSION,
             mode=report.mode,
             limits=self._limits,
+            queues=list(self.queues),
         )
 
+    async def act(self, req: Requeue | Purge, peer_uid: int | None) -> object:
+        """An operator's requeue or purge, logged with who asked (the peer's uid, SO_PEERCRED:
+        the connection passes it)."""
+        store = self.store(req.queue)
+        if isinstance(req, Requeue):
+            return await self.operators.requeue(req, store, peer_uid)
+        return await self.operators.purge(req, store, peer_uid)
+
+    def store(self, name: str) -> QueueStore:
+        """The store of the named queue; UnknownQueue for a name this daemon does not serve."""
+        found = self.queues.get(name)
+        if found is None:
+            served = list(self.queues)
+            raise UnknownQueue(
+                f"no queue {name!r}: this daemon serves {', '.join(served)}",
+                {"queue": name, "queues": served},
+            )
+        return found
+
     async def health(self) -> HealthResult:
+        """One answer for the daemon: the request queue's, and an outbox queue's own reasons
+        (its journal, its breaker) prefixed with its name."""
         report = await self.queue.health()
+        status, reasons = report.status, list(report.reasons)
+        for name, store in self.queues.items():
+            if store is self.queue:
+                continue
+            own = await store.health()
+            extra = [f"{name}: {r}" for r in own.reasons if r not in report.reasons]
+            if extra:
+                reasons += extra
+                if status is HealthStatus.OK:
+                    status = HealthStatus.DEGRADED
         return HealthResult(
-            status=report.status,
+            status=status,
             mode=report.mode,
-            reasons=report.reasons,
+            reasons=reasons,
             version=__version__,
             uptime_s=round(time.monotonic() - self._started, 3),
             connections=self._connections.open,
@@ -184,7 +253,8 @@ class Ops:
         # An empty reason is recorded as "unspecified" (protocol.md 8.6): a failed status
         # always says why, and a client cannot tell "" from a missing value in every language.
         reason = req.reason or REASON_UNSPECIFIED
-        rec = await self.queue.fail(
+        store = self.store(req.queue)
+        rec = await store.fail(
             req.queue_id, req.lease_id, reason, req.retry, req.delay_s, req.counts
         )
         if rec.status is QueueStatus.QUEUED and rec.expires_at <= self._clock():
@@ -192,7 +262,7 @@ class Ops:
             # than answer "queued" for a request that can never be handed out again.
             # The fail itself took effect: a read that fails now must not turn it into an error.
             try:
-                now = await self.queue.status(req.queue_id)
+                now = await store.status(req.queue_id)
             except SidecarError:
                 now = None
             if now is not None:
@@ -209,6 +279,7 @@ class Ops:
 
     async def _enqueue(self, req: Enqueue) -> EnqueueResult:
         s = self.settings
+        store = self.store(req.queue)
         self._check_batch(len(req.items))
         now = self._clock()
         # Read once per request, not per item: request_ttl_s is a computed property.
@@ -225,7 +296,7 @@ class Ops:
                     queue_id=item.queue_id,
                 )
             )
-        results = await self.queue.enqueue(records)
+        results = await store.enqueue(records)
         return EnqueueResult(items=[enqueued(r) for r in results])
 
     def _checked_payload(self, index: int, item: EnqueueItem) -> bytes:
@@ -249,17 +320,26 @@ class Ops:
 
     async def _dequeue(self, req: Dequeue) -> DequeueResult:
         s = self.settings
+        store = self.store(req.queue)
         max_items = min(req.max_items, s.max_batch)
         lease_s = req.lease_s or s.queue_lease_s
         deadline = time.monotonic() + min(req.wait_s, s.max_wait_s)
         while True:
-            got = await self._lease_within_frame(max_items, lease_s)
+            got = await self._lease_within_frame(store, max_items, lease_s)
             remaining = deadline - time.monotonic()
             if got or remaining <= 0 or self._stopping.is_set():
                 return DequeueResult(items=[job(r) for r in got])
-            await self._wait_for_work(remaining)
+            await self._wait_for_work(store, remaining)
 
-    async def _lease_within_frame(self, max_items: int, lease_s: float) -> list[QueuedRequest]:
+    async def _take(self, req: Take) -> TakeResult:
+        """Lease the one request queue_id names if it is queued, else nil (protocol.md, take)."""
+        store = self.store(req.queue)
+        rec = await store.take(req.queue_id, req.lease_s or self.settings.queue_lease_s)
+        return TakeResult(item=None if rec is None else job(rec))
+
+    async def _lease_within_frame(
+        self, store: QueueStore, max_items: int, lease_s: float
+    ) -> list[QueuedRequest]:
         """Up to max_items leases whose reply fits in max_frame_bytes; the rest stay queued.
 
         One store call with the frame's room as its byte budget. One job is always allowed, so
@@ -267,7 +347,7 @@ class Ops:
         by at most the job's overhead and REPLY_OVERHEAD_BYTES).
         """
         room = self.settings.max_frame_bytes - REPLY_OVERHEAD_BYTES
-        return await self.queue.dequeue(max_items, lease_s, max_bytes=room)
+        return await store.dequeue(max_items, lease_s, max_bytes=room)
 
     def _room_beside(self, queue_ids: list[str]) -> int:
         """The bytes left for leased jobs in a reply that also carries these settles' entries."""
@@ -277,7 +357,7 @@ class Ops:
     async def _complete_next(self, req: CompleteNext) -> CompleteNextResult:
         """Settle one job and lease up to max_items more, never waiting (protocol.md 8.12)."""
         room = self._room_beside([req.queue_id])
-        got = await self.queue.complete_next(
+        got = await self.store(req.queue).complete_next(
             req.queue_id,
             req.lease_id,
             # No room left beside the settle's entry: lease nothing rather than pass the bound.
@@ -296,13 +376,14 @@ class Ops:
         (protocol.md 8.13). All go to the store at once: on Redis the completes fold into one
         script run, and the leasing shares its round trip."""
         s = self.settings
+        store = self.store(req.queue)
         self._check_batch(len(req.items))
-        settle = self.queue.complete if req.info else self.queue.complete_brief
+        settle = store.complete if req.info else store.complete_brief
         # The jobs get only the room the settles' entries may take leave (protocol.md 3).
         room = self._room_beside([item.queue_id for item in req.items])
         outcomes, leased = await settle_then_lease(
             [settle(item.queue_id, item.lease_id) for item in req.items],
-            self.queue,
+            store,
             min(req.max_items, s.max_batch) if room > 0 else 0,
             req.lease_s or s.queue_lease_s,
             room,
@@ -315,9 +396,9 @@ class Ops:
         ]  # fmt: skip
         return CompleteManyResult(results=results, items=[job(r) for r in leased])
 
-    async def _wait_for_work(self, timeout: float) -> None:
+    async def _wait_for_work(self, store: QueueStore, timeout: float) -> None:
         """Wait for work or for the daemon to stop, whichever comes first."""
-        work = asyncio.ensure_future(self.queue.wait_for_work(timeout))
+        work = asyncio.ensure_future(store.wait_for_work(timeout))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)

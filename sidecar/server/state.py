@@ -156,6 +156,12 @@ class ServerState:
             )
 
 
+def peer_uid(transport: asyncio.Transport) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), or None when unreadable."""
+    ids = _peer_ids(transport)
+    return None if ids is None else ids[0]
+
+
 def _peer_ids(transport: asyncio.Transport) -> tuple[int, int] | None:
     """The connecting process's uid and gid (SO_PEERCRED), or None when unreadable."""
     sock = transport.get_extra_info("socket")

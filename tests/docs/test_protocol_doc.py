@@ -168,9 +168,16 @@ def _shape_mismatches(value: Any, info: msgspec.inspect.Type, where: str) -> lis
         if not isinstance(value, dict):
             return [f"{where}: expected a map"]
         fields = {f.encode_name: f.type for f in info.fields}
+        # A field whose default is UNSET is left out of a reply that has no value for it.
+        optional = {
+            f.encode_name
+            for f in info.fields
+            if not f.required and f.default is f.default_factory is msgspec.NODEFAULT
+        }
         problems = []
-        if set(value) != set(fields):
-            missing, extra = sorted(set(fields) - set(value)), sorted(set(value) - set(fields))
+        if not set(fields) - optional <= set(value) <= set(fields):
+            missing = sorted(set(fields) - optional - set(value))
+            extra = sorted(set(value) - set(fields))
             problems.append(f"{where}: missing {missing}, unknown {extra}")
         for key in set(value) & set(fields):
             problems += _shape_mismatches(value[key], fields[key], f"{where}.{key}")
