@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 import uvloop
@@ -17,7 +17,8 @@ from sidecar.errors import StartupError
 from sidecar.metrics import DaemonMetrics, MetricsListener
 from sidecar.observe import ConnectionCount, NullObserver, Observer
 from sidecar.queue.base import QueueStore
-from sidecar.queue.build import build_queue
+from sidecar.queue.build import build_queues
+from sidecar.queue.limit import Limiter, build_limiter
 from sidecar.queue.local import JournalError, LocalQueue
 from sidecar.server import Ops, ServerState, SidecarServer
 
@@ -102,6 +103,8 @@ def build_server(
     observer: Observer | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] = no_metrics,
     eager_ops: bool | None = None,
+    outbox: Mapping[str, QueueStore] | None = None,
+    limiter: Limiter | None = None,
 ) -> SidecarServer:
     """The server and its ops, sharing the state this function owns: the stopping event (the
     server's drain sets it, the ops' long polls end on it) and the open-connection count (the
@@ -110,14 +113,17 @@ def build_server(
     eager_ops (default: the queue is the local store alone): the ops run their first step
     inside the server's read, without a task; only stores that never enter asyncio.timeout
     (which needs a task) may. The Redis path does.
+    outbox: the named queues beside `queue` (the request queue), by name.
     """
     if eager_ops is None:
-        eager_ops = isinstance(queue, LocalQueue)
+        stores = [queue, *(outbox or {}).values()]
+        eager_ops = all(isinstance(store, LocalQueue) for store in stores)
     stopping = asyncio.Event()
     count = ConnectionCount()
     ops = Ops(
-        settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics
-    )
+        settings, queue, stopping=stopping, connections=count, render_metrics=render_metrics,
+        outbox=outbox, limiter=limiter,
+    )  # fmt: skip
     state = ServerState(
         settings,
         ops,
@@ -147,12 +153,11 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
             loop.add_signal_handler(sig, shutdown.set)
     metrics = DaemonMetrics(version=__version__, high_watermark=settings.queue_high_watermark,
                       low_watermark=settings.queue_low_watermark)  # fmt: skip
-    queue, local = build_queue(
-        settings, hooks=metrics, sync=metrics.timed_sync(os.fdatasync)
-    )
-    metrics.bind(queue)
+    queues = build_queues(settings, hooks=metrics, sync=metrics.timed_sync(os.fdatasync))
+    queue = queues.requests
+    metrics.bind(queue, outbox=queues.outbox)
     try:
-        await queue.start()
+        await queues.start()
     except JournalError as exc:
         raise StartupError(str(exc)) from None
     server: SidecarServer | None = None
@@ -161,7 +166,10 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     deadline = loop.time() + settings.drain_timeout_s
     try:
         listen_sock = systemd.inherited_socket(settings.socket_path)
-        server = build_server(settings, queue, observer=metrics, render_metrics=metrics.render)
+        server = build_server(
+            settings, queue, observer=metrics, render_metrics=metrics.render,
+            outbox=queues.outbox, limiter=build_limiter(settings, queue, metrics),
+        )  # fmt: skip
         await (server.start_inherited(listen_sock) if listen_sock else server.start())
         scrape = await start_metrics_listener(settings, metrics)
         report = await queue.health()
@@ -186,7 +194,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
     finally:
         if scrape is not None:
             await scrape.close()
-        await _close_queue(queue, max(0.0, deadline - loop.time()))
+        await queues.close(max(0.0, deadline - loop.time()))
     if own_signals:
         # Everything is kept or handed over: a signal from here on has nothing left to cut
         # short, and must turn a clean stop neither into the forced exit's code 1 nor, once
@@ -194,7 +202,7 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
-    unkept = local.unkept_at_close
+    unkept = queues.unkept_at_close
     if unkept:
         log.error(
             "stopped",
@@ -208,7 +216,8 @@ async def run_daemon(settings: Settings, shutdown: asyncio.Event | None = None) 
 
 
 async def _close_queue(queue: QueueStore, timeout_s: float) -> None:
-    """Close the store; a manager over two stores hands the backlog over within timeout_s."""
+    """Close one store; a manager over two stores hands the backlog over within timeout_s
+    (bench/metrics_cost.py closes the store it built with it)."""
     await queue.close(timeout_s)
 
 

@@ -22,6 +22,8 @@ redis_cluster = redis_cluster_fixture
 
 # Retention and lease used by the contract suite; short enough to step past with the fake clock.
 CONTRACT_RETENTION_S = 600.0
+# Dead letters stay ten times longer than other finished records in the contract stores.
+DEAD_RETENTION_FACTOR = 10
 CONTRACT_LEASE_S = 30.0
 
 
@@ -81,6 +83,7 @@ def make_local(
         "high_watermark": 0.8,
         "low_watermark": 0.6,
         "retention_s": CONTRACT_RETENTION_S,
+        "dead_retention_s": CONTRACT_RETENTION_S * DEAD_RETENTION_FACTOR,
     }
     params.update(overrides)
     return LocalQueue(
@@ -89,6 +92,8 @@ def make_local(
         high_watermark=params["high_watermark"],
         low_watermark=params["low_watermark"],
         retention_s=params["retention_s"],
+        dead_retention_s=params["dead_retention_s"],
+        max_dead=int(params.get("max_dead", 10_000)),
         clock=clock,
         journal=None if state_dir is None else Journal(state_dir, fsync=fsync),
     )
@@ -117,21 +122,31 @@ def _build_store(
 ) -> QueueStore:
     """The store named by request.param, keeping terminal records for retention_s."""
     name = request.param
+    dead_s = retention_s * DEAD_RETENTION_FACTOR
     if name == "local":
-        return make_local(clock, tmp_path / "state", retention_s=retention_s)
+        return make_local(
+            clock, tmp_path / "state", retention_s=retention_s, dead_retention_s=dead_s
+        )
     if name == "local_fsync":
-        return make_local(clock, tmp_path / "state", fsync=True, retention_s=retention_s)
+        return make_local(
+            clock, tmp_path / "state", fsync=True, retention_s=retention_s, dead_retention_s=dead_s
+        )
     if name == "redis":
-        return make_redis_contract_store(request, clock, retention_s)
+        return make_redis_contract_store(request, clock, retention_s, dead_retention_s=dead_s)
     if name == "redis_scripts":
-        return make_redis_contract_store(request, clock, retention_s, functions=False)
+        return make_redis_contract_store(
+            request, clock, retention_s, functions=False, dead_retention_s=dead_s
+        )
     if name == "fakeredis":
-        return make_fakeredis_contract_store(clock, retention_s)
+        return make_fakeredis_contract_store(clock, retention_s, dead_retention_s=dead_s)
     if name == "cluster":
-        return make_cluster_contract_store(request, clock, retention_s)
+        return make_cluster_contract_store(request, clock, retention_s, dead_retention_s=dead_s)
     if name == "resilient":
-        redis = make_redis_contract_store(request, clock, retention_s)
-        return ResilientQueue(redis, make_local(clock, tmp_path / "state", retention_s=retention_s))
+        redis = make_redis_contract_store(request, clock, retention_s, dead_retention_s=dead_s)
+        local = make_local(
+            clock, tmp_path / "state", retention_s=retention_s, dead_retention_s=dead_s
+        )
+        return ResilientQueue(redis, local)
     raise AssertionError(name)  # pragma: no cover - a param without a factory is a bug here
 
 

@@ -3,6 +3,7 @@
 spec.py      a row of the table: variable, parser, accepted values, doc
 daemon.py    the daemon's rows
 llm.py       the LLM side's rows (sidecar.llm; the daemon never reads them)
+web.py       the web dashboard's rows (sidecar.web; the daemon never reads them)
 settings.py  Settings, read from the environment once at start; SPECS
 parse.py     the parsers and the checks across settings
 docs.py      the table in docs/configuration.md and `serve --help`, generated from the rows

@@ -191,6 +191,18 @@ class DaemonSettings:
         "local queue: most heap memory held by queued and processing requests (finished "
         "records are bounded apart, by `QUEUE_MAX_RETAINED`)",
     )  # fmt: skip
+    # Each outbox queue's local limits (`deliveries`, `pickups`: results waiting for their
+    # caller). Results are a few KB each, like requests; 10000 rides out a receiver's outage
+    # of hours at a few requests a second without taking much of a host's memory.
+    outbox_max_size: int = setting(
+        10_000, "OUTBOX_MAX_SIZE", p.whole(1), "a whole number >= 1",
+        "local store of each outbox queue (`deliveries`, `pickups`): most results held",
+    )  # fmt: skip
+    outbox_max_memory_mb: float = setting(
+        64.0, "OUTBOX_MAX_MEMORY_MB", p.number(0, lo_open=True), "a number of megabytes > 0",
+        "local store of each outbox queue: most heap memory held by its results (the "
+        "watermarks apply as to the request queue)",
+    )  # fmt: skip
     # The breaker opens at the high watermark and closes at the low one; the gap stops it
     # flapping on every enqueue/dequeue pair near the limit.
     queue_high_watermark: float = setting(
@@ -201,6 +213,13 @@ class DaemonSettings:
         0.6, "QUEUE_LOW_WATERMARK", p.number(0, 1),
         "a fraction in [0, 1) below QUEUE_HIGH_WATERMARK",
         "... until usage falls back to this share",
+    )  # fmt: skip
+    # The limiter while Redis is down (or not configured) paces each scope in memory at this
+    # share of every limit, so the hosts sharing a provider account stay within it together.
+    limiter_local_share: float = setting(
+        1.0, "LIMITER_LOCAL_SHARE", p.number(0, 1, lo_open=True), "a fraction in (0, 1]",
+        "the limiter without Redis: this host's share of each provider limit (set it to 1 / "
+        "the number of hosts sharing the provider account); with Redis the limits are shared",
     )  # fmt: skip
     # The duration maxima are the protocol's (sidecar.models): every store can represent them.
     queue_request_ttl_hours: float = setting(
@@ -233,6 +252,26 @@ class DaemonSettings:
         "early, counted in `stats` as `retention_cut`. These records (about 440 bytes each: "
         "44 MB per 100k) are bounded by this count only, **not** counted in "
         "`QUEUE_MAX_MEMORY_MB`",
+    )  # fmt: skip
+    # A dead letter (failed for good, or expired unprocessed) waits for an operator to fix its
+    # cause and requeue it: a week covers a long weekend's outage (Sidekiq keeps six months).
+    queue_dead_retention_hours: float = setting(
+        168.0, "QUEUE_DEAD_RETENTION_HOURS", p.number(0, MAX_RETENTION_S / 3600),
+        f"a number of hours >= 0 and <= {MAX_RETENTION_S / 3600:g}",
+        "how long a dead letter (failed for good, or expired before it was processed) stays, "
+        "with its payload, for `sidecar list` and `sidecar requeue`",
+    )  # fmt: skip
+    # Dead letters keep their payloads, so a count bounds them (Sidekiq's dead set: 10,000).
+    queue_max_dead: int = setting(
+        10_000, "QUEUE_MAX_DEAD", p.whole(0), "a whole number >= 0",
+        "most dead letters kept per store; past it the oldest go, counted "
+        "(`sidecar_dead_letters_dropped_total`) and logged",
+    )  # fmt: skip
+    # Operators' ops may show payloads (prompts may hold personal data): off refuses them.
+    ops_payloads: bool = setting(
+        True, "SIDECAR_OPS_PAYLOADS", p.boolean, "true or false",
+        "whether `list` and `status` may return a request's payload when asked; false "
+        "answers such a request `forbidden`",
     )  # fmt: skip
     queue_retry_after_s: float = setting(
         5.0, "QUEUE_RETRY_AFTER_SECONDS", p.number(0), "a number of seconds >= 0",

@@ -15,12 +15,13 @@ from sidecar.config.daemon import DaemonSettings
 from sidecar.config.llm import LLMSettings
 from sidecar.config.parse import default_socket_path, default_state_dir
 from sidecar.config.spec import ConfigError, Spec, shown_value
+from sidecar.config.web import WebSettings
 
 
 # Bases in this order so the table lists the daemon's rows first (dataclass fields follow the
 # reverse of the method resolution order).
 @dataclass(frozen=True, kw_only=True)
-class Settings(LLMSettings, DaemonSettings):
+class Settings(WebSettings, LLMSettings, DaemonSettings):
     """Every tunable of the daemon, each declared once with its variable, parser and doc.
 
     The settings table in docs/configuration.md (`python -m sidecar.config.docs --write`) and
@@ -40,6 +41,10 @@ class Settings(LLMSettings, DaemonSettings):
         return int(self.queue_max_memory_mb * 1024 * 1024)
 
     @property
+    def outbox_max_memory_bytes(self) -> int:
+        return int(self.outbox_max_memory_mb * 1024 * 1024)
+
+    @property
     def max_buffered_bytes(self) -> int:
         return int(self.max_buffered_mb * 1024 * 1024)
 
@@ -50,6 +55,10 @@ class Settings(LLMSettings, DaemonSettings):
     @property
     def retention_s(self) -> float:
         return self.queue_retention_hours * 3600.0
+
+    @property
+    def dead_retention_s(self) -> float:
+        return self.queue_dead_retention_hours * 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

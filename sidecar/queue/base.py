@@ -16,9 +16,14 @@ from sidecar.models import (
     EnqueueOutcome,
     FailoverCounters,
     HealthReport,
+    ListPosition,
+    ListQuery,
+    ListStatus,
     QueuedRequest,
     QueueStats,
     QueueStatus,
+    RecordPage,
+    RequeueOutcome,
 )
 
 # Each store's clock: epoch seconds (time.time, or a fake one in tests).
@@ -99,8 +104,37 @@ class QueueStore(Protocol):
         """Fail a queued request with the reason `cancelled`."""
         ...
 
+    async def take(self, queue_id: str, lease_s: float) -> QueuedRequest | None:
+        """Lease this one request if it is queued (ready or held back, not expired), as
+        dequeue would; None when it is not (unknown, processing, finished). Of two
+        concurrent takes, one gets it."""
+        ...
+
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now, or None when unknown or past its retention."""
+        ...
+
+    def holder(self, queue_id: str) -> str:
+        """The name of the store that holds the request, as far as this store knows without
+        asking Redis (BaseStore: its own name)."""
+        ...
+
+    async def list_records(self, query: ListQuery, after: ListPosition | None) -> RecordPage:
+        """One page of the records of query.status in the store's order for it (protocol.md
+        8.19), starting after `after`; payloads only with query.payload. A page may hold fewer
+        than query.limit while `next` is set (a priority filter skips records, within a bound)."""
+        ...
+
+    async def requeue_dead(self, queue_ids: Sequence[str]) -> RequeueOutcome:
+        """Dead letters back to queued with attempts 0, id and payload kept, last in line; a
+        queued one is unchanged. NotFound / InvalidState (a completed or cancelled one, or
+        one without its payload) for the first that cannot, before anything changes."""
+        ...
+
+    async def purge_records(self, status: ListStatus, older_than_s: float | None) -> int:
+        """Forget the records of a status (all, or those older than older_than_s: since they
+        finished, or since they arrived for live ones); a live request purged counts as failed
+        with the reason `purged`. The caller checks the force flag. Returns how many."""
         ...
 
     async def stats(self) -> QueueStats:
@@ -189,6 +223,9 @@ class BaseStore(QueueStore):
         if isinstance(settled, SidecarError):
             return CompleteNextOutcome(None, settled, leased)
         return CompleteNextOutcome(settled, None, leased)
+
+    def holder(self, queue_id: str) -> str:
+        return self.name
 
     @property
     def store_names(self) -> tuple[str, ...]:

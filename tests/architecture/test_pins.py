@@ -15,19 +15,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What runs in Redis. A move of the code must leave these alone; a change to a script changes
 # them, and a daemon of the other version may meet its keys: say why in the commit.
-LIBRARY_NAME = "sidecar_7ac7a6cd4c150b2d"
-LIBRARY_SHA1 = "d0472054596623a7a7dd8302d00043ea9cd8a4f7"
+LIBRARY_NAME = "sidecar_9c7bf74e038ca49f"
+LIBRARY_SHA1 = "f1655fcc1a5cba8acfa15b9c071b96701876364f"
 SCRIPT_SHAS = {
-    "cancel": "684da4543c2c770e1c181c2623bc7ad5e04abb68",
-    "complete": "a9ab933b508b979c52fc7b9e67b0b0663c8539c2",
-    "dequeue": "bf29f098376aafe01f36ff4bddd8255f31c97460",
-    "discard": "5c8fddfc416238f8a0f265d175aec1e9501fd7eb",
-    "enqueue": "5cf0bbc14ff5abdfa8a684075cc4ba97278d485a",
-    "extend": "5bd71395a02838825e4f27dbdd81ed8267694910",
-    "fail": "32a97ecba167932ecc16cdd78141a5c6ff5f4de0",
-    "stats": "31b15d886f8b8ae670331316250e552399d846c5",
-    "status": "045e7459fcfa5dc3414383796fc397cdfb5d99ef",
-    "sweep": "2620a5e1e4f24f79cd2e3fa08feb5754df540c4b",
+    "cancel": "a8a875937ed8690c1a1e02aaa0bd0acd59415f53",
+    "complete": "c073b0811fbff697a705ad9678b159fe0594671b",
+    "dequeue": "9575f225a89ae5e0824211dc279b99782602d13e",
+    "discard": "fecc65952840ebf2da27a7a7440182f4eacdd630",
+    "enqueue": "5032801dbca55a7fba651be0500b2a3e2cd41b1f",
+    "extend": "1ae110633276b8d28acffb227af4162c761e5b6d",
+    "fail": "7eec7e7551d1612c6e963ba53aebb46dc042c623",
+    "limit": "f57df617ff5911c96a4fa52dba754f91c17d5e8e",
+    "list": "afc668a9df683218a05246637293272284e13f52",
+    "purge": "eaf38d4a3db30d8a747a930aadc8e51cab73b0c1",
+    "requeue": "c2b264839b04fc365ed0d0bcea1e4a7aa3daf127",
+    "stats": "764f76c2b4dc60b32829b765224eb46efea8f512",
+    "status": "8c32aab9a4f39ab7175fc4198df841043de39b7a",
+    "sweep": "d9ad697adab3e747622762a8190597a9fdcea841",
+    "take": "4c45e9c98eeff636b743e3a19f1630285961804f",
 }
 
 

@@ -125,6 +125,10 @@ def test_redis_passwords_are_redacted_in_every_url_form() -> None:
         ),
         ({"REDIS_MIN_REPLICAS_ACK": "-1"}, "REDIS_MIN_REPLICAS_ACK='-1' is invalid"),
         ({"REDIS_REPLICAS_ACK_TIMEOUT_MS": "0"}, "REDIS_REPLICAS_ACK_TIMEOUT_MS='0' is invalid"),
+        ({"QUEUE_DEAD_RETENTION_HOURS": "-1"}, "QUEUE_DEAD_RETENTION_HOURS='-1' is invalid"),
+        ({"QUEUE_DEAD_RETENTION_HOURS": "9999"}, "QUEUE_DEAD_RETENTION_HOURS='9999' is invalid"),
+        ({"QUEUE_MAX_DEAD": "1.5"}, "QUEUE_MAX_DEAD='1.5' is invalid"),
+        ({"SIDECAR_OPS_PAYLOADS": "maybe"}, "expected true or false"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

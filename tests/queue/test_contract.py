@@ -11,7 +11,7 @@ import pytest
 from sidecar.errors import InvalidState, LeaseMismatch, NotFound
 from sidecar.models import QueuedRequest, QueueStatus
 from sidecar.queue.base import QueueStore, job_bytes
-from tests.conftest import CONTRACT_LEASE_S, CONTRACT_RETENTION_S
+from tests.conftest import CONTRACT_LEASE_S, CONTRACT_RETENTION_S, DEAD_RETENTION_FACTOR
 from tests.support.helpers import FakeClock, make_request
 
 LEASE = CONTRACT_LEASE_S
@@ -291,7 +291,8 @@ async def test_expired_status_is_retained_too(store: QueueStore, clock: FakeCloc
     clock.advance(11)
     st = await store.status(req.queue_id)
     assert st is not None and st.status is QueueStatus.EXPIRED
-    clock.advance(CONTRACT_RETENTION_S - 2)
+    # Expired unprocessed: a dead letter, kept for the dead retention (not the shorter one).
+    clock.advance(CONTRACT_RETENTION_S * DEAD_RETENTION_FACTOR - 2)
     st = await store.status(req.queue_id)
     assert st is not None and st.status is QueueStatus.EXPIRED
     clock.advance(5)

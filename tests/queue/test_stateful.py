@@ -57,6 +57,8 @@ from sidecar.protocol import (
     Stats,
     StatsResult,
     Status,
+    Take,
+    TakeResult,
 )
 from sidecar.queue.base import QueueStore
 from sidecar.queue.local import LocalQueue
@@ -417,6 +419,32 @@ class QueueMachine(RuleBasedStateMachine):
                 rec.finish("failed", self.clock.now)
         else:
             assert isinstance(result, InvalidState), (rec, result)
+
+    @rule(qid=QUEUE_IDS, lease_s=LEASES)
+    def take(self, qid: str, lease_s: float | None) -> None:
+        """Lease one request by its id: it if queued (held back or not), else nil."""
+        now = self.clock.now
+        rec = self.live(qid)
+        result = self.call(Take(id=8, queue_id=qid, queue="requests", lease_s=lease_s))
+        if isinstance(result, BackendUnavailable):
+            return
+        assert isinstance(result, TakeResult), result
+        job = result.item
+        event(f"take: {'leased' if job is not None else 'nil'}")
+        if rec is None or self.uncertain(qid) or self.redis_down:
+            if job is not None and rec is not None:  # take the store's word
+                rec.status, rec.attempts, rec.not_before = "processing", job.attempts, None
+                rec.lease_id, rec.lease_expires_at = job.lease_id, job.lease_expires_at
+            assert job is None or rec is not None or self.redis_down, (qid, job)
+            return
+        if rec.status != "queued":
+            assert job is None, (rec, job)
+            return
+        assert job is not None and job.queue_id == qid, (rec, result)
+        assert job.attempts == rec.attempts + 1, (rec, job)
+        assert job.lease_expires_at == pytest.approx(now + (lease_s or DEFAULT_LEASE_S))
+        rec.status, rec.attempts, rec.not_before = "processing", job.attempts, None
+        rec.lease_id, rec.lease_expires_at = job.lease_id, job.lease_expires_at
 
     @rule(seconds=ADVANCES)
     def advance(self, seconds: float) -> None:

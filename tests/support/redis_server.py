@@ -291,7 +291,9 @@ async def run_script(
     return await raw.evalsha(SCRIPT_SHAS[name], len(keys), *keys, *args)
 
 
-def make_fakeredis_contract_store(clock: Callable[[], float], retention_s: float) -> RedisQueue:
+def make_fakeredis_contract_store(
+    clock: Callable[[], float], retention_s: float, **options: Any
+) -> RedisQueue:
     """For the contract suite: a RedisQueue on fakeredis (its Lua runs on lupa)."""
     import fakeredis
 
@@ -302,6 +304,7 @@ def make_fakeredis_contract_store(clock: Callable[[], float], retention_s: float
         retention_s=retention_s,
         clock=clock,
         check_eviction_policy=False,
+        **options,
     )
 
 

@@ -375,11 +375,11 @@ def cluster_queue(
 
 
 def make_cluster_contract_store(
-    request: pytest.FixtureRequest, clock: Callable[[], float], retention_s: float
+    request: pytest.FixtureRequest, clock: Callable[[], float], retention_s: float, **options: Any
 ) -> RedisQueue:
     """For the contract suite: a RedisQueue on the session's cluster, under its own prefix."""
     cluster: ClusterLayout = request.getfixturevalue("redis_cluster")
-    return cluster_queue(cluster, clock, retention_s=retention_s)
+    return cluster_queue(cluster, clock, retention_s=retention_s, **options)
 
 
 # -- sentinels that need a password -------------------------------------------------------------

@@ -46,3 +46,11 @@ def held_cost(req: QueuedRequest) -> int:
     """What holding one request costs the heap: payload, queue_id and record overhead."""
     payload = req.payload if req.payload is not None else b""
     return sys.getsizeof(payload) + sys.getsizeof(req.queue_id) + RECORD_OVERHEAD_BYTES
+
+
+def dead_cost(req: QueuedRequest) -> int:
+    """What a dead letter costs the heap: a retained record that keeps its payload, its reason
+    and the id of its last lease (its fields do not change while it is dead)."""
+    payload = req.payload if req.payload is not None else b""
+    extra = sum(sys.getsizeof(s) for s in (req.reason, req.lease_id) if s is not None)
+    return RETAINED_OVERHEAD_BYTES + sys.getsizeof(req.queue_id) + sys.getsizeof(payload) + extra

@@ -68,6 +68,20 @@ class Forgotten(Event, tag="forget"):
     cut: bool
 
 
+class Revived(Event, tag="revive"):
+    """Dead letters back to queued by an operator: attempts 0, last in line, TTL anew."""
+
+    qids: list[str]
+    at: float
+
+
+class Purged(Event, tag="purge"):
+    """Records an operator purged: forgotten now (a live one ends failed, `purged`, first)."""
+
+    qids: list[str]
+    at: float
+
+
 class Taken(Event, tag="take"):
     """Queued requests taken for the hand-over to Redis: findable, never dequeued."""
 
@@ -132,4 +146,6 @@ AnyEvent = (
     | Unaccepted
     | SnapshotHead
     | Held
+    | Revived
+    | Purged
 )

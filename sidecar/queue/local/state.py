@@ -19,8 +19,10 @@ from sidecar.models import (
     REASON_TTL,
     QueuedRequest,
     QueueStatus,
+    is_dead_letter,
 )
-from sidecar.queue.local.cost import RETAINED_OVERHEAD_BYTES, held_cost
+from sidecar.queue.local.cost import RETAINED_OVERHEAD_BYTES, dead_cost, held_cost
+from sidecar.queue.local.dead import DeadLetters
 from sidecar.queue.local.events import (
     AnyEvent,
     Enqueued,
@@ -30,18 +32,21 @@ from sidecar.queue.local.events import (
     Held,
     Leased,
     MovedOut,
+    Purged,
     Requeued,
     Resolved,
     Returned,
+    Revived,
     SnapshotHead,
     Taken,
     Unaccepted,
 )
+from sidecar.queue.local.snapshot import Snapshots
 
 Sink = Callable[[AnyEvent], None]
 
 
-class LocalState:
+class LocalState(DeadLetters, Snapshots):
     """The records of the local store and every transition between their statuses."""
 
     def __init__(
@@ -54,7 +59,11 @@ class LocalState:
         retention_s: float,
         max_retained: int,
         sink: Sink | None = None,
+        dead_retention_s: float | None = None,
+        max_dead: int = 10_000,
     ) -> None:
+        """dead_retention_s: how long dead letters stay (default: retention_s); max_dead: the
+        most kept, past which the oldest go (counted as dead_dropped)."""
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.high_watermark = high_watermark
@@ -62,6 +71,8 @@ class LocalState:
         self.breaker_open = False
         self.retention_s = retention_s
         self.max_retained = max_retained
+        self.dead_retention_s = retention_s if dead_retention_s is None else dead_retention_s
+        self.max_dead = max_dead
         self.sink: Sink | None = sink
         # Sees each live transition's event before it applies, while the record still shows
         # where it came from (the store's metrics hooks); replay does not call it.
@@ -80,6 +91,9 @@ class LocalState:
         self.not_before: dict[str, float] = {}
         # (purge_at, queue_id) of terminal records, in the order they became terminal.
         self.purge: deque[tuple[float, str]] = deque()
+        # (purge_at, queue_id) of dead letters (is_dead_letter, payload kept), oldest first.
+        self.dead: deque[tuple[float, str]] = deque()
+        self.dead_bytes = 0
         # Queued requests taken for the hand-over to Redis: they read queued, are never
         # dequeued, and end confirmed (moved out) or returned.
         self.taken: set[str] = set()
@@ -91,7 +105,10 @@ class LocalState:
         self.bytes = 0
         self.retained_bytes = 0
         self.retention_cut = 0
-        self.counts = {"accepted": 0, "completed": 0, "failed": 0, "expired": 0, "moved_out": 0}
+        self.counts = {
+            "accepted": 0, "completed": 0, "failed": 0, "expired": 0, "moved_out": 0,
+            "dead_dropped": 0,
+        }  # fmt: skip
         self.queued = 0
         self.processing = 0
         self.rejections: dict[str, int] = {}
@@ -194,22 +211,18 @@ class LocalState:
                 self._finish(rec, status, reason, at)
                 rec.failed_lease = event.failed_lease
             case Forgotten(qid=qid, cut=cut):
-                self._forget(qid)
-                self.retention_cut += cut
+                if self._forget(qid):
+                    self.counts["dead_dropped"] += cut
+                else:
+                    self.retention_cut += cut
+            case Revived(qids=qids, at=at):
+                self._revive(qids, at)
+            case Purged(qids=qids, at=at):
+                self._purge(qids, at)
             case Taken(qids=qids):
                 self.taken.update(qids)
             case Returned(qids=qids, uncertain=uncertain):
-                for qid in qids:
-                    if qid in self.taken:
-                        self.taken.discard(qid)
-                        # Held back still: a fresh delayed entry (tick dropped it while taken).
-                        nb = self.not_before.get(qid)
-                        if nb is None:
-                            self._push_ready(self.records[qid])
-                        else:
-                            self._push_delayed(self.records[qid], nb)
-                if uncertain:
-                    self.uncertain.update(qids)
+                self._returned(qids, uncertain)
             case MovedOut(qids=qids):
                 for qid in qids:
                     self._remove_queued(self.records[qid])
@@ -226,6 +239,19 @@ class LocalState:
                 self._restore(rec, uncertain, purge_at, event.not_before)
         self._update_breaker()
 
+    def _returned(self, qids: list[str], uncertain: bool) -> None:
+        for qid in qids:
+            if qid in self.taken:
+                self.taken.discard(qid)
+                # Held back still: a fresh delayed entry (tick dropped it while taken).
+                nb = self.not_before.get(qid)
+                if nb is None:
+                    self._push_ready(self.records[qid])
+                else:
+                    self._push_delayed(self.records[qid], nb)
+        if uncertain:
+            self.uncertain.update(qids)
+
     def _lease(self, event: Leased) -> None:
         rec = self.records[event.qid]
         rec.status = QueueStatus.PROCESSING
@@ -234,6 +260,7 @@ class LocalState:
         rec.failed_lease = None  # a new lease: a fail naming an earlier lease is not a repeat
         rec.lease_expires_at = event.until
         rec.updated_at = event.at
+        self.not_before.pop(event.qid, None)  # a take leases a held-back request too
         self.queued -= 1
         self.processing += 1
         heapq.heappush(self.leases, (event.until, event.lease_id, event.qid))
@@ -288,23 +315,30 @@ class LocalState:
         rec.reason = reason
         rec.updated_at = at
         rec.lease_expires_at = None
-        rec.payload = None  # only metadata outlives the request
+        dead = is_dead_letter(status, reason)
+        if not dead:
+            rec.payload = None  # only a dead letter keeps its payload, for a requeue
         self.counts[status.value] += 1
         # An uncertain mark outlives the request: a Redis copy of a finished one must still go.
         self.taken.discard(rec.queue_id)
-        self._retain(rec, at + self.retention_s)
+        self._retain(rec, at + (self.dead_retention_s if dead else self.retention_s))
 
-    def _retain(self, rec: QueuedRequest, purge_at: float) -> None:
-        self.purge.append((purge_at, rec.queue_id))
-        self.retained_bytes += RETAINED_OVERHEAD_BYTES + sys.getsizeof(rec.queue_id)
-
-    def _forget(self, qid: str) -> None:
-        # The purge entry is the oldest one (retention ends in order).
+    def _forget(self, qid: str) -> bool:
+        """Forget a terminal record; whether it was a dead letter."""
+        # Its entry is the oldest one of its kind (retention ends in order).
         if self.purge and self.purge[0][1] == qid:
             self.purge.popleft()
-        if self.records.pop(qid, None) is not None:
-            self.retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
+        elif self.dead and self.dead[0][1] == qid:
+            self.dead.popleft()
+        rec = self.records.pop(qid, None)
         self.uncertain.discard(qid)
+        if rec is None:
+            return False
+        if self._kept_dead(rec):
+            self.dead_bytes -= dead_cost(rec)
+            return True
+        self.retained_bytes -= RETAINED_OVERHEAD_BYTES + sys.getsizeof(qid)
+        return False
 
     def _remove_queued(self, rec: QueuedRequest) -> None:
         del self.records[rec.queue_id]
@@ -325,61 +359,6 @@ class LocalState:
                 self.breaker_open = False
         elif usage >= self.high_watermark:
             self.breaker_open = True
-
-    # -- snapshot ---------------------------------------------------------------------------------
-
-    def snapshot(self) -> Iterator[AnyEvent]:
-        """The whole state as events: a head, the live records, then the retained ones in order.
-
-        A request taken for the hand-over is written as queued and uncertain: after a restart
-        nobody knows whether Redis took it, and the reconciliation settles which copy stays.
-        """
-        yield SnapshotHead(
-            next_seq=self.next_seq,
-            counts=dict(self.counts),
-            retention_cut=self.retention_cut,
-            max_expired_age_s=self.max_expired_age_s,
-            rejections=dict(self.rejections),
-        )
-        for qid, rec in self.records.items():
-            if rec.status in (QueueStatus.QUEUED, QueueStatus.PROCESSING):
-                uncertain = qid in self.uncertain or qid in self.taken
-                nb = self.not_before.get(qid)
-                yield Held(rec=rec, uncertain=uncertain, purge_at=None, not_before=nb)
-        for purge_at, qid in self.purge:
-            done = self.records.get(qid)
-            if done is not None:
-                yield Held(rec=done, uncertain=qid in self.uncertain, purge_at=purge_at)
-
-    def _restore_head(self, head: SnapshotHead) -> None:
-        self.next_seq = max(self.next_seq, head.next_seq)
-        self.counts.update(head.counts)
-        self.retention_cut = head.retention_cut
-        self.max_expired_age_s = head.max_expired_age_s
-        self.rejections = dict(head.rejections)
-
-    def _restore(
-        self,
-        rec: QueuedRequest,
-        uncertain: bool,
-        purge_at: float | None,
-        not_before: float | None = None,
-    ) -> None:
-        if purge_at is not None:
-            self.records[rec.queue_id] = rec
-            self._retain(rec, purge_at)
-            if uncertain:
-                self.uncertain.add(rec.queue_id)
-            return
-        status = rec.status
-        if status is not QueueStatus.QUEUED:
-            not_before = None
-        self._add(rec, uncertain, not_before)  # counted as queued; a lease moves it to processing
-        if status is QueueStatus.PROCESSING:
-            assert rec.lease_expires_at is not None and rec.lease_id is not None
-            self.queued -= 1
-            self.processing += 1
-            heapq.heappush(self.leases, (rec.lease_expires_at, rec.lease_id, rec.queue_id))
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -404,6 +383,11 @@ class LocalState:
         # day: past the cap the oldest go early, counted, so memory stays bounded.
         while len(self.purge) > self.max_retained:
             self._emit(Forgotten(qid=self.purge[0][1], cut=True))
+        while self.dead and self.dead[0][0] <= now:
+            self._emit(Forgotten(qid=self.dead[0][1], cut=False))
+        # Dead letters keep their payloads: past the cap the oldest go, counted (dead_dropped).
+        while len(self.dead) > self.max_dead:
+            self._emit(Forgotten(qid=self.dead[0][1], cut=True))
         # Both heaps keep entries of requests that left the queued state; rebuild them once
         # the stale entries outnumber the live ones, so they stay within twice the backlog.
         stale_bound = 64 + 2 * self.queued

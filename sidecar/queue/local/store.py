@@ -35,8 +35,10 @@ from sidecar.queue.hooks import NO_HOOKS, StoreHooks
 from sidecar.queue.local.cost import held_cost
 from sidecar.queue.local.handover import HandoverSide
 from sidecar.queue.local.journal import Journal
+from sidecar.queue.local.operators import OperatorSide
 from sidecar.queue.local.reporting import report_transitions
 from sidecar.queue.local.state import LocalState
+from sidecar.queue.local.take import TakeSide
 from sidecar.queue.local.trim import EmptyTrim, glibc_malloc_trim
 
 log = structlog.get_logger("sidecar.local")
@@ -50,11 +52,11 @@ def _glibc_trim(held: Callable[[], int]) -> EmptyTrim:
 RECOVER_EVERY_S = 1.0
 
 
-class LocalQueue(HandoverSide, BaseStore):
+class LocalQueue(TakeSide, HandoverSide, OperatorSide, BaseStore):
     """The local store; bounded by item count and payload memory, never evicting.
 
     Its side of the manager over both stores (where a request is, the hand-over to Redis) is
-    HandoverSide, in handover.py.
+    HandoverSide, in handover.py; its take (lease one request by queue_id) is in take.py.
     """
 
     name = "local"
@@ -74,6 +76,8 @@ class LocalQueue(HandoverSide, BaseStore):
         recover_every_s: float = RECOVER_EVERY_S,
         hooks: StoreHooks = NO_HOOKS,
         trim: Callable[[Callable[[], int]], EmptyTrim] | None = None,
+        dead_retention_s: float | None = None,
+        max_dead: int = 10_000,
     ) -> None:
         """trim: makes the EmptyTrim given how many requests are held (a seam for tests); by
         default glibc's malloc_trim once the store empties (trim.py)."""
@@ -89,6 +93,8 @@ class LocalQueue(HandoverSide, BaseStore):
             low_watermark=low_watermark,
             retention_s=retention_s,
             max_retained=max_retained,
+            dead_retention_s=dead_retention_s,
+            max_dead=max_dead,
         )
         if hooks is not NO_HOOKS:
             self._state.observer = report_transitions(self.name, hooks, self._state.records)
@@ -308,8 +314,11 @@ class LocalQueue(HandoverSide, BaseStore):
             rejections=dict(st.rejections),
             oldest_queued_age_s=None if oldest is None else max(0.0, now - oldest),
             max_expired_age_s=st.max_expired_age_s,
-            retained=len(st.purge),
-            retained_bytes=st.retained_bytes,
+            retained=len(st.purge) + len(st.dead),
+            retained_bytes=st.retained_bytes + st.dead_bytes,
+            dead_letters=len(st.dead),
+            dead_letters_bytes=st.dead_bytes,
+            dead_letters_dropped=st.counts["dead_dropped"],
             retention_cut=st.retention_cut,
             warnings=warnings,
             moved_out=st.counts["moved_out"],

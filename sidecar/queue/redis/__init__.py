@@ -20,6 +20,7 @@ from sidecar.queue.redis.io import (
     unavailable_kind,
 )
 from sidecar.queue.redis.keys import SCRIPT_ERRORS, RedisKeys, SweepCounts
+from sidecar.queue.redis.scripts import close_client
 from sidecar.queue.redis.store import RedisQueue
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "RedisKeys",
     "RedisQueue",
     "SweepCounts",
+    "close_client",
     "redis_client",
     "translate_error",
     "unavailable_kind",

@@ -12,13 +12,17 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:expiry` | zset | queued queue_ids by expires_at (epoch ms, rounded up to an int) |
 | `{sidecar}:delayed` | zset | queued queue_ids held back by a `fail` with delay_s (or moved from |
 | | | the local store while held back), by not_before |
-| `{sidecar}:retained` | zset | terminal queue_ids by the end of their retention |
+| `{sidecar}:retained` | zset | completed and cancelled queue_ids by the end of their retention |
+| `{sidecar}:dead:failed` | zset | dead letters that failed for good (payload kept) by the end |
+| | | of their dead retention (KEYS[10]) |
+| `{sidecar}:dead:expired` | zset | dead letters that expired unprocessed, likewise (KEYS[11]) |
 | `{sidecar}:seq` | string | the arrival counter that assigns `seq` |
 | `{sidecar}:stats` | hash | counters shared by every daemon (accepted, completed, failed, |
 | | | expired, bytes, max_expired_age_s) |
 | `{sidecar}:generation` | string | a token written once; if it vanishes, this Redis lost its data |
 | `{sidecar}:probe` | string | a daemon checks that Redis takes writes again (10 s TTL) |
 | `{sidecar}:discarded:<token>` | string | one discard call did its work (60 s TTL) |
+| `{sidecar}:limit:<scope>` | hash | one limiter scope (lua/limit.lua); expires once idle |
 | `{sidecar}:req:` | (prefix) | declared to every script as KEYS[8]: ids read from an index |
 | | | become keys under it; the hashes a call names are declared one by one after delayed |
 | | | (KEYS[9]) |
@@ -30,6 +34,9 @@ settle run twice is recognised); times are epoch seconds as decimal text, at mos
 The payload sits beside it in `<hash>:p` until the request is settled. Hashes written before
 that key existed keep the payload in a `payload` field; the scripts read and remove both, so a
 daemon upgraded with requests in Redis needs no migration.
+
+The outbox queues (`deliveries`, `pickups`; sidecar/queue/build.py) are queues of their own
+with this same layout under the prefix `<prefix>:<name>`: `{sidecar:deliveries}:pending`, ...
 
 An operator finds a request with `redis-cli HGETALL '{sidecar}:req:<queue_id>'`, the next
 requests to be handed out with `redis-cli ZRANGE '{sidecar}:pending' 0 9`, and the books with
@@ -96,6 +103,8 @@ class RedisKeys:
     probe: str
     request_prefix: str
     delayed: str
+    dead_failed: str
+    dead_expired: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> RedisKeys:
@@ -115,6 +124,8 @@ class RedisKeys:
             probe=tag + "probe",
             request_prefix=tag + "req:",
             delayed=tag + "delayed",
+            dead_failed=tag + "dead:failed",
+            dead_expired=tag + "dead:expired",
         )
 
     def request(self, queue_id: str) -> str:
@@ -125,12 +136,16 @@ class RedisKeys:
         """The string beside a request's hash that holds its payload until it is settled."""
         return self.request(queue_id) + ":p"
 
+    def limit(self, scope: str) -> str:
+        """The hash of one limiter scope (lua/limit.lua; sidecar.queue.limit.redis)."""
+        return f"{{{self.prefix}}}:limit:{scope}"
+
     def discarded(self, token: str) -> str:
         """The marker a discard call leaves for 60 s, so the same call run twice is recognised."""
         return f"{{{self.prefix}}}:discarded:{token}"
 
     def script_keys(self) -> tuple[str, ...]:
-        """KEYS[1..9] of every script, in the order lua/common.lua names them."""
+        """KEYS[1..11] of every script, in the order lua/common.lua names them."""
         return (
             self.pending,
             self.leases,
@@ -141,6 +156,8 @@ class RedisKeys:
             self.generation,
             self.request_prefix,
             self.delayed,
+            self.dead_failed,
+            self.dead_expired,
         )
 
 
@@ -148,7 +165,7 @@ class RedisKeys:
 
 SCRIPT_NAMES = (
     "enqueue", "dequeue", "extend", "complete", "fail", "cancel", "status", "sweep", "stats",
-    "discard",
+    "discard", "take", "limit", "list", "requeue", "purge",
 )  # fmt: skip
 
 
@@ -221,7 +238,7 @@ _LIBRARY_NAME = "@LIBRARY@"  # stands for the library's name in its code until i
 # The functions Redis refuses at once while used_memory is past maxmemory: those that add.
 # The rest (settles, reads, sweeps) run, as a plain script does until its first write that
 # needs memory, so a full Redis still drains: they free more than the fields they set.
-_DENY_OOM = frozenset({"enqueue"})
+_DENY_OOM = frozenset({"enqueue", "requeue"})
 SCRIPTS, _library_code = _sources()
 # Redis names a script by the SHA1 of its text, so the SHAs are known before any SCRIPT LOAD.
 SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}

@@ -66,10 +66,14 @@ class ScriptRunner:
         replicas_timeout_ms: int = 0,
         fixed_keys: tuple[str, ...] = (),
         functions: bool | None = None,
+        owns_client: bool = True,
     ) -> None:
         """functions: FCALL the library's functions, or (False) EVALSHA plain scripts; None
-        decides at each load: Functions unless the server does not know FUNCTION LOAD."""
+        decides at each load: Functions unless the server does not know FUNCTION LOAD.
+        owns_client: close the client at close (False: another queue shares it and closes it).
+        """
         self.client = client
+        self.owns_client = owns_client
         self.functions = functions
         self.min_replicas = min_replicas
         self.replicas_timeout_ms = replicas_timeout_ms
@@ -133,11 +137,8 @@ class ScriptRunner:
             await asyncio.gather(*self._tasks, *self._sending, return_exceptions=True)
         if self.wire is not None:
             await self.wire.close()
-        await self.client.aclose()
-        # A Sentinel-managed client keeps one client per sentinel, which its aclose leaves open.
-        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
-        for sentinel in getattr(manager, "sentinels", ()):
-            await sentinel.aclose()
+        if self.owns_client:
+            await close_client(self.client)
 
     def call(
         self, script: str, keys: tuple[str, ...], args: tuple[Arg, ...]
@@ -393,6 +394,15 @@ class ScriptRunner:
             short = self._short_of_replicas(replies[-1], "probe")
             if short is not None:
                 raise short
+
+
+async def close_client(client: RedisClient) -> None:
+    """Close a client and its connections (a Sentinel-managed one's sentinels included)."""
+    await client.aclose()
+    # A Sentinel-managed client keeps one client per sentinel, which its aclose leaves open.
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
 
 
 # The first two words of each script's command, by script name.

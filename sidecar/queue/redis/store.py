@@ -60,6 +60,7 @@ from sidecar.queue.redis.keys import (
     pending_score,
     settled_record,
 )
+from sidecar.queue.redis.operators import RedisOperatorSide
 from sidecar.queue.redis.scripts import ScriptRunner
 from sidecar.queue.redis.sweep import sweep_forever
 from sidecar.queue.redis.watch import PendingWatch, RedisWatch
@@ -68,7 +69,7 @@ from sidecar.queue.redis.wire import Arg
 log = structlog.get_logger(__name__)
 
 
-class RedisQueue(BaseStore):
+class RedisQueue(RedisOperatorSide, BaseStore):
     """The Redis store: requests in hashes, order and timers in sorted sets, changes in Lua."""
 
     name = "redis"
@@ -89,12 +90,22 @@ class RedisQueue(BaseStore):
         replicas_ack_timeout_ms: int = 500,
         hooks: StoreHooks = NO_HOOKS,
         functions: bool | None = None,
+        owns_client: bool = True,
+        dead_retention_s: float | None = None,
+        max_dead: int = 10_000,
     ) -> None:
-        """functions: run the scripts as Redis Functions (None: where the server has them)."""
+        """functions: run the scripts as Redis Functions (None: where the server has them).
+        owns_client: False for a queue that shares another queue's client (closed by it)."""
         self.keys = RedisKeys.for_prefix(prefix)
         self._hooks = hooks
         check_one_slot(self.keys)
         self.retention_s = retention_s
+        self.dead_retention_s = retention_s if dead_retention_s is None else dead_retention_s
+        # ARGV[2] of every script (lua/common.lua): both retentions and the dead letters' cap.
+        self._retention_arg = f"{retention_s!r},{self.dead_retention_s!r},{max_dead}"
+        self._max_dead = max_dead
+        # dead_dropped as last read (None: not yet): its growth is logged.
+        self._dead_dropped_seen: int | None = None
         self._redis = client
         self._watch = RedisWatch(
             client, self.keys.generation, log.bind(redis=url_for_logs, prefix=prefix),
@@ -109,6 +120,7 @@ class RedisQueue(BaseStore):
             replicas_timeout_ms=replicas_ack_timeout_ms,
             fixed_keys=self.keys.script_keys(),
             functions=functions,
+            owns_client=owns_client,
         )
         self._clock = clock
         self._sweep_interval_s = sweep_interval_s
@@ -314,6 +326,14 @@ class RedisQueue(BaseStore):
             self._hooks.failed(self.name, FAILED_CANCELLED, 1)
         return rec
 
+    async def take(self, queue_id: str, lease_s: float) -> QueuedRequest | None:
+        """Lease queue_id if it is queued (lua/take.lua); None when it is not. The lease id is
+        chosen here, so a resent pipeline answers the lease its first run made."""
+        now = self._clock()
+        args = (queue_id, new_lease_id(), lease_end(now, lease_s))
+        reply = await self._call("take", now, *args, keys=self._req(queue_id))
+        return decode_record(reply[1]) if reply[0] == ScriptCode.OK else None
+
     async def status(self, queue_id: str) -> QueuedRequest | None:
         """The request as stored now (what is due applied first), or None."""
         reply = await self._call("status", self._clock(), queue_id, keys=self._req(queue_id))
@@ -323,7 +343,13 @@ class RedisQueue(BaseStore):
         """The shared books of this Redis queue, after one sweep step."""
         now = self._clock()
         reply = await self._call("stats", now, self._sweep_limit)
-        _, swept, queued, processing, retained, counters, oldest = reply
+        _, swept, queued, processing, retained, counters, oldest, dead = reply
+        seen = self._dead_dropped_seen
+        if seen is not None and int(dead[2]) > seen:
+            # Never silently (QUEUE_MAX_DEAD): a script dropped the oldest dead letters.
+            self._log.warning("dead_letters_dropped", count=int(dead[2]) - seen,
+                              total=int(dead[2]), max_dead=self._max_dead)  # fmt: skip
+        self._dead_dropped_seen = int(dead[2])
         self._count_swept(SweepCounts(*(int(n) for n in swept)))
         accepted, completed, failed, expired, held, worst = counters
         return QueueStats(
@@ -340,6 +366,9 @@ class RedisQueue(BaseStore):
             max_expired_age_s=decode_number(worst),
             retained=retained,
             warnings=list(self.warnings),
+            dead_letters=int(dead[0]),
+            dead_letters_bytes=int(dead[1]),
+            dead_letters_dropped=int(dead[2]),
         )
 
     async def health(self) -> HealthReport:
@@ -420,6 +449,13 @@ class RedisQueue(BaseStore):
 
     # -- the coalescer ---------------------------------------------------------------------------
 
+    def run_script(
+        self, script: str, *args: Arg, keys: tuple[str, ...]
+    ) -> asyncio.Future[list[Any]]:
+        """Run one of lua/'s scripts for a component beside the queue (the limiter) in the next
+        shared pipeline; `keys` follow the nine every script gets. The future of its reply."""
+        return self._call(script, self._clock(), *args, keys=keys)
+
     def _req(self, queue_id: str) -> tuple[str]:
         return (self.keys.request(queue_id),)
 
@@ -433,5 +469,5 @@ class RedisQueue(BaseStore):
         """
         if self._closing.is_set():
             raise BackendUnavailable("redis queue is closed", {"kind": "closed"})
-        common: tuple[Arg, ...] = (bounded_time(now, "now"), self.retention_s)
+        common: tuple[Arg, ...] = (bounded_time(now, "now"), self._retention_arg)
         return self._runner.call(script, self._script_keys + keys, common + args)

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import structlog
 
-from sidecar.errors import BackendUnavailable
+from sidecar.errors import BackendUnavailable, InvalidState
 from sidecar.models import (
     EnqueueOutcome,
     FailoverCounters,
@@ -35,13 +35,17 @@ from sidecar.queue.local import LocalQueue
 from sidecar.queue.redis import RedisQueue
 from sidecar.queue.resilient.failover import FLAP_WINDOW_S, PROBE_SUCCESSES, Failover
 from sidecar.queue.resilient.handover import Handover
+from sidecar.queue.resilient.operators import ResilientOperatorSide
 
 log = structlog.get_logger("sidecar.queue.resilient")
 
 T = TypeVar("T")
+# How long a take waits for the move of its request's batch to Redis to end: one script call,
+# bounded by the Redis timeouts (about a second), so this is only reached when something is off.
+MOVE_WAIT_S = 5.0
 
 
-class ResilientQueue(BaseStore):
+class ResilientQueue(ResilientOperatorSide, BaseStore):
     """Owns both stores; the server talks to it exactly as to a single store."""
 
     name = "resilient"
@@ -82,6 +86,11 @@ class ResilientQueue(BaseStore):
     def redis_up(self) -> bool:
         """Whether Redis serves now (else the local store does, and a probe runs)."""
         return self.failover.up
+
+    def redis_failed(self, exc: BackendUnavailable, op: str) -> None:
+        """A call beside the queue (the limiter) met Redis unavailable: fail over as a call of
+        the queue's own would (the probe notices its return)."""
+        self.failover.mark_down(exc, op)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -203,6 +212,21 @@ class ResilientQueue(BaseStore):
             return await self.local.cancel(queue_id)
         return await self._on_redis(lambda: self.redis.cancel(queue_id), queue_id)
 
+    async def take(self, queue_id: str, lease_s: float) -> QueuedRequest | None:
+        """From the store that holds it; a request in a batch being moved to Redis is taken
+        once the move ends, from whichever store then has it (pending in one only)."""
+        if self.local.moving_now(queue_id):
+            with contextlib.suppress(TimeoutError):
+                await self.wait_until(lambda: not self.local.moving_now(queue_id), MOVE_WAIT_S)
+            if self.local.moving_now(queue_id):
+                raise InvalidState(
+                    f"request {queue_id} is being moved to Redis; take it again once the move ends",
+                    {"queue_id": queue_id, "status": "queued"},
+                )
+        if self.local.holds(queue_id):
+            return await self.local.take(queue_id, lease_s)
+        return await self._on_redis(lambda: self.redis.take(queue_id, lease_s), queue_id)
+
     async def status(self, queue_id: str) -> QueuedRequest | None:
         if self.local.holds(queue_id):
             return await self.local.status(queue_id)
@@ -288,6 +312,9 @@ class ResilientQueue(BaseStore):
             completed=sum(p.completed for p in parts),
             failed=sum(p.failed for p in parts),
             expired=sum(p.expired for p in parts),
+            dead_letters=sum(p.dead_letters for p in parts),
+            dead_letters_bytes=sum(p.dead_letters_bytes for p in parts),
+            dead_letters_dropped=sum(p.dead_letters_dropped for p in parts),
             items=sum(p.items for p in parts),
             bytes=sum(p.bytes for p in parts),
             # The limits are the local store's: beside totals that include Redis they would

@@ -2,9 +2,11 @@
 
 The ACL is the one line docs/operations.md gives ("A least-privilege Redis user"), read from
 the page, so the page and the test cannot drift apart. A real redis-server has that user; the
-daemon's stores, built from Settings as the daemon builds them, run every op, the sweep, the
-long-poll watcher, the eviction-policy check and the hand-over of a local backlog as that user,
-and Redis's own ACL LOG (every refused command and key, a script's calls included) stays empty.
+daemon's named queues and its limiter, built from Settings as the daemon builds them, run every
+op (the operators' list, requeue and purge, take, dead letters, the limiter's, the outbox
+queues' included), the sweep, the long-poll watcher, the eviction-policy check and the hand-over
+of a local backlog as that user, and Redis's own ACL LOG (every refused command and key, a
+script's calls included) stays empty.
 Then each permission of the line is taken away in turn: something must be refused, so the line
 is minimal for what the daemon does.
 """
@@ -22,9 +24,14 @@ from redis import Redis as SyncRedis
 
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
-from sidecar.models import QueueStatus, ServingMode
-from sidecar.queue.build import build_local_queue, build_redis_queue
+from sidecar.models import QueueName, QueueStatus, ServingMode
+from sidecar.protocol import List, Purge, Requeue
+from sidecar.queue.base import QueueStore
+from sidecar.queue.build import build_local_queue, build_queues, build_redis_queue
+from sidecar.queue.limit.build import build_limiter
+from sidecar.queue.limit.gcra import Ask, Breaker
 from sidecar.queue.resilient import ResilientQueue
+from sidecar.server.operators import OperatorOps
 from tests.support.helpers import make_request
 from tests.support.redis_server import RedisServer
 
@@ -85,6 +92,9 @@ def settings_for(server: RedisServer, tmp_path: Path, **more: object) -> Setting
         redis_password_file=str(password_file),
         redis_sweep_interval_s=0.05,
         redis_poll_interval_s=0.02,
+        redis_probe_initial_s=0.02,
+        redis_probe_max_s=0.1,
+        redis_watch_interval_s=0.05,
         state_dir=str(tmp_path / "state"),
         **more,  # type: ignore[arg-type]
     )
@@ -108,13 +118,15 @@ async def exercise(server: RedisServer, tmp_path: Path, *, backlog: bool = True)
         await local.enqueue([make_request(clock, queue_id="uncertain")], uncertain=True)
         await local.close()
 
-    queue = ResilientQueue(
-        build_redis_queue(settings), build_local_queue(settings),
-        probe_initial_s=0.02, probe_max_s=0.1, watch_interval_s=0.05,
-    )  # fmt: skip
-    await queue.start()
+    # Every named queue (requests, deliveries, pickups) on one client, as the daemon builds them.
+    queues = build_queues(settings)
+    await queues.start()
     try:
-        assert queue.mode == ServingMode.REDIS, await queue.health()
+        queue = queues.requests
+        assert isinstance(queue, ResilientQueue)
+        for store in queues.stores.values():
+            assert isinstance(store, ResilientQueue)
+            assert store.mode == ServingMode.REDIS, await store.health()
         await queue.wait_until(queue.backlog_moved, WAIT_S)
         redis = queue.redis
         # The generation marker and the eviction-policy check (INFO), again.
@@ -122,9 +134,12 @@ async def exercise(server: RedisServer, tmp_path: Path, *, backlog: bool = True)
         await redis.probe()
 
         await run_ops(queue)
+        await operator_ops(queue)
+        await limiter_ops(settings, queue, server)
+        await outbox_ops(queues.outbox, server)
         await watch_and_sweep(queue, server, tmp_path)
     finally:
-        await queue.close(1.0)
+        await queues.close(1.0)
 
 
 async def run_ops(queue: ResilientQueue) -> None:
@@ -156,6 +171,79 @@ async def run_ops(queue: ResilientQueue) -> None:
     health = await queue.health()
     assert health.status == "ok", health
     assert (await queue.redis.health()).status == "ok"  # PING
+
+
+async def operator_ops(queue: ResilientQueue) -> None:
+    """take, a dead letter of each kind, list (each status, both orders, a priority filter,
+    cursor pages), requeue (by id, by filter) and purge, through the daemon's OperatorOps."""
+    clock = time.time
+    ops = OperatorOps(payloads_allowed=True)
+    await queue.enqueue([make_request(clock, queue_id="t1", priority=7),
+                         make_request(clock, queue_id="soon", ttl_s=0.05)])  # fmt: skip
+    taken = await queue.take("t1", 30)
+    assert taken is not None and taken.status is QueueStatus.PROCESSING
+    await queue.complete("t1", taken.lease_id or "")
+    # A dead letter expired unprocessed: the sweep moves it to its index.
+    deadline = time.monotonic() + WAIT_S
+    while (s := await queue.status("soon")) is None or s.status is not QueueStatus.EXPIRED:
+        assert time.monotonic() < deadline, f"soon never expired: {s}"
+        await queue.redis.sweep()
+    for status in ("queued", "delayed", "processing", "failed", "completed", "expired"):
+        for order in ("oldest", "newest"):
+            # With payloads (read from their own keys) one way, metadata alone the other.
+            req = List(id=1, status=status, order=order, payload=order == "newest")
+            await ops.list_page(req, queue)
+    for order in ("oldest", "newest"):
+        [first] = (await ops.list_page(List(id=1, status="queued", priority=5, order=order,
+                                            limit=1), queue)).items  # fmt: skip
+        assert first.priority == 5
+        # Cursor pages of an index (completed: a, b, c, t1): by rank from the cursor's entry.
+        page = await ops.list_page(List(id=1, status="completed", order=order, limit=1), queue)
+        assert page.next_cursor is not None
+        more = await ops.list_page(
+            List(id=1, status="completed", order=order, limit=1, cursor=page.next_cursor), queue
+        )
+        assert [i.queue_id for i in more.items] != [i.queue_id for i in page.items], more
+    # Requeue: the failed dead letter by id, the expired one by filter, a queued one unchanged.
+    [failed] = (await ops.list_page(List(id=1, status="failed"), queue)).items
+    by_id = await ops.requeue(Requeue(id=1, queue_id=failed.queue_id), queue, None)
+    assert by_id.ids == [failed.queue_id], by_id
+    by_filter = await ops.requeue(Requeue(id=1, status="expired"), queue, None)
+    assert by_filter.ids == ["soon"], by_filter
+    again = await ops.requeue(Requeue(id=1, queue_id="soon"), queue, None)
+    assert again.unchanged == ["soon"], again
+    # Purge: finished records, and (forced) a request being processed.
+    assert (await ops.purge(Purge(id=1, status="completed"), queue, None)).purged >= 4
+    await queue.take("soon", 30)
+    assert (await ops.purge(Purge(id=1, status="processing", force=True), queue, None)).purged
+
+
+async def limiter_ops(settings: Settings, queue: ResilientQueue, server: RedisServer) -> None:
+    """The limiter as the daemon builds it beside a queue on Redis: each of its calls."""
+    limiter = build_limiter(settings, queue)
+    ask = Ask(rpm=600, tpm=10_000, tokens=100, fresh=True)
+    assert (await limiter.acquire("acl", ask)).granted
+    await limiter.settle("acl", 10_000, -50)
+    assert await limiter.pause("acl", 0.01) > 0
+    state = await limiter.report("acl", ok=False, probe=False, failures=1, reset_s=0.01)
+    assert state is Breaker.OPEN
+    with admin(server) as r:  # Redis's limiter answered, not the local one
+        assert r.exists("{sidecar}:limit:acl")
+
+
+async def outbox_ops(outbox: dict[str, QueueStore], server: RedisServer) -> None:
+    """A result POSTed (deliveries: enqueue, dequeue, complete) and one picked up (take)."""
+    clock = time.time
+    deliveries, pickups = outbox[QueueName.DELIVERIES], outbox[QueueName.PICKUPS]
+    await deliveries.enqueue([make_request(clock, queue_id="result-1")])
+    [job] = await deliveries.dequeue(1, 30)
+    await deliveries.complete(job.queue_id, job.lease_id or "")
+    await pickups.enqueue([make_request(clock, queue_id="result-2")])
+    picked = await pickups.take("result-2", 30)
+    assert picked is not None
+    await pickups.complete(picked.queue_id, picked.lease_id or "")
+    with admin(server) as r:  # in Redis, under each outbox queue's hash tag
+        assert r.exists("{sidecar:deliveries}:seq", "{sidecar:pickups}:seq") == 2
 
 
 async def watch_and_sweep(queue: ResilientQueue, server: RedisServer, tmp_path: Path) -> None:

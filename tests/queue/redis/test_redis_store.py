@@ -93,7 +93,9 @@ async def test_two_instances_never_lease_one_request_twice(
 async def test_ttl_and_retention_through_status_and_native_ttl(
     make_queue: QueueFactory, clock: FakeClock, raw: Redis
 ) -> None:
-    queue = await make_queue()
+    # max_dead=0: no dead letters, so the expired request keeps metadata only, for RETENTION_S
+    # (a dead letter's retention and native TTL: tests/queue/test_contract_list*.py).
+    queue = await make_queue(max_dead=0)
     req = make_request(clock, ttl_s=10)
     await queue.enqueue([req])
     key = queue.keys.request(req.queue_id)

@@ -16,11 +16,14 @@
 --     itself are those of ids it reads from an index, and each hash's payload key `<hash>:p`,
 --     all in the same slot)
 --   9 delayed (zset: queued queue_id by the time a `fail` with delay_s lets it be handed out)
---   10.. the request hashes the call names (one per queue_id in ARGV, in the same order)
+--   10 dead:failed, 11 dead:expired (zsets: dead letters by the end of their dead retention)
+--   12.. the request hashes the call names (one per queue_id in ARGV, in the same order)
 -- ARGV (the same first two for every script):
 --   1 now, epoch seconds from the caller's clock: every expiry, lease and retention decision
 --     uses it, so hosts sharing one Redis need synchronised clocks
---   2 retention_s, how long a terminal record stays readable
+--   2 retention_s, how long a terminal record stays readable; or "retention_s,dead_retention_s,
+--     max_dead": dead letters (failed for good, or expired unprocessed) keep their payload for
+--     dead_retention_s, at most max_dead of them (past it the oldest go, counted dead_dropped)
 -- Return codes (first element of every reply): 0 ok, -1 not found, -2 invalid state (the
 -- second element is the current status), -3 lease mismatch.
 --
@@ -39,9 +42,10 @@
 -- Set per call by begin(): the fixed keys, `now` (number and stored text), the whole
 -- milliseconds at or before it, and retention_s.
 local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED, K_SEQ, K_STATS, K_REQ, K_DELAYED
-local NOW, NOW_S, NOW_MS, RETENTION
+local K_DEAD_FAILED, K_DEAD_EXPIRED
+local NOW, NOW_S, NOW_MS, RETENTION, DEAD_RETENTION, MAX_DEAD
 -- The fixed keys before the request hashes a call names.
-local NKEYS = 9
+local NKEYS = 11
 
 local OK, ERR_NOT_FOUND, ERR_INVALID_STATE, ERR_LEASE_MISMATCH = 0, -1, -2, -3
 local SHIFT = 281474976710656 -- 2^48: priority sits above the 48 bits of seq
@@ -200,9 +204,47 @@ local function drop_orphan(id, was_pending)
   end
 end
 
+-- Forget a terminal record: its hash, its payload (a dead letter's) and its index entry.
 local function purge(r)
-  redis.call('DEL', r.key)
+  redis.call('DEL', r.key, body_key(r.key))
   redis.call('ZREM', K_RETAINED, r.id)
+  if redis.call('ZREM', K_DEAD_FAILED, r.id) + redis.call('ZREM', K_DEAD_EXPIRED, r.id) > 0 then
+    redis.call('HINCRBY', K_STATS, 'dead_bytes', -r.size)
+  end
+end
+
+-- A dead letter: failed for good (not cancelled or purged by someone), or expired.
+local function is_dead(status, reason)
+  return status == 'expired' or (status == 'failed' and reason ~= 'cancelled'
+    and reason ~= 'purged')
+end
+
+local function dead_key(status)
+  if status == 'expired' then
+    return K_DEAD_EXPIRED
+  end
+  return K_DEAD_FAILED
+end
+
+-- Past MAX_DEAD, the oldest dead letters (of both kinds) go, counted in dead_dropped.
+local function trim_dead()
+  local over = redis.call('ZCARD', K_DEAD_FAILED) + redis.call('ZCARD', K_DEAD_EXPIRED) - MAX_DEAD
+  while over > 0 do
+    local f = redis.call('ZRANGE', K_DEAD_FAILED, 0, 0, 'WITHSCORES')
+    local e = redis.call('ZRANGE', K_DEAD_EXPIRED, 0, 0, 'WITHSCORES')
+    local key = K_DEAD_FAILED
+    if #f == 0 or (#e > 0 and tonumber(e[2]) < tonumber(f[2])) then
+      key, f = K_DEAD_EXPIRED, e
+    end
+    local r = load(f[1])
+    if r then
+      purge(r)
+    else
+      redis.call('ZREM', key, f[1])
+    end
+    redis.call('HINCRBY', K_STATS, 'dead_dropped', 1)
+    over = over - 1
+  end
 end
 
 -- A script that settles many requests in one run (complete.lua) sets DEFER to a fresh table:
@@ -233,7 +275,8 @@ end
 -- settled_by: which op and token ended the request's last lease ('complete:<lease_id>',
 -- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
 local function to_terminal(r, status, reason, settled_by)
-  local purge_at = clamp_time(NOW + RETENTION)
+  local dead = is_dead(status, reason) and DEAD_RETENTION > 0 and MAX_DEAD > 0
+  local purge_at = clamp_time(NOW + (dead and DEAD_RETENTION or RETENTION))
   local purge_s = fmt(purge_at) -- formatted once: '%.17g' is one of a settle's costlier steps
   -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
   -- Every field that goes in one HDEL and every field that changes in one HSET: each
@@ -261,7 +304,9 @@ local function to_terminal(r, status, reason, settled_by)
     set[#set + 1] = settled_by
   end
   redis.call('HDEL', r.key, unpack(gone))
-  redis.call('DEL', body_key(r.key))
+  if not dead then
+    redis.call('DEL', body_key(r.key))
+  end
   redis.call('HSET', r.key, unpack(set))
   if DEFER then
     DEFER.counts[status] = (DEFER.counts[status] or 0) + 1
@@ -277,6 +322,14 @@ local function to_terminal(r, status, reason, settled_by)
   r.purge_at = purge_at
   if purge_at <= NOW then
     purge(r) -- a retention of 0: the reply (the snapshot) is the last time it is seen
+  elseif dead then
+    -- Kept with its payload; indexed by kind. Its native TTL is a day past the sweep's time,
+    -- so the sweep (which keeps dead_bytes exact) forgets it first.
+    redis.call('ZADD', dead_key(status), purge_s, r.id)
+    redis.call('HINCRBY', K_STATS, 'dead_bytes', r.size)
+    expire_in(r.key, purge_at - NOW + 86400)
+    expire_in(body_key(r.key), purge_at - NOW + 86400)
+    trim_dead()
   else
     if DEFER then
       DEFER.retained[#DEFER.retained + 1] = purge_s
@@ -441,19 +494,24 @@ local function expire_queued(limit)
   return n
 end
 
--- Forget up to `limit` terminal records whose retention ended; returns how many.
-local function purge_retained(limit)
-  local due = redis.call('ZRANGEBYSCORE', K_RETAINED, '-inf', NOW_S, 'LIMIT', 0, limit)
+-- Forget up to `limit` terminal records of one index whose retention ended; returns how many.
+local function purge_index(key, limit)
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', NOW_S, 'LIMIT', 0, limit)
   for _, id in ipairs(due) do
     local r = load(id)
     if r and r.purge_at and r.purge_at <= NOW then
       purge(r)
     else
       -- Gone already (Redis's own TTL), or a stale entry: only the index entry remains.
-      redis.call('ZREM', K_RETAINED, id)
+      redis.call('ZREM', key, id)
     end
   end
   return #due
+end
+
+local function purge_retained(limit)
+  return purge_index(K_RETAINED, limit) + purge_index(K_DEAD_FAILED, limit)
+    + purge_index(K_DEAD_EXPIRED, limit)
 end
 
 -- One full sweep step; returns {expired, requeued, failed, purged}.
@@ -470,11 +528,22 @@ local function begin(keys, args)
   KEYS, ARGV = keys, args
   K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   K_SEQ, K_STATS, K_REQ, K_DELAYED = KEYS[5], KEYS[6], KEYS[8], KEYS[9]
+  K_DEAD_FAILED, K_DEAD_EXPIRED = KEYS[10], KEYS[11]
   NOW, NOW_S = arg_time(1, 'now')
   -- Entries whose score is at most this may be due (whether one is, its hash's time decides).
   NOW_MS = string.format('%d', math.floor(NOW * 1000))
-  RETENTION = arg_number(2, 'retention_s')
-  if RETENTION < 0 then
+  local r, d, m = string.match(ARGV[2] or '', '^([^,]*),([^,]*),([^,]*)$')
+  if r then
+    RETENTION, DEAD_RETENTION, MAX_DEAD = tonumber(r), tonumber(d), tonumber(m)
+    if not (RETENTION and DEAD_RETENTION and MAX_DEAD) or DEAD_RETENTION < 0 or MAX_DEAD < 0
+      or DEAD_RETENTION ~= DEAD_RETENTION then
+      fail_arg(2, 'retention_s,dead_retention_s,max_dead')
+    end
+  else
+    RETENTION = arg_number(2, 'retention_s')
+    DEAD_RETENTION, MAX_DEAD = RETENTION, 0 -- no dead letters: metadata only, as before
+  end
+  if not RETENTION or RETENTION < 0 or RETENTION ~= RETENTION then
     fail_arg(2, 'retention_s')
   end
   DEFER = nil

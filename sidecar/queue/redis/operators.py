@@ -1,0 +1,97 @@
+"""RedisQueue's side of the operators' ops: list (lua/list.lua), requeue of dead letters
+(lua/requeue.lua) and purge (lua/purge.lua). Each page or batch is one script run over the
+sorted sets: O(log N + page), never SCAN or KEYS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from sidecar.errors import InvalidState, NotFound
+from sidecar.models import (
+    ListPosition,
+    ListQuery,
+    ListStatus,
+    RecordPage,
+    RequeueOutcome,
+)
+from sidecar.queue.base import Clock
+from sidecar.queue.redis.keys import ScriptCode, decode_record
+from sidecar.queue.redis.wire import Arg
+
+# Records one purge script run forgets at most: a run blocks Redis while it works.
+PURGE_BATCH = 500
+
+
+class _Store(Protocol):
+    name: str
+    _clock: Clock
+
+    def _req(self, queue_id: str) -> tuple[str]: ...
+
+    def _call(
+        self, script: str, now: float, *args: Arg, keys: tuple[str, ...] = ()
+    ) -> asyncio.Future[list[Any]]: ...
+
+
+class RedisOperatorSide:
+    """RedisQueue's list_records, requeue_dead and purge_records (QueueStore)."""
+
+    async def list_records(
+        self: _Store, query: ListQuery, after: ListPosition | None
+    ) -> RecordPage:
+        """One page from the status's sorted set (lua/list.lua)."""
+        reply = await self._call(
+            "list", self._clock(), query.status.value,
+            "" if query.priority is None else query.priority,
+            "1" if query.newest else "0", query.limit,
+            "" if after is None else repr(after.score), "" if after is None else after.queue_id,
+            "1" if query.payload else "0",
+        )  # fmt: skip
+        _, score, queue_id, *records = reply
+        items = [(self.name, decode_record(pairs)) for pairs in records]
+        nxt = None
+        if score:
+            nxt = ListPosition(self.name, float(score), _text(queue_id))
+        return RecordPage(items=items, next=nxt)
+
+    async def requeue_dead(self: _Store, queue_ids: Sequence[str]) -> RequeueOutcome:
+        """Each dead letter back to queued in one script run each, sent together."""
+        ids = list(dict.fromkeys(queue_ids))
+        now = self._clock()
+        replies = await asyncio.gather(
+            *(self._call("requeue", now, qid, keys=self._req(qid)) for qid in ids)
+        )
+        requeued: list[str] = []
+        unchanged: list[str] = []
+        for qid, reply in zip(ids, replies, strict=True):
+            if reply[0] == ScriptCode.NOT_FOUND:
+                raise NotFound(f"no request {qid}", {"queue_id": qid})
+            if reply[0] == ScriptCode.INVALID_STATE:
+                status = _text(reply[1])
+                raise InvalidState(
+                    f"request {qid} is {status}; only a dead letter (failed for good or "
+                    "expired, payload kept) can be requeued",
+                    {"queue_id": qid, "status": status},
+                )
+            (requeued if _text(reply[1]) == "requeued" else unchanged).append(qid)
+        return RequeueOutcome(requeued=requeued, unchanged=unchanged)
+
+    async def purge_records(self: _Store, status: ListStatus, older_than_s: float | None) -> int:
+        """Batches of lua/purge.lua until the status's index is done."""
+        now = self._clock()
+        cutoff: Arg = "" if older_than_s is None else now - older_than_s
+        purged = offset = 0
+        while True:
+            _, n, examined, kept = await self._call(
+                "purge", now, status.value, cutoff, PURGE_BATCH, offset
+            )
+            purged += int(n)
+            offset += int(kept)
+            if int(examined) < PURGE_BATCH:
+                return purged
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
