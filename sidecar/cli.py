@@ -19,7 +19,8 @@ from sidecar.client.connection import TIMEOUT_ENV
 from sidecar.config import ConfigError, Settings
 from sidecar.config.docs import help_text
 from sidecar.errors import SidecarError, SidecarUnavailable
-from sidecar.protocol import StatsResult
+from sidecar.operators import add_operator_commands
+from sidecar.protocol import DEFAULT_QUEUE, StatsResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a command failed (or health: degraded)
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "work":
         return _work(args)
+    if args.command == "web":
+        return _web(args)
     # A probe answers sooner than a service call: 5 s unless the flag or the environment says.
     timeout = args.timeout or (None if os.environ.get(TIMEOUT_ENV) else CLI_TIMEOUT_S)
     try:
@@ -115,6 +118,32 @@ def _work(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _web(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_UNAVAILABLE
+    try:
+        # Imported here: the dashboard is an optional extra, and the daemon never needs it.
+        from sidecar.web import BindRefused, serve_web
+    except ImportError as err:
+        print(f"sidecar web needs the web extra (pip install 'sidecar[web]'): {err}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_UNAVAILABLE
+    from sidecar.logs import configure_logging
+
+    configure_logging(settings.environment, settings.log_level)
+    try:
+        serve_web(settings)
+    except BindRefused as err:
+        print(f"sidecar web: cannot start: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except OSError as err:  # the port is taken, or the host does not resolve
+        print(f"sidecar web: cannot listen on {settings.web_host}:{settings.web_port}: {err}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
 # -- commands ----------------------------------------------------------------------------------
 
 
@@ -133,12 +162,21 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 def _stats(client: Client, args: argparse.Namespace) -> int:
     if args.watch:
-        return watch_stats(client, args.interval)
-    stats = client.stats()
+        return watch_stats(client, args.interval, args.queue)
+    stats = client.stats(queue=args.queue)
     if args.json:
         print(msgspec.json.encode(stats).decode())
-    else:
-        print(format_stats(stats))
+        return EXIT_OK
+    print(format_stats(stats))
+    if args.queue == DEFAULT_QUEUE:
+        # Results waiting for their caller are counted apart from requests: one line for them.
+        outbox = [q for q in client.hello().queues if q != DEFAULT_QUEUE]
+        parts = []
+        for name in outbox:
+            held = client.stats(queue=name)
+            parts.append(f"{name} queued={held.queued} processing={held.processing}")
+        if parts:
+            print(f"outbox: {'; '.join(parts)} (sidecar stats --queue NAME for one)")
     return EXIT_OK
 
 
@@ -175,7 +213,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
-def watch_stats(client: Client, interval_s: float) -> int:
+def watch_stats(client: Client, interval_s: float, queue: str = DEFAULT_QUEUE) -> int:
     """One line per interval until Ctrl-C or SIGTERM (exit 0); rates from successive replies.
 
     SIGINT keeps the disposition the process inherited: Python's KeyboardInterrupt when it
@@ -191,7 +229,7 @@ def watch_stats(client: Client, interval_s: float) -> int:
     before = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         while True:
-            stats, now = client.stats(), time.monotonic()
+            stats, now = client.stats(queue=queue), time.monotonic()
             if lines % WATCH_HEADER_EVERY == 0:
                 print(_watch_row([name for name, _ in WATCH_COLUMNS]), flush=True)
             print(_watch_line(stats, previous, now), flush=True)
@@ -337,6 +375,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests handled at once (default: LLM_WORKER_CONCURRENCY)")
+    sub.add_parser(
+        "web",
+        help="serve the operators' dashboard (the [web] extra)",
+        description="Serve the operators' web dashboard, a client of the daemon's socket: "
+        "SIDECAR_WEB_HOST (default 127.0.0.1), SIDECAR_WEB_PORT, SIDECAR_WEB_TOKEN (enables "
+        "requeue, cancel and purge), SIDECAR_WEB_SHOW_PAYLOADS. See docs/web.md.\n\n"
+        + SERVICE_SIGNALS_HELP.format(what="stops serving, then exits 0"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, func, text in (
         ("health", _health, "probe: exit 0 ok, 1 degraded, 2 unreachable or unhealthy"),
         ("stats", _stats, "queue counts, usage and breaker state"),
@@ -346,10 +393,13 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=func)
         if name == "stats":
             p.add_argument("--watch", action="store_true", help=WATCH_STOP_HELP)
+            p.add_argument("--queue", default=DEFAULT_QUEUE,
+                           help="the named queue: requests (default), deliveries or pickups")
             p.add_argument("--interval", type=float, default=1.0,
                            help="seconds between lines of --watch (default 1)")  # fmt: skip
     p = sub.add_parser("metrics", help="the daemon's metrics as Prometheus text")
     p.set_defaults(run=_metrics)
+    add_operator_commands(sub)  # list, show, requeue, purge (docs/operations.md)
     p = sub.add_parser("enqueue", help="enqueue a JSON payload (argument or stdin); prints its id")
     p.add_argument("payload", nargs="?", help="the payload as JSON; '-' or none reads stdin")
     p.add_argument("--priority", type=int, help="0 (most urgent) to 9; default 5")

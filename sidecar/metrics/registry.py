@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,6 +98,8 @@ class _Snapshot:
     high_watermark: float = 0.0
     low_watermark: float = 0.0
     failover: FailoverCounters = NO_FAILOVER
+    # The outbox queues' books by queue name (results waiting, apart from requests).
+    outbox: dict[str, QueueStats] = field(default_factory=dict)
 
 
 class _QueueCollector:
@@ -113,6 +115,19 @@ class _QueueCollector:
         yield from _queue_families(snap)
         yield from _local_families(snap)
         yield from _failover_families(snap)
+        yield from _outbox_families(snap)
+
+
+def _outbox_families(snap: _Snapshot) -> Iterator[Metric]:
+    items = GaugeMetricFamily(
+        "sidecar_outbox_items",
+        "Results waiting for their caller in each outbox queue (deliveries, pickups), by status.",
+        labels=["queue", "status"],
+    )
+    for name, st in sorted(snap.outbox.items()):
+        items.add_metric([name, "queued"], st.queued)
+        items.add_metric([name, "processing"], st.processing)
+    yield items
 
 
 def _queue_families(snap: _Snapshot) -> Iterator[Metric]:
@@ -133,6 +148,13 @@ def _queue_families(snap: _Snapshot) -> Iterator[Metric]:
                              "Payload bytes of queued and processing requests.", labels=labels)
     retained = GaugeMetricFamily("sidecar_queue_retained_requests",
                                  "Finished requests still readable by queue_id.", labels=labels)
+    dead = GaugeMetricFamily("sidecar_dead_letters", "Dead letters held (failed for good or "
+                             "expired unprocessed, payload kept).", labels=labels)
+    dead_bytes = GaugeMetricFamily("sidecar_dead_letters_bytes",
+                                   "Payload bytes of the dead letters held.", labels=labels)
+    dead_dropped = CounterMetricFamily(
+        "sidecar_dead_letters_dropped", "Dead letters dropped before their retention ended "
+        "because QUEUE_MAX_DEAD was reached.", labels=labels)
     books = CounterMetricFamily(
         "sidecar_queue_events",
         "The store's books: requests accepted, completed, failed, expired, moved out.",
@@ -147,9 +169,12 @@ def _queue_families(snap: _Snapshot) -> Iterator[Metric]:
         oldest.add_metric(key, st.oldest_queued_age_s or 0.0)
         held.add_metric(key, st.bytes)
         retained.add_metric(key, st.retained)
+        dead.add_metric(key, st.dead_letters)
+        dead_bytes.add_metric(key, st.dead_letters_bytes)
+        dead_dropped.add_metric(key, st.dead_letters_dropped)
         for event in ("accepted", "completed", "failed", "expired", "moved_out"):
             books.add_metric([*key, event], getattr(st, event))
-    yield from (depth, ready, oldest, held, retained, books)
+    yield from (depth, ready, oldest, held, retained, dead, dead_bytes, dead_dropped, books)
 
 
 def _local_families(snap: _Snapshot) -> Iterator[Metric]:
@@ -248,6 +273,7 @@ class DaemonMetrics:
     def __init__(self, *, version: str, high_watermark: float, low_watermark: float) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._queue: MeteredStore | None = None
+        self._outbox: Mapping[str, MeteredStore] = {}
         self._marks = (high_watermark, low_watermark)
         self._view = _QueueCollector()
         self.registry.register(self._view)
@@ -290,15 +316,20 @@ class DaemonMetrics:
         self._fsync = Histogram("sidecar_journal_fsync_duration_seconds", "Local journal syncs "
                                 "(one per loop pass that changed the store).",
                                 buckets=FSYNC_BUCKETS, registry=reg)  # fmt: skip
+        self._limiter = Counter("sidecar_limiter_decisions", "Limiter acquires answered, by "
+                                "result (granted, probe: granted as the half-open probe, "
+                                "waited: told to ask again).", ["result"], registry=reg)
         self._scrape_errors = Counter("sidecar_metrics_refresh_errors", "Scrapes whose read of "
                                       "the stores failed (queue gauges missing).", registry=reg)
         # Pre-bound children: the request path does one dict lookup and one observe.
         self._by_op: dict[str, LoopHistogram] = {}
         self._bound: dict[tuple[object, ...], Counter] = {}
 
-    def bind(self, queue: MeteredStore) -> None:
-        """The serving store render() reads (after it is built with this object as its hooks)."""
+    def bind(self, queue: MeteredStore, outbox: Mapping[str, MeteredStore] | None = None) -> None:
+        """The serving store render() reads (after it is built with this object as its hooks),
+        and the outbox queues' stores by name, counted apart (sidecar_outbox_items)."""
         self._queue = queue
+        self._outbox = outbox or {}
         self._wait = {name: self._wait_family.child(name) for name in queue.store_names}
 
     # -- the server's calls (per request and per connection) -------------------------------------
@@ -343,6 +374,11 @@ class DaemonMetrics:
     def rejected(self, store: str, reason: str, count: int) -> None:
         self._child(self._rejected, store, reason).inc(count)
 
+    # -- the limiter's hooks (sidecar.queue.limit.LimiterHooks) ----------------------------------
+
+    def limit_decided(self, result: str) -> None:
+        self._child(self._limiter, result).inc()
+
     def timed_sync(self, sync: Callable[[int], None]) -> Callable[[int], None]:
         """Wrap the journal's sync so each one is timed (it runs in an executor thread)."""
         observe = self._fsync.observe
@@ -380,6 +416,8 @@ class DaemonMetrics:
         snap.failover = queue.failover_counters() or NO_FAILOVER
         # A store gone since stats() is left out: its depth by status is there, priorities wait.
         snap.ready = await queue.queued_by_priority()
+        for name, store in self._outbox.items():
+            snap.outbox[name] = await store.stats()
         return snap
 
     # -- helpers ---------------------------------------------------------------------------------

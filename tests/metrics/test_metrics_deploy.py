@@ -62,7 +62,7 @@ def exported() -> Iterator[set[str]]:
 def test_alert_rules_pass_promtool_check_rules() -> None:
     result = promtool_run("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
@@ -74,7 +74,8 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
     rules = yaml.safe_load(ALERTS.read_text())
     names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
     assert names == {"SidecarBreakerOpen", "SidecarDegraded", "SidecarRedisDataLost",
-                     "SidecarExpiriesRising", "SidecarOldestQueuedTooOld"}  # fmt: skip
+                     "SidecarExpiriesRising", "SidecarOldestQueuedTooOld",
+                     "SidecarDeadLettersGrowing", "SidecarDeadLettersDropped"}  # fmt: skip
 
 
 def test_dashboard_is_importable_with_the_datasource_as_an_input() -> None:
@@ -94,7 +95,7 @@ def test_dashboard_is_importable_with_the_datasource_as_an_input() -> None:
     for needed in ("Mode", "Local breaker open", "Queue depth by status", "Oldest queued age",
                    "Request rate by op", "p99 latency by op", "Errors by code",
                    "Expiries, retries, failures", "Degraded seconds per hour",
-                   "Hand-over backlog", "Journal fsync p99"):  # fmt: skip
+                   "Hand-over backlog", "Journal fsync p99", "Dead letters"):  # fmt: skip
         assert needed in titles
 
 
