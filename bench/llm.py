@@ -4,8 +4,9 @@ Three ways to serve one chat request, each against the same loopback provider (l
 its own process) and the real daemon (its own process, local store):
 
 - `direct`: `OpenAIProvider.complete`, the call a service makes without the sidecar;
-- `gateway fresh`: `Gateway.handle` with the provider up (breaker check, provider, 200);
-- `gateway queued`: `Gateway.handle` with the provider down and the breaker open, so the
+- `gateway fresh`: `Gateway.handle` with the provider up (limiter acquire, provider, report
+  and settle, 200);
+- `gateway queued`: `Gateway.handle` with the provider's scope paused in the limiter, so the
   request goes straight to the sidecar (the 202 a caller gets during an outage).
 
 Slices alternate between the three, and each ratio is the median of per-slice ratios over
@@ -29,7 +30,6 @@ import uvloop
 from bench.servers import ServerSpec, daemon_spec, running
 from bench.tables import markdown_table, note, print_section
 from sidecar.client import AsyncClient
-from sidecar.llm.breaker import Breaker
 from sidecar.llm.gateway import Gateway, LLMRequest
 from sidecar.llm.providers import OpenAIProvider
 from sidecar.logs import configure_logging
@@ -59,10 +59,10 @@ async def measure(socket_path: str, port: int, calls: int, slices: int) -> dict[
     up = OpenAIProvider(base_url=f"http://127.0.0.1:{port}/v1", model="bench-model", api_key="k")
     down = OpenAIProvider(base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m", api_key="k")
     sidecar = await AsyncClient(socket_path).connect()
-    fresh = Gateway(up, sidecar)
-    # An open breaker for the whole run: every call goes straight to the queue, as in an outage.
-    queued = Gateway(down, sidecar, breaker=Breaker(failures=1, reset_s=1e9))
-    await queued.handle(LLMRequest(body=BODY))  # the one failure that opens it
+    fresh = Gateway(up, sidecar, scope="bench-up")
+    # The scope paused for the whole run: every call goes straight to the queue, as in an outage.
+    queued = Gateway(down, sidecar, scope="bench-down")
+    await sidecar.limit_pause("bench-down", pause_s=86_400, reason="bench")
     ways: dict[str, Call] = {
         "direct": lambda: up.complete(BODY),
         "gateway fresh": lambda: fresh.handle(LLMRequest(body=BODY)),

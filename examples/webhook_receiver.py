@@ -14,10 +14,10 @@ rotation list both, separated by a space). Run it with
 and give the service `X-Callback-URL: http://<host>:9000/webhooks/llm` (a receiver on an
 internal address must be admitted by `LLM_CALLBACK_ALLOWED_HOSTS` on the workers' side).
 
-A delivery is retried with the same `webhook-id` until it is acknowledged, so a receiver sees
-some results more than once (at least once): it verifies first, then dedupes by `webhook-id`,
-and answers 2xx to a repeat without acting on it again. It verifies the raw body bytes, before
-parsing them.
+A delivery is retried with the same `webhook-id` until it is acknowledged (a 2xx; a 410 stops
+it for good), so a receiver sees some results more than once (at least once): it verifies
+first, then dedupes by `webhook-id`, and answers 2xx to a repeat without acting on it again.
+It verifies the raw body bytes, before parsing them.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse
 
 from sidecar.llm.webhooks import WebhookSecrets, WebhookVerificationError, verify
 
-# A repeat can come as long as the sender retries (LLM_WEBHOOK_RETRY_MAX_SECONDS, an hour by
-# default, each attempt freshly timestamped): ids are remembered for a day, at most this many.
+# A repeat can come as long as the result waits in the outbox (LLM_RESULT_TTL_HOURS, a day by
+# default, each try freshly timestamped): ids are remembered for a day, at most this many.
 DEDUPE_S = 24 * 3600
 DEDUPE_MAX = 100_000
 

@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   an OpenAI-style body -> 200 with the completion, the provider's
                                 4xx, 202 {"queue_id": ...}, or 503 with Retry-After
-    GET  /v1/requests/{id}      the queued request's progress from the sidecar
+    GET  /v1/requests/{id}      a queued request's result once it waits to be picked up
+                                (then it is deleted), else its progress; 404 once picked up
 
 Headers: `X-Callback-URL` (where a worker POSTs the result of a queued request; 400 when it is
 not http(s) or names an internal address that LLM_CALLBACK_ALLOWED_HOSTS does not admit) and
@@ -24,11 +25,11 @@ from fastapi.responses import JSONResponse
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
-from sidecar.llm.breaker import Breaker
 from sidecar.llm.callbacks import AllowList
 from sidecar.llm.gateway import Gateway, GatewayResult, LLMRequest
+from sidecar.llm.pacing import pacing_options
 from sidecar.llm.providers import build_provider
-from sidecar.llm.worker import build_recorder
+from sidecar.llm.worker import build_recorder, provider_scope
 from sidecar.logs import configure_logging
 
 
@@ -53,8 +54,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         # would each open a connection. A daemon not up yet is fine: calls connect lazily.
         with contextlib.suppress(SidecarError):
             await sidecar.connect()
-        breaker = Breaker(failures=s.llm_breaker_failures, reset_s=s.llm_breaker_reset_s)
-        app.state.gateway = Gateway(provider, sidecar, breaker=breaker,
+        app.state.gateway = Gateway(provider, sidecar, scope=provider_scope(s, provider),
+                                    pacing=pacing_options(s),
                                     queue_enabled=s.llm_queue_enabled,
                                     max_attempts=s.llm_queue_max_attempts,
                                     callback_allowed=AllowList.parse(

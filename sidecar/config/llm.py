@@ -65,11 +65,11 @@ class LLMSettings:
     # Five failures in a row open the breaker; after 10 s one probe may close it again.
     llm_breaker_failures: int = setting(
         5, "LLM_BREAKER_FAILURES", p.whole(1), "a whole number >= 1",
-        "failures in a row that open the provider breaker",
+        "failures in a row (across the fleet) that open the provider's shared breaker",
     )  # fmt: skip
     llm_breaker_reset_s: float = setting(
         10.0, "LLM_BREAKER_RESET_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
-        "how long the open breaker waits before one probe may close it",
+        "how long the open breaker waits before one probe, for the whole fleet, may close it",
     )  # fmt: skip
     # A failed provider call is retried after 1 s, then 2, 4, ... per delivery: quick for a
     # blip, and at most a minute apart during a long outage.
@@ -93,18 +93,6 @@ class LLMSettings:
     llm_worker_poll_s: float = setting(
         5.0, "LLM_WORKER_POLL_SECONDS", p.number(0, 60), "a number of seconds from 0 to 60",
         "`sidecar work`: how long one dequeue waits for a request (a long poll)",
-    )  # fmt: skip
-    # Three tries a few hundred milliseconds apart ride out a restart of the service's handler.
-    llm_callback_attempts: int = setting(
-        3, "LLM_CALLBACK_ATTEMPTS", p.whole(1, 100), "a whole number from 1 to 100",
-        "`sidecar work`: deliveries of a result to its callback URL before giving up (logged "
-        "`llm_callback_failed`)",
-    )  # fmt: skip
-    # 0.2 s, then 0.4, 0.8, ...: a receiver's restart is ridden out within the tries.
-    llm_callback_backoff_s: float = setting(
-        0.2, "LLM_CALLBACK_BACKOFF_SECONDS", p.number(0, lo_open=True), "a number of seconds > 0",
-        "`sidecar work`: the wait before the second delivery of a result to its callback "
-        "URL, doubled before each next one (a receiver's `Retry-After` on 429/503 instead)",
     )  # fmt: skip
     # A callback is the service's own handler: 5 s is far above a healthy answer.
     llm_callback_timeout_s: float = setting(
@@ -141,17 +129,55 @@ class LLMSettings:
         "link-local or other non-public address (refused otherwise)",
         shown="unset: only public addresses",
     )  # fmt: skip
-    # An hour rides out a receiver's deploy or a short outage; past it the caller can still
-    # fetch the result while it is kept (LLM_RESULT_TTL_HOURS).
+    # At most an hour between two tries of a delivery: a receiver back from a long outage
+    # gets its results within the hour, and one down for a day costs about 50 tries.
     llm_webhook_retry_max_s: float = setting(
         3600.0, "LLM_WEBHOOK_RETRY_MAX_SECONDS", p.number(0, lo_open=True),
         "a number of seconds > 0",
-        "how long the delivery of one result to its callback URL is retried before it is "
-        "given up",
+        "`sidecar work`: the longest wait between two tries of a result's delivery to its "
+        "callback URL (about 1 s after the first failure, growing with jitter up to this; "
+        "a receiver's `Retry-After` on 429/503 instead); `LLM_RESULT_TTL_HOURS` ends the tries",
     )  # fmt: skip
-    # A day: a caller that missed the callback (or has none) has a working day to fetch it.
+    # A day: a receiver down for a working day, or a caller that polls late, still gets it.
     llm_result_ttl_hours: float = setting(
         24.0, "LLM_RESULT_TTL_HOURS", p.number(0, lo_open=True), "a number of hours > 0",
-        "how long a finished request's result is kept for its caller to fetch or for "
-        "redelivery",
+        "how long a result waits in the outbox (`deliveries` for its callback URL, `pickups` "
+        "for `GET /v1/requests/{queue_id}`) before it expires; deleted once delivered",
+    )  # fmt: skip
+    # Off by default: only the operator knows the account's limits. Set them to the provider's
+    # published rate limits so the fleet never needs a 429 to find them.
+    llm_provider_rpm: int = setting(
+        0, "LLM_PROVIDER_RPM", p.whole(0, 1_000_000), "a whole number from 0 to 1000000",
+        "requests per minute the whole fleet sends to one provider, base URL, model and API "
+        "key (the gateway's fresh calls and the workers' together); 0: no limit",
+    )  # fmt: skip
+    llm_provider_tpm: int = setting(
+        0, "LLM_PROVIDER_TPM", p.whole(0, 1_000_000_000), "a whole number from 0 to 1000000000",
+        "tokens per minute the whole fleet sends to one provider, base URL, model and API key "
+        "(reserved before a call, settled with the `usage` it reports); 0: no limit",
+    )  # fmt: skip
+    # A typical chat answer fits in 1024 tokens; a request that names max_tokens reserves that.
+    llm_default_max_tokens: int = setting(
+        1024, "LLM_DEFAULT_MAX_TOKENS", p.whole(1, 10_000_000), "a whole number from 1 to 10000000",
+        "tokens reserved for the answer of a request without `max_tokens` (with the prompt's "
+        "estimate, about its JSON bytes / 4), until the call settles with its `usage`",
+    )  # fmt: skip
+    # Half: the backlog drains at half the budget while the live service asks for the rest.
+    llm_drain_share: float = setting(
+        0.5, "LLM_DRAIN_SHARE", p.number(0, 1, lo_open=True), "a number > 0 and at most 1",
+        "the share of the provider's budget the workers' drain may use while fresh gateway "
+        "calls are waiting for it (all of it when none are)",
+    )  # fmt: skip
+    # Half a minute from the probe's success to the full rate: a recovering provider is not
+    # hit by the whole backlog at once.
+    llm_ramp_s: float = setting(
+        30.0, "LLM_RAMP_SECONDS", p.number(0, 3600), "a number of seconds from 0 to 3600",
+        "after an outage (the shared breaker closed again), the admitted rate grows from a "
+        "trickle to the full limit over this long; 0: at once",
+    )  # fmt: skip
+    # Four at once: a delivery is one short POST; a receiver down makes each wait its timeout.
+    llm_delivery_concurrency: int = setting(
+        4, "LLM_DELIVERY_CONCURRENCY", p.whole(0, 1000), "a whole number from 0 to 1000",
+        "`sidecar work`: result deliveries to callback URLs one worker process makes at once; "
+        "0: this process delivers none (another one must)",
     )  # fmt: skip

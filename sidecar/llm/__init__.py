@@ -2,8 +2,12 @@
 
 An optional extra (`pip install 'sidecar[llm]'`, which brings httpx): the daemon never imports
 this package. It talks to the daemon only through the public client, like any service would.
-`webhooks.py` signs and verifies result deliveries (Standard Webhooks); `callbacks.py` holds
-the callback-URL policy (no request forgery against internal addresses) and the delivery.
+`pacing.py` is the client of the daemon's fleet-wide limiter (rates, pauses, the shared
+breaker); `outbox.py` keeps each result until it reaches its caller (the `deliveries` and
+`pickups` queues) and delivers callbacks; `webhooks.py` signs and verifies them (Standard
+Webhooks); `callbacks.py` holds the callback-URL policy (no request forgery against internal
+addresses) and the POST itself. `breaker.py` is a process-local breaker, kept for embedders:
+the gateway and the workers use the daemon's shared one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from sidecar.llm.callbacks import (
     deliver,
 )
 from sidecar.llm.errors import ProviderRejected, ProviderUnavailable, classify_status
+from sidecar.llm.outbox import Deliverer, Delivery, Pickup
+from sidecar.llm.pacing import Pacer, PacingOptions, pause_from_headers, scope_for
 from sidecar.llm.providers import MockProvider, OpenAIProvider, Provider, ProviderReply
 from sidecar.llm.webhooks import (
     WebhookSecretError,
@@ -34,9 +40,14 @@ __all__ = [
     "BreakerState",
     "CallbackRefused",
     "CallbackSender",
+    "Deliverer",
+    "Delivery",
     "DeliveryOutcome",
     "MockProvider",
     "OpenAIProvider",
+    "Pacer",
+    "PacingOptions",
+    "Pickup",
     "Provider",
     "ProviderRejected",
     "ProviderReply",
@@ -48,6 +59,8 @@ __all__ = [
     "check_callback_url",
     "classify_status",
     "deliver",
+    "pause_from_headers",
+    "scope_for",
     "sign",
     "verify",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -39,19 +40,31 @@ def classify_status(status: int) -> Outcome:
 class ProviderUnavailable(Exception):
     """The provider cannot answer now (refused, reset, timeout, 5xx, 429, open breaker)."""
 
-    def __init__(self, reason: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.status = status  # the HTTP status, when the provider answered at all
+        self.headers: Mapping[str, str] = headers or {}  # its rate-limit headers, for pacing
 
 
 class ProviderRejected(Exception):
     """The provider refused the request itself (a 4xx other than the transient ones)."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(f"provider answered {status}")
         self.status = status
         self.body = body
+        self.headers: Mapping[str, str] = headers or {}
 
 
 def parse_retry_after(value: str | None) -> float | None:

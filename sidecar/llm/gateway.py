@@ -7,27 +7,52 @@ The queue holds requests only: the payload is the request body and its callback_
 callback URL that fails the static check (`sidecar.llm.callbacks.check_callback_url`: not
 http(s), userinfo, or an IP literal that is not public unless LLM_CALLBACK_ALLOWED_HOSTS
 admits it) is answered 400 before the provider is called or anything is queued.
+
+A fresh call goes through the fleet's limiter first (`sidecar.llm.pacing.Pacer`, `fresh=True`:
+the drain of the backlog gets at most LLM_DRAIN_SHARE of the budget while fresh calls wait):
+granted, it is called; a short wait is waited out; a longer one (the scope paused or its shared
+breaker open) queues the request at once, as an unavailable provider does. When the daemon
+cannot be reached for the limiter, fresh calls go unpaced (fail open, logged once): the live
+service must not stop because its sidecar did.
+
+`await gateway.status(queue_id)` is `GET /v1/requests/{queue_id}`: the result once, when it
+waits in the `pickups` outbox (taken, answered 200, then completed, which deletes it); else
+the request's progress; a completed request whose result is no longer there is a 404 (it was
+picked up, or went to the callback URL).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 
-from sidecar.client import AsyncClient
+from sidecar.client import AsyncClient, decode_payload
 from sidecar.errors import NotFound, QueueFull, SidecarError, SidecarUnavailable
-from sidecar.llm.breaker import Breaker
 from sidecar.llm.callbacks import AllowList, CallbackRefused, check_callback_url
 from sidecar.llm.errors import ProviderRejected, ProviderUnavailable
+from sidecar.llm.outbox import PICKUPS, Pickup
+from sidecar.llm.pacing import (
+    Admission,
+    Pacer,
+    PacingOptions,
+    pause_from_headers,
+    reserve_tokens,
+    scope_for,
+    used_tokens,
+)
 from sidecar.llm.providers import Body, Provider
+from sidecar.protocol import Job
 
 log = structlog.get_logger("sidecar.llm.gateway")
 
 # A caller told to come back later without a hint from the sidecar waits this long.
 DEFAULT_RETRY_AFTER_S = 5
+PICKED_UP = "not found: the result was already picked up or sent to the callback"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,14 +83,15 @@ def queued_payload(req: LLMRequest) -> Body:
 
 
 class Gateway:
-    """Fresh call through the breaker, else the sidecar's queue; see the module docstring."""
+    """Fresh call at the fleet's pace, else the sidecar's queue; see the module docstring."""
 
     def __init__(
         self,
         provider: Provider,
         sidecar: AsyncClient,
         *,
-        breaker: Breaker | None = None,
+        scope: str | None = None,
+        pacing: PacingOptions | None = None,
         queue_enabled: bool = True,
         ttl_s: float | None = None,
         max_attempts: int | None = None,
@@ -73,7 +99,8 @@ class Gateway:
     ) -> None:
         self.provider = provider
         self.sidecar = sidecar
-        self.breaker = breaker or Breaker()
+        scope = scope or scope_for(provider.name, "", provider.model, None)
+        self.pacer = Pacer(sidecar, scope, pacing, fail_open=True)
         self.queue_enabled = queue_enabled
         self.ttl_s = ttl_s
         self.max_attempts = max_attempts
@@ -96,34 +123,46 @@ class Gateway:
                 return GatewayResult(status=400, body={"error": "callback_url_refused",
                                                        "message": str(exc)},
                                      queue_id=queue_id, decision="refused")  # fmt: skip
+        pacer = self.pacer
+        tokens = reserve_tokens(req.body, pacer.opts.default_max_tokens)
+        admission = await pacer.admit(tokens, fresh=True)  # fail open: never raises
         retry_after: float | None = None
-        if not self.breaker.allow():
-            reason = "breaker_open"
+        if not admission.granted:
+            reason, retry_after = f"limited: {admission.reason}", admission.wait_s
         else:
             try:
                 reply = await self.provider.complete(req.body)
             except ProviderRejected as exc:
-                self.breaker.success()  # it answered: it is up
+                await self._after(admission, ok=True, used=0)
                 bound.info("llm_refused", status=exc.status, reason="provider_rejected")
                 return GatewayResult(status=exc.status, body=exc.body, queue_id=queue_id,
                                      decision="refused")  # fmt: skip
             except ProviderUnavailable as exc:
-                self.breaker.failure()
-                reason, retry_after = exc.reason, exc.retry_after_s
-            except BaseException:
-                self.breaker.release()
-                raise
+                await self._after(admission, ok=False, used=0)
+                pause = pause_from_headers(exc.status, exc.headers)
+                if pause is not None:
+                    await pacer.pause(pause, exc.reason)
+                reason, retry_after = exc.reason, exc.retry_after_s or pause
             else:
-                self.breaker.success()
+                used = used_tokens(reply.body)
+                await self._after(admission, ok=True, used=used)
+                pause = pause_from_headers(reply.status, reply.headers)
+                if pause is not None:
+                    await pacer.pause(pause, "rate limit headers at zero")
                 bound.info("llm_fresh", provider=self.provider.name)
                 return GatewayResult(status=200, body=reply.body, queue_id=queue_id)
         if not self.queue_enabled:
             bound.warning("llm_refused", status=503, reason=reason, queue_enabled=False)
-            wait = str(round(retry_after or DEFAULT_RETRY_AFTER_S))
+            wait = str(max(1, round(retry_after or DEFAULT_RETRY_AFTER_S)))
             return GatewayResult(status=503, body={"error": "provider_unavailable"},
                                  headers={"Retry-After": wait}, queue_id=queue_id,
                                  decision="refused")  # fmt: skip
         return await self._enqueue(req, queue_id, reason)
+
+    async def _after(self, admission: Admission, *, ok: bool, used: int | None) -> None:
+        """Report the outcome to the shared breaker; settle the tokens with what was used."""
+        await self.pacer.report(ok=ok, probe=admission.probe)
+        await self.pacer.settle(admission.tokens, used)
 
     async def _enqueue(self, req: LLMRequest, queue_id: str, reason: str) -> GatewayResult:
         bound = log.bind(queue_id=queue_id)
@@ -157,8 +196,11 @@ class Gateway:
                              queue_id=item.queue_id, decision="queued")  # fmt: skip
 
     async def status(self, queue_id: str) -> GatewayResult:
-        """The request's progress from the sidecar: 200 with its info, 404, or 503."""
+        """The result once (from `pickups`), else the request's progress: 200, 404, or 503."""
         try:
+            job = await self.sidecar.take(queue_id, queue=PICKUPS)
+            if job is not None:
+                return await self._picked_up(job)
             info = await self.sidecar.status(queue_id)
         except NotFound:
             return GatewayResult(status=404, body={"error": "not_found"}, queue_id=queue_id)
@@ -167,6 +209,28 @@ class Gateway:
             return GatewayResult(status=503, body={"error": "sidecar_unavailable"},
                                  headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)},
                                  queue_id=queue_id)  # fmt: skip
+        if info.status == "completed":
+            # Completed only once its result was kept: that result has left the outbox.
+            return GatewayResult(status=404, body={"error": "not_found", "message": PICKED_UP},
+                                 queue_id=queue_id)  # fmt: skip
         body = {"queue_id": info.queue_id, "status": info.status, "attempts": info.attempts,
                 "reason": info.reason, "updated_at": info.updated_at}  # fmt: skip
         return GatewayResult(status=200, body=body, queue_id=queue_id)
+
+    async def _picked_up(self, job: Job) -> GatewayResult:
+        """Answer a result taken from `pickups`, then complete it (which deletes it)."""
+        bound = log.bind(queue_id=job.queue_id)
+        try:
+            body = json.loads(decode_payload(job, Pickup).body)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            bound.error("llm_pickup_failed", reason="bad_payload", error=str(exc))
+            await self.sidecar.fail(job.queue_id, job.lease_id, "bad result payload",
+                                    retry=False, queue=PICKUPS)  # fmt: skip
+            return GatewayResult(status=500, body={"error": "bad_result"}, queue_id=job.queue_id)
+        try:
+            await self.sidecar.complete(job.queue_id, job.lease_id, queue=PICKUPS)
+        except SidecarError as exc:
+            # Answered anyway: its lease lapses and it can be picked up again (at least once).
+            bound.warning("llm_pickup_not_settled", code=exc.code, error=exc.message)
+        bound.info("llm_picked_up")
+        return GatewayResult(status=200, body=body, queue_id=job.queue_id)

@@ -77,7 +77,9 @@ class MockProvider:
             raise ProviderUnavailable("mock provider down (connection refused)")
         if self.failing:
             wait = self.retry_after_s
-            raise ProviderUnavailable("mock provider answered 503", retry_after_s=wait)
+            headers = {} if wait is None else {"retry-after": f"{wait:g}"}
+            raise ProviderUnavailable("mock provider answered 503", retry_after_s=wait,
+                                      status=503, headers=headers)  # fmt: skip
         if self.reject_status is not None:
             raise ProviderRejected(self.reject_status, {"error": {"message": "mock rejection"}})
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
@@ -142,9 +144,10 @@ class OpenAIProvider:
         if outcome is Outcome.UNAVAILABLE:
             retry_after = parse_retry_after(resp.headers.get("retry-after"))
             raise ProviderUnavailable(
-                f"provider answered {resp.status_code}", retry_after_s=retry_after
-            )
-        raise ProviderRejected(resp.status_code, data)
+                f"provider answered {resp.status_code}", retry_after_s=retry_after,
+                status=resp.status_code, headers=dict(resp.headers),
+            )  # fmt: skip
+        raise ProviderRejected(resp.status_code, data, dict(resp.headers))
 
     async def _record(
         self,

@@ -31,7 +31,9 @@ from sidecar.config.docs import (
     markdown_table,
     shown_default,
 )
-from sidecar.llm.worker import WorkerOptions, worker_options
+from sidecar.llm.outbox import DeliveryOptions
+from sidecar.llm.pacing import PacingOptions
+from sidecar.llm.worker import WorkerOptions, delivery_options, worker_options
 from sidecar.queue.build import build_queue
 from sidecar.queue.local import Journal, LocalQueue
 from sidecar.queue.redis import RedisQueue
@@ -146,7 +148,6 @@ NEW_BAD_VALUES = {
     "LLM_BASE_URL": ("api.openai.com", "an http:// or https:// URL"),
     "LLM_RETRY_BACKOFF_BASE_SECONDS": ("0", "a number of seconds > 0"),
     "LLM_RETRY_BACKOFF_MAX_SECONDS": ("-1", "a number of seconds > 0, at least LLM_RETRY_BACKOFF"),
-    "LLM_CALLBACK_ATTEMPTS": ("0", "a whole number from 1 to 100"),
     "LLM_CALLBACK_TIMEOUT_SECONDS": ("never", "a number of seconds > 0"),
 }
 
@@ -219,14 +220,22 @@ COMPONENT_DEFAULTS: list[tuple[Any, str, str]] = [
     (Journal, "max_bytes", "journal_max_bytes"),
     (WorkerOptions, "backoff_base_s", "llm_retry_backoff_base_s"),
     (WorkerOptions, "backoff_max_s", "llm_retry_backoff_max_s"),
-    (WorkerOptions, "callback_attempts", "llm_callback_attempts"),
-    (WorkerOptions, "callback_timeout_s", "llm_callback_timeout_s"),
     (WorkerOptions, "lease_s", "queue_lease_s"),
     (WorkerOptions, "concurrency", "llm_worker_concurrency"),
     (WorkerOptions, "wait_s", "llm_worker_poll_s"),
-    (WorkerOptions, "callback_backoff_s", "llm_callback_backoff_s"),
-    (WorkerOptions, "callback_retry_max_s", "llm_webhook_retry_max_s"),
-    (WorkerOptions, "callback_allowed_hosts", "llm_callback_allowed_hosts"),
+    (DeliveryOptions, "concurrency", "llm_delivery_concurrency"),
+    (DeliveryOptions, "lease_s", "queue_lease_s"),
+    (DeliveryOptions, "wait_s", "llm_worker_poll_s"),
+    (DeliveryOptions, "timeout_s", "llm_callback_timeout_s"),
+    (DeliveryOptions, "retry_max_s", "llm_webhook_retry_max_s"),
+    (DeliveryOptions, "allowed_hosts", "llm_callback_allowed_hosts"),
+    (PacingOptions, "rpm", "llm_provider_rpm"),
+    (PacingOptions, "tpm", "llm_provider_tpm"),
+    (PacingOptions, "default_max_tokens", "llm_default_max_tokens"),
+    (PacingOptions, "drain_share", "llm_drain_share"),
+    (PacingOptions, "ramp_s", "llm_ramp_s"),
+    (PacingOptions, "breaker_failures", "llm_breaker_failures"),
+    (PacingOptions, "breaker_reset_s", "llm_breaker_reset_s"),
 ]
 
 
@@ -283,22 +292,25 @@ def test_sidecar_work_takes_its_options_from_the_settings() -> None:
             "QUEUE_LEASE_SECONDS": "45",
             "LLM_RETRY_BACKOFF_BASE_SECONDS": "0.5",
             "LLM_RETRY_BACKOFF_MAX_SECONDS": "8",
-            "LLM_CALLBACK_ATTEMPTS": "6",
             "LLM_CALLBACK_TIMEOUT_SECONDS": "1.5",
             "LLM_WORKER_CONCURRENCY": "7",
             "LLM_WORKER_POLL_SECONDS": "2",
-            "LLM_CALLBACK_BACKOFF_SECONDS": "0.3",
+            "LLM_RESULT_TTL_HOURS": "2",
+            "LLM_DELIVERY_CONCURRENCY": "3",
             "LLM_WEBHOOK_RETRY_MAX_SECONDS": "90",
             "LLM_CALLBACK_ALLOWED_HOSTS": "10.0.0.0/8, hooks.internal",
         }
     )
     expected = WorkerOptions(
         concurrency=7, lease_s=45.0, wait_s=2.0, backoff_base_s=0.5, backoff_max_s=8.0,
-        callback_attempts=6, callback_timeout_s=1.5, callback_backoff_s=0.3,
-        callback_retry_max_s=90.0, callback_allowed_hosts=("10.0.0.0/8", "hooks.internal"),
+        result_ttl_s=7200.0,
     )  # fmt: skip
     assert worker_options(settings) == expected
     assert worker_options(settings, 3) == dataclasses.replace(expected, concurrency=3)
+    assert delivery_options(settings) == DeliveryOptions(
+        concurrency=3, lease_s=45.0, wait_s=2.0, timeout_s=1.5, retry_max_s=90.0,
+        allowed_hosts=("10.0.0.0/8", "hooks.internal"),
+    )  # fmt: skip
 
 
 def test_protocol_md_limits_agree_with_the_settings_table() -> None:
