@@ -6,13 +6,12 @@ this package. It talks to the daemon only through the public client, like any se
 breaker); `outbox.py` keeps each result until it reaches its caller (the `deliveries` and
 `pickups` queues) and delivers callbacks; `webhooks.py` signs and verifies them (Standard
 Webhooks); `callbacks.py` holds the callback-URL policy (no request forgery against internal
-addresses) and the POST itself. `breaker.py` is a process-local breaker, kept for embedders:
-the gateway and the workers use the daemon's shared one.
+addresses) and the POST itself. The breaker is the daemon's, shared by the fleet (through
+`pacing.py`).
 """
 
 from __future__ import annotations
 
-from sidecar.llm.breaker import Breaker, BreakerState
 from sidecar.llm.callbacks import (
     AllowList,
     CallbackRefused,
@@ -36,8 +35,6 @@ from sidecar.llm.webhooks import (
 
 __all__ = [
     "AllowList",
-    "Breaker",
-    "BreakerState",
     "CallbackRefused",
     "CallbackSender",
     "Deliverer",

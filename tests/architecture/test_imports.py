@@ -56,7 +56,7 @@ def test_the_import_contracts_hold() -> None:
     [
         ("queue/hooks.py", "sidecar.server", "The stores never import the server"),
         ("client/calls.py", "sidecar.queue.base", "The clients depend only on"),
-        ("server/state.py", "sidecar.llm.breaker", "The daemon never imports the LLM side"),
+        ("server/state.py", "sidecar.llm.pacing", "The daemon never imports the LLM side"),
         ("models.py", "sidecar.config", "protocol and models import nothing"),
     ],
 )

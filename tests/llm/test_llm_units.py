@@ -12,7 +12,6 @@ import pytest
 import structlog
 
 from sidecar.config import Settings
-from sidecar.llm.breaker import Breaker, BreakerState
 from sidecar.llm.errors import (
     Outcome,
     ProviderRejected,
@@ -23,52 +22,6 @@ from sidecar.llm.errors import (
 from sidecar.llm.providers import MockProvider, OpenAIProvider, build_provider, load_api_key
 from sidecar.llm.recorder import INDEX_NAME, DevelopmentResponseRecorder, atomic_write
 from sidecar.llm.worker import WorkerOptions, backoff_s, build_recorder
-from tests.support.helpers import FakeClock
-
-# -- breaker ------------------------------------------------------------------------------------
-
-
-def state(b: Breaker) -> BreakerState:
-    # Through a call, so mypy does not narrow the property between two reads.
-    return b.state
-
-
-def test_breaker_opens_after_consecutive_failures_and_a_probe_closes_it() -> None:
-    clock = FakeClock()
-    b = Breaker(failures=3, reset_s=10, clock=clock)
-    for _ in range(2):
-        assert b.allow()
-        b.failure()
-    assert state(b) is BreakerState.CLOSED
-    b.success()  # a success resets the count: failures must be consecutive
-    for _ in range(3):
-        assert b.allow()
-        b.failure()
-    assert state(b) is BreakerState.OPEN and not b.allow()
-    assert b.retry_in() == pytest.approx(10)
-    clock.advance(10)
-    assert state(b) is BreakerState.HALF_OPEN
-    assert b.allow()  # the one probe
-    assert not b.allow()  # nobody else while it runs
-    b.success()
-    assert state(b) is BreakerState.CLOSED and b.allow()
-
-
-def test_a_failed_probe_opens_the_breaker_again_for_a_full_period() -> None:
-    clock = FakeClock()
-    b = Breaker(failures=1, reset_s=5, clock=clock)
-    b.failure()
-    clock.advance(5)
-    assert b.allow()
-    b.failure()
-    assert state(b) is BreakerState.OPEN and b.retry_in() == pytest.approx(5)
-    clock.advance(4)
-    assert not b.allow()
-    clock.advance(1)
-    assert b.allow()
-    b.release()  # a cancelled probe lets the next one go
-    assert b.allow()
-
 
 # -- the failure table --------------------------------------------------------------------------
 
@@ -287,19 +240,3 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left behind
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
-
-
-async def test_breaker_wait_ends_when_a_probe_settles_or_on_stop() -> None:
-    b = Breaker(failures=1, reset_s=3600)
-    b.failure()  # open for an hour: only a notice (or stop) can end the wait
-    stop = asyncio.Event()
-    waiter = asyncio.create_task(b.wait(stop))
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    b.success()
-    await asyncio.wait_for(waiter, 5)
-    b.failure()
-    waiter = asyncio.create_task(b.wait(stop))
-    await asyncio.sleep(0)
-    stop.set()
-    await asyncio.wait_for(waiter, 5)
