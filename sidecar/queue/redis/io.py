@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -122,6 +123,9 @@ def tls_failure(exc: BaseException) -> str | None:
 
 # What a sentinel's refusal of the client's credentials (none, or a wrong password) reads as.
 _SENTINEL_AUTH = ("AuthenticationError", "NOAUTH", "WRONGPASS")
+# redis-py's MasterNotFoundError text starts with the master's name (its repr); what follows
+# names the sentinels' hosts, which messages here never show.
+_MASTER_NAMED = re.compile(r"No master found for ('[^']*'|\"[^\"]*\")")
 # Kinds whose fix is a setting: the message says which.
 _KIND_HINTS = {
     "sentinel_authentication": "sentinel_authentication: the sentinels need a password, or "
@@ -153,6 +157,10 @@ def translate_error(exc: BaseException) -> BaseException:
     # A TLS failure says which (tls_failure's words carry no host name): the operator's fix is
     # in a certificate or a setting, not in waiting for Redis.
     what = f"tls: {tls_failure(exc)}" if kind == "tls" else _KIND_HINTS.get(kind, kind)
+    named = _MASTER_NAMED.match(str(exc)) if kind == "no_primary" else None
+    if named is not None:
+        # The master name is the operator's own setting (never a host): say which one.
+        what = f"no_primary: no sentinel names a live primary for {named[1]}"
     err = BackendUnavailable(f"redis unavailable ({what})", {"kind": kind})
     err.__cause__ = exc
     return err

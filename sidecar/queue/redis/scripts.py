@@ -378,8 +378,15 @@ class ScriptRunner:
         # backoff step while replicas lag) at debug, like the probe's other failures.
         level = self._log.debug if op == "probe" else self._log.warning
         level("redis_replicas_short", op=op, confirmed=repr(confirmed), needed=self.min_replicas)
+        # The counts tell "no replica at all" (a promoted replica) from "one lagging".
+        needed = self.min_replicas
+        counts = (
+            f"{confirmed} of {needed} confirmed"
+            if isinstance(confirmed, int)
+            else f"WAIT failed, {needed} needed"
+        )
         return BackendUnavailable(
-            "redis replicas did not confirm the write", {"kind": "replicas"}
+            f"redis replicas did not confirm the write ({counts})", {"kind": "replicas"}
         )
 
     async def probe(self, key: str) -> None:

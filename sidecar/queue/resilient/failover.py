@@ -45,15 +45,17 @@ class _Repeats:
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
 
-    def log(self, level: str, event: str, **fields: Any) -> None:
+    def log(self, level: str, event: str, *, key: str = "", **fields: Any) -> None:
+        """key: counted apart from the event's other lines (one per reason, say)."""
         now = time.monotonic()
-        last = self._last.get(event)
+        slot = f"{event}:{key}"
+        last = self._last.get(slot)
         if last is not None and now - last < self.interval_s:
-            self._skipped[event] = self._skipped.get(event, 0) + 1
+            self._skipped[slot] = self._skipped.get(slot, 0) + 1
             log.debug(event, **fields)
             return
-        self._last[event] = now
-        skipped = self._skipped.pop(event, 0)
+        self._last[slot] = now
+        skipped = self._skipped.pop(slot, 0)
         if skipped:
             fields["repeats_skipped"] = skipped
         getattr(log, level)(event, **fields)
@@ -201,6 +203,18 @@ class Failover:
         self._on_up()
         self.changed()
 
+    def _still_down(self, exc: BackendUnavailable) -> None:
+        """The probe failed: the reason follows what it meets now. Through a Sentinel failover
+        that moves on from the lost connection that marked Redis down: no primary while the
+        sentinels elect one, then too few replicas confirming on the new primary."""
+        if exc.message == self.down_reason:
+            return
+        self.down_reason = exc.message
+        # Each new reason once per interval, apart from the line that marked Redis down.
+        self._repeats.log("warning", "redis_down", key=exc.message, op="probe",
+                          error=exc.message, failovers=self.failovers)  # fmt: skip
+        self.changed()
+
     def changed(self) -> None:
         """Wake every wait_until: the state changed."""
         self._changed.set()
@@ -243,7 +257,8 @@ class Failover:
                 if lost is not None:
                     self._report_data_loss(lost)
                 await self.reconcile()
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
+                self._still_down(exc)
                 successes = 0
                 self.probe_delay_s = min(self.probe_delay_s * 2, self.probe_max_s)
                 continue

@@ -297,8 +297,10 @@ class ResilientQueue(ResilientOperatorSide, BaseStore):
             except BackendUnavailable as exc:
                 self.failover.mark_down(exc, "stats")
         if remote is None:
-            reason = self.failover.down_reason
-            warnings.append(f"redis unavailable ({reason}): its counts are missing")
+            # The reason is the error's own message ("redis unavailable (timeout)", "redis
+            # replicas did not confirm the write (0 of 1 confirmed)"...), never wrapped again.
+            reason = self.failover.down_reason or "redis unavailable"
+            warnings.append(f"{reason}: its counts are missing")
         else:
             stores["redis"] = remote
             warnings += remote.warnings
@@ -347,8 +349,8 @@ class ResilientQueue(ResilientOperatorSide, BaseStore):
         """ok on Redis; degraded on the local fallback, after data loss, or when unsafe."""
         reasons = list(self.failover.data_lost)
         if not self.redis_up:
-            reason = self.failover.down_reason
-            reasons.insert(0, f"redis unavailable ({reason}); serving from local queue")
+            reason = self.failover.down_reason or "redis unavailable"
+            reasons.insert(0, f"{reason}; serving from local queue")
         else:
             reasons += self.redis.warnings
         local = await self.local.health()

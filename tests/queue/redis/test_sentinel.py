@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, SlaveNotFoundError
 from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
-from sidecar.queue.redis import redis_client, unavailable_kind
+from sidecar.queue.redis import redis_client, translate_error, unavailable_kind
 from tests.support.crash import check, load_then
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
 from tests.support.helpers import make_request
@@ -41,6 +41,19 @@ RECOVERY_TIMEOUT_S = 40.0
 def test_sentinel_errors_count_as_unavailable() -> None:
     assert unavailable_kind(MasterNotFoundError("No master found for 'q'")) == "no_primary"
     assert unavailable_kind(SlaveNotFoundError("No slave found for 'q'")) == "no_replica"
+
+
+def test_no_primary_names_the_master_but_no_sentinel_host() -> None:
+    # redis-py appends each sentinel that failed to answer, host and port included.
+    exc = MasterNotFoundError(
+        "No master found for 'orders' : Sentinel<host=10.1.2.3,port=26379> - "
+        "ConnectionError('Error 111 connecting to 10.1.2.3:26379. Connection refused.')"
+    )
+    err = translate_error(exc)
+    assert isinstance(err, BackendUnavailable) and err.details == {"kind": "no_primary"}
+    assert err.message == (
+        "redis unavailable (no_primary: no sentinel names a live primary for 'orders')"
+    )
 
 
 async def test_no_sentinel_answers_is_redis_down_not_a_crash() -> None:

@@ -78,6 +78,42 @@ async def test_recovery_needs_two_probe_writes_in_a_row(
     assert queue.failover.recoveries == 1
 
 
+async def test_the_probe_keeps_the_reason_current_and_logs_each_new_one_once(
+    queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover's stages, as the probe meets them: health follows; a line per new reason."""
+    no_primary = BackendUnavailable("redis unavailable (no_primary)", {"kind": "no_primary"})
+    short = BackendUnavailable("redis replicas did not confirm the write (0 of 1 confirmed)",
+                               {"kind": "replicas"})  # fmt: skip
+    stages = iter([no_primary, no_primary, short, no_primary, short, short])
+    seen: list[str] = []
+    real_probe = queue.redis.probe
+
+    async def scripted_probe() -> None:
+        err = next(stages, None)
+        if err is not None:
+            raise err
+        seen.append(str(queue.failover.down_reason))
+        await real_probe()
+
+    monkeypatch.setattr(queue.redis, "probe", scripted_probe)
+    with structlog.testing.capture_logs() as logs:
+        queue.failover.mark_down(out_of_memory(), "test")
+        await queue.wait_until(lambda: queue.redis_up, WAIT_S)
+    # The last reason stood until Redis served again.
+    assert seen[0] == short.message
+    down = [(e["op"], e["error"]) for e in logs
+            if e["event"] == "redis_down" and e["log_level"] == "warning"]  # fmt: skip
+    # The line that marked it down, then each new reason once (a repeat within the interval
+    # goes out at debug level only).
+    assert down == [
+        ("test", out_of_memory().message),
+        ("probe", no_primary.message),
+        ("probe", short.message),
+    ]
+    assert (await queue.health()).reasons == []
+
+
 @pytest.mark.slow
 async def test_a_redis_that_refuses_every_batch_is_not_flapped_and_logged_each_time(
     queue: ResilientQueue, monkeypatch: pytest.MonkeyPatch
