@@ -9,6 +9,10 @@ which the readiness check uses. Every wait is bounded and fails with the logs' t
         layout.wait_for_new_primary(old)    # bounded: the sentinels promoted the replica
     with ClusterLayout() as cluster:        # 3 primaries, 16384 slots assigned, state ok
         cluster.migrate_slot(slot, to)      # SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE
+    with ReplicatedCluster() as cluster:    # the same with one replica per primary, in sync
+        cluster.cut_replication(primary)    # its replica paused, its link dropped
+        cluster.wait_for_new_owner(slot, old)   # bounded: the cluster promoted the replica
+        cluster.rejoin(old)                 # the killed node back as the new owner's replica
 """
 
 from __future__ import annotations
@@ -270,6 +274,8 @@ def _sentinel_knows_all(s: Sentinel) -> bool | None:
 class ClusterLayout(_Layout):
     """Three cluster primaries (no replicas: the machine has two shared cores)."""
 
+    replicas = 0  # per primary (ReplicatedCluster: 1)
+
     def __init__(self, size: int = 3) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "2000")  # fmt: skip
@@ -284,7 +290,8 @@ class ClusterLayout(_Layout):
         for node in self.nodes:
             node.start()
         hosts = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        cli(self.nodes[0].port, "--cluster", "create", *hosts, "--cluster-replicas", "0",
+        cli(self.nodes[0].port, "--cluster", "create", *hosts,
+            "--cluster-replicas", str(self.replicas),
             "--cluster-yes", timeout_s=LAYOUT_TIMEOUT_S)  # fmt: skip
         for node in self.nodes:
             wait_until("cluster state ok", functools.partial(_cluster_ok, node))
@@ -294,8 +301,9 @@ class ClusterLayout(_Layout):
         return cli(node.port, "CLUSTER", "MYID")
 
     def owner(self, slot: int) -> TcpRedis:
-        """The node that serves `slot` now (as the first node sees it)."""
-        for line in cli(self.nodes[0].port, "CLUSTER", "NODES").splitlines():
+        """The node that serves `slot` now (as the first running node sees it)."""
+        seed = next(n for n in self.nodes if n.running)
+        for line in cli(seed.port, "CLUSTER", "NODES").splitlines():
             parts = line.split()
             port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
             for r in parts[8:]:
@@ -354,6 +362,71 @@ class ClusterLayout(_Layout):
 def _cluster_ok(node: TcpRedis) -> bool | None:
     info = cli(node.port, "CLUSTER", "INFO")
     return ("cluster_state:ok" in info and "cluster_slots_assigned:16384" in info) or None
+
+
+class ReplicatedCluster(ClusterLayout):
+    """Three primaries with one replica each, every replica in sync; a 1 s node timeout, so
+    the cluster promotes a dead primary's replica within a few seconds."""
+
+    replicas = 1
+
+    def __init__(self) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "1000")  # fmt: skip
+        self.nodes = [TcpRedis(args) for _ in range(6)]
+
+    def start(self) -> ReplicatedCluster:
+        super().start()
+        for node in self.nodes:
+            if node.info("replication")["role"] == "slave":
+                wait_replica_linked(node)
+        return self
+
+    def replica_of(self, primary: TcpRedis) -> TcpRedis:
+        """The replica of `primary` (as the primary itself sees it)."""
+        info = primary.info("replication")  # slave0:ip=...,port=...,state=online,...
+        [port] = [int(v.split("port=")[1].split(",")[0])
+                  for k, v in info.items() if k.startswith("slave")]  # fmt: skip
+        return next(n for n in self.nodes if n.port == port)
+
+    def cut_replication(self, primary: TcpRedis) -> tuple[TcpRedis, int]:
+        """Freeze primary's replica and drop its link (see SentinelLayout.cut_replication);
+        returns the replica and the primary's replication offset at the cut."""
+        replica = self.replica_of(primary)
+        replica.pause()
+        cli(primary.port, "CLIENT", "KILL", "TYPE", "replica")
+        return replica, int(primary.info("replication")["master_repl_offset"])
+
+    def wait_for_new_owner(self, slot: int, old: TcpRedis) -> TcpRedis:
+        """Bounded: every running node names an owner of `slot` other than `old` and reports
+        cluster_state ok; returns the new owner."""
+
+        def promoted() -> int | None:
+            live = [n for n in self.nodes if n.running]
+            if not all(_cluster_ok(n) for n in live):
+                return None
+            owners = {self._owner_seen_by(n, slot) for n in live}
+            return owners.pop() if len(owners) == 1 and old.port not in owners else None
+
+        port = wait_until("a replica promoted", promoted)
+        return next(n for n in self.nodes if n.port == port)
+
+    def _owner_seen_by(self, viewer: TcpRedis, slot: int) -> int | None:
+        for line in cli(viewer.port, "CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            for r in parts[8:]:
+                lo, _, hi = r.partition("-")
+                if not lo.startswith("[") and int(lo) <= slot <= int(hi or lo):
+                    return int(parts[1].split("@")[0].rsplit(":", 1)[1])
+        return None
+
+    def rejoin(self, node: TcpRedis) -> None:
+        """Start a killed node again (its nodes.conf kept, its data gone): the cluster makes
+        it a replica of the node promoted in its place; bounded wait for its first sync."""
+        node.start()
+        wait_until("rejoined as a replica",
+                   lambda: node.info("replication").get("role") == "slave" or None)  # fmt: skip
+        wait_replica_linked(node)
 
 
 @pytest.fixture(scope="session", name="redis_cluster")
