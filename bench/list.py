@@ -117,23 +117,30 @@ async def measure(socket_path: str, args: argparse.Namespace) -> None:
               f"pages of {PAGE}, {args.pages} calls each\n")  # fmt: skip
         print(markdown_table(["list", "p50 ms", "p99 ms", "max ms"], rows))
 
-        note("enqueue throughput, idle")
-        idle = await enqueue_rate(client, args.seconds, args.producers)
-        stop = asyncio.Event()
-        counted = [0]
+        # Idle and paged windows alternate (--rounds pairs), so a change in the machine's load
+        # between two windows shows as spread between pairs rather than as the ratio.
+        pairs: list[tuple[float, float, float]] = []
         async with AsyncClient(socket_path) as op_client:
-            paging = asyncio.ensure_future(operator(op_client, stop, counted, args.operator_rate))
-            note("enqueue throughput while an operator pages")
-            busy = await enqueue_rate(client, args.seconds, args.producers)
-            stop.set()
-            await paging
+            for n in range(args.rounds):
+                note(f"round {n + 1}: enqueue throughput, idle, then while an operator pages")
+                idle = await enqueue_rate(client, args.seconds, args.producers)
+                stop = asyncio.Event()
+                counted = [0]
+                paging = asyncio.ensure_future(
+                    operator(op_client, stop, counted, args.operator_rate)
+                )
+                busy = await enqueue_rate(client, args.seconds, args.producers)
+                stop.set()
+                await paging
+                pairs.append((idle, busy, counted[0] / args.seconds))
+        rows = [[f"round {n + 1}", f"{idle:,.0f}", f"{busy:,.0f}", f"{rate:.0f}",
+                 f"{busy / idle:.2f}"] for n, (idle, busy, rate) in enumerate(pairs)]  # fmt: skip
+        ratios = sorted(busy / idle for idle, busy, _ in pairs)
+        rows.append(["median", "", "", "", f"{ratios[len(ratios) // 2]:.2f}"])
         print()
         print(markdown_table(
-            ["enqueue (single, concurrent)", "per second", "ratio to idle"],
-            [["idle", f"{idle:,.0f}", "1.00"],
-             [f"while an operator pages ({counted[0] / args.seconds:.0f} pages/s)",
-              f"{busy:,.0f}", f"{busy / idle:.2f}"]],
-        ))  # fmt: skip
+            ["enqueue (single, concurrent)", "idle /s", "while paging /s", "pages/s",
+             "ratio"], rows))  # fmt: skip
 
 
 def main() -> None:
@@ -141,6 +148,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="idle/paged pairs (3)")
     parser.add_argument("--producers", type=int, default=64)
     parser.add_argument("--operator-rate", type=float, default=5.0,
                         help="pages a second while enqueues run (0: back to back)")  # fmt: skip
