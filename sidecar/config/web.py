@@ -38,6 +38,17 @@ class WebSettings:
         "`sidecar web`: the address the dashboard listens on; beyond loopback only with "
         "`SIDECAR_WEB_TOKEN` set (refused otherwise, exit 2)",
     )  # fmt: skip
+    # Unset: the bind address (when it names one host) and the loopback names and addresses.
+    # Every other Host header is refused, so a page of another site whose name resolves to
+    # this host (DNS rebinding) cannot read the dashboard through the browser.
+    web_allowed_hosts: tuple[str, ...] = setting(
+        (), "SIDECAR_WEB_ALLOWED_HOSTS", p.host_list,
+        "host names, IP addresses or CIDRs, separated by commas or spaces",
+        "`sidecar web`: the names the dashboard answers to in the `Host` header, besides "
+        "loopback names and addresses (refused otherwise, 400); set it to the names operators "
+        "type when `SIDECAR_WEB_HOST` is beyond loopback",
+        shown="unset: the bind address and localhost",
+    )  # fmt: skip
     web_port: int = setting(
         8089, "SIDECAR_WEB_PORT", p.whole(0, 65535), "a whole number from 0 to 65535",
         "`sidecar web`: the TCP port of the dashboard (0: any free port, logged at start)",
@@ -53,8 +64,9 @@ class WebSettings:
     # Off by default: payloads are prompts, which may hold personal data.
     web_show_payloads: bool = setting(
         False, "SIDECAR_WEB_SHOW_PAYLOADS", p.boolean, "true or false",
-        "`sidecar web`: show a request's payload on its page (to logged-in operators when "
-        "`SIDECAR_WEB_TOKEN` is set; the daemon must allow it, `SIDECAR_OPS_PAYLOADS`)",
+        "`sidecar web`: show a request's payload on its page, to logged-in operators only: "
+        "needs `SIDECAR_WEB_TOKEN` (refused at start without it, exit 2); the daemon must "
+        "allow it too (`SIDECAR_OPS_PAYLOADS`)",
     )  # fmt: skip
     # Five seconds: six minutes of rates in 72 samples, one cheap stats call each.
     web_sample_s: float = setting(

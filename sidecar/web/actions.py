@@ -2,7 +2,8 @@
 
 An action's form is first answered with a confirm page that repeats what it will do (and
 changes nothing); only the confirm page's own form, with `confirm=yes`, acts. Every POST passes
-Guard.check_action (token, CSRF, origin) before its input is read further.
+Guard.check_action (token, CSRF, origin) before its input is read further. An action is on one
+named queue (the form's `queue`, default `requests`): dead deliveries are requeued as requests are.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.responses import RedirectResponse, Response
 
 from sidecar.models import MAX_RETENTION_S, PRIORITY_MAX, PRIORITY_MIN
 from sidecar.protocol.messages import MAX_REQUEUE_LIMIT
-from sidecar.web.context import render, state
+from sidecar.web.context import DEFAULT_QUEUE, chosen_queue, in_queue, render, state
 from sidecar.web.security import SESSION_COOKIE, SESSION_TTL_S, Refused, safe_next
 from sidecar.web.views import PURGEABLE, REQUEUEABLE
 
@@ -91,35 +92,40 @@ async def act(request: Request) -> Response:
         raise Refused(404, "no such action")
     form = await read_form(request)
     web.guard.check_action(request, form)
+    queue = await chosen_queue(web, form.get("queue"))
     fields, what = _ACTIONS[action](form)
+    back = in_queue(
+        f"/requests/{quote(fields['queue_id'], safe='')}"
+        if "queue_id" in fields
+        else f"/list/{fields['status']}",
+        queue,
+    )
     if form.get("confirm") != "yes":
-        back = (
-            f"/requests/{quote(fields['queue_id'], safe='')}"
-            if "queue_id" in fields
-            else f"/list/{fields['status']}"
-        )
+        if queue != DEFAULT_QUEUE:
+            fields["queue"] = queue
+            what = f"In the {queue} queue: {what}"
         return render(request, "confirm.html", action=action, what=what, fields=fields, back=back)
     # The daemon logs the peer uid (this process); this says which operator's address asked.
     peer = request.client.host if request.client is not None else None
-    log.info("web_action", action=action, peer=peer, **fields)
+    log.info("web_action", action=action, peer=peer, queue=queue, **fields)
     client = web.client
     if action == "cancel":
-        await client.cancel(fields["queue_id"])
-        return _redirect(f"/requests/{quote(fields['queue_id'], safe='')}", "cancelled")
+        await client.cancel(fields["queue_id"], queue=queue)
+        return _redirect(back, "cancelled")
     if action == "requeue" and "queue_id" in fields:
-        res = await client.requeue(fields["queue_id"])
-        where = f"/requests/{quote(fields['queue_id'], safe='')}"
-        return _redirect(where, "requeued", res.requeued)
+        res = await client.requeue(fields["queue_id"], queue=queue)
+        return _redirect(back, "requeued", res.requeued)
     if action == "requeue":
         res = await client.requeue(
-            status=fields["status"], priority=_priority(fields), limit=int(fields["limit"])
-        )
-        return _redirect(f"/list/{fields['status']}", "requeued", res.requeued)
+            status=fields["status"], priority=_priority(fields), limit=int(fields["limit"]),
+            queue=queue,
+        )  # fmt: skip
+        return _redirect(back, "requeued", res.requeued)
     older = fields.get("older_than_hours")
     purged = await client.purge(
-        fields["status"], older_than_s=float(older) * 3600 if older else None
+        fields["status"], older_than_s=float(older) * 3600 if older else None, queue=queue
     )
-    return _redirect(f"/list/{fields['status']}", "purged", purged.purged)
+    return _redirect(back, "purged", purged.purged)
 
 
 def _redirect(path: str, done: str, n: int | None = None) -> Response:

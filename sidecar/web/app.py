@@ -99,7 +99,7 @@ def create_app(
 ) -> Starlette:
     """The dashboard for the daemon at settings.socket_path (or the given client)."""
     daemon = client if client is not None else AsyncClient(settings.socket_path)
-    guard = Guard(settings.web_token, settings.web_host)
+    guard = Guard(settings.web_token, settings.web_host, settings.web_allowed_hosts)
     web = WebState(
         settings, daemon, guard, Sampler(daemon.stats, settings.web_sample_s, SAMPLES_KEPT),
         templates(),

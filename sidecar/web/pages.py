@@ -1,4 +1,8 @@
-"""The pages that only read: overview (and its JSON for the live refresh), lists, a request."""
+"""The pages that only read: overview (and its JSON for the live refresh), lists, a request.
+
+Lists and request pages are of one named queue (`?queue=`, default `requests`); the overview
+shows the requests queue and the counts of the outbox queues.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,14 @@ from starlette.responses import JSONResponse, Response
 from sidecar.errors import Forbidden
 from sidecar.models import PRIORITY_MAX, PRIORITY_MIN
 from sidecar.protocol import StatsResult
-from sidecar.web.context import WebState, render, state
+from sidecar.web.context import (
+    DEFAULT_QUEUE,
+    WebState,
+    chosen_queue,
+    known_queues,
+    render,
+    state,
+)
 from sidecar.web.security import Refused, safe_next
 from sidecar.web.views import (
     ORDERS,
@@ -25,6 +36,8 @@ from sidecar.web.views import (
 
 # The counts the overview shows, each linked to its list (dead letters are failed + expired).
 COUNTED = ("queued", "processing", "completed", "failed", "expired")
+# An outbox queue's counts on the overview: waiting, being delivered, dead letters.
+OUTBOX_COUNTED = ("queued", "processing", "dead_letters")
 # What an action's redirect may say on the next page (`?done=`): fixed texts, never echoed input.
 DONE = {
     "requeued": "Requeued {n} request(s).",
@@ -44,7 +57,10 @@ def flash(request: Request) -> str | None:
 
 
 async def _snapshot(web: WebState) -> dict[str, Any]:
-    stats, health = await asyncio.gather(web.client.stats(), web.client.health())
+    outboxes = [q for q in await known_queues(web) if q != DEFAULT_QUEUE]
+    stats, health, *outbox_stats = await asyncio.gather(
+        web.client.stats(), web.client.health(), *[web.client.stats(queue=q) for q in outboxes]
+    )
     local = stats.stores.get("local", stats)
     stores = stats.stores or {stats.store: stats}
     return {
@@ -52,6 +68,10 @@ async def _snapshot(web: WebState) -> dict[str, Any]:
         "health": health,
         "mode": stats.mode or "local_only",
         "counts": {name: int(getattr(stats, name)) for name in COUNTED},
+        "outbox": {
+            queue: {name: int(getattr(s, name)) for name in OUTBOX_COUNTED}
+            for queue, s in zip(outboxes, outbox_stats, strict=True)
+        },
         "local": local,
         "stores": dict(sorted(stores.items())),
         "high": web.settings.queue_high_watermark,
@@ -78,6 +98,7 @@ async def overview_json(request: Request) -> Response:
         "mode": view["mode"],
         "health": view["health"].status,
         "counts": view["counts"] | {"dead_letters": stats.dead_letters},
+        "queues": view["outbox"],
         "usage": local.usage,
         "items": local.items,
         "breaker_open": local.breaker_open,
@@ -100,8 +121,9 @@ PRIORITIES = tuple(range(PRIORITY_MIN, PRIORITY_MAX + 1))
 
 
 async def listing(request: Request) -> Response:
-    """One page of one status, filtered by priority, oldest or newest first."""
+    """One page of one status of one queue, filtered by priority, oldest or newest first."""
     web = state(request)
+    queue = await chosen_queue(web, request.query_params.get("queue"))
     status = request.path_params["status"]
     if status not in STATUSES:
         raise Refused(404, f"unknown status; the lists are {', '.join(STATUSES)}")
@@ -110,9 +132,12 @@ async def listing(request: Request) -> Response:
     limit = _choice(request, "limit", PAGE_SIZES, 50)
     cursor = request.query_params.get("cursor") or None
     page_no = request.query_params.get("page", "1")
-    page = await web.client.list(status, priority=priority, order=order, limit=limit, cursor=cursor)
+    page = await web.client.list(
+        status, queue=queue, priority=priority, order=order, limit=limit, cursor=cursor
+    )
     return render(
-        request, "list.html", status=status, items=page.items, next_cursor=page.next_cursor,
+        request, "list.html", queue=queue, status=status, items=page.items,
+        next_cursor=page.next_cursor,
         priority=priority, priorities=PRIORITIES, order=order, orders=ORDERS, limit=limit,
         page_sizes=PAGE_SIZES, page_no=int(page_no) if page_no.isdigit() else 1,
         first_page=cursor is None, purgeable=status in PURGEABLE,
@@ -123,17 +148,18 @@ async def listing(request: Request) -> Response:
 async def request_page(request: Request) -> Response:
     """A request's metadata, reason, attempts and times; its payload only where allowed."""
     web = state(request)
+    queue = await chosen_queue(web, request.query_params.get("queue"))
     queue_id = request.path_params["queue_id"]
-    # Payloads may hold personal data: shown only when the setting says so, and, where a token
-    # guards the dashboard, only to a logged-in operator.
-    show = web.settings.web_show_payloads and (web.guard.read_only or web.guard.can_act(request))
+    # Payloads may hold personal data: shown only when the setting says so and only to an
+    # operator with the token (without one, anyone reaching the port, any local user, would).
+    show = web.settings.web_show_payloads and web.guard.can_act(request)
     payload: str | None = None
     note: str | None = None
     if show:
         try:
-            info = await web.client.status(queue_id, payload=True)
+            info = await web.client.status(queue_id, payload=True, queue=queue)
         except Forbidden:
-            info = await web.client.status(queue_id)
+            info = await web.client.status(queue_id, queue=queue)
             note = "The daemon does not hand out payloads (SIDECAR_OPS_PAYLOADS=false)."
         else:
             if isinstance(info.payload, msgspec.Raw):
@@ -141,14 +167,15 @@ async def request_page(request: Request) -> Response:
             else:
                 note = "The payload is no longer kept (a finished record keeps only metadata)."
     else:
-        info = await web.client.status(queue_id)
-        note = (
-            "Payloads are hidden (SIDECAR_WEB_SHOW_PAYLOADS is not true)."
-            if not web.settings.web_show_payloads
-            else "Log in to see the payload."
-        )
+        info = await web.client.status(queue_id, queue=queue)
+        if not web.settings.web_show_payloads:
+            note = "Payloads are hidden (SIDECAR_WEB_SHOW_PAYLOADS is not true)."
+        elif web.guard.read_only:
+            note = "Payloads are hidden: showing them needs SIDECAR_WEB_TOKEN and a login."
+        else:
+            note = "Log in to see the payload."
     return render(
-        request, "request.html", info=info, payload=payload, payload_note=note,
+        request, "request.html", queue=queue, info=info, payload=payload, payload_note=note,
         requeueable=info.status in REQUEUEABLE, cancellable=info.status == "queued",
         flash=flash(request),
     )  # fmt: skip

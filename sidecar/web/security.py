@@ -1,6 +1,7 @@
 """Who may do what: the bind rule, the token, login sessions, CSRF and the Origin/Host checks.
 
-Reading needs nothing (the dashboard binds loopback unless a token is set). An action
+Reading needs nothing (the dashboard binds loopback unless a token is set); payloads need a
+login, so they need a token. Every request's Host must be one the dashboard answers to. An action
 (requeue, cancel, purge) needs SIDECAR_WEB_TOKEN: a logged-in session (an HttpOnly,
 SameSite=Strict cookie) with the session's CSRF token in the form, or the token itself as
 `Authorization: Bearer`. Every POST must come from this origin (Origin, else Referer).
@@ -35,7 +36,8 @@ class Refused(Exception):
 
 
 class BindRefused(Exception):
-    """`sidecar web` would listen beyond loopback without a token."""
+    """`sidecar web` refuses to start: it would listen beyond loopback, or show payloads,
+    without a token."""
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +60,51 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def check_payloads(show_payloads: bool, token: str | None) -> None:
+    """Refuse to show payloads without a token: with no login, anyone who reaches the port
+    (any local user through 127.0.0.1) would read every prompt."""
+    if show_payloads and token is None:
+        raise BindRefused(
+            "SIDECAR_WEB_SHOW_PAYLOADS=true needs SIDECAR_WEB_TOKEN: payloads are shown only to "
+            "operators logged in with the token; set the token, or leave payloads hidden"
+        )
+
+
+WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+class HostRule:
+    """The names the dashboard answers to in the Host header: loopback names and addresses,
+    plus the configured names, addresses and networks (by default the bind address)."""
+
+    def __init__(self, bind_host: str, allowed: tuple[str, ...] = ()) -> None:
+        bind = bind_host.strip("[]").lower().removesuffix(".")
+        entries = allowed or ((bind,) if bind not in WILDCARD_BINDS else ())
+        self.names: set[str] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.names.add(entry)
+
+    def allows(self, host_header: str) -> bool:
+        try:
+            host = urlsplit(f"//{host_header}").hostname or ""
+        except ValueError:  # an unbalanced IPv6 bracket: not a host
+            return False
+        host = host.removesuffix(".")
+        if not host:
+            return False
+        if is_loopback(host) or host in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
 @dataclass(slots=True)
 class Session:
     """One login: its id (the cookie), its CSRF token (in every form) and when it ends."""
@@ -70,11 +117,11 @@ class Session:
 class Guard:
     """The security rules of one dashboard process."""
 
-    def __init__(self, token: str | None, host: str) -> None:
+    def __init__(self, token: str | None, host: str, allowed_hosts: tuple[str, ...] = ()) -> None:
         self._token = token.encode() if token is not None else None
-        # Bound to loopback, only loopback Host headers are served: a page of another site
-        # whose name resolves to 127.0.0.1 (DNS rebinding) cannot read the dashboard.
-        self.loopback_only = is_loopback(host)
+        # Only known Host headers are served, bound anywhere: a page of another site whose
+        # name resolves to this host (DNS rebinding) cannot read the dashboard.
+        self.hosts = HostRule(host, allowed_hosts)
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     @property
@@ -127,12 +174,13 @@ class Guard:
     # -- checks ----------------------------------------------------------------------------
 
     def check_host(self, host_header: str) -> None:
-        """Refuse a Host that is not this machine's when bound to loopback (DNS rebinding)."""
-        if not self.loopback_only:
-            return
-        host = urlsplit(f"//{host_header}").hostname or ""
-        if not is_loopback(host):
-            raise Refused(400, "this dashboard answers only to localhost addresses")
+        """Refuse a Host the dashboard does not answer to (DNS rebinding)."""
+        if not self.hosts.allows(host_header):
+            # The header is not echoed: the page says which setting to change instead.
+            raise Refused(
+                400, "this dashboard does not answer to that Host: it answers to localhost and "
+                "the names in SIDECAR_WEB_ALLOWED_HOSTS (default: the address it is bound to)",
+            )  # fmt: skip
 
     def check_origin(self, request: Request) -> None:
         """A POST must come from a page of this dashboard: Origin (or Referer) names it."""

@@ -1,4 +1,4 @@
-"""`sidecar web`: refuse an unsafe bind, then serve the dashboard with uvicorn until a signal."""
+"""`sidecar web`: refuse unsafe settings, then serve the dashboard with uvicorn until a signal."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import uvicorn
 
 from sidecar.config import Settings
 from sidecar.web.app import create_app
-from sidecar.web.security import check_bind
+from sidecar.web.security import WILDCARD_BINDS, check_bind, check_payloads
 
 log = structlog.get_logger("sidecar.web")
 
@@ -58,8 +58,14 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve_web(settings: Settings) -> None:
-    """Serve the dashboard; BindRefused (no token beyond loopback) or OSError before serving."""
+    """Serve the dashboard; BindRefused (no token beyond loopback, or payloads shown without
+    one) or OSError before serving."""
     check_bind(settings.web_host, settings.web_token)
+    check_payloads(settings.web_show_payloads, settings.web_token)
+    if settings.web_host.strip("[]") in WILDCARD_BINDS and not settings.web_allowed_hosts:
+        # Not refused (an SSH tunnel to localhost still works), but other names answer 400.
+        log.warning("web_allowed_hosts_unset", host=settings.web_host,
+                    answers_to="localhost only", setting="SIDECAR_WEB_ALLOWED_HOSTS")  # fmt: skip
     sock = listen(settings.web_host, settings.web_port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -76,6 +82,7 @@ def serve_web(settings: Settings) -> None:
     log.info(
         "web_serving", url=f"http://{shown}:{port}/", socket=settings.socket_path,
         read_only=settings.web_token is None, payloads=settings.web_show_payloads,
+        allowed_hosts=list(settings.web_allowed_hosts),
     )  # fmt: skip
     try:
         asyncio.run(server.serve(sockets=[sock]))

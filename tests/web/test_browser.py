@@ -155,6 +155,14 @@ def test_the_overview_counts_move_after_enqueues(setup: Setup) -> None:
         s.client.complete(job.queue_id, job.lease_id)
     expect(s.page.locator('[data-count="completed"]')).to_have_text("5", timeout=WAIT_MS)
     expect(queued).to_have_text("20", timeout=WAIT_MS)
+    # The outbox queues' counts refresh in place too.
+    deliveries = s.page.locator('[data-queue-count="deliveries:queued"]')
+    expect(deliveries).to_have_text("0")
+    for i in range(3):
+        s.client.enqueue({"result": i}, queue="deliveries")
+    s.client.enqueue({"result": "r"}, queue="pickups")
+    expect(deliveries).to_have_text("3", timeout=WAIT_MS)
+    expect(s.page.locator('[data-queue-count="pickups:queued"]')).to_have_text("1", timeout=WAIT_MS)
 
     # Some traffic for the rates, then the overview with its lines, for the screenshot.
     for burst in range(8):

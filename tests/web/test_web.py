@@ -79,7 +79,8 @@ def test_the_overview_json_follows_enqueues(web: Web, sidecar: Client) -> None:
         sidecar.enqueue({"n": i})
     after = client.get("/api/overview").json()
     assert after["counts"]["queued"] == 7
-    assert set(after) == {"mode", "health", "counts", "usage", "items", "breaker_open", "rates"}
+    assert set(after) == {"mode", "health", "counts", "queues", "usage", "items", "breaker_open",
+                          "rates"}  # fmt: skip
 
 
 def test_rates_come_from_samples_taken_in_the_web_process(web: Web, sidecar: Client) -> None:
@@ -137,6 +138,9 @@ def test_a_list_filters_by_priority_and_orders_newest_first(web: Web, sidecar: C
         ("/list/queued?limit=7", 400, "limit must be one of"),
         ("/list/queued?cursor=not-a-cursor", 400, "bad_cursor"),
         ("/requests/no-such-request", 404, "not_found"),
+        ("/list/failed?queue=nope", 404, "unknown queue; this daemon serves requests, deliveries"),
+        ("/list/failed?queue=%3Cb%3E", 404, "unknown queue"),
+        ("/requests/abc?queue=nope", 404, "unknown queue"),
     ],
 )
 def test_bad_input_in_a_page_gets_a_clear_error(web: Web, url: str, status: int, says: str) -> None:
@@ -164,8 +168,12 @@ def test_payloads_show_when_allowed_and_only_to_an_operator_with_the_token(
     web: Web, sidecar: Client
 ) -> None:
     queue_id = sidecar.enqueue({"prompt": "visible-prompt"}).queue_id
+    # Without a token nobody logs in, so nobody sees payloads (`sidecar web` refuses to start
+    # so configured; an app built anyway still hides them).
     read_only = web(SIDECAR_WEB_SHOW_PAYLOADS="true")
-    assert "visible-prompt" in read_only.get(f"/requests/{queue_id}").text
+    html = read_only.get(f"/requests/{queue_id}").text
+    assert "visible-prompt" not in html
+    assert "needs SIDECAR_WEB_TOKEN and a login" in html
     guarded = web(SIDECAR_WEB_SHOW_PAYLOADS="true", SIDECAR_WEB_TOKEN=TOKEN)
     assert "visible-prompt" not in guarded.get(f"/requests/{queue_id}").text
     login(guarded)
@@ -177,10 +185,136 @@ def test_html_in_a_reason_or_a_payload_renders_as_text(web: Web, sidecar: Client
     queue_id = sidecar.enqueue({"prompt": evil}, max_attempts=1).queue_id
     [job] = sidecar.dequeue(1)
     sidecar.fail(job.queue_id, job.lease_id, evil, retry=False)
-    client = web(SIDECAR_WEB_SHOW_PAYLOADS="true")
-    for html in (client.get(f"/requests/{queue_id}").text, client.get("/list/failed").text):
+    client = web(SIDECAR_WEB_SHOW_PAYLOADS="true", SIDECAR_WEB_TOKEN=TOKEN)
+    login(client)
+    page = client.get(f"/requests/{queue_id}").text
+    assert 'id="payload"' in page  # the payload is shown, escaped
+    for html in (page, client.get("/list/failed").text):
         assert "<script>alert" not in html and "<img src=x" not in html
         assert "&lt;script&gt;alert(" in html
+
+
+# -- the named queues (requests, and the outbox: deliveries, pickups) ---------------------------
+
+
+def dead_delivery(client: Client, reason: str = "callback answered 500") -> str:
+    """A result whose delivery to its callback failed for good: a dead letter of `deliveries`."""
+    queue_id = client.enqueue({"result": "r"}, max_attempts=1, priority=0,
+                              queue="deliveries").queue_id  # fmt: skip
+    [job] = client.dequeue(1, queue="deliveries")
+    assert job.queue_id == queue_id
+    client.fail(job.queue_id, job.lease_id, reason, retry=False, queue="deliveries")
+    return queue_id
+
+
+def test_the_overview_shows_the_outbox_queues_counts(web: Web, sidecar: Client) -> None:
+    dead = [dead_delivery(sidecar) for _ in range(2)]
+    for i in range(3):
+        sidecar.enqueue({"result": i}, queue="deliveries")
+    for i in range(4):
+        sidecar.enqueue({"result": i}, queue="pickups")
+    sidecar.enqueue({"prompt": "p"})
+    client = web()
+    html = client.get("/").text
+    assert re.search(r'data-queue-count="deliveries:queued">3<', html)
+    assert re.search(r'data-queue-count="deliveries:dead_letters">2<', html)
+    assert re.search(r'data-queue-count="pickups:queued">4<', html)
+    assert re.search(r'data-count="queued">1<', html)  # the requests queue's own count
+    assert re.search(r'data-count="dead_letters">0<', html)
+    assert 'href="/list/failed?queue=deliveries"' in html
+    queues = client.get("/api/overview").json()["queues"]
+    assert queues["deliveries"] == {"queued": 3, "processing": 0, "dead_letters": 2}
+    assert queues["pickups"]["queued"] == 4 and set(queues) == {"deliveries", "pickups"}
+    # The nav offers every queue the daemon names.
+    for name in ("requests", "deliveries", "pickups"):
+        assert re.search(rf'id="queues".*>{name}</a>', html, re.S)
+    assert dead
+
+
+def test_an_outbox_queue_is_listed_shown_and_its_dead_letters_requeued(
+    web: Web, sidecar: Client
+) -> None:
+    dead = dead_delivery(sidecar)
+    in_requests = failed_request(sidecar)
+    client = web(SIDECAR_WEB_TOKEN=TOKEN)
+    csrf = login(client)
+    listed = client.get("/list/failed?queue=deliveries").text
+    ids = re.findall(r'<a href="/requests/([0-9a-f]+)\?queue=deliveries">', listed)
+    assert ids == [dead]  # only the deliveries queue's, each linked in its queue
+    assert 'name="queue" value="deliveries"' in listed  # the bulk forms keep the queue
+    assert 'href="/list/queued?queue=deliveries"' in listed  # so do the nav's status links
+    assert re.findall(r'<a href="/requests/([0-9a-f]+)">', client.get("/list/failed").text) == [
+        in_requests
+    ]
+    page = client.get(f"/requests/{dead}?queue=deliveries").text
+    assert 'id="status">failed<' in page and "callback answered 500" in page
+    assert client.get(f"/requests/{dead}").status_code == 404  # not in the requests queue
+    # Requeue it from its page: the confirm page carries the queue; then it is queued again.
+    form = {"csrf": csrf, "queue_id": dead, "queue": "deliveries"}
+    confirm = client.post("/actions/requeue", data=form, headers=ORIGIN)
+    assert confirm.status_code == 200 and "In the deliveries queue" in confirm.text
+    assert 'name="queue" value="deliveries"' in confirm.text
+    assert sidecar.status(dead, queue="deliveries").status == "failed"
+    done = client.post("/actions/requeue", data=form | {"confirm": "yes"}, headers=ORIGIN)
+    assert done.status_code == 303
+    assert done.headers["location"].startswith(f"/requests/{dead}?queue=deliveries&done=requeued")
+    assert sidecar.status(dead, queue="deliveries").status == "queued"
+    assert sidecar.status(in_requests).status == "failed"  # the other queue is untouched
+
+
+def test_bulk_requeue_and_purge_act_on_the_named_queue_only(web: Web, sidecar: Client) -> None:
+    dead = [dead_delivery(sidecar) for _ in range(2)]
+    in_requests = failed_request(sidecar)
+    picked = sidecar.enqueue({"result": "x"}, queue="pickups", priority=0).queue_id
+    [job] = sidecar.dequeue(1, queue="pickups")
+    sidecar.complete(job.queue_id, job.lease_id, queue="pickups")
+    done_request = completed_request(sidecar)
+    client = web(SIDECAR_WEB_TOKEN=TOKEN)
+    csrf = login(client)
+    res = client.post(
+        "/actions/requeue",
+        headers=ORIGIN,
+        data={
+            "csrf": csrf,
+            "status": "failed",
+            "limit": "10",
+            "queue": "deliveries",
+            "confirm": "yes",
+        },
+    )
+    assert res.status_code == 303, res.text
+    assert res.headers["location"] == "/list/failed?queue=deliveries&done=requeued&n=2"
+    assert [sidecar.status(q, queue="deliveries").status for q in dead] == ["queued", "queued"]
+    assert sidecar.status(in_requests).status == "failed"
+    res = client.post(
+        "/actions/purge",
+        headers=ORIGIN,
+        data={"csrf": csrf, "status": "completed", "queue": "pickups", "confirm": "yes"},
+    )
+    assert res.status_code == 303, res.text
+    with pytest.raises(NotFound):
+        sidecar.status(picked, queue="pickups")
+    assert sidecar.status(done_request).status == "completed"
+
+
+def test_an_action_on_an_unknown_queue_is_refused_and_changes_nothing(
+    web: Web, sidecar: Client
+) -> None:
+    queue_id = failed_request(sidecar)
+    client = web(SIDECAR_WEB_TOKEN=TOKEN)
+    csrf = login(client)
+    for queue in ("nope", "x" * 500):
+        res = client.post(
+            "/actions/requeue",
+            headers=ORIGIN,
+            data={"csrf": csrf, "queue_id": queue_id, "queue": queue, "confirm": "yes"},
+        )
+        assert res.status_code == 404
+        assert "unknown queue; this daemon serves requests, deliveries, pickups" in error_of(
+            res.text
+        )
+    assert sidecar.status(queue_id).status == "failed"
+    assert client.get("/list/failed").status_code == 200  # the dashboard carries on
 
 
 # -- read-only without a token -----------------------------------------------------------------
@@ -223,12 +357,62 @@ def test_sidecar_web_exits_2_when_told_to_bind_0_0_0_0_without_a_token() -> None
     assert "SIDECAR_WEB_TOKEN" in run.stderr
 
 
+def test_sidecar_web_exits_2_when_told_to_show_payloads_without_a_token() -> None:
+    with short_tmpdir() as tmp:
+        env = daemon_env(str(tmp / "d.sock"), SIDECAR_WEB_SHOW_PAYLOADS="true",
+                         SIDECAR_WEB_PORT="0")  # fmt: skip
+        env.pop("SIDECAR_WEB_TOKEN", None)
+        run = subprocess.run([sys.executable, "-m", "sidecar", "web"], env=env,
+                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "SIDECAR_WEB_SHOW_PAYLOADS=true needs SIDECAR_WEB_TOKEN" in run.stderr
+
+
 def test_a_foreign_host_header_is_refused_on_loopback(web: Web) -> None:
     client = web()
     res = client.get("/", headers={"Host": "attacker.example"})
     assert res.status_code == 400
     assert res.headers["content-security-policy"] == CSP
+    assert "SIDECAR_WEB_ALLOWED_HOSTS" in res.text and "attacker" not in res.text
     assert client.get("/", headers={"Host": "localhost:8089"}).status_code == 200
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.0.2.10"])
+def test_bound_beyond_loopback_with_a_token_a_foreign_host_is_still_refused(
+    web: Web, sidecar: Client, bind: str
+) -> None:
+    """DNS rebinding: a page of attacker.example whose name now resolves to this host is
+    refused on every route and every method, before any login or action is looked at."""
+    queue_id = failed_request(sidecar)
+    client = web(SIDECAR_WEB_HOST=bind, SIDECAR_WEB_TOKEN=TOKEN)
+    rebound = {"Host": "attacker.example:8089"}
+    for path in ("/", "/api/overview", "/list/failed", f"/requests/{queue_id}", "/login"):
+        assert client.get(path, headers=rebound).status_code == 400, path
+    res = client.post("/actions/requeue", data={"queue_id": queue_id, "confirm": "yes"},
+                      headers=rebound | {"Authorization": f"Bearer {TOKEN}",
+                                         "Origin": "http://attacker.example:8089"})  # fmt: skip
+    assert res.status_code == 400
+    assert sidecar.status(queue_id).status == "failed"
+    assert client.get("/", headers={"Host": "localhost:8089"}).status_code == 200
+
+
+def test_allowed_hosts_name_what_the_dashboard_answers_to(web: Web, sidecar: Client) -> None:
+    queue_id = failed_request(sidecar)
+    client = web(SIDECAR_WEB_HOST="0.0.0.0", SIDECAR_WEB_TOKEN=TOKEN,
+                 SIDECAR_WEB_ALLOWED_HOSTS="dash.example.com,10.1.0.0/16")  # fmt: skip
+    assert client.get("/", headers={"Host": "dash.example.com"}).status_code == 200
+    assert client.get("/", headers={"Host": "10.1.7.7:8089"}).status_code == 200
+    assert client.get("/", headers={"Host": "evil.example.com"}).status_code == 400
+    # An operator on the allowed name acts as usual (its Origin names the same host).
+    own = {"Host": "dash.example.com", "Origin": "https://dash.example.com"}
+    res = client.post("/login", data={"token": TOKEN}, headers=own)
+    assert res.status_code == 303
+    own["Cookie"] = res.headers["set-cookie"].partition(";")[0]
+    csrf = csrf_of(client.get("/", headers=own).text)
+    done = client.post("/actions/requeue", headers=own,
+                       data={"csrf": csrf, "queue_id": queue_id, "confirm": "yes"})  # fmt: skip
+    assert done.status_code == 303
+    assert sidecar.status(queue_id).status == "queued"
 
 
 # -- with the token ------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import pytest
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import SidecarUnavailable
 from sidecar.protocol import StatsResult
+from sidecar.web.context import in_queue
 from sidecar.web.sampler import Sampler
-from sidecar.web.security import is_loopback, safe_next
+from sidecar.web.security import BindRefused, HostRule, check_payloads, is_loopback, safe_next
 from sidecar.web.views import duration, payload_text, size
 
 TOKEN = "a-token-of-enough-length"
@@ -23,6 +24,11 @@ TOKEN = "a-token-of-enough-length"
         ({"SIDECAR_WEB_SHOW_PAYLOADS": "maybe"}, "SIDECAR_WEB_SHOW_PAYLOADS='maybe' is invalid"),
         ({"SIDECAR_WEB_SAMPLE_SECONDS": "0"}, "SIDECAR_WEB_SAMPLE_SECONDS='0' is invalid"),
         ({"SIDECAR_WEB_HOST": "  "}, "SIDECAR_WEB_HOST='  ' is invalid"),
+        (
+            {"SIDECAR_WEB_ALLOWED_HOSTS": "dash.example.com, bad_host!"},
+            "SIDECAR_WEB_ALLOWED_HOSTS=.* is invalid: expected host names, IP addresses or CIDRs",
+        ),
+        ({"SIDECAR_WEB_ALLOWED_HOSTS": " , "}, "SIDECAR_WEB_ALLOWED_HOSTS=' , ' is invalid"),
     ],
 )
 def test_a_bad_web_setting_is_named_with_what_is_accepted(env: dict[str, str], says: str) -> None:
@@ -48,6 +54,53 @@ def test_the_defaults_are_loopback_read_only_and_payloads_hidden() -> None:
     settings = Settings.from_env({})
     assert settings.web_host == "127.0.0.1" and settings.web_token is None
     assert settings.web_show_payloads is False
+    assert settings.web_allowed_hosts == ()
+    named = Settings.from_env({"SIDECAR_WEB_ALLOWED_HOSTS": "Dash.Example.COM. 10.1.0.0/16"})
+    assert named.web_allowed_hosts == ("dash.example.com", "10.1.0.0/16")
+
+
+def test_payloads_without_a_token_are_refused_at_start() -> None:
+    with pytest.raises(BindRefused, match="SIDECAR_WEB_SHOW_PAYLOADS=true needs SIDECAR_WEB_TOKEN"):
+        check_payloads(True, None)
+    check_payloads(True, TOKEN)
+    check_payloads(False, None)
+
+
+@pytest.mark.parametrize(
+    ("bind", "allowed", "host", "answers"),
+    [
+        ("127.0.0.1", (), "127.0.0.1:8089", True),
+        ("127.0.0.1", (), "localhost:8089", True),
+        ("127.0.0.1", (), "[::1]:8089", True),
+        ("127.0.0.1", (), "attacker.example:8089", False),
+        ("0.0.0.0", (), "localhost", True),
+        ("0.0.0.0", (), "attacker.example", False),
+        ("0.0.0.0", (), "0.0.0.0:8089", False),
+        ("0.0.0.0", (), "192.0.2.10:8089", False),
+        ("192.0.2.10", (), "192.0.2.10:8089", True),
+        ("192.0.2.10", (), "192.0.2.11:8089", False),
+        ("::", (), "[2001:db8::1]:8089", False),
+        ("0.0.0.0", ("dash.example.com",), "DASH.example.com.:443", True),
+        ("0.0.0.0", ("dash.example.com",), "dash.example.com.evil.example", False),
+        ("0.0.0.0", ("dash.example.com",), "evil.dash.example.com", False),
+        ("192.0.2.10", ("dash.example.com",), "192.0.2.10", False),  # the list replaces it
+        ("0.0.0.0", ("10.1.0.0/16",), "10.1.2.3:8089", True),
+        ("0.0.0.0", ("10.1.0.0/16",), "10.2.0.1:8089", False),
+        ("0.0.0.0", ("dash.example.com",), "", False),
+        ("0.0.0.0", ("dash.example.com",), "[::1", False),
+    ],
+)
+def test_the_host_rule(bind: str, allowed: tuple[str, ...], host: str, answers: bool) -> None:
+    assert HostRule(bind, allowed).allows(host) is answers
+
+
+def test_a_path_keeps_its_queue_and_the_default_queue_adds_nothing() -> None:
+    assert in_queue("/list/failed", "requests") == "/list/failed"
+    assert in_queue("/list/failed", "deliveries") == "/list/failed?queue=deliveries"
+    assert (
+        in_queue("/list/failed?order=newest", "pickups")
+        == "/list/failed?order=newest&queue=pickups"
+    )
 
 
 def _stats(accepted: int, completed: int = 0, failed: int = 0) -> StatsResult:

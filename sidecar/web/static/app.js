@@ -31,6 +31,11 @@
       for (const [name, n] of Object.entries(view.counts)) {
         setText('[data-count="' + name + '"]', String(n));
       }
+      for (const [queue, counts] of Object.entries(view.queues || {})) {
+        for (const [name, n] of Object.entries(counts)) {
+          setText('[data-queue-count="' + queue + ":" + name + '"]', String(n));
+        }
+      }
       for (const [name, r] of Object.entries(view.rates)) {
         setText('[data-rate="' + name + '"]', rate(r));
       }
