@@ -7,7 +7,8 @@
 
 Headers: `X-Callback-URL` (where a worker POSTs the result of a queued request; 400 when it is
 not http(s) or names an internal address that LLM_CALLBACK_ALLOWED_HOSTS does not admit) and
-`Idempotency-Key` (becomes the queue_id, so a retried POST never queues twice). Configured by
+`Idempotency-Key` (the queue_id is derived from it and the request, so a retried POST never
+queues twice, and another request with the same key gets its own queue_id). Configured by
 the same environment variables as the daemon (SIDECAR_SOCKET, ENVIRONMENT, LLM_*); the mock
 provider answers by default in development. Run it with `examples/llm_service/run.sh`.
 """
@@ -81,7 +82,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
         gateway: Gateway = request.app.state.gateway
-        req = LLMRequest(body=body, callback_url=x_callback_url, queue_id=idempotency_key)
+        # No authentication in this example: a service that has it passes the caller's
+        # identity as `caller`, so two callers' keys never meet.
+        req = LLMRequest(body=body, callback_url=x_callback_url, idempotency_key=idempotency_key)
         return _response(await gateway.handle(req))
 
     @app.get("/v1/requests/{queue_id}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sidecar.config import parse as p
 from sidecar.config.spec import setting
+from sidecar.models import MAX_TTL_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,8 +140,10 @@ class LLMSettings:
         "a receiver's `Retry-After` on 429/503 instead); `LLM_RESULT_TTL_HOURS` ends the tries",
     )  # fmt: skip
     # A day: a receiver down for a working day, or a caller that polls late, still gets it.
+    # At most the protocol's TTL (MAX_TTL_S): a longer one would make every kept result fail.
     llm_result_ttl_hours: float = setting(
-        24.0, "LLM_RESULT_TTL_HOURS", p.number(0, lo_open=True), "a number of hours > 0",
+        24.0, "LLM_RESULT_TTL_HOURS", p.number(0, MAX_TTL_S / 3600, lo_open=True),
+        f"a number of hours > 0 and <= {MAX_TTL_S / 3600:g}",
         "how long a result waits in the outbox (`deliveries` for its callback URL, `pickups` "
         "for `GET /v1/requests/{queue_id}`) before it expires; deleted once delivered",
     )  # fmt: skip

@@ -430,7 +430,12 @@ class CallbackSender:
                 extensions=extensions,
             )  # fmt: skip
             try:
-                response = await self._http.send(request, stream=True, follow_redirects=False)
+                # httpx's timeouts bound each read, not the exchange: a receiver that sends
+                # `102 Processing` every few seconds, or trickles its headers a byte at a time,
+                # would hold this delivery (and its lease, which the keeper extends) forever.
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self._http.send(request, stream=True,
+                                                     follow_redirects=False)  # fmt: skip
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failure = f"could not connect to {target.host} at {address}: {_error(exc)}"
                 continue  # nothing was sent: the next checked address may answer
@@ -438,6 +443,12 @@ class CallbackSender:
                 return DeliveryOutcome(
                     verdict=Verdict.RETRY, address=str(address),
                     reason=f"delivery to {target.host} at {address} failed: {_error(exc)}",
+                )  # fmt: skip
+            except TimeoutError:
+                return DeliveryOutcome(
+                    verdict=Verdict.RETRY, address=str(address),
+                    reason=f"delivery to {target.host} at {address} failed: no answer within "
+                           f"{self.timeout_s:g} s (the whole exchange is bounded)",
                 )  # fmt: skip
             try:
                 return classify_response(response.status_code, response.headers,

@@ -12,8 +12,9 @@ A fresh call goes through the fleet's limiter first (`sidecar.llm.pacing.Pacer`,
 the drain of the backlog gets at most LLM_DRAIN_SHARE of the budget while fresh calls wait):
 granted, it is called; a short wait is waited out; a longer one (the scope paused or its shared
 breaker open) queues the request at once, as an unavailable provider does. When the daemon
-cannot be reached for the limiter, fresh calls go unpaced (fail open, logged once): the live
-service must not stop because its sidecar did.
+cannot be reached for the limiter, or does not answer within FAIL_OPEN_DEADLINE_S (0.3 s),
+fresh calls go unpaced (fail open, logged once) and the limiter is not asked for the next
+FAIL_OPEN_BYPASS_S: the live service must not stop, or slow down, because its sidecar did.
 
 `await gateway.status(queue_id)` is `GET /v1/requests/{queue_id}`: the result once, when it
 waits in the `pickups` outbox (taken, answered 200, then completed, which deletes it); else
@@ -23,6 +24,7 @@ picked up, or went to the callback URL).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -57,12 +59,36 @@ PICKED_UP = "not found: the result was already picked up or sent to the callback
 
 @dataclass(frozen=True, kw_only=True)
 class LLMRequest:
-    """One chat request as a service receives it; queue_id makes a retried call idempotent."""
+    """One chat request as a service receives it.
+
+    `idempotency_key` (a caller's `Idempotency-Key`) makes a retried call idempotent: the
+    queue_id is derived from it, the request (`idempotent_queue_id`) and `caller`, the
+    authenticated principal when the service has one. `queue_id` is the service's own id,
+    used as given (it must never come from a caller unchecked).
+    """
 
     body: Body
     callback_url: str | None = None
     queue_id: str | None = None
     priority: int | None = None
+    idempotency_key: str | None = None
+    caller: str | None = None
+
+
+def request_digest(body: Body, callback_url: str | None) -> str:
+    """SHA-256 of the request as queued: its body (canonical JSON) and its callback URL."""
+    canonical = json.dumps({"request": body, "callback_url": callback_url}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)  # fmt: skip
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def idempotent_queue_id(key: str, body: Body, callback_url: str | None, caller: str | None) -> str:
+    """The queue_id of a request sent with an Idempotency-Key: a hash of the caller, the key
+    and the request's digest. Another caller, or another request, with the same key gets
+    another queue_id: a key never leads to someone else's request or result."""
+    parts = [caller or "", key, request_digest(body, callback_url)]
+    framed = "".join(f"{len(part)}:{part}" for part in parts)  # no ambiguity between parts
+    return "idem-" + hashlib.sha256(framed.encode()).hexdigest()[:48]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +136,13 @@ class Gateway:
     async def handle(self, req: LLMRequest) -> GatewayResult:
         """200 with the result, the provider's 4xx, 202 with a queue_id, 503, or 400 for a
         refused callback URL."""
-        queue_id = req.queue_id or uuid.uuid4().hex
+        if req.queue_id:
+            queue_id = req.queue_id
+        elif req.idempotency_key:
+            queue_id = idempotent_queue_id(req.idempotency_key, req.body, req.callback_url,
+                                           req.caller)  # fmt: skip
+        else:
+            queue_id = uuid.uuid4().hex
         bound = log.bind(queue_id=queue_id)
         if req.callback_url:
             try:
@@ -160,7 +192,10 @@ class Gateway:
         return await self._enqueue(req, queue_id, reason)
 
     async def _after(self, admission: Admission, *, ok: bool, used: int | None) -> None:
-        """Report the outcome to the shared breaker; settle the tokens with what was used."""
+        """Report the outcome to the shared breaker; settle the tokens with what was used
+        (neither when the call went unpaced: the limiter was away, nothing to settle)."""
+        if not admission.paced:
+            return
         await self.pacer.report(ok=ok, probe=admission.probe)
         await self.pacer.settle(admission.tokens, used)
 

@@ -23,8 +23,10 @@ a fresh `webhook-timestamp` per try) and POSTed through the guarded `CallbackSen
 - delivered (2xx): the handler returns, the entry completes and is deleted;
 - 410 Gone, or a URL the SSRF policy refuses: `PermanentFailure`, a failed delivery, kept;
 - anything else: `RetryLater(delay, counts=False)`: the receiver's `Retry-After` on a 429 or
-  503, else `delivery_backoff_s` of the entry's age (about a second after the first failure,
-  growing with jitter up to LLM_WEBHOOK_RETRY_MAX_SECONDS). A wait costs no attempt; the
+  503 (never less than the first retry's backoff), else `delivery_backoff_s` of the entry's
+  age (about a second after the first failure, growing with jitter up to
+  LLM_WEBHOOK_RETRY_MAX_SECONDS). A retry that would land after the entry's expiry comes
+  LAST_TRY_BEFORE_EXPIRY_S before it instead (one last try). A wait costs no attempt; the
   entry's TTL ends the retries, and it reads `expired`.
 """
 
@@ -42,7 +44,7 @@ import structlog
 
 from sidecar.client import AsyncClient, PermanentFailure, RetryLater, decode_payload, run_worker
 from sidecar.errors import QueueFull, SidecarError, SidecarUnavailable
-from sidecar.llm.callbacks import AllowList, CallbackSender
+from sidecar.llm.callbacks import AllowList, CallbackSender, DeliveryOutcome
 from sidecar.llm.webhooks import WebhookSigner
 from sidecar.protocol import Job
 
@@ -50,8 +52,13 @@ log = structlog.get_logger("sidecar.llm.outbox")
 
 DELIVERIES = "deliveries"
 PICKUPS = "pickups"
-# The first retry of a delivery comes about this long after its first failure.
+# The first retry of a delivery comes about this long after its first failure; no retry comes
+# sooner, whatever a receiver's Retry-After says (0, or a date past, would be a hot loop).
 FIRST_RETRY_S = 1.0
+# A retry that would come after the entry expires is moved to this long before its expiry:
+# time for a deliverer to take it (a long poll) and for one delivery (its timeout), so a
+# receiver back in the last hour of the TTL still gets its result.
+LAST_TRY_BEFORE_EXPIRY_S = 60.0
 # Waits cost no attempt (counts=False); what counts is a deliverer that died holding the entry
 # (its lease lapsed). A hundred of those is an entry that kills its deliverer, not bad luck.
 OUTBOX_MAX_ATTEMPTS = 100
@@ -185,13 +192,23 @@ class Deliverer:
             self.counts["failed"] += 1
             bound.error("llm_callback_failed", **fields)
             raise PermanentFailure(outcome.reason)
-        if outcome.retry_after_s is not None and outcome.http_status in (429, 503):
-            delay = min(outcome.retry_after_s, self.opts.retry_max_s)
-        else:
-            delay = delivery_backoff_s(age_s, self.opts.retry_max_s, self._rand)
+        delay = self._retry_delay(job, age_s, outcome)
         self.counts["retried"] += 1
         bound.warning("llm_callback_retry", delay_s=round(delay, 3), **fields)
         raise RetryLater(delay, counts=False, reason=outcome.reason)
+
+    def _retry_delay(self, job: Job, age_s: float, outcome: DeliveryOutcome) -> float:
+        """The backoff, or the receiver's Retry-After on a 429/503 (never shorter than the
+        first retry's backoff), moved before the entry's expiry when it would land after."""
+        if outcome.retry_after_s is not None and outcome.http_status in (429, 503):
+            floor = delivery_backoff_s(0.0, self.opts.retry_max_s, self._rand)
+            delay = min(max(outcome.retry_after_s, floor), self.opts.retry_max_s)
+        else:
+            delay = delivery_backoff_s(age_s, self.opts.retry_max_s, self._rand)
+        last_try = job.expires_at - self._now() - LAST_TRY_BEFORE_EXPIRY_S
+        if delay > last_try >= FIRST_RETRY_S:
+            delay = last_try  # else this was the last try: the entry expires meanwhile
+        return delay
 
     async def aclose(self) -> None:
         """Close the callback sender (when the deliverer made it)."""

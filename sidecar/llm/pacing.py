@@ -7,8 +7,9 @@ limiter ops for one scope:
 
 - `admit(tokens, fresh=...)` before a call: `limit_acquire` with one request and `tokens` (the
   estimate of the prompt, `estimate_prompt_tokens`, plus the completion's `max_tokens`). Not
-  granted with a wait of at most `PacingOptions.max_wait_s`: wait and ask again (a worker holds
-  its lease meanwhile); a longer wait is returned to the caller, who puts the request back
+  granted with a wait that keeps the call's total wait within `PacingOptions.max_wait_s`: wait
+  and ask again (a worker holds its lease meanwhile); a longer one is returned to the caller,
+  who puts the request back
   (`RetryLater(wait_s, counts=False)`) or queues it (the gateway's 202). A refusal also marks
   the scope blocked in this process until the wait ends, so a worker's `ready` gate stops
   taking requests (`wait_ready`).
@@ -20,8 +21,11 @@ limiter ops for one scope:
   provider answered (a 4xx included), not ok when it was unavailable.
 
 `fail_open=True` (the gateway) lets a fresh call go when the daemon cannot be reached for a
-limiter call (logged once per lapse, `llm_limiter_unavailable`): the live service keeps working
-without pacing. A daemon older than the limiter ops (`unknown_op`) is not paced either.
+limiter call, or does not answer one within FAIL_OPEN_DEADLINE_S (logged once per lapse,
+`llm_limiter_unavailable`): the live service keeps working without pacing. For
+FAIL_OPEN_BYPASS_S after a lapse the limiter is not asked at all (nor told outcomes), then it
+is asked again. A daemon older than the limiter ops (`unknown_op`) is not paced either.
+Refusals with short waits are waited out only up to `max_wait_s` in all, then handed back.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -43,6 +47,7 @@ from sidecar.config import Settings
 from sidecar.errors import SidecarError, UnknownOp
 
 log = structlog.get_logger("sidecar.llm.pacing")
+T = TypeVar("T")
 
 # About four bytes of UTF-8 JSON per token: OpenAI's rule of thumb for English text. It
 # overestimates a request's JSON (keys, quotes) a little, which errs on the safe side; the
@@ -52,6 +57,13 @@ BYTES_PER_TOKEN = 4
 # limiter's spacing at a few requests per second is well under it, and putting a request back
 # for so short a wait would cost two round trips for nothing. Longer waits go back to the queue.
 MAX_WAIT_S = 2.0
+# The gateway's (fail-open) limiter calls: a limiter op over the local socket answers in well
+# under a millisecond, so 0.3 s means the daemon is hung (stopped, swapping), and is what a
+# live request can afford to lose finding out; without it each call waited the client's own
+# timeout (10 s). After such a lapse the limiter is not asked for FAIL_OPEN_BYPASS_S: one
+# 0.3 s loss per 5 s, not one per request, while the daemon stays away.
+FAIL_OPEN_DEADLINE_S = 0.3
+FAIL_OPEN_BYPASS_S = 5.0
 # OpenAI's duration format in x-ratelimit-reset-*: "6m0s", "1s", "20ms", "1h2m3.5s".
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?"
                        r"(?:(\d+(?:\.\d+)?)ms)?")  # fmt: skip
@@ -191,11 +203,16 @@ class Pacer:
         fail_open: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        deadline_s: float = FAIL_OPEN_DEADLINE_S,
+        bypass_s: float = FAIL_OPEN_BYPASS_S,
     ) -> None:
         self.client = client
         self.scope = scope
         self.opts = options or PacingOptions()
         self.fail_open = fail_open
+        self.deadline_s = deadline_s  # fail_open only: a limiter call's longest wait
+        self.bypass_s = bypass_s  # fail_open only: how long a lapse skips the limiter
+        self._bypass_until = 0.0  # clock time
         self._clock = clock
         self._sleep = sleep
         self.blocked_until = 0.0  # this process's view: no call may go before (clock time)
@@ -211,28 +228,44 @@ class Pacer:
             # More than a minute's budget could never be granted: ask for the whole minute
             # (the settle charges what was really used).
             tokens = min(tokens, self.opts.tpm)
+        if self.bypassing():
+            return Admission(granted=True, tokens=tokens, paced=False)
+        waited = 0.0
         while True:
             try:
-                grant = await self.client.limit_acquire(
+                grant = await self._bounded(self.client.limit_acquire(
                     self.scope, rpm=self.opts.rpm, tpm=self.opts.tpm, requests=1, tokens=tokens,
                     fresh=fresh, drain_share=self.opts.drain_share, ramp_s=self.opts.ramp_s,
-                )  # fmt: skip
+                ))  # fmt: skip
             except UnknownOp:
                 self._lapse("the daemon has no limiter ops (older than this client)")
                 return Admission(granted=True, tokens=tokens, paced=False)
-            except SidecarError as exc:
+            except (SidecarError, TimeoutError) as exc:
                 if not self.fail_open:
                     raise
-                self._lapse(f"{exc.code}: {exc.message}")
+                self._lapse(_why(exc, self.deadline_s))
                 return Admission(granted=True, tokens=tokens, paced=False)
             self._back()
             if grant.granted:
                 return Admission(granted=True, tokens=tokens, probe=bool(grant.probe))
             wait_s = max(0.0, float(grant.wait_s))
-            if wait_s > self.opts.max_wait_s:
+            # Capped in total: short refusals one after another must not hold a call forever.
+            if waited + wait_s > self.opts.max_wait_s:
                 self.block(wait_s)
                 return Admission(granted=False, wait_s=wait_s, reason=grant.reason or "limited")
             await self._sleep(wait_s)
+            waited += wait_s
+
+    def bypassing(self) -> bool:
+        """Whether the limiter is skipped now: it lapsed (fail-open) less than bypass_s ago."""
+        return self.fail_open and self._clock() < self._bypass_until
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        """A limiter call; the gateway's (fail-open) ones bounded by `deadline_s`."""
+        if not self.fail_open:
+            return await call
+        async with asyncio.timeout(self.deadline_s):
+            return await call
 
     def block(self, wait_s: float) -> None:
         """No call from this process before `wait_s` from now (the ready gate waits)."""
@@ -284,10 +317,16 @@ class Pacer:
             if state == "open":
                 self.block(self.opts.breaker_reset_s)
 
-    async def _quiet(self, call: Any) -> Any:
+    async def _quiet(self, call: Coroutine[Any, Any, Any]) -> Any:
         """A bookkeeping call whose failure must not fail the request it follows."""
+        if self.bypassing():
+            call.close()  # never sent: the limiter lapsed a moment ago
+            return None
         try:
-            result = await call
+            result = await self._bounded(call)
+        except TimeoutError:
+            self._lapse(_why(TimeoutError(), self.deadline_s))
+            return None
         except SidecarError as exc:
             if not isinstance(exc, UnknownOp):
                 log.warning("llm_limiter_call_failed", scope=self.scope, code=exc.code,
@@ -297,6 +336,8 @@ class Pacer:
         return result
 
     def _lapse(self, why: str) -> None:
+        if self.fail_open:
+            self._bypass_until = self._clock() + self.bypass_s
         if not self._unpaced:
             self._unpaced = True
             log.warning("llm_limiter_unavailable", scope=self.scope, error=why,
@@ -306,6 +347,12 @@ class Pacer:
         if self._unpaced:
             self._unpaced = False
             log.info("llm_limiter_available", scope=self.scope)
+
+
+def _why(exc: BaseException, deadline_s: float) -> str:
+    if isinstance(exc, SidecarError):
+        return f"{exc.code}: {exc.message}"
+    return f"no answer within {deadline_s:g} s"
 
 
 def pacing_options(settings: Settings) -> PacingOptions:

@@ -28,6 +28,9 @@ for a pause): they stay queued, untouched. The handler's outcome is what the req
   outcome feeds the shared breaker (`limit_report`, the granted probe marked as such);
 - the outbox cannot take the result now (the daemon full or away): `RetryLater`, never a
   completion whose result went nowhere;
+- the result can never be kept (larger than SIDECAR_MAX_PAYLOAD_BYTES, or refused as
+  invalid): a small `{queue_id, status: failed, error: result_too_large}` result is kept
+  instead, so the caller hears, and `PermanentFailure` (logged `llm_result_too_large`);
 - a bug (any other exception): put back after a backoff by attempt, counted.
 """
 
@@ -45,7 +48,7 @@ import structlog
 
 from sidecar.client import AsyncClient, PermanentFailure, RetryLater, decode_payload, run_worker
 from sidecar.config import Settings
-from sidecar.errors import SidecarError
+from sidecar.errors import InvalidMessage, PayloadTooLarge, SidecarError
 from sidecar.llm.errors import ProviderRejected, ProviderUnavailable
 from sidecar.llm.outbox import (
     Deliverer,
@@ -70,6 +73,9 @@ from sidecar.llm.webhooks import WebhookSigner
 from sidecar.protocol import Job
 
 log = structlog.get_logger("sidecar.llm.worker")
+
+# The reason (and the result's `error`) of a request whose answer was too large to keep.
+TOO_LARGE = "result_too_large"
 
 
 class QueuedLLMRequest(msgspec.Struct):
@@ -223,6 +229,10 @@ class LLMWorker:
     async def _keep(self, job: Job, url: str | None, body: bytes, bound: Any) -> None:
         try:
             queue = await keep_result(self.client, job.queue_id, url, body, self.opts.result_ttl_s)
+        except (PayloadTooLarge, InvalidMessage) as exc:
+            # Never keepable, so asking the provider again would pay for the same refusal
+            # until the TTL: a small failed result tells the caller, and the request fails.
+            await self._keep_too_large(job, url, len(body), exc, bound)
         except SidecarError as exc:
             # Not completed while its result is nowhere: back, uncounted (the sidecar's
             # trouble is not the request's fault); the provider will be asked again.
@@ -230,6 +240,28 @@ class LLMWorker:
             delay = outbox_retry_after(exc, self.backoff())
             raise self._retry_later(bound, "outbox_unavailable", delay) from None
         bound.info("llm_result_kept", queue=queue)
+
+    async def _keep_too_large(
+        self, job: Job, url: str | None, size: int, exc: SidecarError, bound: Any
+    ) -> None:
+        """Keep `{queue_id, status: failed, error: result_too_large}` instead; fail for good."""
+        bound.error("llm_result_too_large", code=exc.code, error=exc.message, result_bytes=size)
+        small = result_body(job.queue_id, {
+            "status": "failed", "error": TOO_LARGE, "result_bytes": size,
+            "message": "the provider's answer is larger than the sidecar keeps "
+                       "(SIDECAR_MAX_PAYLOAD_BYTES)",
+        })  # fmt: skip
+        try:
+            await keep_result(self.client, job.queue_id, url, small, self.opts.result_ttl_s)
+        except (PayloadTooLarge, InvalidMessage) as again:
+            # A limit below even this: the request still fails (its GET shows the reason).
+            bound.error("llm_result_not_kept", code=again.code, error=again.message)
+        except SidecarError as again:
+            bound.error("llm_result_not_kept", code=again.code, error=again.message)
+            delay = outbox_retry_after(again, self.backoff())
+            raise self._retry_later(bound, "outbox_unavailable", delay) from None
+        self.counts["failed"] += 1
+        raise PermanentFailure(TOO_LARGE)
 
     def _retry_later(
         self, bound: Any, reason: str, delay_s: float, *, counts: bool = False

@@ -113,10 +113,10 @@ class StubSidecar:
 
 def job(
     queue_id: str = "j1", payload: bytes | object = b"", *, attempts: int = 1,
-    created_at: float = 0.0,
+    created_at: float = 0.0, expires_at: float = 0.0,
 ) -> Job:  # fmt: skip
     """A leased job as run_worker hands it to a handler; a non-bytes payload is encoded."""
     data = payload if isinstance(payload, bytes) else msgspec.msgpack.encode(payload)
     return Job(queue_id=queue_id, lease_id="lease-1", lease_expires_at=0.0,
                payload=msgspec.Raw(data), priority=5, attempts=attempts, max_attempts=10,
-               created_at=created_at, expires_at=0.0)  # fmt: skip
+               created_at=created_at, expires_at=expires_at)  # fmt: skip

@@ -503,7 +503,9 @@ async def test_a_refused_connection_is_retried() -> None:
 async def test_a_timeout_is_retried(receiver: Receiver) -> None:
     receiver.delay_s = 1.0
     outcome, _ = await send(receiver.url(), allowed=LOOPBACK, timeout_s=0.2)
-    assert outcome.retry and "ReadTimeout" in outcome.reason
+    # The bound on the whole exchange and httpx's read timeout end at about the same moment.
+    assert outcome.retry
+    assert "no answer within 0.2 s" in outcome.reason or "ReadTimeout" in outcome.reason
 
 
 async def test_an_unresolvable_host_is_retried(receiver: Receiver) -> None:
@@ -628,3 +630,48 @@ async def test_the_example_service_answers_400_and_reads_the_allow_list(daemon: 
         ok = await http.post("/v1/chat/completions", json=body,
                              headers={"X-Callback-URL": "http://192.168.1.5/hook"})  # fmt: skip
         assert ok.status_code == 200
+
+
+# -- a receiver that never finishes answering: the whole exchange is bounded ------------------
+
+
+async def _drip_server(first: bytes, drip: bytes) -> tuple[asyncio.Server, list[int]]:
+    """A raw TCP receiver that reads the request, writes `first`, then `drip` every 50 ms
+    forever (httpx's read timeout restarts on each byte); records the connections it took."""
+    taken: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(1)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(first)
+            while True:
+                writer.write(drip)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), taken
+
+
+@pytest.mark.parametrize(
+    ("first", "drip"),
+    [(b"", b"HTTP/1.1 102 Processing\r\n\r\n"), (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"x")],
+    ids=["102-processing-forever", "header-bytes-trickled"],
+)
+async def test_a_receiver_that_drips_forever_is_cut_off_at_the_timeout(
+    first: bytes, drip: bytes
+) -> None:
+    server, taken = await _drip_server(first, drip)
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        # Every read gets a byte well within 0.3 s: only a bound on the whole exchange ends
+        # it. Without one the delivery never returns (the outer deadline fails the test).
+        outcome, _ = await asyncio.wait_for(
+            send(f"http://127.0.0.1:{port}/r", allowed=LOOPBACK, timeout_s=0.3), 20
+        )
+    assert outcome.retry and "no answer within 0.3 s" in outcome.reason
+    assert outcome.address == "127.0.0.1" and taken == [1]

@@ -117,7 +117,9 @@ def _run_flows(
         assert resp.status_code == 202, resp.text
     again = books.http.post("/v1/chat/completions", json=GOOD,
                             headers={**cb, "Idempotency-Key": "e2e-0"})  # fmt: skip
-    assert again.status_code == 202 and again.json()["queue_id"] == "e2e-0"
+    # The queue_id is derived from the key and the request (never the key itself).
+    assert again.status_code == 202 and again.json()["queue_id"] == books.queued[-3]
+    assert books.queued[-3].startswith("idem-") and len(set(books.queued[-3:])) == 3
     for qid in books.queued:
         assert books.http.get(f"/v1/requests/{qid}").json()["status"] == "queued"
     # Redis down too: still 202, from the local queue, until its limit answers 503.

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from sidecar.client import PermanentFailure, RetryLater
-from sidecar.errors import QueueFull, SidecarUnavailable
+from sidecar.errors import PayloadTooLarge, QueueFull, SidecarUnavailable
 from sidecar.llm.gateway import PICKED_UP, Gateway, LLMRequest
 from sidecar.llm.outbox import Delivery, Pickup, result_body
 from sidecar.llm.pacing import PacingOptions, reserve_tokens
@@ -295,3 +295,45 @@ async def test_pick_up_with_the_sidecar_away_is_503() -> None:
 
     result = await gateway(Away()).status("x")
     assert result.status == 503 and result.headers["Retry-After"] == "5"
+
+
+# -- Idempotency-Key: scoped to the request and the caller --------------------------------------
+
+
+async def test_an_idempotency_key_never_leads_to_another_callers_or_requests_entry() -> None:
+    """A key alone used to be the queue_id: caller B sending A's key got A's queue_id, and
+    later picked up A's result. Now the queue_id hashes the caller, the key and the request."""
+    stub = StubSidecar(grants=[Grant(granted=False, wait_s=30.0, reason="breaker_open")] * 6)
+    gw = gateway(stub)
+    other = {"messages": [{"role": "user", "content": "someone else's question"}]}
+    a = await gw.handle(LLMRequest(body=BODY, idempotency_key="k1", caller="alice"))
+    retried = await gw.handle(LLMRequest(body=BODY, idempotency_key="k1", caller="alice"))
+    b = await gw.handle(LLMRequest(body=BODY, idempotency_key="k1", caller="bob"))
+    changed = await gw.handle(LLMRequest(body=other, idempotency_key="k1", caller="alice"))
+    hooked = await gw.handle(LLMRequest(body=BODY, idempotency_key="k1", caller="alice",
+                                        callback_url="https://hooks.example.com/x"))  # fmt: skip
+    anonymous = await gw.handle(LLMRequest(body=BODY, idempotency_key="k1"))
+    ids = [r.queue_id for r in (a, retried, b, changed, hooked, anonymous)]
+    assert all(r.status == 202 for r in (a, retried, b, changed, hooked, anonymous))
+    assert ids[0] == ids[1]  # the retry is the same request: queued once
+    assert len(set(ids)) == 5 and "k1" not in ids
+    assert all(qid is not None and qid.startswith("idem-") and len(qid) <= 128 for qid in ids)
+    assert len(stub.stored) == 5
+
+
+async def test_the_idempotent_queue_id_ignores_key_order_in_the_body() -> None:
+    stub = StubSidecar(grants=[Grant(granted=False, wait_s=30.0, reason="paused")] * 2)
+    gw = gateway(stub)
+    one = await gw.handle(LLMRequest(body={"model": "m", "n": 1}, idempotency_key="k"))
+    two = await gw.handle(LLMRequest(body={"n": 1, "model": "m"}, idempotency_key="k"))
+    assert one.queue_id == two.queue_id and len(stub.stored) == 1
+
+
+async def test_a_limit_below_even_the_small_failed_result_still_fails_the_request_once() -> None:
+    stub = StubSidecar(enqueue_error=PayloadTooLarge("payload of 900 bytes is over 64"))
+    w = worker(stub)
+    with pytest.raises(PermanentFailure) as caught:
+        await w.handle(request_job("tiny"))
+    assert str(caught.value) == "result_too_large"
+    assert len(stub.named("enqueue")) == 2  # the result, then the small one: no loop
+    assert w.counts == {"completed": 0, "retried": 0, "failed": 1}

@@ -14,6 +14,7 @@ import structlog
 from sidecar.client import PermanentFailure, RetryLater
 from sidecar.llm.callbacks import CallbackSender, DeliveryOutcome, Verdict
 from sidecar.llm.outbox import (
+    LAST_TRY_BEFORE_EXPIRY_S,
     Deliverer,
     Delivery,
     DeliveryOptions,
@@ -70,8 +71,12 @@ def deliverer(
     )
 
 
-def entry(queue_id: str = "q1", *, age_s: float = 0.0, body: bytes = BODY, url: str = URL) -> Any:
-    return job(queue_id, Delivery(url=url, body=body), created_at=NOW - age_s)
+def entry(
+    queue_id: str = "q1", *, age_s: float = 0.0, body: bytes = BODY, url: str = URL,
+    expires_in_s: float = 24 * 3600.0,
+) -> Any:  # fmt: skip
+    return job(queue_id, Delivery(url=url, body=body), created_at=NOW - age_s,
+               expires_at=NOW + expires_in_s)  # fmt: skip
 
 
 # -- the backoff ------------------------------------------------------------------------------
@@ -152,6 +157,34 @@ async def test_retry_after_is_honoured_on_429_and_503_and_bounded() -> None:
             await d.handle(entry(age_s=5.0))
         got.append(caught.value.delay_s)
     assert got == [30.0, 600.0, 5.0]  # a 500's Retry-After is not the receiver's to set
+
+
+@pytest.mark.parametrize("after", [0.0, 0.2])
+@pytest.mark.parametrize("rand", [0.0, 1.0])
+async def test_a_short_retry_after_never_makes_the_wait_shorter_than_the_first_retry(
+    after: float, rand: float
+) -> None:
+    # Retry-After: 0 (or a date in the past) must not turn into a hot loop of tries: it may
+    # lengthen the wait, never shorten it below the first retry's backoff (jittered).
+    d = deliverer(FakeSender(retry(429, after), retry(503, after)), rand=rand)
+    for _ in range(2):
+        with pytest.raises(RetryLater) as caught:
+            await d.handle(entry(age_s=0.0))
+        assert caught.value.delay_s == delivery_backoff_s(0.0, 3600, lambda: rand) > 0.4
+        assert caught.value.counts is False
+
+
+async def test_the_last_try_comes_shortly_before_the_entry_expires() -> None:
+    # An hour's backoff would land after the TTL: the try is moved to shortly before expiry.
+    d = deliverer(FakeSender(retry(500), retry(429, 7200.0), retry(500)), rand=1.0)
+    delays = []
+    for expires_in in (600.0, 600.0, LAST_TRY_BEFORE_EXPIRY_S / 2):
+        with pytest.raises(RetryLater) as caught:
+            await d.handle(entry(age_s=100_000.0, expires_in_s=expires_in))
+        delays.append(caught.value.delay_s)
+    last = 600.0 - LAST_TRY_BEFORE_EXPIRY_S
+    # The third: already the last try (too close to expiry to move): its backoff stands.
+    assert delays == [last, last, 3600.0]
 
 
 async def test_410_gone_stops_for_good() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import msgspec
 import pytest
@@ -12,6 +13,8 @@ import structlog
 from sidecar.config import ConfigError, Settings
 from sidecar.errors import SidecarUnavailable, UnknownOp
 from sidecar.llm.pacing import (
+    FAIL_OPEN_BYPASS_S,
+    MAX_WAIT_S,
     Pacer,
     PacingOptions,
     completion_tokens,
@@ -183,15 +186,55 @@ async def test_the_ready_gate_waits_while_blocked_and_ends_on_stop() -> None:
 async def test_the_gateway_fails_open_when_the_daemon_is_away_and_says_so_once() -> None:
     down = SidecarUnavailable("sidecar unavailable at /x", {"sent": False})
     stub = StubSidecar(grants=[down, down, Grant(), Grant()])
-    pacer = Pacer(stub.as_client(), "s", fail_open=True)
+    clock = FakeClock()
+    pacer = Pacer(stub.as_client(), "s", fail_open=True, clock=clock)
     with structlog.testing.capture_logs() as logs:
         first = await pacer.admit(5, fresh=True)
-        second = await pacer.admit(5, fresh=True)
+        bypassed = await pacer.admit(5, fresh=True)  # within the bypass: the limiter not asked
+        assert len(stub.named("limit_acquire")) == 1
+        await pacer.report(ok=True)  # bookkeeping skipped too while bypassed
+        await pacer.pause(3.0, "429")
+        assert stub.named("limit_report") == [] and stub.named("limit_pause") == []
+        clock.advance(FAIL_OPEN_BYPASS_S)
+        second = await pacer.admit(5, fresh=True)  # asked again: still away, bypassed again
+        clock.advance(FAIL_OPEN_BYPASS_S)
         third = await pacer.admit(5, fresh=True)
-    assert (first.granted, first.paced, second.paced, third.paced) == (True, False, False, True)
+    assert (first.granted, first.paced, bypassed.paced) == (True, False, False)
+    assert (second.paced, third.paced) == (False, True)
+    assert len(stub.named("limit_acquire")) == 3
     events = [e["event"] for e in logs]
     assert events.count("llm_limiter_unavailable") == 1
     assert events.count("llm_limiter_available") == 1
+
+
+async def test_the_gateways_limiter_calls_have_a_short_deadline() -> None:
+    """A daemon that accepts but never answers (hung, SIGSTOP) costs a fresh call at most
+    the deadline (FAIL_OPEN_DEADLINE_S by default), not the client's whole timeout."""
+    stub = StubSidecar()
+    hung = asyncio.Event()
+
+    async def never(scope: str, **kw: Any) -> Grant:
+        await hung.wait()
+        return Grant()
+
+    stub.limit_acquire = never  # type: ignore[method-assign]
+    pacer = Pacer(stub.as_client(), "s", fail_open=True, deadline_s=0.05)
+    with structlog.testing.capture_logs() as logs:
+        admission = await asyncio.wait_for(pacer.admit(5, fresh=True), 10)
+    assert admission.granted and not admission.paced
+    [lapse] = [e for e in logs if e["event"] == "llm_limiter_unavailable"]
+    assert "no answer within 0.05 s" in lapse["error"]
+    hung.set()
+
+
+async def test_short_waits_are_capped_in_total_then_handed_back() -> None:
+    """Refusals of under MAX_WAIT_S each, again and again, must not hold a call forever."""
+    stub = StubSidecar(grants=[Grant(granted=False, wait_s=1.5, reason="requests")] * 50)
+    pacer, slept, _ = _pacer(stub)
+    admission = await pacer.admit(10, fresh=True)
+    assert (admission.granted, admission.wait_s, admission.reason) == (False, 1.5, "requests")
+    assert sum(slept) <= MAX_WAIT_S and slept == [1.5]
+    assert len(stub.named("limit_acquire")) == 2
 
 
 async def test_a_worker_does_not_fail_open_but_an_older_daemon_is_unpaced() -> None:
@@ -263,7 +306,10 @@ async def test_a_failed_bookkeeping_call_is_logged_not_raised() -> None:
         ("LLM_DRAIN_SHARE", "1.5", "a number > 0 and at most 1"),
         ("LLM_RAMP_SECONDS", "-3", "a number of seconds from 0 to 3600"),
         ("LLM_DELIVERY_CONCURRENCY", "1001", "a whole number from 0 to 1000"),
-        ("LLM_RESULT_TTL_HOURS", "0", "a number of hours > 0"),
+        ("LLM_RESULT_TTL_HOURS", "0", "a number of hours > 0 and <= 720"),
+        # Above the protocol's MAX_TTL_S every kept result would be refused (and the provider
+        # asked again until the request's own TTL): refused at start instead.
+        ("LLM_RESULT_TTL_HOURS", "1000", "a number of hours > 0 and <= 720"),
         ("LLM_WEBHOOK_RETRY_MAX_SECONDS", "never", "a number of seconds > 0"),
     ],
 )
@@ -285,3 +331,7 @@ def test_the_pacing_options_come_from_the_settings() -> None:
         breaker_failures=2, breaker_reset_s=4.0,
     )  # fmt: skip
     assert pacing_options(Settings()) == PacingOptions()  # the defaults agree
+
+
+def test_the_result_ttl_may_be_the_protocols_longest() -> None:
+    assert Settings.from_env({"LLM_RESULT_TTL_HOURS": "720"}).llm_result_ttl_hours == 720.0
