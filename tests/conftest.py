@@ -94,6 +94,7 @@ def make_local(
         retention_s=params["retention_s"],
         dead_retention_s=params["dead_retention_s"],
         max_dead=int(params.get("max_dead", 10_000)),
+        max_dead_bytes=int(params.get("max_dead_bytes", 64 * 1024 * 1024)),
         clock=clock,
         journal=None if state_dir is None else Journal(state_dir, fsync=fsync),
     )

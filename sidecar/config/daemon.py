@@ -265,7 +265,17 @@ class DaemonSettings:
     queue_max_dead: int = setting(
         10_000, "QUEUE_MAX_DEAD", p.whole(0), "a whole number >= 0",
         "most dead letters kept per store; past it the oldest go, counted "
-        "(`sidecar_dead_letters_dropped_total`) and logged",
+        "(`sidecar_dead_letters_dropped_total`) and logged; 0 keeps none (metadata only, for "
+        "`QUEUE_RETENTION_HOURS`)",
+    )  # fmt: skip
+    # A count alone lets 10,000 one-megabyte prompts hold 10 GB: a byte cap bounds their heap
+    # (local) and memory (Redis). 64 MB keeps an outage's worth of typical 2-6 KB prompts.
+    queue_max_dead_mb: float = setting(
+        64.0, "QUEUE_MAX_DEAD_MB", p.number(0), "a number of megabytes >= 0",
+        "most payload memory dead letters hold per store; past it the oldest go, counted and "
+        "logged as past `QUEUE_MAX_DEAD`; 0 keeps none. Apart from `QUEUE_MAX_MEMORY_MB` and "
+        "the journal's `SIDECAR_JOURNAL_MAX_MB`: dead letters never make a store refuse a "
+        "request",
     )  # fmt: skip
     # Operators' ops may show payloads (prompts may hold personal data): off refuses them.
     ops_payloads: bool = setting(

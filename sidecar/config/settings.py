@@ -45,6 +45,10 @@ class Settings(WebSettings, LLMSettings, DaemonSettings):
         return int(self.outbox_max_memory_mb * 1024 * 1024)
 
     @property
+    def queue_max_dead_bytes(self) -> int:
+        return int(self.queue_max_dead_mb * 1024 * 1024)
+
+    @property
     def max_buffered_bytes(self) -> int:
         return int(self.max_buffered_mb * 1024 * 1024)
 

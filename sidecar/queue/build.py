@@ -67,6 +67,7 @@ def build_local_queue(
         # Dead letters stay (with their payload) in every queue, outbox ones included.
         dead_retention_s=settings.dead_retention_s,
         max_dead=settings.queue_max_dead,
+        max_dead_bytes=settings.queue_max_dead_bytes,
         clock=clock,
         journal=journal,
         recover_every_s=settings.journal_recover_interval_s,
@@ -97,6 +98,7 @@ def build_redis_queue(
         retention_s=settings.retention_s if outbox is None else 0.0,
         dead_retention_s=settings.dead_retention_s,
         max_dead=settings.queue_max_dead,
+        max_dead_bytes=settings.queue_max_dead_bytes,
         prefix=prefix,
         clock=clock,
         url_for_logs=settings.redacted_redis_url(),

@@ -107,3 +107,18 @@ async def test_requeues_and_purges_survive_a_restart(opened: Factory, clock: Fak
     assert after.balanced
     page = await again.list_records(ListQuery(status=ListStatus.QUEUED), None)
     assert [r.queue_id for _, r in page.items] == ["q1", "r1"]
+
+
+async def test_past_max_dead_bytes_the_oldest_go_counted(opened: Factory, clock: FakeClock) -> None:
+    """QUEUE_MAX_DEAD_MB: three dead letters of about 100 KB under a 250 KB cap, in both stores."""
+    store = await opened(max_dead_bytes=250_000)
+    for name in ("b1", "b2", "b3"):
+        await store.enqueue([make_request(clock, {"p": "x" * 100_000}, queue_id=name, ttl_s=5)])
+        clock.advance(1)
+    clock.advance(5)  # all three expire unprocessed: dead letters
+    stats = await store.stats()
+    assert stats.dead_letters == 2 and stats.dead_letters_dropped == 1
+    assert 200_000 < stats.dead_letters_bytes <= 250_000
+    assert await store.status("b1") is None
+    page = await store.list_records(ListQuery(status=ListStatus.EXPIRED), None)
+    assert [r.queue_id for _, r in page.items] == ["b2", "b3"]

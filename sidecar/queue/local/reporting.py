@@ -6,16 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from sidecar.models import REASON_TTL, QueuedRequest, QueueStatus
 from sidecar.queue.hooks import RETRY_LEASE_EXPIRED, RETRY_WORKER, StoreHooks, failure_kind
-from sidecar.queue.local.events import AnyEvent, Finished, Forgotten, Leased, Requeued
+from sidecar.queue.local.events import AnyEvent, Finished, Leased, Requeued
 from sidecar.queue.local.state import Sink
-
-log = structlog.get_logger("sidecar.local")
-# A dead letter's statuses (it is kept with its payload; the rest keep metadata only).
-_DEAD = (QueueStatus.FAILED, QueueStatus.EXPIRED)
 
 
 def report_transitions(store: str, hooks: StoreHooks, records: dict[str, QueuedRequest]) -> Sink:
@@ -44,18 +38,10 @@ def report_transitions(store: str, hooks: StoreHooks, records: dict[str, QueuedR
         elif event.status is QueueStatus.FAILED:
             hooks.failed(store, failure_kind(event.reason), 1)
 
-    def forgotten(event: Forgotten) -> None:
-        rec = records.get(event.qid)
-        if event.cut and rec is not None and rec.payload is not None and rec.status in _DEAD:
-            # Never silently (QUEUE_MAX_DEAD): each dead letter dropped early is logged.
-            log.warning("dead_letter_dropped", store=store, queue_id=event.qid,
-                        status=rec.status.value, reason=rec.reason)  # fmt: skip
-
     table: dict[type, Callable[[Any], None]] = {
         Leased: leased,
         Requeued: requeued,
         Finished: finished,
-        Forgotten: forgotten,
     }
 
     def report(event: AnyEvent) -> None:

@@ -61,9 +61,11 @@ class LocalState(DeadLetters, Snapshots):
         sink: Sink | None = None,
         dead_retention_s: float | None = None,
         max_dead: int = 10_000,
+        max_dead_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        """dead_retention_s: how long dead letters stay (default: retention_s); max_dead: the
-        most kept, past which the oldest go (counted as dead_dropped)."""
+        """dead_retention_s: how long dead letters stay (default: retention_s); max_dead and
+        max_dead_bytes: the most kept (count, heap bytes), past which the oldest go (counted as
+        dead_dropped). Any of the three at 0 keeps none: metadata only, as retention_s says."""
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.high_watermark = high_watermark
@@ -73,6 +75,7 @@ class LocalState(DeadLetters, Snapshots):
         self.max_retained = max_retained
         self.dead_retention_s = retention_s if dead_retention_s is None else dead_retention_s
         self.max_dead = max_dead
+        self.max_dead_bytes = max_dead_bytes
         self.sink: Sink | None = sink
         # Sees each live transition's event before it applies, while the record still shows
         # where it came from (the store's metrics hooks); replay does not call it.
@@ -315,7 +318,7 @@ class LocalState(DeadLetters, Snapshots):
         rec.reason = reason
         rec.updated_at = at
         rec.lease_expires_at = None
-        dead = is_dead_letter(status, reason)
+        dead = is_dead_letter(status, reason) and self.keeps_dead
         if not dead:
             rec.payload = None  # only a dead letter keeps its payload, for a requeue
         self.counts[status.value] += 1
@@ -383,11 +386,7 @@ class LocalState(DeadLetters, Snapshots):
         # day: past the cap the oldest go early, counted, so memory stays bounded.
         while len(self.purge) > self.max_retained:
             self._emit(Forgotten(qid=self.purge[0][1], cut=True))
-        while self.dead and self.dead[0][0] <= now:
-            self._emit(Forgotten(qid=self.dead[0][1], cut=False))
-        # Dead letters keep their payloads: past the cap the oldest go, counted (dead_dropped).
-        while len(self.dead) > self.max_dead:
-            self._emit(Forgotten(qid=self.dead[0][1], cut=True))
+        self._trim_dead(now)
         # Both heaps keep entries of requests that left the queued state; rebuild them once
         # the stale entries outnumber the live ones, so they stay within twice the backlog.
         stale_bound = 64 + 2 * self.queued

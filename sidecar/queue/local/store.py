@@ -78,6 +78,7 @@ class LocalQueue(TakeSide, HandoverSide, OperatorSide, BaseStore):
         trim: Callable[[Callable[[], int]], EmptyTrim] | None = None,
         dead_retention_s: float | None = None,
         max_dead: int = 10_000,
+        max_dead_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         """trim: makes the EmptyTrim given how many requests are held (a seam for tests); by
         default glibc's malloc_trim once the store empties (trim.py)."""
@@ -95,6 +96,7 @@ class LocalQueue(TakeSide, HandoverSide, OperatorSide, BaseStore):
             max_retained=max_retained,
             dead_retention_s=dead_retention_s,
             max_dead=max_dead,
+            max_dead_bytes=max_dead_bytes,
         )
         if hooks is not NO_HOOKS:
             self._state.observer = report_transitions(self.name, hooks, self._state.records)
@@ -377,7 +379,10 @@ class LocalQueue(TakeSide, HandoverSide, OperatorSide, BaseStore):
         elif st.bytes + add_bytes > st.max_bytes:
             reason = "max_memory"
         elif self._journal is not None and (
-            self._journal.disk_bytes + add_bytes > self._journal.max_bytes
+            # Dead letters never refuse a request: their own caps bound them, so what they take
+            # on disk is left out (not a share of the budget: what the queue can take must not
+            # depend on what an outage left behind).
+            self._journal.disk_bytes - st.dead_journal_bytes() + add_bytes > self._journal.max_bytes
         ):
             reason = "max_journal"
         if reason is None:
