@@ -111,6 +111,9 @@ class ListQuery:
     newest: bool = False
     limit: int = 50
     payload: bool = False
+    # The most bytes of records in the page (the page stops before the one that would pass it,
+    # keeping at least one); None: no bound. A store may use it to stop early (Redis does).
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

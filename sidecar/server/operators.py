@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+from dataclasses import replace
 
 import msgspec
 import structlog
@@ -37,6 +38,7 @@ from sidecar.protocol import (
 from sidecar.queue.base import QueueStore
 
 log = structlog.get_logger("sidecar.ops")
+_encoder = msgspec.msgpack.Encoder()
 
 _STATUSES = ", ".join(s.value for s in ListStatus)
 _ORDERS = ("oldest", "newest")
@@ -140,8 +142,17 @@ def detail(store: str, rec: QueuedRequest, payload: bool) -> RequestDetail:
 class OperatorOps:
     """list, requeue, purge and status; payloads allowed or not by SIDECAR_OPS_PAYLOADS."""
 
-    def __init__(self, *, payloads_allowed: bool, cursor_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        payloads_allowed: bool,
+        cursor_key: bytes | None = None,
+        max_reply_bytes: int | None = None,
+    ) -> None:
+        """max_reply_bytes: the most bytes of items in a list reply (the daemon's max frame
+        bytes less the reply's envelope); None: no bound."""
         self.payloads_allowed = payloads_allowed
+        self.max_reply_bytes = max_reply_bytes
         self.cursors = CursorCodec(cursor_key)
 
     def _check_payload(self, asked: bool) -> None:
@@ -175,12 +186,33 @@ class OperatorOps:
             newest=req.order == "newest",
             limit=req.limit,
             payload=req.payload,
+            max_bytes=self.max_reply_bytes,
         )
         page = await queue.list_records(query, after)
+        items = [detail(store, rec, req.payload) for store, rec in page.items]
+        fit = self._fitting(items)
+        while fit < len(items):
+            # Past the byte bound: the same page asked again with as many as fit (at least
+            # one), so its cursor resumes after the last item returned, in every store.
+            query = replace(query, limit=fit)
+            page = await queue.list_records(query, after)
+            items = [detail(store, rec, req.payload) for store, rec in page.items]
+            fit = len(items) if fit == 1 else self._fitting(items)
         return ListResult(
-            items=[detail(store, rec, req.payload) for store, rec in page.items],
+            items=items,
             next_cursor=None if page.next is None else self.cursors.encode(req, page.next),
         )
+
+    def _fitting(self, items: list[RequestDetail]) -> int:
+        """How many of items, from the first, fit in max_reply_bytes (at least one)."""
+        if self.max_reply_bytes is None:
+            return len(items)
+        used = 0
+        for i, item in enumerate(items):
+            used += len(_encoder.encode(item))
+            if used > self.max_reply_bytes:
+                return max(1, i)
+        return len(items)
 
     async def requeue(self, req: Requeue, queue: QueueStore, peer_uid: int | None) -> RequeueResult:
         if req.queue_id is not None:
@@ -188,9 +220,23 @@ class OperatorOps:
         else:
             status = list_status(req.status, DEAD_LIST_STATUSES)
             ids = await self._dead_ids(queue, status, req.priority, req.limit)
-        outcome = await queue.requeue_dead(ids) if ids else None
-        requeued = [] if outcome is None else outcome.requeued
-        unchanged = [] if outcome is None else outcome.unchanged
+        requeued: list[str] = []
+        unchanged: list[str] = []
+        while ids:
+            try:
+                outcome = await queue.requeue_dead(ids)
+            except (NotFound, InvalidState) as exc:
+                gone = exc.details.get("queue_id")
+                if req.queue_id is not None or gone not in ids:
+                    raise
+                # By filter: a dead letter listed a moment ago that left since (its retention
+                # ended, a trim at the cap, another requeue) is skipped, reported unchanged;
+                # the store changed nothing, so the others are asked again.
+                ids.remove(gone)
+                unchanged.append(gone)
+                continue
+            requeued, unchanged = outcome.requeued, outcome.unchanged + unchanged
+            break
         if requeued:
             log.info(
                 "dead_letters_requeued", count=len(requeued), peer_uid=peer_uid,

@@ -123,7 +123,10 @@ class Ops:
         self._connections = connections or ConnectionCount()
         self._render_metrics = render_metrics
         self._clock = clock
-        self.operators = OperatorOps(payloads_allowed=settings.ops_payloads)
+        self.operators = OperatorOps(
+            payloads_allowed=settings.ops_payloads,
+            max_reply_bytes=settings.max_frame_bytes - REPLY_OVERHEAD_BYTES,
+        )
         # The fleet's limiter (app.py builds it beside the queue; by default one in memory).
         self.pacing = LimitOps(limiter or LocalLimiter())
         self._started = time.monotonic()

@@ -15,24 +15,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What runs in Redis. A move of the code must leave these alone; a change to a script changes
 # them, and a daemon of the other version may meet its keys: say why in the commit.
-LIBRARY_NAME = "sidecar_9c7bf74e038ca49f"
-LIBRARY_SHA1 = "f1655fcc1a5cba8acfa15b9c071b96701876364f"
+LIBRARY_NAME = "sidecar_27999634272dedb2"
+LIBRARY_SHA1 = "c849f7e0d7f820a87941386ea70c505b520458dd"
 SCRIPT_SHAS = {
-    "cancel": "a8a875937ed8690c1a1e02aaa0bd0acd59415f53",
-    "complete": "c073b0811fbff697a705ad9678b159fe0594671b",
-    "dequeue": "9575f225a89ae5e0824211dc279b99782602d13e",
-    "discard": "fecc65952840ebf2da27a7a7440182f4eacdd630",
-    "enqueue": "5032801dbca55a7fba651be0500b2a3e2cd41b1f",
-    "extend": "1ae110633276b8d28acffb227af4162c761e5b6d",
-    "fail": "7eec7e7551d1612c6e963ba53aebb46dc042c623",
-    "limit": "f57df617ff5911c96a4fa52dba754f91c17d5e8e",
-    "list": "afc668a9df683218a05246637293272284e13f52",
-    "purge": "eaf38d4a3db30d8a747a930aadc8e51cab73b0c1",
-    "requeue": "c2b264839b04fc365ed0d0bcea1e4a7aa3daf127",
-    "stats": "764f76c2b4dc60b32829b765224eb46efea8f512",
-    "status": "8c32aab9a4f39ab7175fc4198df841043de39b7a",
-    "sweep": "d9ad697adab3e747622762a8190597a9fdcea841",
-    "take": "4c45e9c98eeff636b743e3a19f1630285961804f",
+    "cancel": "376e93a5f7165b12a7d22ec69d4ed07ff85afbaf",
+    "complete": "800a1c060c4b3f41f4a12e4b8c5d98725654fe5c",
+    "dequeue": "015ceac2c07e7cbee1e5e06e7dca28d22c7b3acb",
+    "discard": "d3cb6988c63a79c3c60acb3075e4ec8dfbb48ca0",
+    "enqueue": "164afe7fb05252ec1b7f07fb0e08cad7ba237253",
+    "extend": "d3fc151cb0fba18b8d139cbbb0861d9f057ef0b1",
+    "fail": "6e1806b9b49984f68ddd0a733fbf867361670e35",
+    "limit": "e2105b63c1b3130ced0cd6ca17d9c7336ae85767",
+    "list": "296772732f3545b0cc6065bf09e3e3c41de984d2",
+    "purge": "77e21793ae9e5b05177c570f8cb8f61a2d63c503",
+    "requeue": "da8dc60729a85fa6f09f718c56aee0384b703b34",
+    "stats": "3702be6392d86dd2f471094422d20274ce420dc1",
+    "status": "5b2526cbf25433fd11a3779fd7dce41ba647d027",
+    "sweep": "c1d019c16a1263a71a63a652eadcf9e2b4b34f0b",
+    "take": "486c10179cdc19a324d4232777a745e6bd05de55",
 }
 
 

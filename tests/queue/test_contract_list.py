@@ -213,3 +213,75 @@ async def test_list_through_the_op_pages_with_a_cursor(store: QueueStore, clock:
             break
         cursor = page.next_cursor
     assert seen == [f"c{i:02d}" for i in range(25)]
+
+
+async def test_list_with_payloads_stays_within_the_frame(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    frame = 4096
+    ops = Ops(Settings.from_env({"SIDECAR_MAX_FRAME_BYTES": str(frame)}), store, clock=clock)
+    names = [f"big{i}" for i in range(7)]
+    for name in names:
+        await store.enqueue([make_request(clock, "x" * 1200, queue_id=name)])
+        clock.advance(0.01)
+    await store.enqueue([make_request(clock, "y" * 6000, queue_id="huge")])  # alone past it
+    seen: list[str] = []
+    sizes: list[int] = []
+    cursor = None
+    for _ in range(20):
+        page = await ops.handle(
+            List(id=1, status="queued", limit=1000, payload=True, cursor=cursor)
+        )
+        assert isinstance(page, ListResult) and page.items
+        seen += [i.queue_id for i in page.items]
+        sizes.append(len(page.items))
+        if len(page.items) > 1:
+            assert len(msgspec.msgpack.encode(page)) <= frame
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [*names, "huge"]  # each once, in order, the cursor after the last returned
+    assert max(sizes) < len(names)  # the bound cut the pages
+
+
+async def test_requeue_checks_every_id_before_changing_any(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    await _dead(store, clock, "d1")
+    with pytest.raises(NotFound) as err:
+        await store.requeue_dead(["d1", "nope"])
+    assert err.value.details["queue_id"] == "nope"
+    st = await store.status("d1")
+    assert st is not None and st.status is QueueStatus.FAILED  # nothing was requeued
+    assert (await store.requeue_dead(["d1"])).requeued == ["d1"]
+
+
+class _VanishingStore:
+    """A store whose oldest dead letter is purged between the filter's list and its requeue
+    (as the sweep or the cap's trim may do)."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self._store = store
+        self._once = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def requeue_dead(self, queue_ids: list[str]) -> object:
+        if self._once:
+            self._once = False
+            await self._store.purge_records(ListStatus.FAILED, older_than_s=5)
+        return await self._store.requeue_dead(queue_ids)
+
+
+async def test_requeue_by_filter_skips_a_dead_letter_that_left(
+    store: QueueStore, clock: FakeClock
+) -> None:
+    await _dead(store, clock, "old")
+    clock.advance(10)
+    await _dead(store, clock, "new")
+    ops = Ops(Settings.from_env({}), _VanishingStore(store), clock=clock)  # type: ignore[arg-type]
+    done = await ops.handle(Requeue(id=1, status="failed", limit=10))
+    assert isinstance(done, RequeueResult)
+    assert (done.ids, done.unchanged) == (["new"], ["old"])
+    assert await _all(store, ListStatus.QUEUED) == ["new"]

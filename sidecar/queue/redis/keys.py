@@ -24,8 +24,8 @@ key of one queue lands in one slot and each Lua script stays legal on a cluster)
 | `{sidecar}:discarded:<token>` | string | one discard call did its work (60 s TTL) |
 | `{sidecar}:limit:<scope>` | hash | one limiter scope (lua/limit.lua); expires once idle |
 | `{sidecar}:req:` | (prefix) | declared to every script as KEYS[8]: ids read from an index |
-| | | become keys under it; the hashes a call names are declared one by one after delayed |
-| | | (KEYS[9]) |
+| | | become keys under it; the hashes a call names are declared one by one after |
+| | | dead:expired (KEYS[12] on) |
 
 A request hash has the fields queue_id, priority, seq, created_at, expires_at, status, attempts,
 max_attempts, updated_at, size_bytes, lease_id, lease_expires_at, reason, not_before (while

@@ -47,7 +47,7 @@ class RedisOperatorSide:
             "" if query.priority is None else query.priority,
             "1" if query.newest else "0", query.limit,
             "" if after is None else repr(after.score), "" if after is None else after.queue_id,
-            "1" if query.payload else "0",
+            "1" if query.payload else "0", "" if query.max_bytes is None else query.max_bytes,
         )  # fmt: skip
         _, score, queue_id, *records = reply
         items = [(self.name, decode_record(pairs)) for pairs in records]
@@ -57,26 +57,19 @@ class RedisOperatorSide:
         return RecordPage(items=items, next=nxt)
 
     async def requeue_dead(self: _Store, queue_ids: Sequence[str]) -> RequeueOutcome:
-        """Each dead letter back to queued in one script run each, sent together."""
+        """The dead letters back to queued in one script run: all checked before any changes,
+        so not_found or invalid_state leaves every one as it was (lua/requeue.lua)."""
         ids = list(dict.fromkeys(queue_ids))
-        now = self._clock()
-        replies = await asyncio.gather(
-            *(self._call("requeue", now, qid, keys=self._req(qid)) for qid in ids)
-        )
+        reply = await _requeue_run(self, ids, check_only=False)
         requeued: list[str] = []
         unchanged: list[str] = []
-        for qid, reply in zip(ids, replies, strict=True):
-            if reply[0] == ScriptCode.NOT_FOUND:
-                raise NotFound(f"no request {qid}", {"queue_id": qid})
-            if reply[0] == ScriptCode.INVALID_STATE:
-                status = _text(reply[1])
-                raise InvalidState(
-                    f"request {qid} is {status}; only a dead letter (failed for good or "
-                    "expired, payload kept) can be requeued",
-                    {"queue_id": qid, "status": status},
-                )
-            (requeued if _text(reply[1]) == "requeued" else unchanged).append(qid)
+        for qid, what in zip(ids, reply[1:], strict=True):
+            (requeued if _text(what) == "requeued" else unchanged).append(qid)
         return RequeueOutcome(requeued=requeued, unchanged=unchanged)
+
+    async def check_requeue(self: _Store, queue_ids: Sequence[str]) -> None:
+        """Raise what requeue_dead would raise for these ids, changing nothing."""
+        await _requeue_run(self, list(dict.fromkeys(queue_ids)), check_only=True)
 
     async def purge_records(self: _Store, status: ListStatus, older_than_s: float | None) -> int:
         """Batches of lua/purge.lua until the status's index is done."""
@@ -91,6 +84,24 @@ class RedisOperatorSide:
             offset += int(kept)
             if int(examined) < PURGE_BATCH:
                 return purged
+
+
+async def _requeue_run(self: _Store, ids: list[str], *, check_only: bool) -> list[Any]:
+    if not ids:
+        return [ScriptCode.OK]
+    keys = tuple(k for qid in ids for k in self._req(qid))
+    reply = await self._call("requeue", self._clock(), "1" if check_only else "0", *ids, keys=keys)
+    if reply[0] == ScriptCode.NOT_FOUND:
+        qid = _text(reply[1])
+        raise NotFound(f"no request {qid}", {"queue_id": qid})
+    if reply[0] == ScriptCode.INVALID_STATE:
+        status, qid = _text(reply[1]), _text(reply[2])
+        raise InvalidState(
+            f"request {qid} is {status}; only a dead letter (failed for good or "
+            "expired, payload kept) can be requeued",
+            {"queue_id": qid, "status": status},
+        )
+    return reply
 
 
 def _text(value: bytes | str) -> str:

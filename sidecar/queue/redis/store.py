@@ -93,6 +93,7 @@ class RedisQueue(RedisOperatorSide, BaseStore):
         owns_client: bool = True,
         dead_retention_s: float | None = None,
         max_dead: int = 10_000,
+        max_dead_bytes: int = 2**62,
     ) -> None:
         """functions: run the scripts as Redis Functions (None: where the server has them).
         owns_client: False for a queue that shares another queue's client (closed by it)."""
@@ -101,9 +102,12 @@ class RedisQueue(RedisOperatorSide, BaseStore):
         check_one_slot(self.keys)
         self.retention_s = retention_s
         self.dead_retention_s = retention_s if dead_retention_s is None else dead_retention_s
-        # ARGV[2] of every script (lua/common.lua): both retentions and the dead letters' cap.
-        self._retention_arg = f"{retention_s!r},{self.dead_retention_s!r},{max_dead}"
+        # ARGV[2] of every script (lua/common.lua): both retentions and the dead letters' caps.
+        self._retention_arg = (
+            f"{retention_s!r},{self.dead_retention_s!r},{max_dead},{max_dead_bytes}"
+        )
         self._max_dead = max_dead
+        self._max_dead_bytes = max_dead_bytes
         # dead_dropped as last read (None: not yet): its growth is logged.
         self._dead_dropped_seen: int | None = None
         self._redis = client
@@ -344,12 +348,7 @@ class RedisQueue(RedisOperatorSide, BaseStore):
         now = self._clock()
         reply = await self._call("stats", now, self._sweep_limit)
         _, swept, queued, processing, retained, counters, oldest, dead = reply
-        seen = self._dead_dropped_seen
-        if seen is not None and int(dead[2]) > seen:
-            # Never silently (QUEUE_MAX_DEAD): a script dropped the oldest dead letters.
-            self._log.warning("dead_letters_dropped", count=int(dead[2]) - seen,
-                              total=int(dead[2]), max_dead=self._max_dead)  # fmt: skip
-        self._dead_dropped_seen = int(dead[2])
+        self._note_dead_dropped(int(dead[2]))
         self._count_swept(SweepCounts(*(int(n) for n in swept)))
         accepted, completed, failed, expired, held, worst = counters
         return QueueStats(
@@ -393,11 +392,23 @@ class RedisQueue(RedisOperatorSide, BaseStore):
     async def sweep(self) -> SweepCounts:
         """One bounded sweep step: expire, reclaim lapsed leases, forget past retention."""
         reply = await self._call("sweep", self._clock(), self._sweep_limit)
+        self._note_dead_dropped(int(reply[2]))
         counts = SweepCounts(*(int(n) for n in reply[1]))
         self._count_swept(counts)
         if counts.requeued:
             self._pending.notify()
         return counts
+
+    def _note_dead_dropped(self, total: int) -> None:
+        """Log the growth of dead_dropped (read by each sweep step and stats): never silently
+        (QUEUE_MAX_DEAD, QUEUE_MAX_DEAD_MB), whichever script dropped the oldest."""
+        seen = self._dead_dropped_seen
+        if seen is not None and total > seen:
+            self._log.warning(
+                "dead_letters_dropped", count=total - seen, total=total,
+                max_dead=self._max_dead, max_dead_bytes=self._max_dead_bytes,
+            )  # fmt: skip
+        self._dead_dropped_seen = total
 
     async def discard_queued(self, queue_id: str) -> bool:
         """Remove a queued request as if never accepted here (another store keeps it)."""
@@ -453,7 +464,7 @@ class RedisQueue(RedisOperatorSide, BaseStore):
         self, script: str, *args: Arg, keys: tuple[str, ...]
     ) -> asyncio.Future[list[Any]]:
         """Run one of lua/'s scripts for a component beside the queue (the limiter) in the next
-        shared pipeline; `keys` follow the nine every script gets. The future of its reply."""
+        shared pipeline; `keys` follow the eleven every script gets. The future of its reply."""
         return self._call(script, self._clock(), *args, keys=keys)
 
     def _req(self, queue_id: str) -> tuple[str]:
@@ -464,7 +475,7 @@ class RedisQueue(RedisOperatorSide, BaseStore):
     ) -> asyncio.Future[list[Any]]:
         """Run one script in the next shared pipeline: the future of its reply.
 
-        KEYS are the nine of every script, then the request hashes the call names. A plain
+        KEYS are the eleven of every script, then the request hashes the call names. A plain
         function, not a coroutine: one layer less for every call to resume through.
         """
         if self._closing.is_set():

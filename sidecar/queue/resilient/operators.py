@@ -9,6 +9,7 @@ purged, and a cursor that points into Redis answers backend_unavailable.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from sidecar.models import (
@@ -80,10 +81,18 @@ class ResilientOperatorSide:
         return RecordPage(items=items, next=None)
 
     async def requeue_dead(self: _Manager, queue_ids: Sequence[str]) -> RequeueOutcome:
-        """Each to the store that holds it; what the local store requeued moves on to Redis."""
+        """Each to the store that holds it; what the local store requeued moves on to Redis.
+
+        Both stores are checked before either changes: Redis's ids first (a check-only script
+        run), then the local store checks and requeues its own all or none, then Redis's are
+        requeued (all or none). Only a Redis record that leaves in the instant between its
+        check and its requeue (its retention ended, a trim) fails the call after the local
+        store's were requeued (protocol.md, requeue)."""
         here = [q for q in queue_ids if self.local.holds(q)]
         there = [q for q in queue_ids if not self.local.holds(q)]
         out = RequeueOutcome(requeued=[], unchanged=[])
+        if here and there:
+            await self._on_redis(lambda: self.redis.check_requeue(there), there[0])
         if here:
             done = await self.local.requeue_dead(here)
             out.requeued += done.requeued
@@ -106,10 +115,4 @@ class ResilientOperatorSide:
 
 
 def _with_limit(query: ListQuery, limit: int) -> ListQuery:
-    return ListQuery(
-        status=query.status,
-        priority=query.priority,
-        newest=query.newest,
-        limit=limit,
-        payload=query.payload,
-    )
+    return replace(query, limit=limit)

@@ -1,5 +1,5 @@
 -- cancel.lua: fail a queued request with the reason "cancelled".
--- KEYS: the nine of common.lua; 10 the request's hash.
+-- KEYS: the eleven of common.lua; 12 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 a token fresh for each cancel call, so the same
 --   call run twice (a resent pipeline) answers the cancelled record, while a second cancel
 --   call answers invalid_state.

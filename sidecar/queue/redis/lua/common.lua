@@ -22,8 +22,9 @@
 --   1 now, epoch seconds from the caller's clock: every expiry, lease and retention decision
 --     uses it, so hosts sharing one Redis need synchronised clocks
 --   2 retention_s, how long a terminal record stays readable; or "retention_s,dead_retention_s,
---     max_dead": dead letters (failed for good, or expired unprocessed) keep their payload for
---     dead_retention_s, at most max_dead of them (past it the oldest go, counted dead_dropped)
+--     max_dead[,max_dead_bytes]": dead letters (failed for good, or expired unprocessed) keep
+--     their payload for dead_retention_s, at most max_dead of them holding at most
+--     max_dead_bytes of payload (past either cap the oldest go, counted dead_dropped)
 -- Return codes (first element of every reply): 0 ok, -1 not found, -2 invalid state (the
 -- second element is the current status), -3 lease mismatch.
 --
@@ -32,7 +33,8 @@
 --   already wrote (Redis has no rollback), so a bad argument must fail before any change.
 -- - Lua numbers are doubles and '%d' of one past 2^63 turns negative: every time is clamped to
 --   MAX_TIME (2^53 ms, exact as a double) before it is formatted, so no expiry lands in the past.
--- - Only a terminal hash carries a native TTL (its retention, counted by Redis's clock). A queued or leased
+-- - Only a terminal hash carries a native TTL (its retention, counted by Redis's clock), and
+--   not a dead letter's (dead_bytes needs its size when it goes). A queued or leased
 --   hash never expires by itself: it must stay until a script settles it, and the `bytes`
 --   counter stays exact because every hash it counts leaves through a script.
 -- - A script may run twice for one call (redis-py resends a whole pipeline after a dropped
@@ -43,7 +45,7 @@
 -- milliseconds at or before it, and retention_s.
 local K_PENDING, K_LEASES, K_EXPIRY, K_RETAINED, K_SEQ, K_STATS, K_REQ, K_DELAYED
 local K_DEAD_FAILED, K_DEAD_EXPIRED
-local NOW, NOW_S, NOW_MS, RETENTION, DEAD_RETENTION, MAX_DEAD
+local NOW, NOW_S, NOW_MS, RETENTION, DEAD_RETENTION, MAX_DEAD, MAX_DEAD_BYTES
 -- The fixed keys before the request hashes a call names.
 local NKEYS = 11
 
@@ -226,10 +228,13 @@ local function dead_key(status)
   return K_DEAD_FAILED
 end
 
--- Past MAX_DEAD, the oldest dead letters (of both kinds) go, counted in dead_dropped.
-local function trim_dead()
-  local over = redis.call('ZCARD', K_DEAD_FAILED) + redis.call('ZCARD', K_DEAD_EXPIRED) - MAX_DEAD
-  while over > 0 do
+-- Make room for a dead letter of `size` bytes: while MAX_DEAD are kept, or their bytes and
+-- size would pass MAX_DEAD_BYTES, the oldest (of both kinds) go, counted in dead_dropped. Run
+-- before the new one is indexed, so it never drops the dead letter being made.
+local function trim_dead(size)
+  local count = redis.call('ZCARD', K_DEAD_FAILED) + redis.call('ZCARD', K_DEAD_EXPIRED)
+  local bytes = tonumber(redis.call('HGET', K_STATS, 'dead_bytes') or '0')
+  while count > 0 and (count >= MAX_DEAD or bytes + size > MAX_DEAD_BYTES) do
     local f = redis.call('ZRANGE', K_DEAD_FAILED, 0, 0, 'WITHSCORES')
     local e = redis.call('ZRANGE', K_DEAD_EXPIRED, 0, 0, 'WITHSCORES')
     local key = K_DEAD_FAILED
@@ -239,11 +244,12 @@ local function trim_dead()
     local r = load(f[1])
     if r then
       purge(r)
+      bytes = bytes - r.size
     else
       redis.call('ZREM', key, f[1])
     end
     redis.call('HINCRBY', K_STATS, 'dead_dropped', 1)
-    over = over - 1
+    count = count - 1
   end
 end
 
@@ -276,6 +282,12 @@ end
 -- 'fail:<lease_id>', 'cancel:<call token>'), so the same call run again is recognised.
 local function to_terminal(r, status, reason, settled_by)
   local dead = is_dead(status, reason) and DEAD_RETENTION > 0 and MAX_DEAD > 0
+    and MAX_DEAD_BYTES > 0
+  if dead and r.size > MAX_DEAD_BYTES then
+    -- Larger than all dead letters may hold: dropped at once (metadata kept, as retained).
+    redis.call('HINCRBY', K_STATS, 'dead_dropped', 1)
+    dead = false
+  end
   local purge_at = clamp_time(NOW + (dead and DEAD_RETENTION or RETENTION))
   local purge_s = fmt(purge_at) -- formatted once: '%.17g' is one of a settle's costlier steps
   -- Only metadata outlives the request; lease_id stays so a repeated complete is recognised.
@@ -323,13 +335,12 @@ local function to_terminal(r, status, reason, settled_by)
   if purge_at <= NOW then
     purge(r) -- a retention of 0: the reply (the snapshot) is the last time it is seen
   elseif dead then
-    -- Kept with its payload; indexed by kind. Its native TTL is a day past the sweep's time,
-    -- so the sweep (which keeps dead_bytes exact) forgets it first.
+    -- Kept with its payload; indexed by kind, after the oldest made room. No native TTL: only
+    -- a script forgets it (the sweep at purge_at, a trim, a purge), reading its size from the
+    -- hash, so dead_bytes stays exact (the caps bound what waits for a sweep).
+    trim_dead(r.size)
     redis.call('ZADD', dead_key(status), purge_s, r.id)
     redis.call('HINCRBY', K_STATS, 'dead_bytes', r.size)
-    expire_in(r.key, purge_at - NOW + 86400)
-    expire_in(body_key(r.key), purge_at - NOW + 86400)
-    trim_dead()
   else
     if DEFER then
       DEFER.retained[#DEFER.retained + 1] = purge_s
@@ -532,16 +543,21 @@ local function begin(keys, args)
   NOW, NOW_S = arg_time(1, 'now')
   -- Entries whose score is at most this may be due (whether one is, its hash's time decides).
   NOW_MS = string.format('%d', math.floor(NOW * 1000))
-  local r, d, m = string.match(ARGV[2] or '', '^([^,]*),([^,]*),([^,]*)$')
+  local r, d, m, b = string.match(ARGV[2] or '', '^([^,]*),([^,]*),([^,]*),([^,]*)$')
+  if not r then
+    r, d, m = string.match(ARGV[2] or '', '^([^,]*),([^,]*),([^,]*)$')
+    b = '9e18' -- no byte cap (a caller before max_dead_bytes)
+  end
   if r then
     RETENTION, DEAD_RETENTION, MAX_DEAD = tonumber(r), tonumber(d), tonumber(m)
-    if not (RETENTION and DEAD_RETENTION and MAX_DEAD) or DEAD_RETENTION < 0 or MAX_DEAD < 0
-      or DEAD_RETENTION ~= DEAD_RETENTION then
-      fail_arg(2, 'retention_s,dead_retention_s,max_dead')
+    MAX_DEAD_BYTES = tonumber(b)
+    if not (RETENTION and DEAD_RETENTION and MAX_DEAD and MAX_DEAD_BYTES) or DEAD_RETENTION < 0
+      or MAX_DEAD < 0 or MAX_DEAD_BYTES < 0 or DEAD_RETENTION ~= DEAD_RETENTION then
+      fail_arg(2, 'retention_s,dead_retention_s,max_dead,max_dead_bytes')
     end
   else
     RETENTION = arg_number(2, 'retention_s')
-    DEAD_RETENTION, MAX_DEAD = RETENTION, 0 -- no dead letters: metadata only, as before
+    DEAD_RETENTION, MAX_DEAD, MAX_DEAD_BYTES = RETENTION, 0, 0 -- no dead letters, as before
   end
   if not RETENTION or RETENTION < 0 or RETENTION ~= RETENTION then
     fail_arg(2, 'retention_s')

@@ -1,7 +1,7 @@
 -- complete.lua: mark leased requests completed, each on its own (concurrent completes of one
 -- loop pass share a run); repeating one with the same lease (a client's retry, or a resent
 -- pipeline) returns the record as it is, even when its hash is gone.
--- KEYS: the nine of common.lua; then each request's hash, in the order of ARGV's pairs.
+-- KEYS: the eleven of common.lua; then (12..) each request's hash, in the order of ARGV's pairs.
 -- ARGV: 1-2 as in common.lua; then queue_id, lease_id, want per request (n = (#ARGV - 2) / 3):
 --   want '1' returns the request's record, '0' only its code (a worker that needs no record
 --   spares Redis reading the hash back and the reply carrying it).

@@ -1,7 +1,7 @@
 -- dequeue.lua: lease up to N of the most urgent queued requests (lowest score first), after
 -- reclaiming lapsed leases and moving delayed requests whose time has come into pending; expired requests met on the way are expired, never handed out,
 -- and an index entry whose hash is gone is dropped.
--- KEYS: the nine of common.lua.
+-- KEYS: the eleven of common.lua.
 -- ARGV: 1-2 as in common.lua; 3 lease_until (epoch seconds); 4 sweep_limit (lapsed leases
 --   reclaimed first, at most); 5 max_bytes (-1: no bound): stop before the request whose cost
 --   (size_bytes + #queue_id + #lease_id + job_fixed) would take the total past it, leaving it

@@ -1,7 +1,7 @@
 -- discard.lua: remove a queued request as if this Redis had never accepted it, because the
 -- failover manager keeps another copy of it (an enqueue whose reply was lost during failover).
 -- A request in any other state is left alone: it was handed out or settled here.
--- KEYS: the nine of common.lua; 10 the request's hash; 11 a marker named by a token fresh for
+-- KEYS: the eleven of common.lua; 12 the request's hash; 13 a marker named by a token fresh for
 --   each call, left for 60 s once it discarded, so the same call run twice (a resent pipeline)
 --   answers 1 again instead of "nothing discarded".
 -- ARGV: 1-2 as in common.lua; 3 queue_id.

@@ -1,6 +1,6 @@
 -- enqueue.lua: store a batch of new requests (status queued); an existing queue_id is returned
 -- as it is, never stored twice, so a retried write or a repeated migration is harmless.
--- KEYS: the nine of common.lua, then 10.. the hash of each request in the batch, in order.
+-- KEYS: the eleven of common.lua, then 12.. the hash of each request in the batch, in order.
 -- ARGV: 1-2 as in common.lua; 3 n (requests in the batch); then seven or eight per request
 --   (the same for the whole batch: eight when #ARGV is 3 + 8n), starting at 4 + (i - 1) * per:
 --   queue_id, priority, created_at, expires_at, max_attempts, payload (opaque bytes, never

@@ -1,5 +1,5 @@
 -- extend.lua: push a live lease's end to lease_until (run twice, it sets the same end).
--- KEYS: the nine of common.lua; 10 the request's hash.
+-- KEYS: the eleven of common.lua; 12 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 lease_until (epoch seconds).
 -- Returns: {0, record}; {-1} not found; {-2, status} not processing; {-3} lease mismatch.
 local lease_until, lease_until_s = arg_time(5, 'lease_until')

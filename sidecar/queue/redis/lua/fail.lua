@@ -5,7 +5,7 @@
 -- Repeating it with the same lease (a client's retry, or a resent pipeline) returns the record
 -- as it is now, like complete: the repeat is recognised before anything changes, so an attempt
 -- is never given back twice.
--- KEYS: the nine of common.lua; 10 the request's hash.
+-- KEYS: the eleven of common.lua; 12 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 lease_id; 5 reason; 6 retry ("1" or "0");
 --   7 not_before (optional; epoch seconds; with retry, the request is not handed out before it: it waits
 --   in the delayed zset, and dequeue or the sweep moves it back into pending, keeping its seq);

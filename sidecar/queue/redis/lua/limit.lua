@@ -1,6 +1,6 @@
 -- limit.lua: the fleet's limiter, one scope per call (sidecar/queue/limit/gcra.py is the same
 -- rules in Python, and protocol.md 8.14-8.17 the normative text).
--- KEYS: the nine of common.lua (unused here); 10 the scope's hash, `{prefix}:limit:<scope>`.
+-- KEYS: the eleven of common.lua (unused here); 12 the scope's hash, `{prefix}:limit:<scope>`.
 -- ARGV: 1-2 as in common.lua (unused: the limiter's clock is Redis's TIME, so every host
 --   agrees); 3 the op, then its arguments:
 --   acquire  4 rpm, 5 tpm, 6 requests, 7 tokens, 8 fresh (0/1), 9 drain_share, 10 ramp_s

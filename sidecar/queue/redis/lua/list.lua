@@ -4,7 +4,7 @@
 -- ARGV: 1-2 as in common.lua; 3 status (queued, delayed, processing, completed, failed,
 --   expired); 4 priority or '' (any); 5 '1' newest first, else oldest; 6 limit (1-1000);
 --   7 the score the previous page ended at, or '' (from the start); 8 its queue_id;
---   9 '1' with payloads.
+--   9 '1' with payloads; 10 (optional) the most bytes of records in the reply.
 -- Order (the score): arrival (seq) for queued, not_before for delayed, lease end (ms) for
 -- processing, end of retention for the rest. Queued merges the ten priority bands of pending.
 -- A filter (a priority, or completed among the cancelled records that share its index)
@@ -16,6 +16,10 @@ local newest = ARGV[5] == '1'
 local limit = arg_int(6, 'limit', 1, 1000)
 local after_score, after_id = tonumber(ARGV[7]), ARGV[8]
 local with_payload = ARGV[9] == '1'
+-- 10 (optional): the most bytes of records in the reply; '' or absent: no bound. The page stops
+-- before the record that would pass it, keeping at least one, and its next_* name the last one.
+local max_bytes = tonumber(ARGV[10] or '')
+local used = 0
 
 local function fetch_record(id)
   if with_payload then
@@ -24,9 +28,24 @@ local function fetch_record(id)
   return redis.call('HGETALL', K_REQ .. id)
 end
 
+-- Whether a record of `rec` (HGETALL pairs) still fits the byte bound; counts it if so.
+local function fits(rec, taken)
+  local n = 0
+  for i = 1, #rec do
+    n = n + #rec[i] + 2
+  end
+  if max_bytes and taken > 0 and used + n > max_bytes then
+    return false
+  end
+  used = used + n
+  return true
+end
+
 if status == 'queued' then
-  -- Each band of pending holds seq in arrival order: a range per band, merged by seq.
+  -- Each band of pending holds seq in arrival order: a range per band, merged by seq. Merged,
+  -- the rows are in order up to the lowest last row of a band that was cut at limit + 1.
   local rows = {}
+  local safe = nil
   local lo_p, hi_p = 0, 9
   if want_priority then
     lo_p, hi_p = want_priority, want_priority
@@ -49,6 +68,12 @@ if status == 'queued' then
     for i = 1, #got, 2 do
       rows[#rows + 1] = {tonumber(got[i + 1]) - base, got[i]}
     end
+    if #got == 2 * (limit + 1) then
+      local last = tonumber(got[#got]) - base
+      if not safe or (newest and last > safe) or (not newest and last < safe) then
+        safe = last
+      end
+    end
   end
   table.sort(rows, function(a, b)
     if newest then
@@ -57,12 +82,23 @@ if status == 'queued' then
     return a[1] < b[1]
   end)
   local out = {OK, false, false}
-  local n = math.min(limit, #rows)
-  for i = 1, n do
-    out[#out + 1] = fetch_record(rows[i][2])
-  end
-  if #rows > limit then
-    out[2], out[3] = string.format('%d', rows[n][1]), rows[n][2]
+  local taken, last = 0, nil
+  for _, row in ipairs(rows) do
+    if taken == limit or (safe and ((newest and row[1] < safe) or (not newest and row[1] > safe))) then
+      out[2], out[3] = string.format('%d', last[1]), last[2] -- more follow
+      return out
+    end
+    -- Skip an entry whose hash is gone or no longer queued (an orphan of pending).
+    if redis.call('HGET', K_REQ .. row[2], 'status') == 'queued' then
+      local rec = fetch_record(row[2])
+      if not fits(rec, taken) then
+        out[2], out[3] = string.format('%d', last[1]), last[2]
+        return out
+      end
+      out[#out + 1] = rec
+      taken = taken + 1
+    end
+    last = row
   end
   return out
 end
@@ -130,7 +166,12 @@ for i = 1, #got, 2 do
   end
   local v = redis.call('HMGET', K_REQ .. id, 'status', 'priority')
   if v[1] == need_status and (not want_priority or tonumber(v[2]) == want_priority) then
-    out[#out + 1] = fetch_record(id)
+    local rec = fetch_record(id)
+    if not fits(rec, taken) then
+      out[2], out[3] = last_score, last_id -- the byte bound ended the page
+      return out
+    end
+    out[#out + 1] = rec
     taken = taken + 1
   end
   last_score, last_id = score, id

@@ -1,5 +1,5 @@
 -- stats.lua: one bounded sweep step, then a consistent snapshot of the books.
--- KEYS: the nine of common.lua.
+-- KEYS: the eleven of common.lua.
 -- ARGV: 1-2 as in common.lua; 3 sweep limit.
 -- Returns: {0, {expired, requeued, failed, purged}, queued, processing, retained,
 --   {accepted, completed, failed, expired, bytes, max_expired_age_s}, oldest_created_at | false,

@@ -1,6 +1,6 @@
 -- status.lua: one request as stored now, after applying what is due for it (expiry, lease
 -- lapse, end of retention), so a status read never shows a stale state.
--- KEYS: the nine of common.lua; 10 the request's hash.
+-- KEYS: the eleven of common.lua; 12 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id.
 -- Returns: {0, record}; {-1} unknown or past its retention.
 local r = load_live(ARGV[3], KEYS[NKEYS + 1])

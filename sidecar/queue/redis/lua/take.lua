@@ -1,6 +1,6 @@
 -- take.lua: lease the one request a queue_id names, if it is queued (ready in pending, or held
 -- back in delayed) and not past its TTL; a caller's pick-up of its result (protocol.md, take).
--- KEYS: the nine of common.lua; 10 the request's hash.
+-- KEYS: the eleven of common.lua; 12 the request's hash.
 -- ARGV: 1-2 as in common.lua; 3 queue_id; 4 a fresh lease_id; 5 lease_until (epoch seconds).
 -- Returns: {0, record} leased (a repeat of the same call, a resent pipeline: the record it
 --   leased, as it is); {-1} not found (or its retention ended); {-2, status} not queued
