@@ -10,6 +10,7 @@ REDIS_MIN_REPLICAS_ACK. Every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def _reason_has(queue: ResilientQueue, words: str) -> bool:
     return words in (queue.failover.down_reason or "")
 
 
-def _down_lines(logs: list[dict[str, Any]], words: str) -> list[dict[str, Any]]:
+def _down_lines(
+    logs: Sequence[MutableMapping[str, Any]], words: str
+) -> list[MutableMapping[str, Any]]:
     return [
         e
         for e in logs
