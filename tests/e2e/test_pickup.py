@@ -32,7 +32,8 @@ def test_a_result_is_picked_up_once_then_not_found(tmp: Path) -> None:
                                  headers={"Idempotency-Key": "pick-1"})  # fmt: skip
                 assert sent.status_code == 202, sent.text
                 qid = sent.json()["queue_id"]
-                assert qid == "pick-1"
+                # Scoped from the Idempotency-Key (caller, key and body), never the key itself.
+                assert qid.startswith("idem-") and "pick-1" not in qid
                 # Progress while it waits: queued, nothing to pick up yet.
                 waiting = http.get(f"/v1/requests/{qid}")
                 assert waiting.status_code == 200
