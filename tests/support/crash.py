@@ -11,6 +11,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.client import AsyncClient
 from sidecar.errors import NotFound, SidecarError, SidecarUnavailable
@@ -159,3 +160,14 @@ async def _drain(client: AsyncClient, ledger: Ledger, twice: list[str]) -> None:
             stats = await client.stats()
             if not jobs and stats.queued == 0 and stats.processing == 0:
                 break
+
+
+async def back_on_redis(client: AsyncClient, timeout_s: float = 40.0) -> dict[str, Any]:
+    """Bounded: the daemon serves from Redis again with no local backlog; its stats."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            stats = await client.stats()
+            local = stats.stores.get("local")
+            if stats.mode == "redis" and local is not None and local.queued == 0:
+                return {"failovers": stats.failovers, "degraded_s": stats.degraded_s}
+            await asyncio.sleep(0.2)  # a bounded poll of another process's state

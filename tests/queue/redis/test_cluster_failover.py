@@ -12,7 +12,6 @@ come back to a worker. The counts are printed and kept as test properties.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from redis.crc import key_slot
 
 from sidecar.client import AsyncClient
-from tests.support.crash import check, load_then
+from tests.support.crash import back_on_redis, check, load_then
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
 from tests.support.redis_topology import ReplicatedCluster, wait_until
 
@@ -30,17 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 RECOVERY_TIMEOUT_S = 40.0
 # The daemon's default key prefix: every key of its queue hashes to this slot.
 QUEUE_SLOT = key_slot(b"{sidecar}")
-
-
-async def _back_on_redis(client: AsyncClient) -> dict[str, Any]:
-    """Bounded: the daemon serves from Redis again with no local backlog; its stats."""
-    async with asyncio.timeout(RECOVERY_TIMEOUT_S):
-        while True:
-            stats = await client.stats()
-            local = stats.stores.get("local")
-            if stats.mode == "redis" and local is not None and local.queued == 0:
-                return {"failovers": stats.failovers, "degraded_s": stats.degraded_s}
-            await asyncio.sleep(0.2)  # a bounded poll of another process's state
 
 
 async def test_queue_slot_primary_killed_under_load_loses_no_acknowledged_enqueue(
@@ -87,7 +75,7 @@ async def test_queue_slot_primary_killed_under_load_loses_no_acknowledged_enqueu
                 sock, kill_and_follow, acked_at_least=300, completed_at_least=100
             )
             async with AsyncClient(sock, timeout_s=10.0) as client:
-                after = await _back_on_redis(client)
+                after = await back_on_redis(client, RECOVERY_TIMEOUT_S)
             outcome = await check(sock, ledger)
         finally:
             daemon.stop()

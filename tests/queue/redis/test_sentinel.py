@@ -10,7 +10,6 @@ properties.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from sidecar.client import AsyncClient
 from sidecar.config import Settings
 from sidecar.errors import BackendUnavailable
 from sidecar.queue.redis import redis_client, translate_error, unavailable_kind
-from tests.support.crash import check, load_then
+from tests.support.crash import back_on_redis, check, load_then
 from tests.support.daemon import Daemon, daemon_env, short_tmpdir
 from tests.support.helpers import make_request
 from tests.support.redis_topology import (
@@ -93,17 +92,6 @@ async def test_queue_through_sentinel_url_reaches_the_primary() -> None:
             await queue.close()
 
 
-async def _back_on_redis(client: AsyncClient) -> dict[str, Any]:
-    """Bounded: the daemon serves from Redis again with no local backlog; its stats."""
-    async with asyncio.timeout(RECOVERY_TIMEOUT_S):
-        while True:
-            stats = await client.stats()
-            local = stats.stores.get("local")
-            if stats.mode == "redis" and local is not None and local.queued == 0:
-                return {"failovers": stats.failovers, "degraded_s": stats.degraded_s}
-            await asyncio.sleep(0.2)  # a bounded poll of another process's state
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("min_replicas_ack", [1, 0])
 async def test_primary_killed_under_load_daemon_follows_the_new_primary(
@@ -148,7 +136,7 @@ async def test_primary_killed_under_load_daemon_follows_the_new_primary(
                 sock, kill_and_follow, acked_at_least=300, completed_at_least=100
             )
             async with AsyncClient(sock, timeout_s=10.0) as client:
-                after = await _back_on_redis(client)
+                after = await back_on_redis(client, RECOVERY_TIMEOUT_S)
             outcome = await check(sock, ledger)
         finally:
             daemon.stop()
